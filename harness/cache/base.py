@@ -1,0 +1,63 @@
+"""The CachePolicy interface: pure bookkeeping over expert keys, shared by the live engine and the simulator.
+
+A policy observes accesses and names victims; it never touches bytes and does no I/O. The loop that
+calls it ("find, else evict until it fits, then insert") is written once, in `harness.cache.book`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Set
+from typing import ClassVar
+
+ExpertKey = tuple[int, int]
+"""(layer, expert): the cache unit, one expert's weights in one MoE layer (model layer numbering)."""
+
+
+class CachePolicy(ABC):
+    """Decides which resident expert leaves the cache.
+
+    Call order within one token step of one layer (the `ExpertCacheBook` guarantees it):
+    1. `on_access(key, now, hit)` for every distinct key the step needs, hits and misses alike, before
+       any miss is handled, so a step never evicts an expert it still needs (mixtral-offloading rule);
+    2. for each miss, while the cache is full: `admit`, then `victim` among the candidates (resident
+       keys that the step does not need), `on_evict(victim)`; then `on_insert(key)`.
+
+    `now` is the logical clock: the index of the token step (forward pass), monotonically increasing.
+    """
+
+    name: ClassVar[str]
+    needs_future: ClassVar[bool] = False
+    """True for oracles (Belady) that read the trace's future: simulation only, refused by the engine."""
+    exact: ClassVar[bool] = True
+    """False where the policy changes what the model computes (none of the eviction policies do)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seed = seed
+
+    @abstractmethod
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        """Record one access (de-duplicated within the token step)."""
+
+    @abstractmethod
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        """Name the resident key to evict; `candidates` is non-empty and excludes the step's own keys."""
+
+    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
+        """Whether a miss is inserted at all (False: it is streamed through a scratch slot)."""
+        return True
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:  # noqa: B027 - optional hook
+        """`key` became resident."""
+
+    def on_evict(self, key: ExpertKey, now: int) -> None:  # noqa: B027 - optional hook
+        """`key` left the cache."""
+
+    def reset(self) -> None:
+        """Forget all state (a new, empty cache), keeping capacity and seed."""
+        self.__init__(self.capacity, self.seed)  # type: ignore[misc]
+
+    def describe(self) -> dict[str, object]:
+        """Name and parameters, recorded in every result that uses the policy."""
+        return {"name": self.name}

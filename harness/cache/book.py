@@ -1,0 +1,152 @@
+"""The one cache loop: find, else evict until it fits, then insert. Shared by the engine and the simulator.
+
+`ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
+only names victims. The live engine moves bytes according to the plans it returns, and the simulator
+replays traces through the very same object, so simulated and live counts agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from harness.cache.base import CachePolicy, ExpertKey
+from harness.errors import HarnessError
+
+Scope = Literal["per-layer", "global"]
+Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("prefill", "decode")
+
+
+@dataclass
+class StepPlan:
+    """What one layer's token step must do with its experts; slots index the whole slot pool."""
+
+    hits: list[tuple[ExpertKey, int]] = field(default_factory=list)
+    loads: list[tuple[ExpertKey, int]] = field(default_factory=list)
+    streamed: list[ExpertKey] = field(default_factory=list)
+    """Misses that get no slot (more experts needed than slots, or not admitted): load, use, release."""
+    evicted: list[ExpertKey] = field(default_factory=list)
+
+
+@dataclass
+class AccessCounts:
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+
+class _Partition:
+    """One eviction group: a policy over a contiguous range of slots."""
+
+    __slots__ = ("free", "policy", "resident")
+
+    def __init__(self, policy: CachePolicy, first_slot: int, capacity: int) -> None:
+        self.policy = policy
+        self.resident: dict[ExpertKey, int] = {}
+        self.free = list(range(first_slot + capacity - 1, first_slot - 1, -1))  # pop() gives lowest
+
+
+class ExpertCacheBook:
+    """Slot bookkeeping for all MoE layers, in `per-layer` scope (one group of `capacity` slots per
+    layer) or `global` scope (one group of `capacity` slots shared by all layers)."""
+
+    def __init__(
+        self,
+        layers: Iterable[int],
+        capacity: int,
+        scope: Scope,
+        make_policy: Callable[[int], CachePolicy],
+    ) -> None:
+        self.layers = list(layers)
+        if capacity < 1:
+            raise HarnessError("the expert cache needs at least one slot")
+        if scope not in ("per-layer", "global"):
+            raise HarnessError(f"unknown cache scope {scope!r}: use per-layer or global")
+        self.scope: Scope = scope
+        self.capacity = capacity
+        if scope == "global":
+            shared = _Partition(make_policy(capacity), 0, capacity)
+            self._groups = {layer: shared for layer in self.layers}
+            self.total_slots = capacity
+        else:
+            self._groups = {
+                layer: _Partition(make_policy(capacity), i * capacity, capacity)
+                for i, layer in enumerate(self.layers)
+            }
+            self.total_slots = capacity * len(self.layers)
+        self.counts: dict[Phase, dict[int, AccessCounts]] = {
+            phase: {layer: AccessCounts() for layer in self.layers} for phase in PHASES
+        }
+
+    @property
+    def policies(self) -> list[CachePolicy]:
+        unique: dict[int, CachePolicy] = {}
+        for group in self._groups.values():
+            unique.setdefault(id(group.policy), group.policy)
+        return list(unique.values())
+
+    def slot_of(self, key: ExpertKey) -> int | None:
+        return self._groups[key[0]].resident.get(key)
+
+    def resident_keys(self) -> set[ExpertKey]:
+        keys: set[ExpertKey] = set()
+        for group in {id(g): g for g in self._groups.values()}.values():
+            keys.update(group.resident)
+        return keys
+
+    def step(self, layer: int, experts: Iterable[int], now: int, phase: Phase = "decode") -> StepPlan:
+        """Account one token step of one layer that needs `experts` (duplicates are counted once)."""
+        group = self._groups[layer]
+        policy, resident = group.policy, group.resident
+        needed = [(layer, e) for e in sorted(set(experts))]
+        counts = self.counts[phase][layer]
+        plan = StepPlan()
+        misses: list[ExpertKey] = []
+        # Every needed key is marked used before any miss is handled, so none of them is evicted.
+        for key in needed:
+            slot = resident.get(key)
+            if slot is None:
+                misses.append(key)
+                policy.on_access(key, now, False)
+            else:
+                plan.hits.append((key, slot))
+                policy.on_access(key, now, True)
+        counts.hits += len(plan.hits)
+        counts.misses += len(misses)
+        if not misses:
+            return plan
+        protected = set(needed)
+        for key in misses:
+            if group.free:
+                slot = group.free.pop()
+            else:
+                candidates = resident.keys() - protected
+                if not candidates or not policy.admit(key, candidates, now):
+                    plan.streamed.append(key)
+                    continue
+                victim = policy.victim(candidates, key, now)
+                slot = resident.pop(victim)
+                policy.on_evict(victim, now)
+                plan.evicted.append(victim)
+            resident[key] = slot
+            policy.on_insert(key, now)
+            plan.loads.append((key, slot))
+        return plan
+
+    def total(self, phase: Phase | None = None) -> AccessCounts:
+        phases = PHASES if phase is None else (phase,)
+        out = AccessCounts()
+        for p in phases:
+            for c in self.counts[p].values():
+                out.hits += c.hits
+                out.misses += c.misses
+        return out

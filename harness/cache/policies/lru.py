@@ -1,0 +1,38 @@
+"""LRU: evict the resident expert whose last access is oldest."""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.registry import register_policy
+
+
+@register_policy
+class LRU(CachePolicy):
+    name = "lru"
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        # Resident keys from least to most recently used; dicts keep insertion order, and
+        # pop-then-set moves a key to the most-recent end in O(1).
+        self._order: dict[ExpertKey, None] = {}
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        if hit:
+            del self._order[key]
+            self._order[key] = None
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        self._order[key] = None
+
+    def on_evict(self, key: ExpertKey, now: int) -> None:
+        del self._order[key]
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        # The keys a step needs were touched first, so they sit at the recent end: the scan
+        # almost always stops at the first key.
+        for key in self._order:
+            if key in candidates:
+                return key
+        raise AssertionError("victim() called without a resident candidate")

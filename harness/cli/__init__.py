@@ -1,0 +1,38 @@
+"""The `harness` command: a click group that parses and delegates; each family of commands has a module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from harness.cli import model, run, simulate, ssd, sweep
+from harness.errors import HarnessError
+
+
+class _Group(click.Group):
+    """Turns HarnessError into one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except HarnessError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """MoE offload harness: MoE inference with experts on an SSD, expert-cache policies, sweeps, reports."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+for _module in (model, run, ssd, simulate, sweep):
+    for _command in _module.commands:
+        main.add_command(_command)
