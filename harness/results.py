@@ -76,10 +76,18 @@ class Validity:
 def git_state(repo: Path | None = None) -> dict[str, Any]:
     repo = repo or Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=5).stdout.strip())
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        )
         return {"sha": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
@@ -129,8 +137,12 @@ def environment() -> dict[str, Any]:
         "host": platform.node(),
         "kernel": platform.release(),
         "os": platform.platform(),
-        "cpu": {"model": _cpu_model(), "logical_cores": psutil.cpu_count(), "physical_cores":
-                psutil.cpu_count(logical=False), "affinity": len(os.sched_getaffinity(0))},
+        "cpu": {
+            "model": _cpu_model(),
+            "logical_cores": psutil.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "affinity": len(os.sched_getaffinity(0)),
+        },
         "memory_total_bytes": psutil.virtual_memory().total,
         "gpu": gpu_info(),
     }

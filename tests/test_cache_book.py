@@ -62,5 +62,5 @@ def test_windowed_lfu_forgets_old_counts():
 
 
 def test_unknown_policy_is_a_clear_error():
-    with pytest.raises(HarnessError, match="unknown policy 'nope'; known policies: .*lru"):
+    with pytest.raises(HarnessError, match=r"unknown policy 'nope'; known policies: .*lru"):
         policy_factory("nope")

@@ -79,8 +79,7 @@ class ExpertCacheBook:
             self.total_slots = capacity
         else:
             self._groups = {
-                layer: _Partition(make_policy(capacity), i * capacity, capacity)
-                for i, layer in enumerate(self.layers)
+                layer: _Partition(make_policy(capacity), i * capacity, capacity) for i, layer in enumerate(self.layers)
             }
             self.total_slots = capacity * len(self.layers)
         self.counts: dict[Phase, dict[int, AccessCounts]] = {

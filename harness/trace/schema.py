@@ -94,8 +94,9 @@ class TraceWriter:
         self.meta = meta
         self._cols: dict[str, list] = {name: [] for name in ARROW_SCHEMA.names}
 
-    def add(self, seq_id: int, pos: int, step: int, phase: str, layer: int,
-            experts: list[int], weights: list[float] | None) -> None:
+    def add(
+        self, seq_id: int, pos: int, step: int, phase: str, layer: int, experts: list[int], weights: list[float] | None
+    ) -> None:
         cols = self._cols
         cols["seq_id"].append(seq_id)
         cols["pos"].append(pos)

@@ -53,8 +53,11 @@ class LFU(CachePolicy):
         self.__init__(self.capacity, self.seed, self.window)  # type: ignore[misc]
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "counts": "lifetime" if self.window is None else "window",
-                "window_steps": self.window}
+        return {
+            "name": self.name,
+            "counts": "lifetime" if self.window is None else "window",
+            "window_steps": self.window,
+        }
 
 
 @register_policy
@@ -66,7 +69,9 @@ class WindowedLFU(LFU):
         try:
             window = DEFAULT_WINDOW_STEPS if argument is None else int(argument)
         except ValueError:
-            raise HarnessError(f"lfu-window takes a window in token steps, e.g. lfu-window:128 (got {argument!r})")
+            raise HarnessError(
+                f"lfu-window takes a window in token steps, e.g. lfu-window:128 (got {argument!r})"
+            ) from None
         if window < 1:
             raise HarnessError(f"lfu-window needs a window of at least 1 step (got {window})")
         return cls(capacity, seed, window)
