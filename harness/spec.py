@@ -1,0 +1,77 @@
+"""Run specifications: what one measurement is (pydantic, unknown keys refused) and its run_id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import HarnessError
+from harness.units import parse_size
+
+
+class RunSpec(BaseModel):
+    """One cell: a model, a memory budget, a device for the expert file, a policy, a workload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Model folder (config.json + safetensors) or a Hugging Face id in the local cache.")
+    ram_budget: str | None = Field(
+        None, description="Memory the inference process may use, page cache included (e.g. 2GiB)."
+    )
+    cache_experts: str | None = Field(
+        None,
+        description="Cache size instead of a budget: slots per layer (per-layer scope) or in all (global), "
+        "as a count ('16') or a share of the experts ('25%').",
+    )
+    scope: Literal["per-layer", "global"] = Field("per-layer", description="Eviction group of the expert cache.")
+    policy: str = Field("lru", description="Cache policy, e.g. lru, lfu, lfu-window:128, flashmoe:MODEL.")
+    strategy: str = Field("cache", description="Runtime strategy: cache (policy only) or a named strategy.")
+    ssd: str | None = Field(None, description="Folder on the SSD that holds (or receives) the packed expert file.")
+    workload: str | None = Field("default", description="Prompt set in workloads/prompts (NAME or a .jsonl path).")
+    prompt: str | None = Field(None, description="One prompt instead of a workload.")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts of the workload.")
+    max_new_tokens: int = Field(32, ge=1, description="Decode steps per prompt.")
+    decode: Literal["greedy", "teacher-forced"] | None = Field(
+        None, description="Decoding mode; default: teacher-forced for random-init models, greedy otherwise."
+    )
+    warmup_steps: int = Field(2, ge=0, description="Decode steps per prompt excluded from steady-state figures.")
+    io_engine: Literal["auto", "direct", "buffered"] = Field(
+        "auto", description="Expert reads: O_DIRECT, or buffered with the file dropped from the page cache."
+    )
+    io_threads: int = Field(4, ge=1, le=64, description="Parallel expert reads (one layer's misses at once).")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where non-expert weights and compute live.")
+    telemetry_hz: float = Field(10.0, gt=0, le=1000, description="Telemetry sampling rate.")
+    seed: int = Field(0, description="Seed for anything random (random policy, sampling).")
+    repeat: int = Field(0, ge=0, description="Repetition index; repeats get distinct run_ids.")
+
+    @field_validator("ram_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def ram_budget_bytes(self) -> int | None:
+        return None if self.ram_budget is None else parse_size(self.ram_budget)
+
+    def canonical(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_run_spec(data: dict) -> RunSpec:
+    """Validate a mapping into a RunSpec with a one-line error naming the offending key."""
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise HarnessError(f"invalid run spec: {where}: {first['msg']}") from None
