@@ -1,0 +1,62 @@
+"""Builds a real transformers model whose MoE experts are replaced, loading only the non-expert weights.
+
+The model skeleton is created without allocating parameters (accelerate's empty-weights context;
+buffers such as rotary frequencies are real), each experts module is swapped for the caller's
+replacement, and the packed non-expert weights are assigned in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from harness.errors import HarnessError
+from harness.models.adapters import experts_modules, load_config
+from harness.store.layout import PackIndex
+
+ReplaceExperts = Callable[[int, nn.Module], nn.Module]
+
+
+def load_skeleton_with_experts_replaced(
+    model_dir: Path, dense_file: Path, index: PackIndex, replace: ReplaceExperts
+) -> tuple[PreTrainedModel, PretrainedConfig]:
+    config = load_config(model_dir)
+    dtype = getattr(torch, index.dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    found = experts_modules(model)
+    if sorted(found) != index.moe_layers:
+        raise HarnessError(
+            f"the model has MoE layers {sorted(found)} but the pack has {index.moe_layers}; "
+            "re-run `harness model pack --force`"
+        )
+    for layer, (parent, attr) in found.items():
+        setattr(parent, attr, replace(layer, getattr(parent, attr)))
+    try:
+        state = load_file(str(dense_file))
+    except FileNotFoundError:
+        raise HarnessError(f"{dense_file} not found: run `harness model pack` first") from None
+    except Exception as exc:  # safetensors raises its own error type for a corrupt file
+        raise HarnessError(f"{dense_file} is corrupt ({exc}); re-run `harness model pack --force`") from None
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise HarnessError(f"non-expert weights not in the model: {result.unexpected_keys[:3]}...")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise HarnessError(f"the checkpoint lacks weights {still_empty[:3]}: it is incomplete or corrupt")
+    model.eval()
+    return model, config
+
+
+def reference_model(model_dir: Path) -> PreTrainedModel:
+    """The fully resident transformers model, with the eager experts implementation the engine mirrors."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, experts_implementation="eager")
+    return model.eval()

@@ -1,0 +1,1 @@
+"""The live engine: offloaded-experts modules, the expert cache mechanism, generation and its metrics."""

@@ -1,0 +1,93 @@
+"""Format of the packed expert store: `experts.bin` (each (layer, expert) one contiguous, 4 KiB-aligned
+blob holding gate_up_proj then down_proj in the in-memory layout of transformers) and `index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+STORE_FORMAT_VERSION = 1
+ALIGN_BYTES = 4096
+"""Blob alignment and stride granularity: the largest logical block size of common SSDs, as O_DIRECT needs."""
+PACK_DIR = "packed"
+EXPERTS_FILE = "experts.bin"
+INDEX_FILE = "index.json"
+DENSE_FILE = "dense.safetensors"
+
+
+def align_up(n: int, to: int = ALIGN_BYTES) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass
+class TensorSlot:
+    name: str
+    shape: list[int]
+    offset: int
+    """Byte offset inside the blob."""
+    nbytes: int
+
+
+@dataclass
+class ExpertEntry:
+    layer: int
+    expert: int
+    offset: int
+    """Byte offset of the blob in experts.bin (a multiple of ALIGN_BYTES)."""
+    crc32: int
+
+
+@dataclass
+class PackIndex:
+    model_type: str
+    dtype: str
+    """torch dtype name of the expert tensors, e.g. 'bfloat16'."""
+    num_experts: int
+    top_k: int
+    moe_layers: list[int]
+    expert_bytes: int
+    """Payload bytes of one expert (unpadded)."""
+    stride_bytes: int
+    """Bytes between consecutive blobs (expert_bytes rounded up to ALIGN_BYTES)."""
+    tensors: list[TensorSlot]
+    entries: list[ExpertEntry]
+    dense_bytes: int
+    source_fingerprint: dict[str, list[int]]
+    """checkpoint file name -> [size, mtime_ns]: a re-pack is needed when it changes."""
+    format_version: int = STORE_FORMAT_VERSION
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        return self._by_key[(layer, expert)]
+
+    def __post_init__(self) -> None:
+        self._by_key = {(e.layer, e.expert): e for e in self.entries}
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.expert_bytes * len(self.entries)
+
+    def save(self, path: Path) -> None:
+        data = asdict(self)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PackIndex:
+        try:
+            data = json.loads(Path(path).read_text())
+            data["tensors"] = [TensorSlot(**t) for t in data["tensors"]]
+            data["entries"] = [ExpertEntry(**e) for e in data["entries"]]
+            index = cls(**data)
+        except FileNotFoundError:
+            raise HarnessError(f"{path} not found: run `harness model pack` on the model first") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise HarnessError(f"{path} is not a valid expert index ({exc}); re-run `harness model pack`") from None
+        if index.format_version != STORE_FORMAT_VERSION:
+            raise HarnessError(f"{path} has store format {index.format_version}; re-run `harness model pack`")
+        return index
