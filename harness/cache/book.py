@@ -45,14 +45,23 @@ class AccessCounts:
 
 
 class _Partition:
-    """One eviction group: a policy over a contiguous range of slots."""
+    """One eviction group: a policy over a contiguous range of slots, with its hooks bound once.
 
-    __slots__ = ("free", "policy", "resident")
+    The bound methods are looked up at construction because the replay loop calls them millions of
+    times; `admit` is None when the policy keeps the default (admit every miss), so it is not called.
+    """
+
+    __slots__ = ("admit", "free", "on_access", "on_evict", "on_insert", "policy", "resident", "victim")
 
     def __init__(self, policy: CachePolicy, first_slot: int, capacity: int) -> None:
         self.policy = policy
         self.resident: dict[ExpertKey, int] = {}
         self.free = list(range(first_slot + capacity - 1, first_slot - 1, -1))  # pop() gives lowest
+        self.on_access = policy.on_access
+        self.victim = policy.victim
+        self.on_evict = policy.on_evict
+        self.on_insert = policy.on_insert
+        self.admit = None if type(policy).admit is CachePolicy.admit else policy.admit
 
 
 class ExpertCacheBook:
@@ -104,42 +113,63 @@ class ExpertCacheBook:
 
     def step(self, layer: int, experts: Iterable[int], now: int, phase: Phase = "decode") -> StepPlan:
         """Account one token step of one layer that needs `experts` (duplicates are counted once)."""
-        group = self._groups[layer]
-        policy, resident = group.policy, group.resident
-        needed = [(layer, e) for e in sorted(set(experts))]
-        counts = self.counts[phase][layer]
         plan = StepPlan()
+        self._run(layer, tuple([(layer, e) for e in sorted(set(experts))]), now, phase, plan)
+        return plan
+
+    def account(self, layer: int, keys: tuple[ExpertKey, ...], now: int, phase: Phase = "decode") -> None:
+        """`step` without a plan, for replay: `keys` are the step's distinct keys of `layer`, sorted by expert.
+
+        The simulator prepares the keys once per trace; the loop is the same one `step` runs.
+        """
+        self._run(layer, keys, now, phase, None)
+
+    def _run(self, layer: int, needed: tuple[ExpertKey, ...], now: int, phase: Phase, plan: StepPlan | None) -> None:
+        group = self._groups[layer]
+        resident = group.resident
+        on_access = group.on_access
         misses: list[ExpertKey] = []
+        hits = 0
         # Every needed key is marked used before any miss is handled, so none of them is evicted.
         for key in needed:
             slot = resident.get(key)
             if slot is None:
                 misses.append(key)
-                policy.on_access(key, now, False)
+                on_access(key, now, False)
             else:
-                plan.hits.append((key, slot))
-                policy.on_access(key, now, True)
-        counts.hits += len(plan.hits)
-        counts.misses += len(misses)
+                hits += 1
+                on_access(key, now, True)
+                if plan is not None:
+                    plan.hits.append((key, slot))
+        counts = self.counts[phase][layer]
+        counts.hits += hits
         if not misses:
-            return plan
-        protected = set(needed)
+            return
+        counts.misses += len(misses)
+        free = group.free
+        # Built on the first eviction and kept current (the victim leaves it; inserted keys are
+        # needed, so never candidates): the same set the policy would see if rebuilt per miss.
+        candidates: set[ExpertKey] | None = None
         for key in misses:
-            if group.free:
-                slot = group.free.pop()
+            if free:
+                slot = free.pop()
             else:
-                candidates = resident.keys() - protected
-                if not candidates or not policy.admit(key, candidates, now):
-                    plan.streamed.append(key)
+                if candidates is None:
+                    candidates = resident.keys() - set(needed)
+                if not candidates or (group.admit is not None and not group.admit(key, candidates, now)):
+                    if plan is not None:
+                        plan.streamed.append(key)
                     continue
-                victim = policy.victim(candidates, key, now)
+                victim = group.victim(candidates, key, now)
+                candidates.discard(victim)
                 slot = resident.pop(victim)
-                policy.on_evict(victim, now)
-                plan.evicted.append(victim)
+                group.on_evict(victim, now)
+                if plan is not None:
+                    plan.evicted.append(victim)
             resident[key] = slot
-            policy.on_insert(key, now)
-            plan.loads.append((key, slot))
-        return plan
+            group.on_insert(key, now)
+            if plan is not None:
+                plan.loads.append((key, slot))
 
     def total(self, phase: Phase | None = None) -> AccessCounts:
         phases = PHASES if phase is None else (phase,)

@@ -1,0 +1,273 @@
+"""Trace replay: any routing trace through any registered policy at any capacity, via the shared cache loop.
+
+The replay prepares a trace once (`build_replay`: token steps grouped, experts de-duplicated within a step,
+keys built once) and then drives `ExpertCacheBook.account`, the very loop the live engine runs, for each
+policy and capacity (`run_replay`). `simulate()` is the one-call Python API.
+
+Clock: `now` is the trace's `step` column (the forward-pass index, counted across the whole run); rows of
+all sequences that share a step form one step whose experts are de-duplicated per layer, as in the live
+engine. With `reset="per-sequence"` each sequence is replayed on its own, into a fresh, empty cache.
+Oracles (`needs_future`) receive a `FutureAccesses` of the stream being replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from harness.cache.base import ExpertKey
+from harness.cache.book import PHASES, AccessCounts, ExpertCacheBook, Phase, Scope
+from harness.cache.policies.belady import FutureAccesses
+from harness.cache.registry import policy_class, policy_factory
+from harness.errors import HarnessError
+from harness.trace.schema import PHASE_NAMES, Trace
+
+log = logging.getLogger(__name__)
+
+PhaseFilter = Literal["all", "prefill", "decode"]
+Reset = Literal["never", "per-sequence"]
+SCOPES: tuple[Scope, ...] = ("per-layer", "global")
+RESETS: tuple[Reset, ...] = ("never", "per-sequence")
+PHASE_FILTERS: tuple[PhaseFilter, ...] = ("all", "prefill", "decode")
+
+
+@dataclass
+class Stream:
+    """One replay into one cache: flattened (layer, keys, now, phase) calls in order, plus token rows."""
+
+    seq_ids: list[int]
+    calls: list[tuple[int, tuple[ExpertKey, ...], int, Phase]]
+    tokens: dict[Phase, int]
+
+    def future(self) -> FutureAccesses:
+        times: dict[ExpertKey, list[int]] = {}
+        for _, keys, now, _ in self.calls:
+            for key in keys:
+                times.setdefault(key, []).append(now)
+        return FutureAccesses(times)
+
+
+@dataclass
+class Replay:
+    """A trace prepared for replay under one phase filter and reset mode."""
+
+    layers: list[int]
+    num_experts: int
+    expert_bytes: int
+    phase: PhaseFilter
+    reset: Reset
+    streams: list[Stream]
+
+    @property
+    def accesses(self) -> int:
+        return sum(len(keys) for s in self.streams for _, keys, _, _ in s.calls)
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return [i for s in self.streams for i in s.seq_ids]
+
+
+@dataclass
+class SimulationResult:
+    """Hits and misses of one policy at one capacity, per phase and per layer."""
+
+    policy: str
+    description: dict[str, object]
+    capacity_slots: int
+    scope: Scope
+    phase: PhaseFilter
+    reset: Reset
+    seq_ids: list[int]
+    counts: dict[Phase, dict[int, AccessCounts]]
+    tokens: dict[Phase, int]
+    expert_bytes: int
+    elapsed_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, phase: Phase | None = None, layer: int | None = None) -> AccessCounts:
+        out = AccessCounts()
+        for p in PHASES if phase is None else (phase,):
+            for lay, c in self.counts[p].items():
+                if layer is None or lay == layer:
+                    out.hits += c.hits
+                    out.misses += c.misses
+        return out
+
+    @property
+    def hit_rate(self) -> float:
+        return self.total().hit_rate
+
+    def bytes_read_per_token(self, phase: Phase | None = None) -> float | None:
+        """Expert bytes the misses would read from the SSD, per token row; None when expert_bytes is unknown."""
+        tokens = sum(self.tokens[p] for p in (PHASES if phase is None else (phase,)))
+        if not self.expert_bytes or not tokens:
+            return None
+        return self.total(phase).misses * self.expert_bytes / tokens
+
+    def misses_per_token(self, phase: Phase | None = None) -> float:
+        tokens = sum(self.tokens[p] for p in (PHASES if phase is None else (phase,)))
+        return self.total(phase).misses / tokens if tokens else 0.0
+
+
+def trace_fingerprint(trace: Trace) -> str:
+    """A hash of the routing content (sequences, steps, experts), to recognise a trace a model was trained on."""
+    digest = hashlib.sha256()
+    for seq in trace.sequences:
+        digest.update(np.int64(seq.seq_id).tobytes())
+        digest.update(np.ascontiguousarray(seq.step, dtype=np.int32).tobytes())
+        digest.update(np.ascontiguousarray(seq.experts, dtype=np.int16).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_replay(
+    trace: Trace, phase: PhaseFilter = "all", reset: Reset = "never", sequences: Iterable[int] | None = None
+) -> Replay:
+    """Group the trace into token steps and build the key tuples once; `sequences` restricts to those seq_ids."""
+    if phase not in PHASE_FILTERS:
+        raise HarnessError(f"unknown phase {phase!r}: use {', '.join(PHASE_FILTERS)}")
+    if reset not in RESETS:
+        raise HarnessError(f"unknown reset {reset!r}: use {', '.join(RESETS)}")
+    seqs = trace.sequences
+    if sequences is not None:
+        wanted = set(sequences)
+        seqs = [s for s in seqs if s.seq_id in wanted]
+        missing = wanted - {s.seq_id for s in seqs}
+        if missing:
+            raise HarnessError(f"the trace has no sequence {sorted(missing)}")
+    layers = list(trace.meta.moe_layers)
+    groups = [seqs] if reset == "never" else [[s] for s in seqs]
+    streams = [_stream(group, layers, phase) for group in groups]
+    replay = Replay(layers, trace.meta.num_experts, trace.meta.expert_bytes, phase, reset, streams)
+    if not replay.accesses:
+        raise HarnessError(f"nothing to replay: the trace has no {phase} steps in the chosen sequences")
+    return replay
+
+
+def _stream(seqs: Sequence, layers: list[int], phase_filter: PhaseFilter) -> Stream:
+    if not seqs:
+        return Stream([], [], dict.fromkeys(PHASES, 0))
+    step = np.concatenate([s.step for s in seqs]).astype(np.int64)
+    phase = np.concatenate([s.phase for s in seqs])
+    experts = np.concatenate([s.experts for s in seqs]).astype(np.int64)  # [rows, layers, k]
+    if phase_filter != "all":
+        keep = phase == PHASE_NAMES.index(phase_filter)
+        step, phase, experts = step[keep], phase[keep], experts[keep]
+    order = np.argsort(step, kind="stable")
+    step, phase, experts = step[order], phase[order], experts[order]
+    tokens = {p: int((phase == i).sum()) for i, p in enumerate(PHASE_NAMES)}
+    starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
+    ends = np.r_[starts[1:], len(step)]
+    keycache = [{e: (layer, e) for e in range(int(experts.max()) + 1)} for layer in layers] if len(step) else []
+    calls: list[tuple[int, tuple[ExpertKey, ...], int, Phase]] = []
+    prefill = PHASE_NAMES.index("prefill")
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        now = int(step[a])
+        # A step that holds any prefill row is a prefill step (its rows share one forward pass).
+        step_phase: Phase = "prefill" if (phase[a:b] == prefill).any() else "decode"
+        block = experts[a:b]
+        for li, layer in enumerate(layers):
+            cache = keycache[li]
+            distinct = sorted(set(block[:, li].ravel().tolist()))
+            calls.append((layer, tuple([cache[e] for e in distinct]), now, step_phase))
+    return Stream([int(s.seq_id) for s in seqs], calls, tokens)
+
+
+def run_replay(
+    replay: Replay,
+    policy_spec: str,
+    capacity_slots: int,
+    scope: Scope = "per-layer",
+    seed: int = 0,
+    **context: object,
+) -> SimulationResult:
+    """Replay every stream through a fresh `ExpertCacheBook`; counts are summed over streams."""
+    cls = policy_class(policy_spec)
+    counts = {p: {layer: AccessCounts() for layer in replay.layers} for p in PHASES}
+    tokens = dict.fromkeys(PHASES, 0)
+    description: dict[str, object] = {}
+    started = time.perf_counter()
+    for stream in replay.streams:
+        extra = dict(context)
+        if cls.needs_future:
+            extra["future"] = stream.future()
+        book = ExpertCacheBook(replay.layers, capacity_slots, scope, policy_factory(policy_spec, seed, **extra))
+        account = book.account
+        for layer, keys, now, phase in stream.calls:
+            account(layer, keys, now, phase)
+        for p in PHASES:
+            tokens[p] += stream.tokens[p]
+            for layer, c in book.counts[p].items():
+                counts[p][layer].hits += c.hits
+                counts[p][layer].misses += c.misses
+        description = book.policies[0].describe()
+    elapsed = time.perf_counter() - started
+    return SimulationResult(
+        policy=policy_spec,
+        description=description,
+        capacity_slots=capacity_slots,
+        scope=scope,
+        phase=replay.phase,
+        reset=replay.reset,
+        seq_ids=replay.seq_ids,
+        counts=counts,
+        tokens=tokens,
+        expert_bytes=replay.expert_bytes,
+        elapsed_s=elapsed,
+    )
+
+
+def simulate(
+    trace: Trace,
+    policy_spec: str,
+    capacity_slots: int,
+    scope: Scope = "per-layer",
+    phase: PhaseFilter = "all",
+    reset: Reset = "never",
+    seed: int = 0,
+    sequences: Iterable[int] | None = None,
+    **context: object,
+) -> SimulationResult:
+    """Replay `trace` through one policy at one capacity (slots per layer, or in all for global scope)."""
+    return run_replay(build_replay(trace, phase, reset, sequences), policy_spec, capacity_slots, scope, seed, **context)
+
+
+def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope) -> list[int]:
+    """'12.5%,25%' (of the experts a cache group can hold), '8,16' (slots) or '10%:90%:10%' -> slots.
+
+    A percentage is of one layer's experts in per-layer scope and of all layers' experts in global scope.
+    """
+    whole = num_experts * (num_layers if scope == "global" else 1)
+    slots: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                lo, hi, by = (float(x.rstrip("%")) for x in part.split(":"))
+                if by <= 0 or not part.split(":")[0].endswith("%"):
+                    raise ValueError
+                values = [lo + i * by for i in range(int((hi - lo) / by + 1e-9) + 1)]
+                slots += [round(v / 100 * whole) for v in values]
+            elif part.endswith("%"):
+                slots.append(round(float(part[:-1]) / 100 * whole))
+            else:
+                slots.append(int(part))
+        except ValueError:
+            raise HarnessError(
+                f"cannot read capacity {part!r}: use slots (16), a percentage (25%) or a range (10%:90%:10%)"
+            ) from None
+    if not slots:
+        raise HarnessError("no capacity given")
+    small = [s for s in slots if s < 1]
+    if small:
+        raise HarnessError(f"capacity {text!r} gives fewer than 1 slot; the cache needs at least one slot")
+    too_big = [s for s in slots if s > whole]
+    if too_big:
+        log.warning("capacities %s exceed the %d experts a cache group holds: only first uses miss", too_big, whole)
+    return sorted(set(slots))
