@@ -45,7 +45,7 @@ def test_timeline_and_events_share_one_clock(tmp_path):
     assert names.count("expert_load") == 40
     assert (names[0], names[-1]) == ("prefill_start", "prefill_end")
     ev_t = events.column("t_s").to_pylist()
-    assert 0 <= ev_t[0] and ev_t[-1] <= t[-1]
+    assert ev_t[0] >= 0 and ev_t[-1] <= t[-1]
     assert events.column("bytes").to_pylist().count(4096) == 40
     assert summary["overhead"]["sampler_cpu_s"] >= 0
     assert all(timeline.column("rss_bytes").to_pylist())
