@@ -1,5 +1,69 @@
-"""CLI commands of this family (filled in by the issue that owns them)."""
+"""`harness model create | pack | info`: random-init checkpoints and the packed expert store."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.progress import Progress
 
-commands: list[click.Command] = []
+from harness.models.adapters import ADAPTERS
+from harness.models.factory import PRESETS, create_model
+from harness.models.packer import pack_model, pack_paths
+from harness.units import format_bytes
+
+
+@click.group("model")
+def model_group() -> None:
+    """Create random-init MoE checkpoints and pack their experts for offloading."""
+
+
+@model_group.command("create")
+@click.option(
+    "--arch",
+    type=click.Choice([a.name for a in ADAPTERS]),
+    default="olmoe",
+    show_default=True,
+    help="transformers architecture to instantiate.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="small",
+    show_default=True,
+    help="tiny: a few MB, for tests; small: the default bench model (2.25 GiB of experts).",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the checkpoint to.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("--force", is_flag=True, help="Replace an existing folder.")
+def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
+    """Build a random-init checkpoint of a real MoE architecture (saved with save_pretrained)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with Console(stderr=True).status(f"creating {arch} ({preset}) in {out}"):
+        create_model(arch, preset, out, seed=seed, force=force)
+    click.echo(f"created {out}")
+
+
+@model_group.command("pack")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Re-pack even when an up-to-date pack exists.")
+def pack(model_dir: Path, force: bool) -> None:
+    """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified)."""
+    with Progress(transient=True) as bar:
+        task = bar.add_task("packing experts", total=None)
+        index, wrote = pack_model(
+            model_dir, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    paths = pack_paths(model_dir)
+    state = "packed and verified" if wrote else "already packed (up to date)"
+    click.echo(
+        f"{state}: {paths['experts']} ({len(index.entries)} experts of {format_bytes(index.expert_bytes)}, "
+        f"{format_bytes(index.total_expert_bytes)} in all; layers {index.moe_layers[0]}..{index.moe_layers[-1]},"
+        f" top-{index.top_k} of {index.num_experts}; non-expert weights {format_bytes(index.dense_bytes)})"
+    )
+
+
+commands: list[click.Command] = [model_group]

@@ -1,5 +1,99 @@
-"""CLI commands of this family (filled in by the issue that owns them)."""
+"""`harness run`: one measurement of a model under a RAM budget with a cache policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
+from rich.console import Console
 
-commands: list[click.Command] = []
+from harness.errors import HarnessError
+from harness.run import Progress, execute
+from harness.spec import RunSpec, load_run_spec
+from harness.units import format_bytes
+
+_FLAGS = (
+    "model",
+    "ram_budget",
+    "cache_experts",
+    "scope",
+    "policy",
+    "strategy",
+    "ssd",
+    "workload",
+    "prompt",
+    "max_prompts",
+    "max_new_tokens",
+    "decode",
+    "warmup_steps",
+    "io_engine",
+    "io_threads",
+    "seed",
+    "repeat",
+)
+
+
+def _option(name: str, **kwargs: object):  # returns a click decorator
+    field = RunSpec.model_fields[name]
+    return click.option(f"--{name.replace('_', '-')}", name, default=None, help=field.description, **kwargs)
+
+
+@click.command("run")
+@_option("model")
+@_option("ram_budget")
+@_option("cache_experts")
+@_option("scope", type=click.Choice(["per-layer", "global"]))
+@_option("policy")
+@_option("strategy")
+@_option("ssd")
+@_option("workload")
+@_option("prompt")
+@_option("max_prompts", type=int)
+@_option("max_new_tokens", type=int)
+@_option("decode", type=click.Choice(["greedy", "teacher-forced"]))
+@_option("warmup_steps", type=int)
+@_option("io_engine", type=click.Choice(["auto", "direct", "buffered"]))
+@_option("io_threads", type=int)
+@_option("seed", type=int)
+@_option("repeat", type=int)
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path), help="A RunSpec as JSON (flags override it).")
+@click.option(
+    "--results",
+    type=click.Path(path_type=Path),
+    default=Path("results"),
+    show_default=True,
+    help="Folder that receives <run_id>/result.json, trace.parquet, timeline.parquet.",
+)
+@click.option("--quiet", is_flag=True, help="No live token display.")
+def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> None:
+    """Generate with experts offloaded to the SSD and record throughput, hits, bytes and latencies."""
+    data: dict = {}
+    if spec_file is not None:
+        try:
+            data = json.loads(Path(spec_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HarnessError(f"cannot read spec {spec_file}: {exc}") from None
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if "model" not in data:
+        raise HarnessError("--model is required (a model folder or a Hugging Face id in the local cache)")
+    spec = load_run_spec(data)
+    console = Console(stderr=True, quiet=quiet)
+    progress = Progress(
+        on_prompt=lambda i, n, item: console.print(f"\n[bold]prompt {i + 1}/{n}[/] ({item.id}):", end=" "),
+        on_token=lambda token: console.print(".", end="", highlight=False),
+    )
+    result = execute(spec, results, progress)
+    console.print()
+    m, r = result["metrics"], result["resolved"]
+    click.echo(
+        f"run {result['run_id']}: {r['policy']} {r['scope']}, {r['cache_slots_total']} slots "
+        f"({format_bytes(r['cache_bytes'])}, {100 * r['cache_fraction']:.0f}% of experts), io {r['io_engine']}\n"
+        f"  decode {m['decode_tokens_per_s'] or 0:.2f} tok/s, prefill {m['prefill_tokens_per_s'] or 0:.1f} tok/s, "
+        f"hit rate decode {m['hit_rate_decode']:.3f}, SSD {format_bytes(m['ssd_read_bytes_per_token'] or 0)}/token\n"
+        f"  validity: {'valid' if result['validity']['valid'] else 'INVALID'} {result['validity']['reasons']}\n"
+        f"  -> {Path(results) / result['run_id'] / 'result.json'}"
+    )
+
+
+commands: list[click.Command] = [run]

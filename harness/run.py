@@ -1,0 +1,372 @@
+"""One measurement: resolve the spec, place the expert file, size the cache, generate, write the result.
+
+Writes `<results>/<run_id>/result.json` (schema-versioned, atomic), `trace.parquet` and, when the
+telemetry sampler runs, `timeline.parquet`. Knows nothing of policies or model internals beyond the
+engine's interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from harness.cache.book import PHASES, ExpertCacheBook
+from harness.errors import HarnessError
+from harness.models.adapters import adapter_for_model_type, load_config
+from harness.models.factory import HARNESS_MARKER
+from harness.models.packer import pack_model, pack_paths, verify_pack
+from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
+from harness.runtime.engine import OffloadEngine, check_live_policy
+from harness.runtime.generation import SequenceLog, generate
+from harness.spec import RunSpec
+from harness.store.layout import INDEX_FILE, PackIndex
+from harness.store.reader import IoRecord
+from harness.trace.recorder import RoutingRecorder
+from harness.trace.schema import TraceMeta, read_trace
+from harness.trace.stats import routing_stats
+from harness.workloads import PromptItem, load_workload
+
+log = logging.getLogger(__name__)
+
+WORKSPACE_RESERVE_BYTES = 256 << 20
+"""Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
+A documented default; the run records it and the measured peak RSS so it can be checked."""
+MIN_STEADY_DECODE_STEPS = 16
+"""Fewer steady-state decode steps than this make tokens/s and latency percentiles unreliable."""
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI uses to show tokens as they come; all optional."""
+
+    on_prompt: Callable[[int, int, PromptItem], None] | None = None
+    on_token: Callable[[int], None] | None = None
+
+
+def resolve_model_dir(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # any failure means: not in the local cache
+            raise HarnessError(
+                f"model {model!r} is neither a folder nor in the local Hugging Face cache "
+                "(nothing is downloaded at run time)"
+            ) from None
+    raise HarnessError(f"model folder {model} does not exist")
+
+
+def place_expert_file(index: PackIndex, packed: dict[str, Path], ssd: str | None, model_name: str) -> Path:
+    """The expert file to read: the pack itself, or a verified copy inside the `ssd` folder."""
+    if ssd is None:
+        return packed["experts"]
+    root = Path(ssd).expanduser()
+    if not root.is_dir():
+        raise HarnessError(f"SSD path {root} does not exist or is not a folder")
+    tag = f"{sum(e.crc32 for e in index.entries) & 0xFFFFFFFF:08x}"
+    dest_dir = root / "harness-experts" / f"{model_name}-{tag}"
+    dest = dest_dir / "experts.bin"
+    if dest.exists() and dest.stat().st_size == packed["experts"].stat().st_size:
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    log.info("copying the expert file to %s", dest)
+    partial = dest.with_name("experts.bin.partial")
+    shutil.copyfile(packed["experts"], partial)
+    verify_pack(partial, index)
+    partial.replace(dest)
+    shutil.copyfile(packed["index"], dest_dir / INDEX_FILE)
+    return dest
+
+
+def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
+
+
+def resolve_slots(spec: RunSpec, index: PackIndex, baseline_bytes: int, workspace_bytes: int) -> tuple[int, str]:
+    """Cache capacity in slots per eviction group, and how it was derived."""
+    layers, experts, k = len(index.moe_layers), index.num_experts, index.top_k
+    groups = layers if spec.scope == "per-layer" else 1
+    maximum = experts if spec.scope == "per-layer" else experts * layers
+    if spec.cache_experts is not None:
+        text = spec.cache_experts.strip()
+        try:
+            slots = round(float(text[:-1]) / 100 * maximum) if text.endswith("%") else int(text)
+        except ValueError:
+            raise HarnessError(f"cache_experts must be a count or a share, e.g. 16 or 25% (got {text!r})") from None
+        how = f"cache_experts={text}"
+    elif spec.ram_budget_bytes is not None:
+        free = spec.ram_budget_bytes - baseline_bytes - workspace_bytes
+        slots = max(free, 0) // (index.stride_bytes * groups)
+        how = (
+            f"ram_budget {spec.ram_budget_bytes} B - measured baseline {baseline_bytes} B - workspace "
+            f"{workspace_bytes} B"
+        )
+        if slots < k:
+            need = baseline_bytes + workspace_bytes + k * groups * index.stride_bytes
+            raise HarnessError(
+                f"RAM budget {spec.ram_budget} is too small: the non-expert weights and runtime take "
+                f"{baseline_bytes / 2**20:.0f} MiB, the workspace {workspace_bytes / 2**20:.0f} MiB, and one "
+                f"layer's top-{k} experts {k * groups * index.stride_bytes / 2**20:.0f} MiB; "
+                f"use at least {math.ceil(need / 2**20)}MiB"
+            )
+    else:
+        slots, how = maximum, "all experts (no budget given)"
+    if slots < k:
+        raise HarnessError(f"the cache needs at least top_k={k} slots per eviction group (got {slots})")
+    return min(slots, maximum), how
+
+
+def _percentiles(values: list[float] | np.ndarray, qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
+    if len(values) == 0:
+        return {f"p{q}": None for q in qs} | {"mean": None}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs} | {"mean": float(arr.mean())}
+
+
+def _busy_seconds(records: list[IoRecord]) -> float:
+    """Length of the union of the read intervals: the time the SSD had at least one expert read in flight."""
+    total, end = 0, -1
+    for rec in sorted(records, key=lambda r: r.start_ns):
+        if rec.start_ns > end:
+            total += rec.end_ns - rec.start_ns
+            end = rec.end_ns
+        elif rec.end_ns > end:
+            total += rec.end_ns - end
+            end = rec.end_ns
+    return total / 1e9
+
+
+def _hits(book: ExpertCacheBook) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        per_layer = {str(layer): [c.hits, c.misses] for layer, c in book.counts[phase].items()}
+        total = book.total(phase)
+        out[phase] = {"hits": total.hits, "misses": total.misses, "per_layer": per_layer}
+    return out
+
+
+def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one cell and write its result folder; returns the result dict (status ok)."""
+    progress = progress or Progress()
+    run_dir = Path(results_dir) / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_live_policy(spec.policy)
+    if spec.strategy != "cache":
+        raise HarnessError(f"unknown strategy {spec.strategy!r}; available: cache")
+    model_dir = resolve_model_dir(spec.model)
+    config = load_config(model_dir)
+    adapter_for_model_type(config.model_type)
+    prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
+    prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
+    random_init = bool(getattr(config, HARNESS_MARKER, None))
+    decode_mode = spec.decode or ("teacher-forced" if random_init else "greedy")
+    if decode_mode == "teacher-forced" and any(not p.reference for p in prompts):
+        raise HarnessError(
+            "teacher-forced decoding needs a 'reference' continuation for every prompt; "
+            "use --decode greedy or a workload with references"
+        )
+    index, _ = pack_model(model_dir)
+    packed = pack_paths(model_dir)
+    experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
+
+    validity = Validity()
+    budget_mode = "accounting-only"
+    if spec.ram_budget_bytes is not None:
+        validity.note("RAM budget not enforced by a cgroup: accounting only (expert reads bypass the page cache)")
+
+    trace_meta = TraceMeta(
+        model=str(spec.model),
+        architecture=config.model_type,
+        num_layers=config.num_hidden_layers,
+        moe_layers=index.moe_layers,
+        num_experts=index.num_experts,
+        top_k=index.top_k,
+        expert_bytes=index.expert_bytes,
+        source=f"harness run {spec.run_id}",
+    )
+    recorder = RoutingRecorder(trace_meta)
+    load_start = time.perf_counter()
+    engine = OffloadEngine(model_dir, index, experts_file, packed["dense"], spec.io_engine, recorder)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # a checkpoint without a usable tokenizer
+        engine.close()
+        raise HarnessError(f"{model_dir} has no usable tokenizer ({exc.__class__.__name__})") from None
+    encoded = [(tokenizer.encode(p.prompt), tokenizer.encode(p.reference) if p.reference else None) for p in prompts]
+    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
+    dtype_bytes = engine.model.dtype.itemsize
+    workspace = (
+        WORKSPACE_RESERVE_BYTES
+        + kv_cache_bytes(engine.config, longest, dtype_bytes)
+        + spec.io_threads * index.stride_bytes
+    )
+    baseline = psutil.Process().memory_info().rss
+    slots, slots_how = resolve_slots(spec, index, baseline, workspace)
+    cache = engine.configure_cache(slots, spec.scope, spec.policy, spec.seed, spec.io_threads)
+    load_s = time.perf_counter() - load_start
+
+    logs: list[SequenceLog] = []
+    run_start = time.perf_counter()
+    try:
+        for i, (item, (ids, ref)) in enumerate(zip(prompts, encoded, strict=True)):
+            if progress.on_prompt:
+                progress.on_prompt(i, len(prompts), item)
+            logs.append(
+                generate(
+                    engine.model,
+                    ids,
+                    spec.max_new_tokens,
+                    decode_mode,
+                    ref,
+                    engine.ctx,
+                    seq_id=i,
+                    on_token=progress.on_token,
+                )
+            )
+    finally:
+        engine.close()
+    wall_s = time.perf_counter() - run_start
+
+    trace_path = recorder.writer.write(run_dir / "trace.parquet")
+    stats = cache.stats
+    book = cache.book
+    steady = [s for seq in logs for s in seq.step_s[spec.warmup_steps :]]
+    decode_s = sum(s for seq in logs for s in seq.step_s)
+    decode_steps = sum(len(seq.step_s) for seq in logs)
+    prefill_tokens = sum(seq.prompt_tokens for seq in logs)
+    prefill_s = sum(seq.prefill_s for seq in logs)
+    read_lat = [(r.end_ns - r.start_ns) / 1e9 for r in stats.records]
+    read_bytes = sum(r.nbytes for r in stats.records)
+    busy = _busy_seconds(stats.records)
+    decode_hits = book.total("decode")
+    prefill_hits = book.total("prefill")
+    if len(steady) < MIN_STEADY_DECODE_STEPS:
+        validity.fail(
+            f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})",
+            "raise --max-new-tokens or use more prompts",
+        )
+    if engine.reader.engine != "direct":
+        validity.note(
+            f"expert reads are buffered with the file dropped from the page cache: {engine.reader.fallback_reason}"
+        )
+    if random_init:
+        validity.note(
+            "random-init model: routing made realistic by sharpened attention (ROUTING.md), "
+            "not a trained model's routing"
+        )
+    routing = routing_stats(read_trace(trace_path))
+    metrics = {
+        "prefill_tokens": prefill_tokens,
+        "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
+        "decode_tokens": decode_steps,
+        "decode_steady_tokens": len(steady),
+        "decode_tokens_per_s": len(steady) / sum(steady) if steady else None,
+        "ttft_s": _percentiles([seq.prefill_s for seq in logs]),
+        "cold_start": {"load_s": load_s, "first_ttft_s": logs[0].prefill_s if logs else None},
+        "token_latency_s": _percentiles(steady),
+        "hits": _hits(book),
+        "hit_rate_decode": decode_hits.hit_rate,
+        "hit_rate_prefill": prefill_hits.hit_rate,
+        "ssd_read_bytes": read_bytes,
+        "ssd_read_bytes_by_phase": dict(stats.bytes_by_phase),
+        "ssd_read_bytes_per_token": stats.bytes_by_phase["decode"] / decode_steps if decode_steps else None,
+        "expert_reads": len(stats.records),
+        "expert_read_latency_s": _percentiles(read_lat, (50, 90, 99)),
+        "expert_read_throughput_bytes_per_s": read_bytes / busy if busy else None,
+        "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
+        "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "wall_s": wall_s,
+        "routing": routing,
+    }
+    policy_desc = book.policies[0].describe()
+    result = {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "status": "ok",
+        "error": None,
+        "spec": spec.canonical(),
+        "resolved": {
+            "architecture": config.model_type,
+            "model_dir": str(model_dir),
+            "model_name": model_dir.name,
+            "random_init": random_init,
+            "decode_mode": decode_mode,
+            "scope": spec.scope,
+            "policy": spec.policy,
+            "policy_params": policy_desc,
+            "strategy": spec.strategy,
+            "cache_slots": slots,
+            "cache_slots_total": book.total_slots,
+            "cache_slots_how": slots_how,
+            "cache_bytes": cache.slot_bytes,
+            "cache_fraction": book.total_slots / (index.num_experts * len(index.moe_layers)),
+            "expert_bytes": index.expert_bytes,
+            "expert_stride_bytes": index.stride_bytes,
+            "num_experts": index.num_experts,
+            "top_k": index.top_k,
+            "moe_layers": index.moe_layers,
+            "dense_bytes": index.dense_bytes,
+            "total_expert_bytes": index.total_expert_bytes,
+            "baseline_rss_bytes": baseline,
+            "workspace_bytes": workspace,
+            "io_engine": engine.reader.engine,
+            "io_threads": spec.io_threads,
+            "budget_enforcement": budget_mode,
+            "ram_budget_bytes": spec.ram_budget_bytes,
+            "ssd_path": spec.ssd,
+            "expert_file": str(experts_file),
+            "device": "cpu",
+            "prompts": len(prompts),
+        },
+        "metrics": metrics,
+        "generated": [
+            {"prompt_index": i, "id": item.id, "token_ids": seq.token_ids}
+            for i, (item, seq) in enumerate(zip(prompts, logs, strict=True))
+        ],
+        "environment": environment(),
+        "storage": None,
+        "hardware_profile": None,
+        "telemetry": None,
+        "validity": validity.to_dict(),
+        "files": {"trace": "trace.parquet", "timeline": None},
+    }
+    write_json_atomic(run_dir / "result.json", result)
+    return result
+
+
+def write_failure(spec: RunSpec, results_dir: Path, error: BaseException) -> Path:
+    """Record a failed cell (the sweep goes on); the reason is the error's one-line message."""
+    run_dir = Path(results_dir) / spec.run_id
+    reason = str(error) if isinstance(error, HarnessError) else f"{error.__class__.__name__}: {error}"
+    return write_json_atomic(
+        run_dir / "result.json",
+        {
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "run_id": spec.run_id,
+            "status": "failed",
+            "error": reason,
+            "traceback": None if isinstance(error, HarnessError) else traceback.format_exc(limit=20),
+            "spec": spec.canonical(),
+            "environment": environment(),
+        },
+    )

@@ -1,0 +1,76 @@
+"""The decode loop: prefill, then one token per forward pass, greedy or teacher-forced, timed per step.
+
+The same loop drives the offloaded model and the fully resident reference, so a comparison of their
+tokens tests the offloading and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from harness.runtime.offloaded import StepContext
+
+DecodeMode = Literal["greedy", "teacher-forced"]
+
+
+@dataclass
+class SequenceLog:
+    prompt_tokens: int
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    """Wall time of each decode forward pass, seconds."""
+    token_ids: list[int] = field(default_factory=list)
+    """The model's argmax prediction after prefill and after each decode step."""
+    fed_ids: list[int] = field(default_factory=list)
+    """Tokens fed to the decode steps (equal to token_ids[:-1] when greedy)."""
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    mode: DecodeMode,
+    reference_ids: list[int] | None = None,
+    ctx: StepContext | None = None,
+    seq_id: int = 0,
+    on_token: Callable[[int], None] | None = None,
+) -> SequenceLog:
+    """Prefill `prompt_ids`, then `max_new_tokens - 1` decode steps (the prefill yields the first token)."""
+    ctx = ctx or StepContext()
+    if mode == "teacher-forced":
+        if not reference_ids:
+            raise ValueError("teacher-forced decoding needs reference tokens")
+        max_new_tokens = min(max_new_tokens, len(reference_ids) + 1)
+    log = SequenceLog(prompt_tokens=len(prompt_ids))
+    cache = DynamicCache(config=model.config)
+    ctx.seq_id, ctx.phase, ctx.first_pos = seq_id, "prefill", 0
+    start = time.perf_counter()
+    logits = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits
+    log.prefill_s = time.perf_counter() - start
+    ctx.now += 1
+    token = int(logits[0, -1].argmax())
+    log.token_ids.append(token)
+    if on_token:
+        on_token(token)
+    position = len(prompt_ids)
+    for step in range(max_new_tokens - 1):
+        feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
+        ctx.phase, ctx.first_pos = "decode", position
+        start = time.perf_counter()
+        logits = model(input_ids=torch.tensor([[feed]]), past_key_values=cache, use_cache=True).logits
+        log.step_s.append(time.perf_counter() - start)
+        ctx.now += 1
+        position += 1
+        token = int(logits[0, -1].argmax())
+        log.fed_ids.append(feed)
+        log.token_ids.append(token)
+        if on_token:
+            on_token(token)
+    return log

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-init checkpoints of every supported architecture, created once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_model("olmoe")` -> folder of a packed tiny checkpoint of that architecture (cached)."""
+    from harness.models.factory import create_model
+    from harness.models.packer import pack_model
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str = "olmoe") -> Path:
+        if arch not in made:
+            out = tmp_path_factory.mktemp("models") / f"tiny-{arch}"
+            create_model(arch, "tiny", out, seed=0)
+            pack_model(out)
+            made[arch] = out
+        return made[arch]
+
+    return get
