@@ -379,3 +379,27 @@ def _mount_entries(mounts: list[Mount], udev: dict[str, str]) -> list[dict[str, 
     if not mounts and udev.get("ID_FS_TYPE"):
         return [{"mountpoint": "", "filesystem": udev["ID_FS_TYPE"]}]
     return [{"mountpoint": m.mountpoint, "filesystem": m.fstype} for m in mounts]
+
+
+def describe_block_device(devnode: str | Path) -> dict[str, Any]:
+    """Identity of a block device node such as /dev/nvme0n1 (for `profile-ssd --device`), same keys as describe_path."""
+    rdev = os.stat(devnode).st_rdev
+    node = _sysfs_node(os.major(rdev), os.minor(rdev))
+    if node is None:
+        raise HarnessError(f"{devnode} is not a block device known to sysfs")
+    disk = _whole_disk(node)
+    major, _, minor = (_read(disk / "dev") or "0:0").partition(":")
+    mounts = [m for m in read_mounts() if (m.major, m.minor) == (os.major(rdev), os.minor(rdev))]
+    result: dict[str, Any] = {
+        "path": str(devnode),
+        "mountpoint": mounts[0].mountpoint if mounts else None,
+        "filesystem": mounts[0].fstype if mounts else None,
+        "mount_source": mounts[0].source if mounts else None,
+        "device": node.name,
+        "disk": disk.name,
+        "free_bytes": None,
+        "o_direct_supported": True,
+        "o_direct_note": "block devices accept O_DIRECT reads",
+    }
+    result.update(_identity(disk.name, disk, _udev_properties(int(major), int(minor))))
+    return result

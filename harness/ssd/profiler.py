@@ -1,0 +1,372 @@
+"""`profile-ssd`: the job matrix (block size x queue depth x pattern), run on a test file or a raw device.
+
+Each job reads with O_DIRECT after the file is dropped from the page cache; buffered reads are
+measured beside them for comparison, writes only on the test file and only when asked. With fio,
+the equivalent fio job runs right before or after each harness job (alternating, so a drifting
+disk favours neither) and the ratio of their bandwidths is recorded per job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.results import environment, write_json_atomic
+from harness.ssd import engine, fio
+from harness.ssd.devices import describe_block_device, describe_path
+from harness.ssd.jobs import JobResult, JobSpec
+from harness.ssd.plots import write_plots
+from harness.ssd.target import (
+    check_folder,
+    check_raw_device,
+    create_test_file,
+    remove_stale_test_files,
+    remove_test_file,
+    scratch_path,
+)
+from harness.store.layout import ALIGN_BYTES, INDEX_FILE, PACK_DIR, align_up
+from harness.units import format_bytes, parse_size
+
+log = logging.getLogger(__name__)
+
+PROFILE_SCHEMA = "harness.ssd-profile"
+PROFILE_SCHEMA_VERSION = 1
+DEFAULT_PROFILES_DIR = Path("hardware_profiles")
+# Upper bound on buffers in flight (block size x queue depth) for one job (bytes); larger
+# combinations (a 350 MiB Mixtral expert at depth 32) are skipped and listed.
+MAX_INFLIGHT_BYTES = 1024**3
+# A job is flagged when the harness and fio disagree by more than this (fraction).
+FIO_AGREEMENT_TOLERANCE = 0.10
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
+
+
+@dataclass
+class ProfileRequest:
+    """What the user asked for; the effective settings are recorded beside it in the profile."""
+
+    path: Path | None
+    device: str | None
+    size_bytes: int
+    block_sizes: list[int]
+    queue_depths: list[int]
+    runtime_s: float
+    ramp_s: float
+    min_ios: int
+    write: bool = False
+    with_fio: bool = False
+    buffered: bool = True
+    direct: str = "required"  # "required": refuse without O_DIRECT; "auto": fall back to buffered + fadvise
+    expert_bytes: int | None = None
+    out: Path | None = None
+    profiles_dir: Path = DEFAULT_PROFILES_DIR
+    seed: int = 0
+    labels: dict[int, str] = field(default_factory=dict)  # block size -> how it was asked for ("expert")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path) if self.path else None,
+            "device": self.device,
+            "size_bytes": self.size_bytes,
+            "block_sizes_bytes": self.block_sizes,
+            "queue_depths": self.queue_depths,
+            "runtime_s": self.runtime_s,
+            "ramp_s": self.ramp_s,
+            "min_ios": self.min_ios,
+            "write": self.write,
+            "fio": self.with_fio,
+            "buffered": self.buffered,
+            "direct": self.direct,
+            "expert_bytes": self.expert_bytes,
+        }
+
+
+def expert_bytes_from_model(model_dir: str | Path) -> int:
+    """Bytes the store reads for one expert of the model in `model_dir`, 4 KiB aligned.
+
+    From the packed index (`packed/index.json`, stride_bytes) when the model is packed; else from
+    config.json: hidden_size x (moe_intermediate_size or intermediate_size) x 3 matrices (gate,
+    up, down) x the dtype's bytes, rounded up to the packer's alignment.
+    """
+    index_path = Path(model_dir) / PACK_DIR / INDEX_FILE
+    if index_path.is_file():
+        return int(json.loads(index_path.read_text())["stride_bytes"])
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise HarnessError(f"--model {model_dir} has no config.json: give a checkpoint folder or --expert-size")
+    config = json.loads(config_path.read_text())
+    config = config.get("text_config", config)
+    hidden = config.get("hidden_size")
+    inter = (
+        config.get("moe_intermediate_size")
+        or config.get("expert_intermediate_size")
+        or config.get("ffn_dim")
+        or config.get("intermediate_size")
+    )
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    if not hidden or not inter or dtype not in _DTYPE_BYTES:
+        raise HarnessError(f"cannot derive the expert size from {config_path}; give --expert-size instead")
+    return align_up(3 * int(hidden) * int(inter) * _DTYPE_BYTES[dtype])
+
+
+def parse_block_sizes(text: str, expert_bytes: int | None) -> tuple[list[int], dict[int, str]]:
+    """'4KiB,1MiB,expert' -> sizes in bytes (sorted, unique) and labels for the named ones."""
+    sizes: list[int] = []
+    labels: dict[int, str] = {}
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token.lower() == "expert":
+            if expert_bytes is None:
+                raise HarnessError("block size 'expert' needs --model DIR or --expert-size SIZE")
+            size = align_up(expert_bytes)
+            labels[size] = "expert"
+        else:
+            size = parse_size(token)
+        if size <= 0 or size % 512:
+            raise HarnessError(f"block size {token!r} is not a positive multiple of 512 bytes, as O_DIRECT needs")
+        sizes.append(size)
+    if not sizes:
+        raise HarnessError("--block-size names no size")
+    return sorted(set(sizes)), labels
+
+
+def parse_queue_depths(text: str) -> list[int]:
+    try:
+        depths = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError as exc:
+        raise HarnessError(f"--queue-depth {text!r}: give whole numbers such as 1,4,16") from exc
+    if not depths or depths[0] < 1:
+        raise HarnessError("--queue-depth needs whole numbers of at least 1")
+    return depths
+
+
+def build_jobs(req: ProfileRequest, direct: bool, raw: bool) -> tuple[list[JobSpec], list[str]]:
+    """The job matrix, and the combinations left out with the reason."""
+    jobs: list[JobSpec] = []
+    skipped: list[str] = []
+
+    def spec(rw: str, bs: int, qd: int, is_direct: bool) -> JobSpec:
+        return JobSpec(rw, bs, qd, is_direct, req.runtime_s, req.ramp_s, req.min_ios)
+
+    for bs in req.block_sizes:
+        if bs > req.size_bytes:
+            skipped.append(f"bs {bs}: larger than the {req.size_bytes}-byte region")
+            continue
+        for qd in req.queue_depths:
+            if bs * qd > MAX_INFLIGHT_BYTES:
+                skipped.append(f"bs {bs} x qd {qd}: more than {format_bytes(MAX_INFLIGHT_BYTES)} in flight")
+                continue
+            for rw in ("read", "randread"):
+                jobs.append(spec(rw, bs, qd, direct))
+        if req.buffered and direct:
+            for rw in ("read", "randread"):
+                jobs.append(spec(rw, bs, 1, False))
+    if req.write and not raw:
+        for bs in req.block_sizes:
+            for qd in req.queue_depths:
+                if bs <= req.size_bytes and bs * qd <= MAX_INFLIGHT_BYTES:
+                    jobs.extend(spec(rw, bs, qd, direct) for rw in ("write", "randwrite"))
+    return jobs, skipped
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so the same cleanup runs for both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Measure, write the profile (+ fio JSON and plots) and return the profile document.
+
+    The test file is removed on every way out: success, error, Ctrl-C or SIGTERM.
+    """
+    progress = on_progress or (lambda done, total, label: None)
+    raw = req.device is not None
+    if raw:
+        assert req.device is not None
+        device_bytes = check_raw_device(req.device)
+        region = device_bytes // ALIGN_BYTES * ALIGN_BYTES
+        req.size_bytes = min(req.size_bytes, region) if req.size_bytes else region
+        direct = True
+        identity = describe_block_device(req.device)
+    else:
+        assert req.path is not None
+        folder = req.path
+        direct_ok = check_folder(folder, req.size_bytes, direct_required=req.direct == "required")
+        direct = direct_ok
+        identity = describe_path(folder)
+        remove_stale_test_files(folder)
+    jobs, skipped = build_jobs(req, direct, raw)
+    if not jobs:
+        raise HarnessError("no job left to run: every block size is larger than --size or too large for its depth")
+    fio_version = fio.fio_version() if req.with_fio else None
+    if req.with_fio and fio_version is None:
+        raise HarnessError("--fio needs fio on PATH: install it (apt-get install fio) or run without --fio")
+
+    test_file: Path | None = None
+    with _sigterm_as_interrupt():
+        try:
+            if raw:
+                assert req.device is not None
+                target = req.device
+            else:
+                test_file = scratch_path(folder)
+                progress(0, len(jobs) + 1, f"writing {format_bytes(req.size_bytes)} test file")
+                create_test_file(test_file, req.size_bytes, seed=req.seed)
+                target = str(test_file)
+            ioengine = fio.probe_ioengine(target, req.size_bytes, min(req.block_sizes)) if req.with_fio else None
+            results, fio_docs = _run_jobs(jobs, target, req, ioengine, raw, progress)
+        finally:
+            if test_file is not None:
+                remove_test_file(test_file)
+    doc = _profile_document(req, identity, direct, raw, results, skipped, fio_version, ioengine)
+    out = profile_path_for(req, identity)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fio_docs:
+        doc["fio_output"] = str(write_json_atomic(out.with_suffix(".fio.json"), fio_docs))
+    doc["plots"] = [str(p) for p in write_plots(doc, out)]
+    write_json_atomic(out, doc)
+    doc["profile_path"] = str(out)
+    return doc
+
+
+def _run_jobs(
+    jobs: list[JobSpec], target: str, req: ProfileRequest, ioengine: str | None, raw: bool, progress: ProgressFn
+) -> tuple[list[JobResult], list[dict[str, Any]]]:
+    results: list[JobResult] = []
+    fio_docs: list[dict[str, Any]] = []
+    total = len(jobs) + 1
+    for i, spec in enumerate(jobs):
+        progress(i + 1, total, spec.name)
+        steps = ["harness", "fio"] if i % 2 == 0 else ["fio", "harness"]
+        for step in steps:
+            if step == "harness":
+                results.append(engine.run_job(spec, target, req.size_bytes, seed=req.seed + i))
+            elif ioengine is not None:
+                # fio's synchronous engine matches a buffered depth-1 job; async engines need O_DIRECT.
+                job_engine = ioengine if spec.direct else "psync"
+                cmd = fio.fio_command(
+                    spec, target, req.size_bytes, ioengine=job_engine, readonly=raw or not spec.is_write, seed=i
+                )
+                fio_doc, fio_result = fio.run_fio(cmd, spec)
+                results.append(fio_result)
+                fio_docs.append({"job": spec.name, "command": cmd, "output": fio_doc})
+    progress(total, total, "done")
+    return results, fio_docs
+
+
+def profile_path_for(req: ProfileRequest, identity: dict[str, Any]) -> Path:
+    """hardware_profiles/<host>/<disk>.json, or --out."""
+    if req.out is not None:
+        return req.out
+    name = identity.get("disk") or identity.get("filesystem") or "unknown"
+    return req.profiles_dir / platform.node() / f"{name}.json"
+
+
+def comparisons(results: list[JobResult]) -> list[dict[str, Any]]:
+    """Harness vs fio per job: bandwidth, p50/p99 latency and the bandwidth ratio (harness / fio)."""
+    by_name: dict[str, dict[str, JobResult]] = {}
+    for r in results:
+        by_name.setdefault(r.spec.name, {})[r.engine] = r
+    rows = []
+    for name, pair in by_name.items():
+        if "harness" not in pair or "fio" not in pair:
+            continue
+        h, f = pair["harness"], pair["fio"]
+        ratio = h.bw_bytes_per_s / f.bw_bytes_per_s if f.bw_bytes_per_s else None
+        rows.append(
+            {
+                "job": name,
+                "rw": h.spec.rw,
+                "bs_bytes": h.spec.bs_bytes,
+                "iodepth": h.spec.iodepth,
+                "direct": h.spec.direct,
+                "harness_bw_bytes_per_s": h.bw_bytes_per_s,
+                "fio_bw_bytes_per_s": f.bw_bytes_per_s,
+                "bw_ratio": ratio,
+                "harness_lat_p50_s": h.percentiles_s.get(50.0),
+                "fio_lat_p50_s": f.percentiles_s.get(50.0),
+                "harness_lat_p99_s": h.percentiles_s.get(99.0),
+                "fio_lat_p99_s": f.percentiles_s.get(99.0),
+                "within_tolerance": ratio is not None and abs(ratio - 1) <= FIO_AGREEMENT_TOLERANCE,
+            }
+        )
+    return rows
+
+
+def _profile_document(
+    req: ProfileRequest,
+    identity: dict[str, Any],
+    direct: bool,
+    raw: bool,
+    results: list[JobResult],
+    skipped: list[str],
+    fio_version: str | None,
+    ioengine: str | None,
+) -> dict[str, Any]:
+    notes: list[str] = []
+    if not direct:
+        notes.append("O_DIRECT unsupported here: reads are buffered after dropping the file from the page cache")
+    notes.extend(f"skipped {s}" for s in skipped)
+    rows = comparisons(results)
+    for row in rows:
+        if not row["within_tolerance"] and row["direct"]:
+            notes.append(f"{row['job']}: harness/fio bandwidth ratio {row['bw_ratio']:.2f}")
+    try:
+        harness_version = metadata.version("harness")
+    except metadata.PackageNotFoundError:
+        harness_version = None
+    return {
+        "schema": PROFILE_SCHEMA,
+        "schema_version": PROFILE_SCHEMA_VERSION,
+        "created_unix_s": time.time(),
+        "host": platform.node(),
+        "device": identity,
+        "target": {
+            "kind": "raw-device-readonly" if raw else "test-file",
+            "region_bytes": req.size_bytes,
+            "test_file_removed": not raw,
+        },
+        "requested": req.to_dict(),
+        "effective": {
+            "direct": direct,
+            "backend": engine.BACKEND,
+            "backend_note": "queue depth Q = Q threads issuing blocking preadv/pwritev (no io_uring binding)",
+            "fio_ioengine": ioengine,
+            "block_sizes_bytes": sorted({r.spec.bs_bytes for r in results}),
+            "block_size_labels": {str(k): v for k, v in req.labels.items()},
+        },
+        "tools": {
+            "harness": harness_version,
+            "fio": fio_version,
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+        },
+        "environment": environment(),
+        "jobs": [r.to_dict() for r in results],
+        "fio_comparison": rows,
+        "notes": notes,
+    }
