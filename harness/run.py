@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from harness.budget import budget_status, enforce_budget
 from harness.cache.book import PHASES, ExpertCacheBook
 from harness.errors import HarnessError
 from harness.models.adapters import adapter_for_model_type, load_config
@@ -30,8 +33,10 @@ from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
 from harness.spec import RunSpec
+from harness.ssd.devices import block_device_for_path, describe_path
 from harness.store.layout import INDEX_FILE, PackIndex
 from harness.store.reader import IoRecord
+from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
 from harness.trace.recorder import RoutingRecorder
 from harness.trace.schema import TraceMeta, read_trace
 from harness.trace.stats import routing_stats
@@ -43,6 +48,8 @@ WORKSPACE_RESERVE_BYTES = 256 << 20
 """Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
 A documented default; the run records it and the measured peak RSS so it can be checked."""
 MIN_STEADY_DECODE_STEPS = 16
+READS_FILE = "expert_reads.parquet"
+VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
 """Fewer steady-state decode steps than this make tokens/s and latency percentiles unreliable."""
 
 
@@ -162,6 +169,26 @@ def _hits(book: ExpertCacheBook) -> dict[str, Any]:
     return out
 
 
+def _disk_read_bytes(device: str | None) -> int | None:
+    counters = psutil.disk_io_counters(perdisk=True) if device else None
+    return counters[device].read_bytes if counters and device in counters else None
+
+
+def _write_reads(records: list[IoRecord], telemetry: Telemetry, path: Path) -> None:
+    """Every expert read (layer, expert, bytes, start and end) on the telemetry clock, for the report."""
+    t0 = time.perf_counter() - telemetry.now()  # the telemetry clock's origin on perf_counter
+    table = pa.table(
+        {
+            "layer": pa.array([r.key[0] for r in records], pa.int16()),
+            "expert": pa.array([r.key[1] for r in records], pa.int16()),
+            "bytes": pa.array([r.nbytes for r in records], pa.int64()),
+            "t_start_s": pa.array([r.start_ns / 1e9 - t0 for r in records], pa.float64()),
+            "t_end_s": pa.array([r.end_ns / 1e9 - t0 for r in records], pa.float64()),
+        }
+    )
+    pq.write_table(table, path)
+
+
 def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Run one cell and write its result folder; returns the result dict (status ok)."""
     progress = progress or Progress()
@@ -187,9 +214,21 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
 
     validity = Validity()
-    budget_mode = "accounting-only"
-    if spec.ram_budget_bytes is not None:
-        validity.note("RAM budget not enforced by a cgroup: accounting only (expert reads bypass the page cache)")
+    storage = describe_path(experts_file.parent)
+    if storage.get("filesystem") in VOLATILE_FILESYSTEMS:
+        validity.fail(
+            f"the expert file is on {storage['filesystem']}, which is memory, not an SSD",
+            "pass --ssd with a folder on the SSD to measure",
+        )
+    enforcement = enforce_budget(spec.ram_budget_bytes)
+    if spec.ram_budget_bytes is not None and enforcement.mode == "accounting-only":
+        validity.note(
+            f"RAM budget not enforced by a cgroup ({enforcement.reason}): accounting only, "
+            "expert reads bypass the page cache"
+        )
+    disk = block_device_for_path(experts_file)
+    telemetry = Telemetry(spec.telemetry_hz, device=disk, cgroup_path=enforcement.cgroup_path).start()
+    telemetry.event("load_start")
 
     trace_meta = TraceMeta(
         model=str(spec.model),
@@ -223,28 +262,34 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     slots, slots_how = resolve_slots(spec, index, baseline, workspace)
     cache = engine.configure_cache(slots, spec.scope, spec.policy, spec.seed, spec.io_threads)
     load_s = time.perf_counter() - load_start
+    telemetry.event("load_end", cache_slots=slots)
+
+    def on_token(token: int) -> None:
+        telemetry.event("token", seq=engine.ctx.seq_id, phase=engine.ctx.phase, step=engine.ctx.now)
+        if progress.on_token:
+            progress.on_token(token)
 
     logs: list[SequenceLog] = []
+    disk_before = _disk_read_bytes(disk)
     run_start = time.perf_counter()
     try:
         for i, (item, (ids, ref)) in enumerate(zip(prompts, encoded, strict=True)):
             if progress.on_prompt:
                 progress.on_prompt(i, len(prompts), item)
-            logs.append(
-                generate(
-                    engine.model,
-                    ids,
-                    spec.max_new_tokens,
-                    decode_mode,
-                    ref,
-                    engine.ctx,
-                    seq_id=i,
-                    on_token=progress.on_token,
-                )
+            telemetry.event("prefill_start", seq=i, tokens=len(ids))
+            log_i = generate(
+                engine.model, ids, spec.max_new_tokens, decode_mode, ref, engine.ctx, seq_id=i, on_token=on_token
             )
+            logs.append(log_i)
+            telemetry.event("sequence_end", seq=i)
     finally:
         engine.close()
+        telemetry_summary = telemetry.stop(run_dir)
     wall_s = time.perf_counter() - run_start
+    disk_after = _disk_read_bytes(disk)
+    disk_read = None if disk_before is None or disk_after is None else disk_after - disk_before
+    budget = budget_status(enforcement)
+    _write_reads(cache.stats.records, telemetry, run_dir / READS_FILE)
 
     trace_path = recorder.writer.write(run_dir / "trace.parquet")
     stats = cache.stats
@@ -267,6 +312,17 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     if engine.reader.engine != "direct":
         validity.note(
             f"expert reads are buffered with the file dropped from the page cache: {engine.reader.fallback_reason}"
+        )
+    if budget.get("failcnt"):
+        validity.note(
+            f"the memory cgroup hit its limit {budget['failcnt']} times: the kernel reclaimed memory "
+            "under the budget (page cache first)"
+        )
+    if disk_read is not None and disk_read < 0.95 * read_bytes:
+        validity.fail(
+            f"the device counted {disk_read} bytes read but the harness {read_bytes}: some expert reads "
+            "did not reach the device",
+            "check that the expert file is not served from a cache",
         )
     if random_init:
         validity.note(
@@ -294,7 +350,9 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "expert_read_throughput_bytes_per_s": read_bytes / busy if busy else None,
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
+        "device_read_bytes": disk_read,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cgroup": budget,
         "wall_s": wall_s,
         "routing": routing,
     }
@@ -331,7 +389,8 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "workspace_bytes": workspace,
             "io_engine": engine.reader.engine,
             "io_threads": spec.io_threads,
-            "budget_enforcement": budget_mode,
+            "budget_enforcement": enforcement.mode,
+            "budget": enforcement.to_dict(),
             "ram_budget_bytes": spec.ram_budget_bytes,
             "ssd_path": spec.ssd,
             "expert_file": str(experts_file),
@@ -344,11 +403,11 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             for i, (item, seq) in enumerate(zip(prompts, logs, strict=True))
         ],
         "environment": environment(),
-        "storage": None,
+        "storage": storage,
         "hardware_profile": None,
-        "telemetry": None,
+        "telemetry": telemetry_summary,
         "validity": validity.to_dict(),
-        "files": {"trace": "trace.parquet", "timeline": None},
+        "files": {"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE},
     }
     write_json_atomic(run_dir / "result.json", result)
     return result

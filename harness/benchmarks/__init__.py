@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m harness.benchmarks.NAME`; they print figures, never assert timings."""
