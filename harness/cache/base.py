@@ -18,6 +18,7 @@ class CachePolicy(ABC):
     """Decides which resident expert leaves the cache.
 
     Call order within one token step of one layer (the `ExpertCacheBook` guarantees it):
+    0. `on_step(layer, now)`, if the policy overrides it;
     1. `on_access(key, now, hit)` for every distinct key the step needs, hits and misses alike, before
        any miss is handled, so a step never evicts an expert it still needs (mixtral-offloading rule);
     2. for each miss, while the cache is full: `admit`, then `victim` among the candidates (resident
@@ -29,12 +30,17 @@ class CachePolicy(ABC):
     name: ClassVar[str]
     needs_future: ClassVar[bool] = False
     """True for oracles (Belady) that read the trace's future: simulation only, refused by the engine."""
+    observes_misses: ClassVar[bool] = True
+    """False where `on_access` ignores misses (LRU): the cache loop then skips the call for them."""
     exact: ClassVar[bool] = True
     """False where the policy changes what the model computes (none of the eviction policies do)."""
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         self.capacity = capacity
         self.seed = seed
+
+    def on_step(self, layer: int, now: int) -> None:  # noqa: B027 - optional hook
+        """A token step of `layer` begins (called only where a policy overrides it)."""
 
     @abstractmethod
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
@@ -53,6 +59,18 @@ class CachePolicy(ABC):
 
     def on_evict(self, key: ExpertKey, now: int) -> None:  # noqa: B027 - optional hook
         """`key` left the cache."""
+
+    def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        """`victim`, `on_evict(victim)`, `on_insert(incoming)` in one call; returns the victim.
+
+        The shared loop calls this for each admitted miss when the cache is full. A policy may override
+        it with a fused version to save calls on the replay hot path; it must decide exactly as the
+        three hooks do (tests compare both).
+        """
+        victim = self.victim(candidates, incoming, now)
+        self.on_evict(victim, now)
+        self.on_insert(incoming, now)
+        return victim
 
     def reset(self) -> None:
         """Forget all state (a new, empty cache), keeping capacity and seed."""

@@ -48,20 +48,22 @@ class _Partition:
     """One eviction group: a policy over a contiguous range of slots, with its hooks bound once.
 
     The bound methods are looked up at construction because the replay loop calls them millions of
-    times; `admit` is None when the policy keeps the default (admit every miss), so it is not called.
+    times; optional hooks the policy does not override (`on_step`, `admit`, `on_access` for misses
+    where `observes_misses` is False) are None and not called.
     """
 
-    __slots__ = ("admit", "free", "on_access", "on_evict", "on_insert", "policy", "resident", "victim")
+    __slots__ = ("admit", "free", "on_access", "on_insert", "on_miss", "on_step", "policy", "replace", "resident")
 
     def __init__(self, policy: CachePolicy, first_slot: int, capacity: int) -> None:
         self.policy = policy
         self.resident: dict[ExpertKey, int] = {}
         self.free = list(range(first_slot + capacity - 1, first_slot - 1, -1))  # pop() gives lowest
         self.on_access = policy.on_access
-        self.victim = policy.victim
-        self.on_evict = policy.on_evict
+        self.on_miss = policy.on_access if policy.observes_misses else None
+        self.replace = policy.replace
         self.on_insert = policy.on_insert
         self.admit = None if type(policy).admit is CachePolicy.admit else policy.admit
+        self.on_step = None if type(policy).on_step is CachePolicy.on_step else policy.on_step
 
 
 class ExpertCacheBook:
@@ -127,7 +129,9 @@ class ExpertCacheBook:
     def _run(self, layer: int, needed: tuple[ExpertKey, ...], now: int, phase: Phase, plan: StepPlan | None) -> None:
         group = self._groups[layer]
         resident = group.resident
-        on_access = group.on_access
+        on_access, on_miss = group.on_access, group.on_miss
+        if group.on_step is not None:
+            group.on_step(layer, now)
         misses: list[ExpertKey] = []
         hits = 0
         # Every needed key is marked used before any miss is handled, so none of them is evicted.
@@ -135,7 +139,8 @@ class ExpertCacheBook:
             slot = resident.get(key)
             if slot is None:
                 misses.append(key)
-                on_access(key, now, False)
+                if on_miss is not None:
+                    on_miss(key, now, False)
             else:
                 hits += 1
                 on_access(key, now, True)
@@ -147,12 +152,25 @@ class ExpertCacheBook:
             return
         counts.misses += len(misses)
         free = group.free
+        if not free and plan is None and group.admit is None:
+            # Replay fast path (full cache, no plan, every miss admitted): the loop below, minus its branches.
+            candidates = resident.keys() - set(needed)
+            if len(candidates) >= len(misses):
+                replace = group.replace
+                for key in misses:
+                    victim = replace(candidates, key, now)
+                    candidates.discard(victim)
+                    resident[key] = resident.pop(victim)
+                return
+        else:
+            candidates = None
         # Built on the first eviction and kept current (the victim leaves it; inserted keys are
         # needed, so never candidates): the same set the policy would see if rebuilt per miss.
-        candidates: set[ExpertKey] | None = None
         for key in misses:
             if free:
                 slot = free.pop()
+                resident[key] = slot
+                group.on_insert(key, now)
             else:
                 if candidates is None:
                     candidates = resident.keys() - set(needed)
@@ -160,14 +178,12 @@ class ExpertCacheBook:
                     if plan is not None:
                         plan.streamed.append(key)
                     continue
-                victim = group.victim(candidates, key, now)
+                victim = group.replace(candidates, key, now)
                 candidates.discard(victim)
                 slot = resident.pop(victim)
-                group.on_evict(victim, now)
+                resident[key] = slot
                 if plan is not None:
                     plan.evicted.append(victim)
-            resident[key] = slot
-            group.on_insert(key, now)
             if plan is not None:
                 plan.loads.append((key, slot))
 

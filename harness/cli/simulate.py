@@ -1,5 +1,247 @@
-"""CLI commands of this family (filled in by the issue that owns them)."""
+"""CLI of trace replay: `simulate`, `trace import|info`, `policy train|list`. Parses, delegates, prints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from rich.console import Console
+from rich.table import Table
 
-commands: list[click.Command] = []
+from harness.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from harness.trace.simulate import SimulationRun
+
+_console = Console()
+
+
+@click.command("simulate")
+@click.option("--trace", "trace_path", required=True, type=click.Path(path_type=Path), help="Trace Parquet file.")
+@click.option(
+    "--policy",
+    "policies",
+    default="lru,lfu",
+    show_default=True,
+    help="Comma-separated policies (lru, lfu, lfu-window:W, arc, lecar, random, flashmoe:MODEL, belady, "
+    "belady-bypass); Belady and Belady-bypass are always added as bounds.",
+)
+@click.option(
+    "--capacity",
+    default="12.5%,25%,50%",
+    show_default=True,
+    help="Slots per cache group: percentages of its experts, slot counts, or a range such as 10%:90%:10%.",
+)
+@click.option("--scope", type=click.Choice(["per-layer", "global"]), default="per-layer", show_default=True)
+@click.option(
+    "--phase",
+    type=click.Choice(["all", "prefill", "decode"]),
+    default="all",
+    show_default=True,
+    help="Which steps are replayed (the others are skipped entirely).",
+)
+@click.option(
+    "--reset",
+    type=click.Choice(["never", "per-sequence"]),
+    default="never",
+    show_default=True,
+    help="never: one cache over the whole trace (as a live run); per-sequence: a fresh cache per sequence.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
+@click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+def simulate_cmd(
+    trace_path: Path,
+    policies: str,
+    capacity: str,
+    scope: str,
+    phase: str,
+    reset: str,
+    seed: int,
+    expert_bytes: str | None,
+    out: Path | None,
+) -> None:
+    """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
+    from harness.trace.sim_output import write_outputs
+    from harness.trace.simulate import run_simulation
+
+    run = run_simulation(
+        trace_path,
+        policies.split(","),
+        capacity,
+        scope,  # type: ignore[arg-type]
+        phase,  # type: ignore[arg-type]
+        reset,  # type: ignore[arg-type]
+        seed,
+        None if expert_bytes is None else parse_size(expert_bytes),
+    )
+    _print_run(run)
+    if out is not None:
+        for path in write_outputs(run, out):
+            _console.print(f"wrote {path}")
+
+
+def _print_run(run: SimulationRun) -> None:
+    capacities = sorted({r.capacity_slots for r in run.results})
+    policies = list(dict.fromkeys(r.policy for r in run.results))
+    by = {(r.policy, r.capacity_slots): r for r in run.results}
+    whole = run.meta.num_experts * (len(run.meta.moe_layers) if run.scope == "global" else 1)
+    heading = f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, sequences {run.seq_ids}"
+    table = Table(title=f"hit rate ({heading})")
+    table.add_column("policy")
+    for c in capacities:
+        table.add_column(f"{c} slots ({100 * c / whole:.1f}%)", justify="right")
+    for p in policies:
+        table.add_row(_label(p), *(f"{by[p, c].hit_rate:.4f}" for c in capacities))
+    _console.print(table)
+    per_token = Table(title="expert bytes read per token (misses per token where the expert size is unknown)")
+    per_token.add_column("policy")
+    for c in capacities:
+        per_token.add_column(f"{c} slots", justify="right")
+    for p in policies:
+        cells = []
+        for c in capacities:
+            value = by[p, c].bytes_read_per_token()
+            cells.append(format_bytes(value) if value is not None else f"{by[p, c].misses_per_token():.2f} misses")
+        per_token.add_row(_label(p), *cells)
+    _console.print(per_token)
+    layers = list(run.meta.moe_layers)
+    per_layer = Table(title="hit rate per layer")
+    per_layer.add_column("policy")
+    per_layer.add_column("slots", justify="right")
+    for layer in layers:
+        per_layer.add_column(f"L{layer}", justify="right")
+    for p in policies:
+        for c in capacities:
+            per_layer.add_row(_label(p), str(c), *(f"{by[p, c].total(layer=layer).hit_rate:.3f}" for layer in layers))
+    _console.print(per_layer)
+    for note in run.notes:
+        _console.print(f"note: {note}")
+
+
+def _label(spec: str) -> str:
+    """A policy spec for a table cell: a model path argument is shortened to its file name."""
+    name, _, argument = spec.partition(":")
+    return f"{name}:{Path(argument).name}" if "/" in argument else spec
+
+
+@click.group("trace")
+def trace_group() -> None:
+    """Routing traces: import public formats, describe a trace."""
+
+
+@trace_group.command("import")
+@click.option("--format", "fmt", type=click.Choice(["flame", "vllm-jsonl"]), required=True)
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace Parquet file to write.")
+@click.option("--sequence-length", type=int, default=None, help="flame: tokens per sequence (default: the file's).")
+@click.option("--num-experts", type=int, default=None, help="flame: experts per layer (default: inferred).")
+@click.option("--expert-bytes", default="0", show_default=True, help="Size of one expert, if known (e.g. 3MiB).")
+def trace_import(
+    fmt: str,
+    files: tuple[Path, ...],
+    out: Path,
+    sequence_length: int | None,
+    num_experts: int | None,
+    expert_bytes: str,
+) -> None:
+    """Import FLAME-MoE-Traces (.pt/.csv per layer) or vLLM MoE-logger JSONL files into one trace."""
+    from harness.errors import HarnessError
+    from harness.trace.importers import import_trace
+
+    options: dict[str, object] = {"expert_bytes": parse_size(expert_bytes)}
+    if fmt == "flame":
+        options.update(sequence_length=sequence_length, num_experts=num_experts)
+    elif sequence_length is not None or num_experts is not None:
+        raise HarnessError("--sequence-length and --num-experts apply to --format flame only")
+    report = import_trace(fmt, list(files), out, **options)
+    _console.print(
+        f"wrote {out}: {report.rows} token rows, {report.sequences} sequences, layers {report.layers}"
+        + (f"; dropped {report.dropped_warmup_rows} warm-up rows (all layers)" if fmt == "vllm-jsonl" else "")
+    )
+    for note in report.notes:
+        _console.print(f"note: {note}")
+
+
+@trace_group.command("info")
+@click.argument("trace_path", type=click.Path(path_type=Path))
+def trace_info_cmd(trace_path: Path) -> None:
+    """Shape, phases, per-layer popularity skew and reuse distances of a trace."""
+    from harness.trace.info import trace_info
+    from harness.trace.schema import read_trace
+
+    info = trace_info(read_trace(trace_path))
+    _console.print(f"model {info.model}; source: {info.source}")
+    _console.print(
+        f"{info.sequences} sequences, {info.rows} token rows, {info.steps} steps; layers {info.layers}; "
+        f"{info.num_experts} experts, top-{info.top_k}; expert size "
+        + (format_bytes(info.expert_bytes) if info.expert_bytes else "unknown")
+    )
+    _console.print("rows per phase: " + ", ".join(f"{k} {v}" for k, v in info.rows_per_phase.items()))
+    table = Table(title="per layer (accesses de-duplicated within a step)")
+    for name in ("layer", "accesses", "experts used", "top-10% share", "consecutive overlap", "reuse p50", "reuse p90"):
+        table.add_column(name, justify="right")
+    for s in info.per_layer:
+        table.add_row(
+            str(s.layer),
+            str(s.accesses),
+            str(s.experts_used),
+            f"{s.top10_share:.3f}",
+            f"{s.consecutive_overlap:.3f}",
+            "-" if math.isnan(s.reuse_p50_steps) else f"{s.reuse_p50_steps:.0f}",
+            "-" if math.isnan(s.reuse_p90_steps) else f"{s.reuse_p90_steps:.0f}",
+        )
+    _console.print(table)
+    _console.print("reuse distances in token steps between two uses of an expert in a layer")
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """Cache policies: list them, train the FlashMoE learned policy."""
+
+
+@policy_group.command("list")
+def policy_list() -> None:
+    """Registered policy names."""
+    from harness.cache.registry import policy_class, policy_names
+
+    for name in policy_names():
+        cls = policy_class(name)
+        _console.print(f"{name}{'  (simulation only: reads the future)' if cls.needs_future else ''}")
+
+
+@policy_group.command("train")
+@click.option("--trace", "trace_path", required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (e.g. flash.pt).")
+@click.option("--capacity", default="12.5%,25%,50%", show_default=True, help="Capacities of the held-out evaluation.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="decode", show_default=True)
+@click.option("--max-epochs", default=200, show_default=True)
+@click.option("--heldout-fraction", default=0.25, show_default=True, help="Share of sequences never trained on.")
+def policy_train(
+    trace_path: Path, out: Path, capacity: str, seed: int, phase: str, max_epochs: int, heldout_fraction: float
+) -> None:
+    """Train FlashMoE per-layer networks on Belady labels; report held-out hit rates beside LRU, LFU, Belady."""
+    from harness.cache.learned import TrainSettings
+    from harness.trace.train import train_flashmoe
+
+    settings = TrainSettings(seed=seed, max_epochs=max_epochs, heldout_fraction=heldout_fraction)
+    report = train_flashmoe(trace_path, out, capacity, seed, phase, settings)  # type: ignore[arg-type]
+    _console.print(
+        f"wrote {report.model_path}: trained on sequences {report.train_sequences}, "
+        f"evaluated on held-out sequences {report.heldout_sequences} only"
+    )
+    table = Table(title="held-out hit rate (per-layer scope, fresh cache per sequence)")
+    table.add_column("policy")
+    capacities = sorted({int(r["capacity_slots"]) for r in report.rows})  # type: ignore[call-overload]
+    for c in capacities:
+        table.add_column(f"{c} slots", justify="right")
+    for policy in dict.fromkeys(str(r["policy"]) for r in report.rows):
+        rates = {r["capacity_slots"]: r["hit_rate"] for r in report.rows if r["policy"] == policy}
+        table.add_row(policy, *(f"{rates[c]:.4f}" for c in capacities))
+    _console.print(table)
+
+
+commands: list[click.Command] = [simulate_cmd, trace_group, policy_group]

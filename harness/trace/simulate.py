@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -24,9 +25,10 @@ import numpy as np
 from harness.cache.base import ExpertKey
 from harness.cache.book import PHASES, AccessCounts, ExpertCacheBook, Phase, Scope
 from harness.cache.policies.belady import FutureAccesses
+from harness.cache.policies.flashmoe import load_model
 from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
-from harness.trace.schema import PHASE_NAMES, Trace
+from harness.trace.schema import PHASE_NAMES, Trace, TraceMeta, read_trace
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +273,87 @@ def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope)
     if too_big:
         log.warning("capacities %s exceed the %d experts a cache group holds: only first uses miss", too_big, whole)
     return sorted(set(slots))
+
+
+ORACLES = ("belady", "belady-bypass")
+"""Always replayed beside the requested policies: the bounds every comparison is drawn against."""
+
+
+@dataclass
+class SimulationRun:
+    """Every requested policy at every capacity over one prepared trace, with the notes a reader needs."""
+
+    trace_path: str
+    meta: TraceMeta
+    scope: Scope
+    phase: PhaseFilter
+    reset: Reset
+    seq_ids: list[int]
+    heldout_only: bool
+    results: list[SimulationResult]
+    notes: list[str]
+
+
+def run_simulation(
+    trace_path: str | Path,
+    policies: Sequence[str],
+    capacities: str,
+    scope: Scope = "per-layer",
+    phase: PhaseFilter = "all",
+    reset: Reset = "never",
+    seed: int = 0,
+    expert_bytes: int | None = None,
+) -> SimulationRun:
+    """The `harness simulate` matrix. A FlashMoE model trained on this very trace restricts every
+    policy to the sequences it held out, so the comparison never uses what the network has seen."""
+    if scope not in SCOPES:
+        raise HarnessError(f"unknown cache scope {scope!r}: use per-layer or global")
+    trace = read_trace(trace_path)
+    specs = list(dict.fromkeys(p.strip() for p in policies if p.strip()))
+    if not specs:
+        raise HarnessError("no policy given: e.g. --policy lru,lfu")
+    specs += [o for o in ORACLES if o not in specs]
+    fingerprint = trace_fingerprint(trace)
+    sequences: set[int] | None = None
+    notes: list[str] = []
+    for spec in specs:
+        if policy_class(spec).name != "flashmoe":
+            continue
+        model = load_model(spec.split(":", 1)[1]) if ":" in spec else None
+        if model is None:
+            raise HarnessError("flashmoe needs a model file: flashmoe:PATH (train one with `harness policy train`)")
+        if model.meta.get("trace_fingerprint") == fingerprint:
+            heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[union-attr]
+            sequences = heldout if sequences is None else sequences & heldout
+        else:
+            notes.append(f"{spec}: trained on another trace ({model.meta.get('trace')}); all sequences replayed")
+    if sequences is not None:
+        if not sequences:
+            raise HarnessError("the FlashMoE models share no held-out sequence of this trace: nothing honest to replay")
+        notes.append(
+            f"held-out sequences only ({sorted(sequences)}): a FlashMoE model was trained on the others of this "
+            "trace, and scores on its training sequences are not honest (ROUTING.md)"
+        )
+    replay = build_replay(trace, phase, reset, sequences)
+    if expert_bytes is not None:
+        replay.expert_bytes = expert_bytes
+    if not replay.expert_bytes:
+        notes.append("expert size unknown (trace expert_bytes = 0): bytes per token not reported; use --expert-bytes")
+    slots = parse_capacities(capacities, trace.meta.num_experts, len(replay.layers), scope)
+    results = []
+    for spec in specs:
+        for capacity in slots:
+            result = run_replay(replay, spec, capacity, scope, seed)
+            log.info("%s @ %d slots: hit rate %.4f (%.2fs)", spec, capacity, result.hit_rate, result.elapsed_s)
+            results.append(result)
+    return SimulationRun(
+        trace_path=str(trace_path),
+        meta=trace.meta,
+        scope=scope,
+        phase=phase,
+        reset=reset,
+        seq_ids=replay.seq_ids,
+        heldout_only=sequences is not None,
+        results=results,
+        notes=notes,
+    )

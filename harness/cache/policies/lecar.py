@@ -38,6 +38,9 @@ class LeCaR(CachePolicy):
         self._hist_lfu: dict[ExpertKey, int] = {}
         self._chosen: dict[ExpertKey, bool] = {}  # victim -> chosen by LRU, until on_evict files it
 
+    def on_step(self, layer: int, now: int) -> None:
+        self._lfu.on_step(layer, now)
+
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
         self._clock += 1
         self._lru.on_access(key, now, hit)

@@ -1,4 +1,4 @@
-"""LFU: evict the resident expert with the fewest accesses, ties broken by least recent access.
+"""LFU: evict the resident expert with the fewest accesses, ties broken by least recent use.
 
 Two counter scopes, named in every result: `lfu` counts over the whole lifetime (counts survive
 eviction, never reset); `lfu-window:W` counts only the accesses of the last W token steps.
@@ -19,50 +19,102 @@ DEFAULT_WINDOW_STEPS = 128
 
 @register_policy
 class LFU(CachePolicy):
+    """Lifetime counts; ties go to the least recently used key, in LRU's order (within one step, the hits,
+    by expert id, were touched before the misses were inserted, by expert id).
+
+    Resident keys sit in one bucket per count, each bucket in LRU order, so a victim is the first key of
+    the lowest bucket, found without a scan. The keys of the step being handled are held back in
+    `_pending` (they can never be victims of their own step) and join their buckets, in the order they
+    were touched, when the next step starts (`on_step`); so every bucket holds only candidates.
+    """
+
     name = "lfu"
 
-    def __init__(self, capacity: int, seed: int = 0, window: int | None = None) -> None:
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        self._count: dict[ExpertKey, int] = {}
+        self._buckets: dict[int, dict[ExpertKey, None]] = {}
+        self._min = 1  # a lower bound of the smallest non-empty bucket's count
+        self._pending: list[ExpertKey] = []  # touched by the current step, in touch order
+
+    def on_step(self, layer: int, now: int) -> None:
+        buckets, count = self._buckets, self._count
+        for key in self._pending:
+            c = count[key]
+            bucket = buckets.get(c)
+            if bucket is None:
+                buckets[c] = {key: None}
+                if c < self._min:
+                    self._min = c
+            else:
+                bucket[key] = None
+        self._pending.clear()
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        count = self._count
+        c = count.get(key, 0)
+        count[key] = c + 1
+        if hit:
+            bucket = self._buckets[c]
+            del bucket[key]
+            if not bucket:
+                del self._buckets[c]
+            self._pending.append(key)
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        self._pending.append(key)
+
+    def _victim(self, candidates: Set[ExpertKey]) -> tuple[ExpertKey, dict[ExpertKey, None], int]:
+        buckets = self._buckets
+        bucket = buckets.get(self._min)
+        if bucket is None:
+            self._min = min(buckets)
+            bucket = buckets[self._min]
+        for key in bucket:
+            if key in candidates:
+                return key, bucket, self._min
+        # Only reached if a caller passes fewer candidates than the resident keys of past steps.
+        for c in sorted(buckets):
+            for key in buckets[c]:
+                if key in candidates:
+                    return key, buckets[c], c
+        raise AssertionError("victim() called without a resident candidate")
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        return self._victim(candidates)[0]
+
+    def on_evict(self, key: ExpertKey, now: int) -> None:
+        c = self._count[key]
+        bucket = self._buckets[c]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[c]
+
+    def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        # victim + on_evict + on_insert fused (the replay hot path), same bucket moves.
+        key, bucket, c = self._victim(candidates)
+        del bucket[key]
+        if not bucket:
+            del self._buckets[c]
+        self._pending.append(incoming)
+        return key
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "counts": "lifetime", "window_steps": None, "ties": "least recently used"}
+
+
+@register_policy
+class WindowedLFU(CachePolicy):
+    """Counts of the last `window` token steps; an access leaves the count `window` steps after it."""
+
+    name = "lfu-window"
+
+    def __init__(self, capacity: int, seed: int = 0, window: int = DEFAULT_WINDOW_STEPS) -> None:
         super().__init__(capacity, seed)
         self.window = window
         self._count: dict[ExpertKey, int] = {}
         self._last: dict[ExpertKey, int] = {}
-        self._recent: deque[tuple[int, ExpertKey]] = deque()  # (step, key), only with a window
-        self._resident: set[ExpertKey] = set()
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-        self._last[key] = now
-        if self.window is not None:
-            self._recent.append((now, key))
-            horizon = now - self.window
-            while self._recent and self._recent[0][0] <= horizon:
-                _, old = self._recent.popleft()
-                self._count[old] -= 1
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._resident.add(key)
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        self._resident.discard(key)
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        count, last = self._count, self._last
-        return min(candidates, key=lambda k: (count.get(k, 0), last.get(k, -1), k))
-
-    def reset(self) -> None:
-        self.__init__(self.capacity, self.seed, self.window)  # type: ignore[misc]
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "counts": "lifetime" if self.window is None else "window",
-            "window_steps": self.window,
-        }
-
-
-@register_policy
-class WindowedLFU(LFU):
-    name = "lfu-window"
+        self._recent: deque[tuple[int, ExpertKey]] = deque()  # (step, key) of the accesses in the window
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> WindowedLFU:
@@ -75,3 +127,22 @@ class WindowedLFU(LFU):
         if window < 1:
             raise HarnessError(f"lfu-window needs a window of at least 1 step (got {window})")
         return cls(capacity, seed, window)
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._last[key] = now
+        self._recent.append((now, key))
+        horizon = now - self.window
+        while self._recent[0][0] <= horizon:
+            _, old = self._recent.popleft()
+            self._count[old] -= 1
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        count, last = self._count, self._last
+        return min(candidates, key=lambda k: (count[k], last[k], k))
+
+    def reset(self) -> None:
+        self.__init__(self.capacity, self.seed, self.window)  # type: ignore[misc]
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "counts": "window", "window_steps": self.window}

@@ -11,6 +11,7 @@ from harness.cache.registry import register_policy
 @register_policy
 class LRU(CachePolicy):
     name = "lru"
+    observes_misses = False  # a miss is placed by on_insert; on_access only moves hits
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         super().__init__(capacity, seed)
@@ -36,3 +37,13 @@ class LRU(CachePolicy):
             if key in candidates:
                 return key
         raise AssertionError("victim() called without a resident candidate")
+
+    def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        # victim + on_evict + on_insert fused (the replay hot path): same scan, same dict moves.
+        order = self._order
+        for key in order:
+            if key in candidates:
+                del order[key]
+                order[incoming] = None
+                return key
+        raise AssertionError("replace() called without a resident candidate")
