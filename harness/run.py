@@ -23,7 +23,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.budget import budget_status, enforce_budget
+from harness.budget import BudgetEnforcement, budget_status, detect_hierarchy, effective_limit
 from harness.cache.book import PHASES, ExpertCacheBook
 from harness.errors import HarnessError
 from harness.models.adapters import adapter_for_model_type, load_config
@@ -169,6 +169,41 @@ def _hits(book: ExpertCacheBook) -> dict[str, Any]:
     return out
 
 
+def current_enforcement(limit_bytes: int | None) -> BudgetEnforcement:
+    """How this process is held to `limit_bytes` now, without moving it: a cgroup limit at least as tight
+    (within one 4 KiB page) is enforcement; anything else is accounting only."""
+    if limit_bytes is None:
+        return BudgetEnforcement("accounting-only", None, None, "no RAM budget given")
+    hier = detect_hierarchy()
+    current, where = effective_limit(hier) if hier else (None, None)
+    if hier is not None and current is not None and current <= limit_bytes + 4096:
+        return BudgetEnforcement(hier.mode, current, str(where), f"running under {hier.limit_file}={current}")
+    return BudgetEnforcement("accounting-only", None, None, "not running inside a memory cgroup with the budget")
+
+
+def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
+    """Checks that need no model load: the model resolves and packs, the policy runs live, and the budget
+    can hold this process (interpreter and libraries as measured now), the non-expert weights, the
+    workspace and one layer's top-k experts."""
+    check_live_policy(spec.policy)
+    model_dir = resolve_model_dir(spec.model)
+    adapter_for_model_type(load_config(model_dir).model_type)
+    index, _ = pack_model(model_dir)
+    if spec.ram_budget_bytes is not None:
+        groups = len(index.moe_layers) if spec.scope == "per-layer" else 1
+        runtime = psutil.Process().memory_info().rss
+        need = runtime + index.dense_bytes + WORKSPACE_RESERVE_BYTES + index.top_k * groups * index.stride_bytes
+        if spec.ram_budget_bytes < need:
+            raise HarnessError(
+                f"RAM budget {spec.ram_budget} is too small: the runtime takes {runtime / 2**20:.0f} MiB, the "
+                f"non-expert weights {index.dense_bytes / 2**20:.0f} MiB, the workspace "
+                f"{WORKSPACE_RESERVE_BYTES / 2**20:.0f} MiB and one layer's top-{index.top_k} experts "
+                f"{index.top_k * groups * index.stride_bytes / 2**20:.0f} MiB; "
+                f"use at least {math.ceil(need / 2**20)}MiB"
+            )
+    return model_dir, index
+
+
 def _disk_read_bytes(device: str | None) -> int | None:
     counters = psutil.disk_io_counters(perdisk=True) if device else None
     return counters[device].read_bytes if counters and device in counters else None
@@ -194,12 +229,10 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     progress = progress or Progress()
     run_dir = Path(results_dir) / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_live_policy(spec.policy)
     if spec.strategy != "cache":
         raise HarnessError(f"unknown strategy {spec.strategy!r}; available: cache")
-    model_dir = resolve_model_dir(spec.model)
+    model_dir, index = preflight(spec)
     config = load_config(model_dir)
-    adapter_for_model_type(config.model_type)
     prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
     prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
     random_init = bool(getattr(config, HARNESS_MARKER, None))
@@ -209,7 +242,6 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "teacher-forced decoding needs a 'reference' continuation for every prompt; "
             "use --decode greedy or a workload with references"
         )
-    index, _ = pack_model(model_dir)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
 
@@ -220,7 +252,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             f"the expert file is on {storage['filesystem']}, which is memory, not an SSD",
             "pass --ssd with a folder on the SSD to measure",
         )
-    enforcement = enforce_budget(spec.ram_budget_bytes)
+    enforcement = current_enforcement(spec.ram_budget_bytes)
     if spec.ram_budget_bytes is not None and enforcement.mode == "accounting-only":
         validity.note(
             f"RAM budget not enforced by a cgroup ({enforcement.reason}): accounting only, "

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import click
 from rich.console import Console
 
+from harness.budget import CellCgroup
 from harness.errors import HarnessError
-from harness.run import Progress, execute
+from harness.run import Progress, current_enforcement, execute, preflight, write_failure
 from harness.spec import RunSpec, load_run_spec
 from harness.units import format_bytes
 
@@ -78,6 +82,13 @@ def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> 
     if "model" not in data:
         raise HarnessError("--model is required (a model folder or a Hugging Face id in the local cache)")
     spec = load_run_spec(data)
+    preflight(spec)
+    if spec.ram_budget_bytes is not None and current_enforcement(spec.ram_budget_bytes).mode == "accounting-only":
+        # Hold the whole run to the budget from its first allocation: run it as a child process
+        # started inside a fresh memory cgroup (page cache included) and report for it.
+        with CellCgroup(spec.ram_budget_bytes, f"run-{spec.run_id}") as cgroup:
+            if cgroup.prefix:
+                sys.exit(_run_in_cgroup(cgroup, spec, results, quiet))
     console = Console(stderr=True, quiet=quiet)
     progress = Progress(
         on_prompt=lambda i, n, item: console.print(f"\n[bold]prompt {i + 1}/{n}[/] ({item.id}):", end=" "),
@@ -94,6 +105,22 @@ def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> 
         f"  validity: {'valid' if result['validity']['valid'] else 'INVALID'} {result['validity']['reasons']}\n"
         f"  -> {Path(results) / result['run_id'] / 'result.json'}"
     )
+
+
+def _run_in_cgroup(cgroup: CellCgroup, spec: RunSpec, results: Path, quiet: bool) -> int:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec.canonical(), handle)
+    argv = [sys.executable, "-m", "harness", "run", "--spec", handle.name, "--results", str(results)]
+    code = subprocess.call(cgroup.prefix + argv + (["--quiet"] if quiet else []))
+    Path(handle.name).unlink(missing_ok=True)
+    if code < 0 or (cgroup.counters().get("oom_kills") or 0) > 0:
+        reason = (
+            f"the run was killed by its memory limit {spec.ram_budget} ({cgroup.mode}, signal {-code}): the "
+            "budget is too small for this model and workload"
+        )
+        write_failure(spec, results, HarnessError(reason))
+        raise HarnessError(reason)
+    return code
 
 
 commands: list[click.Command] = [run]
