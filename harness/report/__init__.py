@@ -1,0 +1,149 @@
+"""Reports: results folders -> DataFrame -> PNG plots (matplotlib) -> one `index.html` (Jinja2) + `summary.csv`.
+
+The page opens from disk without a server: images sit beside it and are referenced by file name.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from harness.report.load import Run, belady_bounds, find_runs, runs_frame
+from harness.report.plots import (
+    MB,
+    Figure,
+    heatmap,
+    hit_rate_vs_budget,
+    latency,
+    metric_vs_budget,
+    ssd_profiles,
+    timeline,
+)
+from harness.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).with_name("templates")
+# Runs drawn in detail (timeline, heat map) when the user names none.
+DEFAULT_DETAIL_RUNS = 4
+_SUMMARY_COLUMNS = [
+    "run_id",
+    "status",
+    "model",
+    "device",
+    "policy",
+    "strategy",
+    "scope",
+    "ram_budget_bytes",
+    "cache_slots",
+    "repeat",
+    "decode_tokens_per_s",
+    "prefill_tokens_per_s",
+    "hit_rate_decode",
+    "belady_hit_rate_decode",
+    "ssd_read_bytes_per_token",
+    "ttft_p50_s",
+    "token_latency_p50_s",
+    "token_latency_p99_s",
+    "peak_rss_bytes",
+    "budget_enforcement",
+    "io_engine",
+    "valid",
+    "validity_reasons",
+    "error",
+    "git_sha",
+    "host",
+    "folder",
+]
+
+
+def pick_detail_runs(frame: pd.DataFrame, wanted: list[str]) -> list[str]:
+    """The runs named by the user (prefixes allowed); else per policy the ok run with the smallest budget."""
+    if wanted:
+        chosen = []
+        for prefix in wanted:
+            matches = [r for r in frame["run_id"] if str(r).startswith(prefix)]
+            if not matches:
+                log.warning("--timeline %s matches no run", prefix)
+            chosen.extend(m for m in matches if m not in chosen)
+        return chosen
+    ok = frame[frame["status"] == "ok"].sort_values(["budget_bytes", "repeat"], na_position="last")
+    firsts = ok.groupby("label", sort=True).head(1)
+    return list(firsts["run_id"])[:DEFAULT_DETAIL_RUNS]
+
+
+def spread_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration: number of ok runs and the mean, min, max and CV of decode tokens/s."""
+    ok = frame[(frame["status"] == "ok") & frame["decode_tokens_per_s"].notna()]
+    if ok.empty:
+        return pd.DataFrame()
+    grouped = ok.groupby(["model", "device", "label", "budget_bytes"], dropna=False, sort=True)["decode_tokens_per_s"]
+    table = grouped.agg(["count", "mean", "min", "max", "std"]).reset_index()
+    table["cv_pct"] = 100 * table["std"].fillna(0) / table["mean"]
+    return table
+
+
+def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None = None) -> Path:
+    """Write index.html, the PNGs and summary.csv for every run under `results`; return the index path."""
+    runs = find_runs(results)
+    by_id: dict[str, Run] = {r.run_id: r for r in runs}
+    frame = runs_frame(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    bounds, bound_note = belady_bounds(runs)
+    frame["belady_hit_rate_decode"] = frame["run_id"].map(bounds)
+    frame[[c for c in _SUMMARY_COLUMNS if c in frame]].to_csv(out / "summary.csv", index=False)
+
+    figures: list[Figure] = [
+        metric_vs_budget(
+            frame, out, "throughput", "decode_tokens_per_s", "decode tokens/s", "Decode tokens/s vs RAM budget"
+        ),
+        hit_rate_vs_budget(frame, out, bounds, bound_note),
+        metric_vs_budget(
+            frame,
+            out,
+            "ssd_bytes",
+            "ssd_read_bytes_per_token",
+            "SSD MB read per token",
+            "SSD bytes read per token",
+            scale=1 / MB,
+        ),
+        latency(frame, by_id, out),
+    ]
+    detail = pick_detail_runs(frame, timeline_runs or [])
+    detail_figures = [fig for run_id in detail for fig in (timeline(by_id[run_id], out), heatmap(by_id[run_id], out))]
+    profiles = sorted({Path(p) for p in frame["hardware_profile"].dropna() if Path(p).is_file()}, key=lambda p: str(p))
+    profile_figures = ssd_profiles(profiles, out)
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    env.filters["bytes"] = lambda v: "" if v is None or pd.isna(v) else format_bytes(float(v))
+    env.filters["num"] = _num
+    html = env.get_template("index.html").render(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        sources=[str(p) for p in results],
+        frame=frame,
+        rows=frame.to_dict("records"),
+        counts=frame["status"].value_counts().to_dict(),
+        figures=figures,
+        detail_figures=detail_figures,
+        profile_figures=profile_figures,
+        spread=spread_table(frame).to_dict("records"),
+        bound_note=bound_note,
+    )
+    index = out / "index.html"
+    index.write_text(html)
+    return index
+
+
+def _num(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+__all__ = ["build_report"]

@@ -1,0 +1,172 @@
+"""Results folders -> one pandas DataFrame, one row per run, with the columns the plots and tables use.
+
+Reads every `<run_id>/result.json` under the given folders (any depth), tolerating failed runs
+(no metrics) and older fields. The Belady bound is computed here, per run, by replaying the run's
+trace through `harness.trace.simulate` at the run's cache capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.results import read_json
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Run:
+    """One result folder and its parsed result.json."""
+
+    folder: Path
+    result: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.result.get("run_id") or self.folder.name)
+
+    def file(self, key: str, default: str) -> Path:
+        name = (self.result.get("files") or {}).get(key) or default
+        return self.folder / name
+
+
+def find_runs(folders: list[Path]) -> list[Run]:
+    """Every run under `folders`, each run_id once (the first folder given wins)."""
+    runs: dict[str, Run] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob(RESULT_FILE)):
+            try:
+                result = read_json(path)
+            except (OSError, ValueError) as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            if not isinstance(result, dict) or "run_id" not in result:
+                log.warning("skipping %s: not a harness result", path)
+                continue
+            run = Run(path.parent, result)
+            runs.setdefault(run.run_id, run)
+    if not runs:
+        raise HarnessError(f"no result.json under {', '.join(str(f) for f in folders)}")
+    return list(runs.values())
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _pct(value: Any, key: str) -> float | None:
+    """A percentile from a {p50, p90, p99, mean} mapping, or a plain number as it is."""
+    if isinstance(value, dict):
+        return value.get(key)
+    return value if isinstance(value, int | float) else None
+
+
+def _row(run: Run) -> dict[str, Any]:
+    r = run.result
+    spec = r.get("spec") or {}
+    resolved = r.get("resolved") or {}
+    metrics = r.get("metrics") or {}
+    storage = r.get("storage") or {}
+    env = r.get("environment") or {}
+    budget = resolved.get("ram_budget_bytes")
+    if budget is None and spec.get("ram_budget") is not None:
+        from harness.units import parse_size
+
+        budget = parse_size(spec["ram_budget"])
+    policy = resolved.get("policy") or spec.get("policy")
+    strategy = resolved.get("strategy") or spec.get("strategy") or "cache"
+    return {
+        "run_id": run.run_id,
+        "status": r.get("status"),
+        "error": r.get("error"),
+        "model": resolved.get("model_name") or Path(str(spec.get("model", "?"))).name,
+        "device": storage.get("disk") or storage.get("device") or "unknown device",
+        "policy": policy,
+        "strategy": strategy,
+        "label": policy if strategy == "cache" else f"{strategy}/{policy}",
+        "scope": resolved.get("scope") or spec.get("scope"),
+        "ram_budget_bytes": budget,
+        "cache_slots": resolved.get("cache_slots"),
+        "cache_bytes": resolved.get("cache_bytes"),
+        "workload": spec.get("workload"),
+        "max_new_tokens": spec.get("max_new_tokens"),
+        "seed": spec.get("seed"),
+        "repeat": spec.get("repeat", 0),
+        "decode_tokens_per_s": metrics.get("decode_tokens_per_s"),
+        "prefill_tokens_per_s": metrics.get("prefill_tokens_per_s"),
+        "hit_rate_decode": metrics.get("hit_rate_decode"),
+        "hit_rate_prefill": metrics.get("hit_rate_prefill"),
+        "ssd_read_bytes": metrics.get("ssd_read_bytes"),
+        "ssd_read_bytes_per_token": metrics.get("ssd_read_bytes_per_token"),
+        "device_read_bytes": metrics.get("device_read_bytes"),
+        "ttft_p50_s": _pct(metrics.get("ttft_s"), "p50"),
+        "ttft_p90_s": _pct(metrics.get("ttft_s"), "p90"),
+        "token_latency_p50_s": _pct(metrics.get("token_latency_s"), "p50"),
+        "token_latency_p90_s": _pct(metrics.get("token_latency_s"), "p90"),
+        "token_latency_p99_s": _pct(metrics.get("token_latency_s"), "p99"),
+        "peak_rss_bytes": metrics.get("peak_rss_bytes"),
+        "budget_enforcement": resolved.get("budget_enforcement"),
+        "io_engine": resolved.get("io_engine"),
+        "valid": _get(r, "validity", "valid"),
+        "validity_reasons": "; ".join(_get(r, "validity", "reasons") or []),
+        "git_sha": (_get(env, "git", "sha") or "")[:10],
+        "git_dirty": _get(env, "git", "dirty"),
+        "host": env.get("host"),
+        "kernel": env.get("kernel"),
+        "cpu": _get(env, "cpu", "model"),
+        "gpu": _gpu_name(env),
+        "hardware_profile": r.get("hardware_profile"),
+        "folder": str(run.folder),
+    }
+
+
+def _gpu_name(env: dict[str, Any]) -> str | None:
+    gpus = _get(env, "gpu", "gpus") or []
+    return ", ".join(str(g.get("name")) for g in gpus) or None
+
+
+def runs_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, sorted by model, device, policy, budget, repeat."""
+    frame = pd.DataFrame([_row(r) for r in runs])
+    frame["budget_bytes"] = frame["ram_budget_bytes"].where(frame["ram_budget_bytes"].notna(), frame["cache_bytes"])
+    return frame.sort_values(["model", "device", "label", "budget_bytes", "repeat"], na_position="last").reset_index(
+        drop=True
+    )
+
+
+def belady_bounds(runs: list[Run]) -> tuple[dict[str, float], str | None]:
+    """Decode hit rate of Belady's optimum at each run's capacity, by run_id; and why it is missing, if it is."""
+    try:
+        from harness.trace.schema import read_trace
+        from harness.trace.simulate import simulate
+    except ImportError as exc:
+        return {}, f"bound unavailable: trace simulator missing ({exc})"
+    bounds: dict[str, float] = {}
+    problems: list[str] = []
+    for run in runs:
+        resolved = run.result.get("resolved") or {}
+        trace_path = run.file("trace", "trace.parquet")
+        slots = resolved.get("cache_slots")
+        if run.result.get("status") != "ok" or not trace_path.is_file() or not slots:
+            continue
+        try:
+            replay = simulate(read_trace(trace_path), "belady", int(slots), resolved.get("scope") or "per-layer")
+            bounds[run.run_id] = replay.total("decode").hit_rate
+        except (HarnessError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{run.run_id}: {exc}")
+    if problems:
+        log.warning("Belady bound failed for %d run(s): %s", len(problems), problems[0])
+    reason = None if bounds else "bound unavailable: " + (problems[0] if problems else "no run with a trace")
+    return bounds, reason
