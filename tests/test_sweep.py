@@ -213,3 +213,9 @@ def test_cli_runs_cells_with_a_custom_command_and_reports_each(tmp_path):
     assert "2 run, 1 failed" in out.output
     manifest = read_json(results / "sweep.json")
     assert [c["config"]["policy"] for c in manifest["cells"]] == ["lru", "fake-crash"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("workloads/sweeps/*.yaml")), ids=str)
+def test_shipped_sweep_files_are_valid(path):
+    cells = expand(load_sweep(path))
+    assert cells and len({c.run_id for c in cells}) == len(cells)
