@@ -110,3 +110,13 @@ def test_reserved_event_fields_are_refused(tmp_path):
     tel.event("x", t_s=1.0)
     with pytest.raises(ValueError, match="t_s"):
         tel.stop(tmp_path)
+
+
+def test_overhead_tool_reports_both_figures():
+    from harness.telemetry.overhead import event_cost_s, measure_overhead
+
+    got = measure_overhead(seconds=0.1, hz=50, trials=1)
+    assert len(got["without_telemetry_s"]) == len(got["with_telemetry_s"]) == 1
+    assert {"slowdown_pct", "slowdown_cpu_pct", "sampler_cpu_pct_of_run"} <= set(got)
+    assert got["sampler_cpu_pct_of_run"] >= 0
+    assert event_cost_s(1000) > 0

@@ -21,23 +21,23 @@ from harness.telemetry.recorder import Telemetry
 _MATMUL_SIDE = 128
 
 
-def _workload(steps: int) -> float:
-    """A token-loop stand-in: small matmuls plus Python bookkeeping; returns its wall time in seconds."""
+def _workload(steps: int) -> tuple[float, float]:
+    """A token-loop stand-in: small matmuls plus Python bookkeeping; returns (wall, thread CPU) seconds."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((_MATMUL_SIDE, _MATMUL_SIDE)).astype(np.float32)
     book: dict[int, int] = {}
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.thread_time()
     for step in range(steps):
         a = np.tanh(a @ a.T * 0.01)
         for key in range(64):
             book[key] = book.get(key, 0) + step
-    return time.perf_counter() - began
+    return time.perf_counter() - began, time.thread_time() - cpu
 
 
 def _calibrate(seconds: float) -> int:
     steps = 50
     while True:
-        took = _workload(steps)
+        took, _ = _workload(steps)
         if took >= 0.2:
             return max(1, int(steps * seconds / took))
         steps *= 4
@@ -48,8 +48,8 @@ def measure_overhead(
 ) -> dict[str, Any]:
     """Time the workload `trials` times each way, alternating, with telemetry at `hz` on `device`."""
     steps = _calibrate(seconds)
-    plain: list[float] = []
-    sampled: list[float] = []
+    plain: list[tuple[float, float]] = []
+    sampled: list[tuple[float, float]] = []
     cpu_pct: list[float] = []
     for _ in range(trials):
         plain.append(_workload(steps))
@@ -58,15 +58,18 @@ def measure_overhead(
         summary = tel.stop()
         cpu_pct.append(summary["overhead"]["sampler_cpu_pct_of_run"])
     # The least-disturbed trial of each kind: on a shared machine noise only ever adds time.
-    base, with_tel = min(plain), min(sampled)
+    base, with_tel = min(w for w, _ in plain), min(w for w, _ in sampled)
+    # The workload thread's own CPU time ignores other processes: the steadier figure on a busy machine.
+    base_cpu, with_cpu = min(c for _, c in plain), min(c for _, c in sampled)
     return {
         "hz": hz,
         "device": device,
         "trials": trials,
         "workload_s": base,
-        "without_telemetry_s": plain,
-        "with_telemetry_s": sampled,
+        "without_telemetry_s": [w for w, _ in plain],
+        "with_telemetry_s": [w for w, _ in sampled],
         "slowdown_pct": 100.0 * (with_tel - base) / base,
+        "slowdown_cpu_pct": 100.0 * (with_cpu - base_cpu) / base_cpu,
         "sampler_cpu_pct_of_run": statistics.median(cpu_pct),
     }
 
