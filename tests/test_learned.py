@@ -1,0 +1,112 @@
+"""FlashMoE learned policy: features and labels by hand, a small training run, the model file, and
+its use through the live engine's entry point (book.step) and in `harness simulate` (held-out only)."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cache.book import ExpertCacheBook
+from harness.cache.learned import FlashMoEModel, TrainSettings, distance_cap, features, layer_samples
+from harness.cache.registry import policy_factory
+from harness.errors import HarnessError
+from harness.trace.schema import TraceMeta, TraceWriter
+from harness.trace.simulate import run_simulation
+from harness.trace.train import train_flashmoe
+
+
+def test_features_by_hand():
+    x = features(np.array([-1, 3, 5]), np.array([0.0, 2.0, 1.0]), now=5)
+    # 1/rec: never used -> 0; last used at 3 -> rec 3; used now -> rec 1. freq / max(freq).
+    assert np.allclose(x, [0, 1 / 3, 1, 0, 1, 0.5])
+
+
+def test_labels_are_clamped_normalised_next_use_distances():
+    xs, ys = layer_samples([(0, np.array([0])), (1, np.array([1])), (2, np.array([0]))], 3, cap=4)
+    # step 0: expert 0 next at 2 (d=2 -> 1/3), expert 1 at 1 (d=1 -> 0), expert 2 never (cap -> 1).
+    assert np.allclose(ys, [[1 / 3, 0, 1], [0, 1, 1], [1, 1, 1]])
+    assert np.allclose(xs[1], [1 / 2, 1, 0, 1, 1, 0])
+    assert distance_cap(64) == 48
+
+
+def write_random_trace(path, seqs=4, rows=60, experts=8, k=2, layers=(0, 1)):
+    rng = np.random.default_rng(5)
+    p = 1.0 / np.arange(1, experts + 1)
+    p /= p.sum()
+    writer = TraceWriter(TraceMeta("toy", "toy", 2, list(layers), experts, k, 0, "random test trace"))
+    for s in range(seqs):
+        for pos in range(rows):
+            for layer in layers:
+                ex = rng.choice(experts, k, replace=False, p=p).tolist()
+                writer.add(s, pos, s * rows + pos, "decode", layer, ex, None)
+    return writer.write(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("learned")
+    trace = write_random_trace(folder / "t.parquet")
+    settings = TrainSettings(max_epochs=3, seed=1)
+    report = train_flashmoe(trace, folder / "m.pt", capacities="2,4", seed=1, settings=settings)
+    return trace, folder / "m.pt", report
+
+
+def test_training_splits_by_sequence_and_reports_heldout_beside_baselines(trained):
+    _, model_path, report = trained
+    assert (report.train_sequences, report.heldout_sequences) == ([0, 1, 2], [3])
+    assert [(r["policy"], r["capacity_slots"]) for r in report.rows] == [
+        (p, c) for c in (2, 4) for p in ("flashmoe", "lru", "lfu", "belady")
+    ]
+    for c in (2, 4):
+        rows = {r["policy"]: r for r in report.rows if r["capacity_slots"] == c}
+        assert all(r["hits"] + r["misses"] == rows["belady"]["hits"] + rows["belady"]["misses"] for r in rows.values())
+        assert all(r["hits"] <= rows["belady"]["hits"] for r in rows.values())
+    model = FlashMoEModel.load(model_path)
+    assert model.meta["heldout_sequences"] == [3] and model.meta["distance_cap"] == 6 and model.num_experts == 8
+    # Saved as float32, loaded as float64: the same network up to float32 rounding.
+    x = features(np.array([0, -1, 3, 1, -1, -1, 2, 0]), np.arange(8.0), 4)
+    assert np.allclose(model.nets[0].predict(x), report.model.nets[0].predict(x), atol=1e-5)
+
+
+def test_flashmoe_runs_through_the_live_entry_point_deterministically(trained):
+    _, model_path, _ = trained
+    steps = [[0, 1], [2, 3], [0, 4], [5, 1], [0, 2], [6, 7], [1, 3]]
+
+    def run():
+        book = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory(f"flashmoe:{model_path}"))
+        return [book.step(layer, ex, now).evicted for now, ex in enumerate(steps) for layer in (0, 1)], book
+
+    first, book = run()
+    assert first == run()[0] and book.total().accesses == 28
+    assert not book.policies[0].needs_future
+
+
+def test_flashmoe_refuses_a_layer_or_expert_it_has_no_network_for(trained):
+    _, model_path, _ = trained
+    book = ExpertCacheBook([7], 2, "per-layer", policy_factory(f"flashmoe:{model_path}"))
+    with pytest.raises(HarnessError, match="no network for layer 7"):
+        book.step(7, [0], 0)
+    book = ExpertCacheBook([0], 2, "per-layer", policy_factory(f"flashmoe:{model_path}"))
+    with pytest.raises(HarnessError, match="expert 9 is outside"):
+        book.step(0, [9], 0)
+
+
+def test_simulate_replays_only_heldout_sequences_for_a_model_of_this_trace(trained):
+    trace, model_path, report = trained
+    run = run_simulation(trace, ["lru", f"flashmoe:{model_path}"], "2,4")
+    assert run.heldout_only and run.seq_ids == [3]
+    assert any("held-out sequences only ([3])" in note for note in run.notes)
+    flash = {r.capacity_slots: r.total().hits for r in run.results if r.policy.startswith("flashmoe")}
+    # The same replay as training's evaluation (one held-out sequence: reset modes coincide).
+    assert flash == {r["capacity_slots"]: r["hits"] for r in report.rows if r["policy"] == "flashmoe"}
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    torch.save({"something": 1}, tmp_path / "x.pt")
+    with pytest.raises(HarnessError, match="not a FlashMoE model file"):
+        FlashMoEModel.load(tmp_path / "x.pt")
+
+
+def test_training_needs_two_sequences(tmp_path):
+    trace = write_random_trace(tmp_path / "t.parquet", seqs=1)
+    with pytest.raises(HarnessError, match="at least 2 sequences"):
+        train_flashmoe(trace, tmp_path / "m.pt", settings=TrainSettings(max_epochs=1))
