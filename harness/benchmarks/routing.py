@@ -5,7 +5,8 @@ range of real traces (ROUTING.md).
     python -m harness.benchmarks.routing --model models/olmoe-small [--tokens 2000] [--out trace.parquet]
 
 Every token is its own step (one access per token, layer and selected expert), as in decoding. The
-text is the default workload's prompts and references followed by CPython's bundled help text.
+text is the default workload's prompts and references (unless --without-workload) followed by
+CPython's bundled help text.
 """
 
 from __future__ import annotations
@@ -43,18 +44,27 @@ class PerTokenSink:
             self.writer.add(ctx.seq_id, t, self.base_step + t, "decode", layer, ids, None)
 
 
-def _text() -> str:
+def _text(with_workload: bool) -> str:
     import pydoc_data.topics
 
-    workload = " ".join(f"{p.prompt}{p.reference or ''}" for p in load_workload("default"))
-    return workload + "\n" + "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    help_text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    if not with_workload:
+        return help_text
+    return " ".join(f"{p.prompt}{p.reference or ''}" for p in load_workload("default")) + "\n" + help_text
 
 
 @click.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--tokens", type=int, default=2000, show_default=True, help="Tokens of text to route.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Keep the trace here.")
-def main(model_dir: Path, tokens: int, out: Path | None) -> None:
+@click.option(
+    "--with-workload/--without-workload",
+    default=True,
+    show_default=True,
+    help="Start with the default workload's text; leave it out for a trace that trains a policy "
+    "later evaluated on that workload.",
+)
+def main(model_dir: Path, tokens: int, out: Path | None, with_workload: bool) -> None:
     from transformers import AutoTokenizer
 
     index, _ = pack_model(model_dir)
@@ -73,7 +83,7 @@ def main(model_dir: Path, tokens: int, out: Path | None) -> None:
     sink = PerTokenSink(meta)
     engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"], sink=sink)
     engine.configure_cache(index.num_experts, "per-layer", "lru", seed=0, io_threads=4)
-    ids = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).encode(_text())[:tokens]
+    ids = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).encode(_text(with_workload))[:tokens]
     with torch.inference_mode():
         for seq, start in enumerate(range(0, len(ids), CHUNK_TOKENS)):
             chunk = ids[start : start + CHUNK_TOKENS]

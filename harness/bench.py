@@ -1,0 +1,89 @@
+"""`make bench`: set up the embedded default model, profile its SSD, train the learned policy, run the
+default sweep and render the report. Every stage is a `harness` command, so each one can be rerun
+by hand; stages whose output exists are skipped (the sweep itself resumes by run_id).
+
+    python -m harness.bench [--model models/olmoe-small] [--sweep workloads/sweeps/default.yaml]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from harness.errors import HarnessError
+
+PROFILE_ARGS = [
+    "--size",
+    "1GiB",
+    "--block-size",
+    "128KiB,1MiB,expert",
+    "--queue-depth",
+    "1,4,16",
+    "--runtime",
+    "1s",
+    "--ramp",
+    "0.2s",
+]
+"""A short profile (about a minute): the block sizes and queue depths that expert loading uses."""
+ROUTING_TOKENS = 2048
+"""Teacher-forced tokens of text recorded to train the learned (FlashMoE-style) policy on; the text
+excludes the sweep's workload, so the policy is evaluated on routing it never saw."""
+
+
+def _harness(*args: str) -> None:
+    command = [sys.executable, "-m", "harness", *args]
+    click.secho(f"$ harness {' '.join(args)}", fg="cyan", err=True)
+    code = subprocess.call(command)
+    if code != 0:
+        raise HarnessError(f"`harness {' '.join(args)}` failed with exit status {code}")
+
+
+@click.command()
+@click.option("--model", type=click.Path(path_type=Path), default=Path("models/olmoe-small"), show_default=True)
+@click.option(
+    "--sweep", type=click.Path(path_type=Path), default=Path("workloads/sweeps/default.yaml"), show_default=True
+)
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results/bench"), show_default=True)
+@click.option("--report", type=click.Path(path_type=Path), default=Path("reports/latest"), show_default=True)
+@click.option("--profile/--no-profile", default=True, show_default=True, help="Profile the model's SSD first.")
+def main(model: Path, sweep: Path, results: Path, report: Path, profile: bool) -> None:
+    """Set up, then run the default sweep on the embedded default model and render the report."""
+    started = time.perf_counter()
+    try:
+        if not (model / "config.json").exists():
+            _harness("model", "create", "--arch", "olmoe", "--preset", "small", "--out", str(model))
+        _harness("model", "pack", str(model))
+        if profile:
+            _harness("profile-ssd", "--path", str(model.resolve().parent), "--model", str(model), *PROFILE_ARGS)
+        learned = model / "flashmoe.pt"
+        if not learned.exists():
+            trace = model / "routing-teacher-forced.parquet"
+            subprocess.check_call(
+                [
+                    sys.executable,
+                    "-m",
+                    "harness.benchmarks.routing",
+                    "--model",
+                    str(model),
+                    "--tokens",
+                    str(ROUTING_TOKENS),
+                    "--out",
+                    str(trace),
+                ]
+            )
+            _harness("policy", "train", "--trace", str(trace), "--out", str(learned))
+        _harness("sweep", str(sweep), "--results", str(results))
+        _harness("report", str(results), "--out", str(report))
+    except (HarnessError, subprocess.CalledProcessError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    minutes = (time.perf_counter() - started) / 60
+    click.echo(f"bench done in {minutes:.1f} min; report: {(report / 'index.html').resolve()}")
+
+
+if __name__ == "__main__":
+    main()
