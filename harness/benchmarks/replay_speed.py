@@ -1,0 +1,64 @@
+"""Benchmark: replay speed of every policy through the shared cache loop, in accesses per second.
+
+    python -m harness.benchmarks.replay_speed [--trace T | --flame-dir DIR] [--capacity 12.5%,25%,50%] [--repeat 5]
+
+By default it imports the FLAME slice (`../shared/traces/flame-moe-290m` next to the repository) with
+512-token sequences. An access is one (step, layer, distinct expert). Speed is accesses / CPU seconds of
+this process (one core; `time.process_time`, steadier than wall time on a shared machine), best of
+`--repeat` runs; the trace preparation (`build_replay`, once per trace) is timed on its own. The row
+`lru (all resident)` has room for every expert, so nothing is evicted: it measures the loop's own cost.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from harness.trace.importers import import_flame
+from harness.trace.schema import read_trace
+from harness.trace.simulate import Replay, build_replay, parse_capacities, run_replay
+
+DEFAULT_FLAME = Path(__file__).resolve().parents[3] / "shared" / "traces" / "flame-moe-290m"
+POLICIES = ("lru", "lfu", "lfu-window:128", "arc", "lecar", "random", "belady", "belady-bypass")
+
+
+@click.command()
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None, help="A harness trace.")
+@click.option("--flame-dir", type=click.Path(path_type=Path), default=DEFAULT_FLAME, show_default=True)
+@click.option("--capacity", default="12.5%,25%,50%", show_default=True)
+@click.option("--policy", "policies", default=",".join(POLICIES), show_default=True)
+@click.option("--repeat", default=5, show_default=True, help="Runs per cell; the fastest counts.")
+def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str, repeat: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if trace_path is None:
+            trace_path = Path(tmp) / "flame.parquet"
+            import_flame(sorted(flame_dir.glob("*.pt")), trace_path, sequence_length=512)
+        trace = read_trace(trace_path)
+    started = time.process_time()
+    replay = build_replay(trace)
+    prepare_s = time.process_time() - started
+    accesses = replay.accesses
+    slots = parse_capacities(capacity, trace.meta.num_experts, len(trace.meta.moe_layers), "per-layer")
+    click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace)")
+    click.echo(f"{'policy':<22}" + "".join(f"{f'{c} slots':>16}" for c in slots) + "   (million accesses / CPU s)")
+    cells = [(p, slots) for p in policies.split(",")] + [("lru", [trace.meta.num_experts])]
+    for policy, capacities in cells:
+        rates = []
+        for c in capacities:
+            best = min(_cpu_seconds(replay, policy, c) for _ in range(repeat))
+            rates.append(f"{accesses / best / 1e6:>16.2f}")
+        label = policy if capacities is slots else f"{policy} (all resident)"
+        click.echo(f"{label:<22}" + "".join(rates))
+
+
+def _cpu_seconds(replay: Replay, policy: str, capacity: int) -> float:
+    started = time.process_time()
+    run_replay(replay, policy, capacity)
+    return time.process_time() - started
+
+
+if __name__ == "__main__":
+    main()
