@@ -73,6 +73,23 @@ def test_arc_moves_reused_keys_to_t2_and_adapts_on_ghost_hits():
     assert arc.p == 1.0 and book.total().hits == 2
 
 
+def test_lfu_hooks_called_between_steps_see_every_resident_key():
+    # An engine may ask for a victim (prefetch) or drop a key between steps: the last step's keys count.
+    lfu = LFU(3)
+    book = ExpertCacheBook([0], 3, "per-layer", lambda capacity: lfu)
+    book.step(0, [1, 2], 0)
+    book.step(0, [1, 3], 1)
+    # counts: 1 -> 2, 2 -> 1 (used t0), 3 -> 1 (used t1): 2 leaves first, then 3.
+    assert lfu.victim({(0, 1), (0, 2), (0, 3)}, (0, 4), 2) == (0, 2)
+    lfu.on_evict((0, 3), 2)
+    assert lfu.victim({(0, 1), (0, 2)}, (0, 4), 2) == (0, 2)
+    lfu.on_evict((0, 2), 2)
+    book2 = LFU(2)
+    book2.on_insert((0, 7), 0)  # placed outside a step, then dropped before the next one
+    book2.on_evict((0, 7), 0)
+    assert not book2._pending
+
+
 @pytest.mark.parametrize("policy", ["belady", "belady-bypass"])
 def test_oracles_are_refused_without_a_future(policy):
     assert policy_class(policy).needs_future
@@ -167,3 +184,23 @@ def test_fused_replace_decides_as_victim_evict_insert(fused, unfused):
         for layer, keys, now, phase in stream.calls:
             a, b = (book.step(layer, [e for _, e in keys], now, phase) for book in books)
             assert a.evicted == b.evicted and a.loads == b.loads
+
+
+@pytest.mark.parametrize("policy", ONLINE)
+def test_policies_survive_the_engines_calls_between_steps(policy):
+    # The live engine also prefetches (victim + on_evict between steps), places experts without an
+    # access (on_insert) and drops them (on_evict of a key no policy chose).
+    if not all(hasattr(ExpertCacheBook, name) for name in ("prefetch", "place", "discard")):
+        pytest.skip("this ExpertCacheBook has no prefetch/place/discard")
+    rng = np.random.default_rng(1)
+    book = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory(policy, 1))
+    for now in range(300):
+        for layer in (0, 1):
+            if rng.random() < 0.3:
+                book.prefetch(layer, rng.choice(8, 2, replace=False).tolist(), now)
+            book.step(layer, rng.choice(8, 2, replace=False).tolist(), now)
+            if rng.random() < 0.1 and book.resident_keys():
+                book.discard(sorted(book.resident_keys())[int(rng.integers(len(book.resident_keys())))], now)
+            if rng.random() < 0.1:
+                book.place((layer, int(rng.integers(8))), now)
+    assert book.total().accesses == 1200

@@ -65,7 +65,10 @@ class LeCaR(CachePolicy):
     def on_evict(self, key: ExpertKey, now: int) -> None:
         self._lru.on_evict(key, now)
         self._lfu.on_evict(key, now)
-        history = self._hist_lru if self._chosen.pop(key) else self._hist_lfu
+        by_lru = self._chosen.pop(key, None)
+        if by_lru is None:
+            return  # dropped by the engine, not chosen by either expert: no regret to learn from
+        history = self._hist_lru if by_lru else self._hist_lfu
         history[key] = self._clock
         if len(history) > self.capacity:
             del history[next(iter(history))]

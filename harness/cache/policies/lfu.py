@@ -25,7 +25,8 @@ class LFU(CachePolicy):
     Resident keys sit in one bucket per count, each bucket in LRU order, so a victim is the first key of
     the lowest bucket, found without a scan. The keys of the step being handled are held back in
     `_pending` (they can never be victims of their own step) and join their buckets, in the order they
-    were touched, when the next step starts (`on_step`); so every bucket holds only candidates.
+    were touched, when the next step starts (`on_step`), or earlier where `victim` is called from outside
+    the loop's fused `replace` (an engine's prefetch between steps): the hot path then scans candidates only.
     """
 
     name = "lfu"
@@ -37,10 +38,10 @@ class LFU(CachePolicy):
         self._min = 1  # a lower bound of the smallest non-empty bucket's count
         self._pending: list[ExpertKey] = []  # touched by the current step, in touch order
 
-    def on_step(self, layer: int, now: int) -> None:
+    def _flush(self) -> None:
         buckets, count = self._buckets, self._count
         for key in self._pending:
-            c = count[key]
+            c = count.get(key, 0)  # 0: inserted without an access (an engine's static placement)
             bucket = buckets.get(c)
             if bucket is None:
                 buckets[c] = {key: None}
@@ -49,6 +50,9 @@ class LFU(CachePolicy):
             else:
                 bucket[key] = None
         self._pending.clear()
+
+    def on_step(self, layer: int, now: int) -> None:
+        self._flush()
 
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
         count = self._count
@@ -73,7 +77,7 @@ class LFU(CachePolicy):
         for key in bucket:
             if key in candidates:
                 return key, bucket, self._min
-        # Only reached if a caller passes fewer candidates than the resident keys of past steps.
+        # The lowest bucket holds only keys the step needs (placed early by `victim`): look further up.
         for c in sorted(buckets):
             for key in buckets[c]:
                 if key in candidates:
@@ -81,14 +85,20 @@ class LFU(CachePolicy):
         raise AssertionError("victim() called without a resident candidate")
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        # Outside the loop's fused path (a prefetch between steps, LeCaR) the last step's keys may be
+        # candidates: place them first. Placing keys early never changes the order, only the scan length.
+        self._flush()
         return self._victim(candidates)[0]
 
     def on_evict(self, key: ExpertKey, now: int) -> None:
-        c = self._count[key]
-        bucket = self._buckets[c]
-        del bucket[key]
-        if not bucket:
-            del self._buckets[c]
+        c = self._count.get(key, 0)
+        bucket = self._buckets.get(c)
+        if bucket is not None and key in bucket:
+            del bucket[key]
+            if not bucket:
+                del self._buckets[c]
+        else:
+            self._pending.remove(key)  # dropped by its own step's caller (e.g. an engine discarding it)
 
     def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         # victim + on_evict + on_insert fused (the replay hot path), same bucket moves.
@@ -139,7 +149,8 @@ class WindowedLFU(CachePolicy):
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         count, last = self._count, self._last
-        return min(candidates, key=lambda k: (count[k], last[k], k))
+        # A key placed without an access (an engine's static placement) counts 0, last used never.
+        return min(candidates, key=lambda k: (count.get(k, 0), last.get(k, -1), k))
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.window)  # type: ignore[misc]
