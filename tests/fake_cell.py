@@ -3,8 +3,8 @@
 Writes RESULTS_DIR/<run_id>/result.json in the shape `harness run` writes, plus a real
 timeline.parquet / events.parquet (through Telemetry) and a small trace.parquet, with numbers
 that depend on the spec (bigger budget: more hits, fewer bytes). The policy name picks a
-misbehaviour instead: `fake-crash` (traceback, exit 1), `fake-hog` (allocates 512 MiB),
-`fake-sleep` (sleeps 30 s). Appends the run_id to $FAKE_CELL_LOG when set.
+misbehaviour instead: `fake-crash` (traceback, exit 1), `fake-hog` (allocates 512 MiB).
+Appends the run_id to $FAKE_CELL_LOG when set.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ def main(spec_file: str, results: str) -> int:
         hog = bytearray(512 * 2**20)
         for i in range(0, len(hog), 4096):
             hog[i] = 1
-    if spec.policy == "fake-sleep":
-        time.sleep(30)
     run_dir = Path(results) / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = spec.ram_budget_bytes or 2**30
