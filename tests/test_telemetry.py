@@ -84,6 +84,9 @@ def test_disk_counters_follow_the_device_holding_a_path(tmp_path):
     assert written == sorted(written)  # cumulative since start
     # Other processes may write to the same disk too, so at least our 8 MiB.
     assert written[-1] >= len(payload)
+    # This process's own storage writes count exactly what it flushed (no other process leaks in).
+    own = pq.read_table(tmp_path / TIMELINE_FILE).column("process_write_bytes").to_pylist()
+    assert own[-1] >= len(payload)
 
 
 def test_unknown_device_leaves_disk_columns_out():
@@ -120,3 +123,24 @@ def test_overhead_tool_reports_both_figures():
     assert {"slowdown_pct", "slowdown_cpu_pct", "sampler_cpu_pct_of_run"} <= set(got)
     assert got["sampler_cpu_pct_of_run"] >= 0
     assert event_cost_s(1000) > 0
+
+
+def test_process_read_bytes_count_direct_reads_exactly(tmp_path):
+    import mmap
+
+    path = tmp_path / "experts.bin"
+    path.write_bytes(os.urandom(4 * 2**20))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"no O_DIRECT on {tmp_path}: {exc}")
+    buf = mmap.mmap(-1, 2**20)  # page-aligned, as O_DIRECT needs
+    tel = Telemetry(20, gpu_index=None).start()
+    try:
+        for i in range(4):
+            os.preadv(fd, [buf], i * 2**20)
+    finally:
+        os.close(fd)
+    tel.stop(tmp_path)
+    timeline, _ = read_timeline(tmp_path)
+    assert timeline.column("process_read_bytes").to_pylist()[-1] == 4 * 2**20

@@ -103,6 +103,36 @@ class HostProbe:
         return cpu_pct, proc_pct, float(rss), available, cached
 
 
+def process_io_bytes() -> tuple[int, int]:
+    """(read, write) bytes this process (all its threads) made the storage layer fetch or store.
+
+    From /proc/self/io `read_bytes`/`write_bytes`: O_DIRECT reads, page-cache misses and readahead
+    count; page-cache hits do not. Unlike the whole-disk counters, other processes' I/O on the same
+    disk does not leak in, so this is the device-side figure to compare with the harness's own count.
+    """
+    read = write = 0
+    with open("/proc/self/io", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"read_bytes:"):
+                read = int(line.split()[1])
+            elif line.startswith(b"write_bytes:"):
+                write = int(line.split()[1])
+    return read, write
+
+
+class ProcessIoProbe:
+    """Storage bytes read and written by this process since the probe was built (see process_io_bytes)."""
+
+    columns = ("process_read_bytes", "process_write_bytes")
+
+    def __init__(self) -> None:
+        self._base = process_io_bytes()
+
+    def read(self) -> tuple[float, ...]:
+        read, write = process_io_bytes()
+        return float(read - self._base[0]), float(write - self._base[1])
+
+
 class CgroupProbe:
     """Usage of the budget's memory cgroup, page cache included (what the limit is compared with)."""
 

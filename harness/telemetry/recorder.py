@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.errors import HarnessError
-from harness.telemetry.probes import CgroupProbe, DiskProbe, GpuProbe, HostProbe, open_gpu
+from harness.telemetry.probes import CgroupProbe, DiskProbe, GpuProbe, HostProbe, ProcessIoProbe, open_gpu
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Telemetry:
                 self.missing["disk"] = f"no block device found for {path}"
         elif self.device is None:
             self.missing["disk"] = "no device or path given"
-        self._probes: list[DiskProbe | HostProbe | CgroupProbe | GpuProbe] = []
+        self._probes: list[DiskProbe | HostProbe | ProcessIoProbe | CgroupProbe | GpuProbe] = []
         self._build_probes(cgroup_path, gpu_index)
         self._columns: list[str] = ["t_s"] + [c for p in self._probes for c in p.columns]
         self._rows: list[tuple[float, ...]] = []
@@ -79,6 +79,10 @@ class Telemetry:
                 self.missing["disk"] = f"cannot read /sys/block/{self.device}/stat: {exc}"
                 self.device = None
         self._probes.append(HostProbe())
+        try:
+            self._probes.append(ProcessIoProbe())
+        except OSError as exc:  # some containers hide /proc/<pid>/io
+            self.missing["process_io"] = f"cannot read /proc/self/io: {exc}"
         if cgroup_path is not None:
             try:
                 self._probes.append(CgroupProbe(cgroup_path))
