@@ -6,6 +6,7 @@ eviction, never reset); `lfu-window:W` counts only the accesses of the last W to
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Set
 
@@ -35,7 +36,8 @@ class LFU(CachePolicy):
         super().__init__(capacity, seed)
         self._count: dict[ExpertKey, int] = {}
         self._buckets: dict[int, dict[ExpertKey, None]] = {}
-        self._min = 1  # a lower bound of the smallest non-empty bucket's count
+        # Counts of the buckets, as a heap with stale entries (buckets since emptied) popped lazily.
+        self._heap: list[int] = []
         self._pending: list[ExpertKey] = []  # touched by the current step, in touch order
 
     def _flush(self) -> None:
@@ -45,11 +47,12 @@ class LFU(CachePolicy):
             bucket = buckets.get(c)
             if bucket is None:
                 buckets[c] = {key: None}
-                if c < self._min:
-                    self._min = c
+                heapq.heappush(self._heap, c)
             else:
                 bucket[key] = None
         self._pending.clear()
+        if len(self._heap) > 2 * len(buckets) + 32:
+            self._heap = sorted(buckets)  # drop stale entries; a sorted list is a heap
 
     def on_step(self, layer: int, now: int) -> None:
         self._flush()
@@ -68,15 +71,19 @@ class LFU(CachePolicy):
     def on_insert(self, key: ExpertKey, now: int) -> None:
         self._pending.append(key)
 
+    def _lowest(self) -> int:
+        """Count of the lowest non-empty bucket."""
+        heap, buckets = self._heap, self._buckets
+        while heap[0] not in buckets:
+            heapq.heappop(heap)
+        return heap[0]
+
     def _victim(self, candidates: Set[ExpertKey]) -> tuple[ExpertKey, dict[ExpertKey, None], int]:
         buckets = self._buckets
-        bucket = buckets.get(self._min)
-        if bucket is None:
-            self._min = min(buckets)
-            bucket = buckets[self._min]
-        for key in bucket:
+        c = self._lowest()
+        for key in buckets[c]:
             if key in candidates:
-                return key, bucket, self._min
+                return key, buckets[c], c
         # The lowest bucket holds only keys the step needs (placed early by `victim`): look further up.
         for c in sorted(buckets):
             for key in buckets[c]:
@@ -101,11 +108,19 @@ class LFU(CachePolicy):
             self._pending.remove(key)  # dropped by its own step's caller (e.g. an engine discarding it)
 
     def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        # victim + on_evict + on_insert fused (the replay hot path), same bucket moves.
-        key, bucket, c = self._victim(candidates)
+        # victim + on_evict + on_insert fused (the replay hot path), same bucket moves; the first key of
+        # the lowest bucket is inlined, as it is the victim nearly every time.
+        buckets, heap = self._buckets, self._heap
+        while heap[0] not in buckets:
+            heapq.heappop(heap)
+        c = heap[0]
+        bucket = buckets[c]
+        key = next(iter(bucket))
+        if key not in candidates:
+            key, bucket, c = self._victim(candidates)
         del bucket[key]
         if not bucket:
-            del self._buckets[c]
+            del buckets[c]
         self._pending.append(incoming)
         return key
 
