@@ -205,8 +205,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
                 pair("lat_p99_s"),
             )
         console.print(ratios)
-    for note in doc["notes"]:
-        console.print(f"note: {note}", style="yellow")
+    for reason in doc["validity"]["reasons"]:
+        console.print(reason, style="yellow")
     console.print(f"profile: {doc['profile_path']}")
     for plot in doc.get("plots", []):
         console.print(f"plot: {plot}")

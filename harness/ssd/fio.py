@@ -57,8 +57,9 @@ def fio_command(
         f"--iodepth={spec.iodepth}",
         f"--ioengine={ioengine}",
         f"--direct={int(spec.direct)}",
-        f"--runtime={spec.runtime_s}s",
-        f"--ramp_time={spec.ramp_s}s",
+        # Whole milliseconds: fio rejects or truncates fractional seconds such as '0.3s'.
+        f"--runtime={max(round(spec.runtime_s * 1000), 1)}ms",
+        f"--ramp_time={round(spec.ramp_s * 1000)}ms",
         "--time_based",
         "--invalidate=1",
         f"--randseed={seed}",
@@ -100,7 +101,7 @@ def probe_ioengine(filename: str, region_bytes: int, bs_bytes: int) -> str | Non
     if fio_path() is None:
         return None
     for engine in ("io_uring", "libaio"):
-        spec = JobSpec("randread", bs_bytes, 1, True, 0.05, 0.0, 1)
+        spec = JobSpec("randread", bs_bytes, 1, True, 0.1, 0.0, 1)
         cmd = fio_command(spec, filename, region_bytes, ioengine=engine, readonly=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=_FIO_GRACE_S)
         if proc.returncode == 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.results import environment, write_json_atomic
+from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
 from harness.ssd.devices import describe_block_device, describe_path
 from harness.ssd.jobs import JobResult, JobSpec
@@ -327,14 +327,18 @@ def _profile_document(
     fio_version: str | None,
     ioengine: str | None,
 ) -> dict[str, Any]:
-    notes: list[str] = []
+    validity = Validity()
     if not direct:
-        notes.append("O_DIRECT unsupported here: reads are buffered after dropping the file from the page cache")
-    notes.extend(f"skipped {s}" for s in skipped)
+        validity.note("O_DIRECT unsupported here: reads are buffered after dropping the file from the page cache")
+    for combination in skipped:
+        validity.note(f"skipped {combination}")
+    for r in results:
+        if r.ios == 0:
+            validity.fail(f"{r.engine} job {r.spec.name} completed no I/O after its ramp", "use a longer --runtime")
     rows = comparisons(results)
     for row in rows:
         if not row["within_tolerance"] and row["direct"]:
-            notes.append(f"{row['job']}: harness/fio bandwidth ratio {row['bw_ratio']:.2f}")
+            validity.note(f"{row['job']}: harness/fio bandwidth ratio {row['bw_ratio']:.2f}")
     try:
         harness_version = metadata.version("harness")
     except metadata.PackageNotFoundError:
@@ -368,5 +372,5 @@ def _profile_document(
         "environment": environment(),
         "jobs": [r.to_dict() for r in results],
         "fio_comparison": rows,
-        "notes": notes,
+        "validity": validity.to_dict(),
     }
