@@ -152,18 +152,25 @@ class ExpertCacheBook:
             return
         counts.misses += len(misses)
         free = group.free
+        candidates: set[ExpertKey] | None = None
         if not free and plan is None and group.admit is None:
-            # Replay fast path (full cache, no plan, every miss admitted): the loop below, minus its branches.
-            candidates = resident.keys() - set(needed)
-            if len(candidates) >= len(misses):
-                replace = group.replace
-                for key in misses:
-                    victim = replace(candidates, key, now)
-                    candidates.discard(victim)
-                    resident[key] = resident.pop(victim)
-                return
-        else:
-            candidates = None
+            # Replay fast path (full cache, no plan, every miss admitted): the loop below, minus its
+            # branches and its copy. The step's resident keys are held out of `resident` meanwhile, so
+            # its live key view is exactly the candidate set; they return, with the loaded misses, at the end.
+            held: dict[ExpertKey, int] = {}
+            for key in needed:
+                slot = resident.pop(key, None)
+                if slot is not None:
+                    held[key] = slot
+            view = resident.keys()
+            try:
+                if len(view) >= len(misses):
+                    replace = group.replace
+                    for key in misses:
+                        held[key] = resident.pop(replace(view, key, now))
+                    return
+            finally:
+                resident.update(held)
         # Built on the first eviction and kept current (the victim leaves it; inserted keys are
         # needed, so never candidates): the same set the policy would see if rebuilt per miss.
         for key in misses:
