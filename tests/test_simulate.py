@@ -77,6 +77,8 @@ def test_phase_filter_and_reset(toy):
     per_seq = simulate(trace, "lru", 8, reset="per-sequence")
     assert per_seq.total().misses == 8 + 7  # distinct experts: seq 0 4 + 4 (layers 0, 1), seq 1 3 + 4
     assert simulate(trace, "lru", 8, sequences=[1]).total().misses == 7
+    with pytest.raises(HarnessError, match="no prefill steps in the chosen sequences"):
+        simulate(trace, "lru", 8, phase="prefill", sequences=[1])
 
 
 def test_belady_in_simulate_gets_the_future(toy):
@@ -102,6 +104,9 @@ def test_bad_input_is_a_clear_error(toy, tmp_path):
         simulate(read_trace(toy), "nope", 2)
     with pytest.raises(HarnessError, match="does not exist"):
         read_trace(tmp_path / "missing.parquet")
+    bad = write_trace(tmp_path / "bad.parquet", [(0, 0, 0, "decode", [[0, 9], [1, 2]])])
+    with pytest.raises(HarnessError, match=r"expert ids 0\.\.9, outside the trace's num_experts=8"):
+        simulate(read_trace(bad), "lru", 2)
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(HarnessError, match="not a readable Parquet trace"):
         read_trace(tmp_path / "junk.parquet")

@@ -143,6 +143,12 @@ def build_replay(
         if missing:
             raise HarnessError(f"the trace has no sequence {sorted(missing)}")
     layers = list(trace.meta.moe_layers)
+    for seq in seqs:
+        if seq.experts.size and (seq.experts.min() < 0 or seq.experts.max() >= trace.meta.num_experts):
+            raise HarnessError(
+                f"sequence {seq.seq_id} routes to expert ids {int(seq.experts.min())}..{int(seq.experts.max())}, "
+                f"outside the trace's num_experts={trace.meta.num_experts}"
+            )
     groups = [seqs] if reset == "never" else [[s] for s in seqs]
     streams = [_stream(group, layers, phase) for group in groups]
     replay = Replay(layers, trace.meta.num_experts, trace.meta.expert_bytes, phase, reset, streams)
@@ -160,12 +166,14 @@ def _stream(seqs: Sequence, layers: list[int], phase_filter: PhaseFilter) -> Str
     if phase_filter != "all":
         keep = phase == PHASE_NAMES.index(phase_filter)
         step, phase, experts = step[keep], phase[keep], experts[keep]
+    if not len(step):
+        return Stream([int(s.seq_id) for s in seqs], [], dict.fromkeys(PHASES, 0))
     order = np.argsort(step, kind="stable")
     step, phase, experts = step[order], phase[order], experts[order]
     tokens = {p: int((phase == i).sum()) for i, p in enumerate(PHASE_NAMES)}
     starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
     ends = np.r_[starts[1:], len(step)]
-    keycache = [{e: (layer, e) for e in range(int(experts.max()) + 1)} for layer in layers] if len(step) else []
+    keycache = [{e: (layer, e) for e in range(int(experts.max()) + 1)} for layer in layers]
     calls: list[tuple[int, tuple[ExpertKey, ...], int, Phase]] = []
     prefill = PHASE_NAMES.index("prefill")
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
