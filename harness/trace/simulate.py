@@ -321,6 +321,9 @@ def run_simulation(
     if not specs:
         raise HarnessError("no policy given: e.g. --policy lru,lfu")
     specs += [o for o in ORACLES if o not in specs]
+    for spec in specs:
+        if not policy_class(spec).needs_future:
+            policy_factory(spec, seed)(1)  # a bad argument (lfu-window:x, lru:3) fails now, not after a replay
     fingerprint = trace_fingerprint(trace)
     sequences: set[int] | None = None
     notes: list[str] = []
