@@ -19,10 +19,14 @@ class CachePolicy(ABC):
 
     Call order within one token step of one layer (the `ExpertCacheBook` guarantees it):
     0. `on_step(layer, now)`, if the policy overrides it;
-    1. `on_access(key, now, hit)` for every distinct key the step needs, hits and misses alike, before
-       any miss is handled, so a step never evicts an expert it still needs (mixtral-offloading rule);
-    2. for each miss, while the cache is full: `admit`, then `victim` among the candidates (resident
-       keys that the step does not need), `on_evict(victim)`; then `on_insert(key)`.
+    1. `on_access(key, now, hit)` for every distinct key the step needs, hits and misses alike (misses
+       only where `observes_misses`), before any miss is handled, so a step never evicts an expert it
+       still needs (mixtral-offloading rule);
+    2. for each miss: with a free slot, `on_insert(key)`; with a full cache, `admit` (if overridden),
+       then `replace`, which by default is `victim` among the candidates (resident keys that the step
+       does not need), `on_evict(victim)`, `on_insert(key)`.
+    An engine may also call `victim`/`on_evict` (prefetch, dropping a key) and `on_insert` (placement)
+    between steps; policies must accept that.
 
     `now` is the logical clock: the index of the token step (forward pass), monotonically increasing.
     """
