@@ -20,7 +20,15 @@ from harness.cli.ssd import profile_ssd_command
 from harness.errors import HarnessError
 from harness.ssd import engine, target
 from harness.ssd.fio import load_fio_json, parse_fio_json
-from harness.ssd.jobs import JobSpec, LatencyHistogram, bucket_index, bucket_value_ns, percentiles_from
+from harness.ssd.jobs import (
+    JobResult,
+    JobSpec,
+    LatencyHistogram,
+    bucket_index,
+    bucket_value_ns,
+    merge_results,
+    percentiles_from,
+)
 from harness.ssd.profiler import (
     PROFILE_SCHEMA,
     ProfileRequest,
@@ -114,6 +122,22 @@ def test_merged_histogram_is_the_union_not_averaged_percentiles() -> None:
     assert p99 is not None and p99 > 90e-6  # 1100 samples: the top 1 % are the slow ones
     averaged = (fast.percentile_s(99.0) + slow.percentile_s(99.0)) / 2  # type: ignore[operator]
     assert abs(p99 - averaged) > 40e-6
+
+
+def test_merge_results_adds_slices_and_merges_histograms() -> None:
+    spec = JobSpec("randread", 4096, 1, True, 1.0, 0.0, 1)
+    parts = []
+    for base_ns in (10_000, 1_000_000):
+        hist = LatencyHistogram()
+        for k in range(100):
+            hist.add_ns(base_ns + k)
+        parts.append(JobResult(spec, "harness", "threads", 100, 409600, 0.5, base_ns * 1e-9, base_ns * 1e-9, {}, hist))
+    merged = merge_results(parts)
+    assert (merged.ios, merged.bytes, merged.elapsed_s) == (200, 819200, 1.0)
+    assert merged.bw_bytes_per_s == 819200
+    assert merged.lat_mean_s == pytest.approx((10_000 + 1_000_000) / 2 * 1e-9)
+    assert merged.percentiles_s[50.0] == pytest.approx(10_050e-9, rel=1 / 64)
+    assert merged.percentiles_s[90.0] == pytest.approx(1e-3, rel=1 / 64)
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -345,12 +369,18 @@ def test_expert_size_from_config_and_block_size_list(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
 def test_fio_runs_interleaved_on_the_same_file(tmp_path: Path) -> None:
-    doc = run_profile(_request(tmp_path, block_sizes=[MIB], queue_depths=[1], with_fio=True, buffered=False))
+    request = _request(tmp_path, block_sizes=[MIB], queue_depths=[1], with_fio=True, buffered=False, rounds=2)
+    doc = run_profile(request)
     assert _test_files(tmp_path) == []
-    engines = [j["engine"] for j in doc["jobs"]]
-    assert engines == ["harness", "fio", "fio", "harness"]  # alternating order per job
+    assert [j["engine"] for j in doc["jobs"]] == ["harness", "fio", "harness", "fio"]
     (row, _) = doc["fio_comparison"]
     assert row["bw_ratio"] > 0 and doc["tools"]["fio"].startswith("fio-")
     fio_docs = json.loads(Path(doc["fio_output"]).read_text())
-    assert [d["job"] for d in fio_docs] == [f"read-bs{MIB}-qd1-direct", f"randread-bs{MIB}-qd1-direct"]
+    read, randread = f"read-bs{MIB}-qd1-direct", f"randread-bs{MIB}-qd1-direct"
+    assert [(d["job"], d["round"]) for d in fio_docs] == [(read, 0), (read, 1), (randread, 0), (randread, 1)]
     assert "--direct=1" in fio_docs[0]["command"]
+    # The fio job's figures are the two slices added up, percentiles from their merged bins.
+    fio_read = next(j for j in doc["jobs"] if j["engine"] == "fio" and j["name"] == read)
+    slices = [parse_fio_json(d["output"])[0] for d in fio_docs[:2]]
+    assert fio_read["bytes"] == sum(r.bytes for r in slices)
+    assert fio_read["elapsed_s"] == pytest.approx(sum(r.elapsed_s for r in slices))

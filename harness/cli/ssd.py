@@ -93,6 +93,13 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
 @click.option("--queue-depth", default="1,2,4,8,16,32", show_default=True, help="iodepth list.")
 @click.option("--runtime", default="5s", show_default=True, help="Minimum measured time per job.")
 @click.option("--ramp", default="1s", show_default=True, help="Ramp time per job, not measured.")
+@click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Run each job N times (each --runtime long), alternating with fio, and merge the slices.",
+)
 @click.option("--min-ios", default=64, show_default=True, help="Minimum measured I/Os per job.")
 @click.option("--model", type=click.Path(path_type=Path), help="Checkpoint folder whose expert size 'expert' means.")
 @click.option("--expert-size", help="Expert size for 'expert' when no --model is given, e.g. 3MiB.")
@@ -117,6 +124,7 @@ def profile_ssd_command(
     queue_depth: str,
     runtime: str,
     ramp: str,
+    rounds: int,
     min_ios: int,
     model: Path | None,
     expert_size: str | None,
@@ -144,6 +152,7 @@ def profile_ssd_command(
         runtime_s=parse_duration(runtime),
         ramp_s=parse_duration(ramp),
         min_ios=min_ios,
+        rounds=rounds,
         write=write,
         with_fio=with_fio,
         buffered=not no_buffered,

@@ -168,3 +168,34 @@ class JobResult:
 
 def percentiles_from(hist: LatencyHistogram) -> dict[float, float | None]:
     return {p: hist.percentile_s(p) for p in PERCENTILES}
+
+
+def merge_results(parts: list[JobResult]) -> JobResult:
+    """One result from slices of the same job (bytes, I/Os and time added; histograms merged).
+
+    Percentiles come from the merged histogram; without histograms (fio json without bins) they
+    cannot be merged honestly and are left out.
+    """
+    first = parts[0]
+    ios = sum(p.ios for p in parts)
+    hists = [p.hist for p in parts]
+    hist: LatencyHistogram | None = None
+    if all(h is not None for h in hists):
+        hist = LatencyHistogram()
+        for h in hists:
+            assert h is not None
+            hist.merge(h)
+    means = [(p.lat_mean_s, p.ios) for p in parts if p.lat_mean_s is not None]
+    maxima = [p.lat_max_s for p in parts if p.lat_max_s is not None]
+    return JobResult(
+        spec=first.spec,
+        engine=first.engine,
+        backend=first.backend,
+        ios=ios,
+        bytes=sum(p.bytes for p in parts),
+        elapsed_s=sum(p.elapsed_s for p in parts),
+        lat_mean_s=sum(m * n for m, n in means) / ios if means and ios else None,
+        lat_max_s=max(maxima) if maxima else None,
+        percentiles_s=percentiles_from(hist) if hist is not None else dict.fromkeys(PERCENTILES),
+        hist=hist,
+    )

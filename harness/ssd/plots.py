@@ -35,12 +35,15 @@ def write_plots(doc: dict[str, Any], profile_path: Path) -> list[Path]:
 
 def _bandwidth_plot(doc: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    sizes = sorted({j["bs_bytes"] for j in _direct_jobs(doc, "harness")})
     for ax, (rw, title) in zip(axes, _PATTERNS, strict=True):
         for engine, style in (("harness", "-o"), ("fio", "--x")):
             jobs = [j for j in _direct_jobs(doc, engine) if j["rw"] == rw]
             for bs in sorted({j["bs_bytes"] for j in jobs}):
                 points = sorted((j["iodepth"], j["bw_bytes_per_s"] / 1e6) for j in jobs if j["bs_bytes"] == bs)
-                ax.plot(*zip(*points, strict=True), style, label=f"{engine} {_label(doc, bs)}")
+                # One colour per block size, so harness (solid) and fio (dashed) pair up by eye.
+                colour = f"C{sizes.index(bs) % 10}" if bs in sizes else None
+                ax.plot(*zip(*points, strict=True), style, color=colour, label=f"{engine} {_label(doc, bs)}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queue depth")
         ax.set_title(f"{title}, O_DIRECT")

@@ -25,7 +25,7 @@ from harness.errors import HarnessError
 from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
 from harness.ssd.devices import describe_block_device, describe_path
-from harness.ssd.jobs import JobResult, JobSpec
+from harness.ssd.jobs import JobResult, JobSpec, merge_results
 from harness.ssd.plots import write_plots
 from harness.ssd.target import (
     check_folder,
@@ -71,6 +71,7 @@ class ProfileRequest:
     out: Path | None = None
     profiles_dir: Path = DEFAULT_PROFILES_DIR
     seed: int = 0
+    rounds: int = 1  # each job runs this many times, harness and fio alternating; the slices are merged
     labels: dict[int, str] = field(default_factory=dict)  # block size -> how it was asked for ("expert")
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class ProfileRequest:
             "buffered": self.buffered,
             "direct": self.direct,
             "expert_bytes": self.expert_bytes,
+            "rounds": self.rounds,
         }
 
 
@@ -261,19 +263,27 @@ def _run_jobs(
     total = len(jobs) + 1
     for i, spec in enumerate(jobs):
         progress(i + 1, total, spec.name)
-        steps = ["harness", "fio"] if i % 2 == 0 else ["fio", "harness"]
-        for step in steps:
-            if step == "harness":
-                results.append(engine.run_job(spec, target, req.size_bytes, seed=req.seed + i))
-            elif ioengine is not None:
-                # fio's synchronous engine matches a buffered depth-1 job; async engines need O_DIRECT.
-                job_engine = ioengine if spec.direct else "psync"
-                cmd = fio.fio_command(
-                    spec, target, req.size_bytes, ioengine=job_engine, readonly=raw or not spec.is_write, seed=i
-                )
-                fio_doc, fio_result = fio.run_fio(cmd, spec)
-                results.append(fio_result)
-                fio_docs.append({"job": spec.name, "command": cmd, "output": fio_doc})
+        slices: dict[str, list[JobResult]] = {"harness": [], "fio": []}
+        for round_ in range(req.rounds):
+            # Alternate who goes first, per job and per round, so a drifting disk favours neither.
+            steps = ["harness", "fio"] if (i + round_) % 2 == 0 else ["fio", "harness"]
+            for step in steps:
+                if step == "harness":
+                    slices["harness"].append(engine.run_job(spec, target, req.size_bytes, seed=req.seed + i + round_))
+                elif ioengine is not None:
+                    # fio's synchronous engine matches a buffered depth-1 job; async engines need O_DIRECT.
+                    job_engine = ioengine if spec.direct else "psync"
+                    readonly = raw or not spec.is_write
+                    # A new random sequence per round for fio too: repeating one would let it re-read
+                    # blocks a cache below the guest (a VM host's page cache) still holds.
+                    seed = req.seed + i + round_
+                    cmd = fio.fio_command(
+                        spec, target, req.size_bytes, ioengine=job_engine, readonly=readonly, seed=seed
+                    )
+                    fio_doc, fio_result = fio.run_fio(cmd, spec)
+                    slices["fio"].append(fio_result)
+                    fio_docs.append({"job": spec.name, "round": round_, "command": cmd, "output": fio_doc})
+        results.extend(merge_results(parts) for parts in slices.values() if parts)
     progress(total, total, "done")
     return results, fio_docs
 
