@@ -7,6 +7,7 @@ engine's interface.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import resource
@@ -32,6 +33,8 @@ from harness.models.packer import pack_model, pack_paths, verify_pack
 from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
+from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
+from harness.runtime.strategies.base import split_spec
 from harness.spec import RunSpec
 from harness.ssd.devices import block_device_for_path, describe_path
 from harness.store.layout import INDEX_FILE, PackIndex
@@ -106,11 +109,14 @@ def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
 
 
-def resolve_slots(spec: RunSpec, index: PackIndex, baseline_bytes: int, workspace_bytes: int) -> tuple[int, str]:
-    """Cache capacity in slots per eviction group, and how it was derived."""
+def resolve_slots(
+    spec: RunSpec, index: PackIndex, baseline_bytes: int, workspace_bytes: int, scope: str | None = None
+) -> tuple[int, str]:
+    """Cache capacity in slots per eviction group (of `scope`, default the spec's), and how it was derived."""
+    scope = scope or spec.scope
     layers, experts, k = len(index.moe_layers), index.num_experts, index.top_k
-    groups = layers if spec.scope == "per-layer" else 1
-    maximum = experts if spec.scope == "per-layer" else experts * layers
+    groups = layers if scope == "per-layer" else 1
+    maximum = experts if scope == "per-layer" else experts * layers
     if spec.cache_experts is not None:
         text = spec.cache_experts.strip()
         try:
@@ -186,6 +192,7 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     can hold this process (interpreter and libraries as measured now), the non-expert weights, the
     workspace and one layer's top-k experts."""
     check_live_policy(spec.policy)
+    check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
     adapter_for_model_type(load_config(model_dir).model_type)
     index, _ = pack_model(model_dir)
@@ -229,8 +236,12 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     progress = progress or Progress()
     run_dir = Path(results_dir) / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    if spec.strategy != "cache":
-        raise HarnessError(f"unknown strategy {spec.strategy!r}; available: cache")
+    if split_spec(spec.strategy)[0] in PEERS:
+        from harness.peers import run_peer
+
+        return run_peer(spec, run_dir)
+    strategy = make_strategy(spec.strategy)
+    scope = strategy.forced_scope or spec.scope
     model_dir, index = preflight(spec)
     config = load_config(model_dir)
     prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
@@ -291,8 +302,9 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         + spec.io_threads * index.stride_bytes
     )
     baseline = psutil.Process().memory_info().rss
-    slots, slots_how = resolve_slots(spec, index, baseline, workspace)
-    cache = engine.configure_cache(slots, spec.scope, spec.policy, spec.seed, spec.io_threads)
+    slots, slots_how = resolve_slots(spec, index, baseline, workspace, scope)
+    cache = strategy.build(engine, CacheRequest(slots, scope, spec.policy, spec.seed, spec.io_threads, disk))
+    engine.use_source(cache, strategy if strategy.has_hooks else None)
     load_s = time.perf_counter() - load_start
     telemetry.event("load_end", cache_slots=slots)
 
@@ -304,6 +316,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     logs: list[SequenceLog] = []
     disk_before = _disk_read_bytes(disk)
     run_start = time.perf_counter()
+    telemetry_summary = None
     try:
         for i, (item, (ids, ref)) in enumerate(zip(prompts, encoded, strict=True)):
             if progress.on_prompt:
@@ -314,11 +327,17 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             )
             logs.append(log_i)
             telemetry.event("sequence_end", seq=i)
-    finally:
-        engine.close()
+        wall_s = time.perf_counter() - run_start
+        disk_after = _disk_read_bytes(disk)
+        strategy.finish()
         telemetry_summary = telemetry.stop(run_dir)
-    wall_s = time.perf_counter() - run_start
-    disk_after = _disk_read_bytes(disk)
+        strategy_section = strategy.describe()
+        if not strategy.exact:
+            strategy_section["token_agreement"] = _token_agreement(engine, strategy, encoded, spec, decode_mode, logs)
+    finally:
+        if telemetry_summary is None:
+            telemetry.stop(run_dir)
+        engine.close()
     disk_read = None if disk_before is None or disk_after is None else disk_after - disk_before
     budget = budget_status(enforcement)
     _write_reads(cache.stats.records, telemetry, run_dir / READS_FILE)
@@ -333,6 +352,20 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     prefill_s = sum(seq.prefill_s for seq in logs)
     read_lat = [(r.end_ns - r.start_ns) / 1e9 for r in stats.records]
     read_bytes = sum(r.nbytes for r in stats.records)
+    bytes_by_phase = dict(stats.bytes_by_phase)
+    # Strategies that read experts through a memory map: their SSD bytes are the block device's counts.
+    mapped_bytes = getattr(cache, "device_bytes_by_phase", None)
+    if mapped_bytes is not None:
+        if None in mapped_bytes.values():
+            validity.note(
+                "the expert file's block device is unknown: bytes read through its memory map are not counted"
+            )
+        else:
+            bytes_by_phase = {p: bytes_by_phase[p] + mapped_bytes[p] for p in PHASES}
+            validity.note(
+                "SSD bytes of memory-mapped expert reads come from the block device's read counters (any other "
+                "reader of the same device in the same interval is counted too)"
+            )
     busy = _busy_seconds(stats.records)
     decode_hits = book.total("decode")
     prefill_hits = book.total("prefill")
@@ -374,9 +407,9 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "hits": _hits(book),
         "hit_rate_decode": decode_hits.hit_rate,
         "hit_rate_prefill": prefill_hits.hit_rate,
-        "ssd_read_bytes": read_bytes,
-        "ssd_read_bytes_by_phase": dict(stats.bytes_by_phase),
-        "ssd_read_bytes_per_token": stats.bytes_by_phase["decode"] / decode_steps if decode_steps else None,
+        "ssd_read_bytes": sum(bytes_by_phase.values()),
+        "ssd_read_bytes_by_phase": bytes_by_phase,
+        "ssd_read_bytes_per_token": bytes_by_phase["decode"] / decode_steps if decode_steps else None,
         "expert_reads": len(stats.records),
         "expert_read_latency_s": _percentiles(read_lat, (50, 90, 99)),
         "expert_read_throughput_bytes_per_s": read_bytes / busy if busy else None,
@@ -401,10 +434,10 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "model_name": model_dir.name,
             "random_init": random_init,
             "decode_mode": decode_mode,
-            "scope": spec.scope,
-            "policy": spec.policy,
+            "scope": scope,
+            "policy": spec.policy if strategy.uses_spec_policy else policy_desc["name"],
             "policy_params": policy_desc,
-            "strategy": spec.strategy,
+            "strategy": strategy.name,
             "cache_slots": slots,
             "cache_slots_total": book.total_slots,
             "cache_slots_how": slots_how,
@@ -430,6 +463,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "prompts": len(prompts),
         },
         "metrics": metrics,
+        "strategy": strategy_section,
         "generated": [
             {"prompt_index": i, "id": item.id, "token_ids": seq.token_ids}
             for i, (item, seq) in enumerate(zip(prompts, logs, strict=True))
@@ -443,6 +477,45 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     }
     write_json_atomic(run_dir / "result.json", result)
     return result
+
+
+def _token_agreement(
+    engine: OffloadEngine,
+    strategy: Strategy,
+    encoded: list[tuple[list[int], list[int] | None]],
+    spec: RunSpec,
+    decode_mode: str,
+    logs: list[SequenceLog],
+) -> dict[str, Any]:
+    """Share of positions where an approximate strategy's tokens equal the exact model's.
+
+    The exact tokens come from a second, unmeasured pass over the same prompts in the same cell, with the
+    strategy's approximation switched off (same engine, same decoding mode and teacher-forcing inputs).
+    The measured run's counters are restored afterwards and the routing recorder is detached meanwhile.
+    """
+    cache = engine.cache
+    counts, stats = copy.deepcopy(cache.book.counts), copy.deepcopy(cache.stats)  # type: ignore[union-attr]
+    sinks = [m.sink for m in engine.modules]
+    for module in engine.modules:
+        module.sink = None
+    strategy.approximate = False
+    same = total = 0
+    try:
+        for i, ((ids, ref), measured) in enumerate(zip(encoded, logs, strict=True)):
+            exact = generate(engine.model, ids, spec.max_new_tokens, decode_mode, ref, engine.ctx, seq_id=i)
+            same += sum(a == b for a, b in zip(exact.token_ids, measured.token_ids, strict=True))
+            total += len(exact.token_ids)
+    finally:
+        strategy.approximate = True
+        cache.book.counts, cache.stats = counts, stats  # type: ignore[union-attr]
+        for module, sink in zip(engine.modules, sinks, strict=True):
+            module.sink = sink
+    return {
+        "agreement": same / total if total else None,
+        "positions": total,
+        "reference": f"exact model ({decode_mode}) in the same cell: a second, unmeasured pass with the "
+        "approximation switched off",
+    }
 
 
 def write_failure(spec: RunSpec, results_dir: Path, error: BaseException) -> Path:

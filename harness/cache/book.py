@@ -7,7 +7,7 @@ replays traces through the very same object, so simulated and live counts agree 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +28,8 @@ class StepPlan:
     streamed: list[ExpertKey] = field(default_factory=list)
     """Misses that get no slot (more experts needed than slots, or not admitted): load, use, release."""
     evicted: list[ExpertKey] = field(default_factory=list)
+    dropped: list[ExpertKey] = field(default_factory=list)
+    """Prefetched (staged) keys of the layer that this step did not need: their slots were freed."""
 
 
 @dataclass
@@ -52,11 +54,24 @@ class _Partition:
     where `observes_misses` is False) are None and not called.
     """
 
-    __slots__ = ("admit", "free", "on_access", "on_insert", "on_miss", "on_step", "policy", "replace", "resident")
+    __slots__ = (
+        "admit",
+        "free",
+        "on_access",
+        "on_insert",
+        "on_miss",
+        "on_step",
+        "policy",
+        "replace",
+        "resident",
+        "staged",
+    )
 
     def __init__(self, policy: CachePolicy, first_slot: int, capacity: int) -> None:
         self.policy = policy
         self.resident: dict[ExpertKey, int] = {}
+        self.staged: dict[ExpertKey, int] = {}
+        """Prefetched keys not yet used by a step: they hold slots but the policy does not see them."""
         self.free = list(range(first_slot + capacity - 1, first_slot - 1, -1))  # pop() gives lowest
         self.on_access = policy.on_access
         self.on_miss = policy.on_access if policy.observes_misses else None
@@ -113,6 +128,12 @@ class ExpertCacheBook:
             keys.update(group.resident)
         return keys
 
+    def staged_keys(self) -> set[ExpertKey]:
+        keys: set[ExpertKey] = set()
+        for group in {id(g): g for g in self._groups.values()}.values():
+            keys.update(group.staged)
+        return keys
+
     def step(self, layer: int, experts: Iterable[int], now: int, phase: Phase = "decode") -> StepPlan:
         """Account one token step of one layer that needs `experts` (duplicates are counted once)."""
         plan = StepPlan()
@@ -134,10 +155,20 @@ class ExpertCacheBook:
             group.on_step(layer, now)
         misses: list[ExpertKey] = []
         hits = 0
+        staged = group.staged
         # Every needed key is marked used before any miss is handled, so none of them is evicted.
         for key in needed:
             slot = resident.get(key)
-            if slot is None:
+            if slot is None and staged and key in staged:
+                # Prefetched: a hit for the counts; the policy sees the demand load it replaced.
+                slot = resident[key] = staged.pop(key)
+                if on_miss is not None:
+                    on_miss(key, now, False)
+                group.on_insert(key, now)
+                hits += 1
+                if plan is not None:
+                    plan.hits.append((key, slot))
+            elif slot is None:
                 misses.append(key)
                 if on_miss is not None:
                     on_miss(key, now, False)
@@ -146,6 +177,11 @@ class ExpertCacheBook:
                 on_access(key, now, True)
                 if plan is not None:
                     plan.hits.append((key, slot))
+        if staged:
+            for key in [k for k in staged if k[0] == layer]:
+                group.free.append(staged.pop(key))
+                if plan is not None:
+                    plan.dropped.append(key)
         counts = self.counts[phase][layer]
         counts.hits += hits
         if not misses:
@@ -193,6 +229,66 @@ class ExpertCacheBook:
                     plan.evicted.append(victim)
             if plan is not None:
                 plan.loads.append((key, slot))
+
+    def prefetch(self, layer: int, experts: Iterable[int], now: int, protect: Collection[ExpertKey] = ()) -> StepPlan:
+        """Stage `experts` of `layer` ahead of their use, without counting an access.
+
+        Resident or already staged keys are listed as hits. Each other key takes a free slot or, when the
+        group is full, the slot of the policy's victim among resident keys that are neither requested
+        here nor in `protect` (the keys of the step in flight); a key that finds no candidate is left
+        out. Staged keys are invisible to the policy until used: the next `step` of `layer` that needs
+        one counts a hit and tells the policy what a demand load would have (a miss, then an insert);
+        that step drops the layer's staged keys it does not need (`StepPlan.dropped`).
+        """
+        plan = StepPlan()
+        group = self._groups[layer]
+        resident, staged, policy = group.resident, group.staged, group.policy
+        wanted = [(layer, e) for e in sorted(set(experts))]
+        candidates: set[ExpertKey] | None = None
+        for key in wanted:
+            slot = resident.get(key, staged.get(key))
+            if slot is not None:
+                plan.hits.append((key, slot))
+                continue
+            if group.free:
+                slot = group.free.pop()
+            else:
+                if candidates is None:
+                    candidates = resident.keys() - set(wanted) - set(protect)
+                if not candidates:
+                    break
+                victim = policy.victim(candidates, key, now)
+                policy.on_evict(victim, now)
+                candidates.discard(victim)
+                slot = resident.pop(victim)
+                plan.evicted.append(victim)
+            staged[key] = slot
+            plan.loads.append((key, slot))
+        return plan
+
+    def place(self, key: ExpertKey, now: int) -> int | None:
+        """Make `key` resident in a free slot without counting an access (static placement); its slot,
+        or None when its group has no free slot. The policy sees an insert."""
+        group = self._groups[key[0]]
+        if key in group.resident:
+            return group.resident[key]
+        if not group.free:
+            return None
+        slot = group.resident[key] = group.free.pop()
+        group.on_insert(key, now)
+        return slot
+
+    def discard(self, key: ExpertKey, now: int) -> int | None:
+        """Drop a resident or staged `key` (its slot becomes free); the freed slot, or None if absent."""
+        group = self._groups[key[0]]
+        slot = group.staged.pop(key, None)
+        if slot is None:
+            slot = group.resident.pop(key, None)
+            if slot is None:
+                return None
+            group.policy.on_evict(key, now)
+        group.free.append(slot)
+        return slot
 
     def total(self, phase: Phase | None = None) -> AccessCounts:
         phases = PHASES if phase is None else (phase,)

@@ -13,7 +13,7 @@ from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import ExpertCache
-from harness.runtime.offloaded import OffloadedExperts, RoutingSink, StepContext
+from harness.runtime.offloaded import ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
 from harness.store.layout import PackIndex
 from harness.store.reader import ExpertReader
 
@@ -46,18 +46,31 @@ class OffloadEngine:
             return module
 
         self.model, self.config = load_skeleton_with_experts_replaced(model_dir, dense_file, index, replace)
-        self.cache: ExpertCache | None = None
+        self.experts_file = Path(experts_file)
+        # Each MoE layer's router (the module beside the replaced experts), for strategies that apply a
+        # later layer's router to an earlier hidden state.
+        self.routers: dict[int, nn.Module] = {}
+        for module in self.model.modules():
+            experts = getattr(module, "experts", None)
+            if isinstance(experts, OffloadedExperts) and hasattr(module, "gate"):
+                self.routers[experts.layer] = module.gate
+        self.cache: ExpertSource | None = None
 
     def configure_cache(self, slots: int, scope: Scope, policy: str, seed: int, io_threads: int) -> ExpertCache:
+        """The plain expert cache (strategy `cache`): `slots` per eviction group under `policy`."""
         check_live_policy(policy)
         book = ExpertCacheBook(self.index.moe_layers, slots, scope, policy_factory(policy, seed=seed))
-        self.cache = ExpertCache(self.index, self.reader, book, io_threads)
+        cache = ExpertCache(self.index, self.reader, book, io_threads)
+        self.use_source(cache, None)
+        return cache
+
+    def use_source(self, source: ExpertSource, hooks: LayerHooks | None) -> None:
+        """Route every offloaded layer's weights through `source`, with a strategy's `hooks` (or none)."""
+        self.cache = source
         for module in self.modules:
-            module.cache = self.cache
-        return self.cache
+            module.cache, module.hooks = source, hooks
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
-        else:
-            self.reader.close()
+        self.reader.close()

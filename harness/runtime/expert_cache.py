@@ -2,11 +2,14 @@
 
 Who stays is decided by the shared `ExpertCacheBook` (and its policy); this module only moves bytes
 into the slots the book names and hands out tensor views of them. Misses that get no slot (a step
-that needs more experts than the cache holds) stream through a few scratch slots.
+that needs more experts than the cache holds) stream through a few scratch slots. Prefetches (keys the
+book staged ahead of use) are read by their own thread pool, so they overlap the demand reads and the
+compute; a slot is never written while an earlier read into it is still in flight.
 """
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -16,10 +19,53 @@ import torch
 
 from harness.cache.base import ExpertKey
 from harness.cache.book import PHASES, ExpertCacheBook, Phase
+from harness.runtime.offloaded import ExpertWeights
 from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader, IoRecord
 
-ExpertWeights = dict[str, torch.Tensor]
+
+def slot_views(buffer: memoryview | mmap.mmap, index: PackIndex, count: int) -> list[ExpertWeights]:
+    """Tensor views (no copies) of `count` consecutive blobs of `buffer`, each laid out as in the pack:
+    gate_up_proj [2I, H], down_proj [H, I]."""
+    dtype = getattr(torch, index.dtype)
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    return [
+        {t.name: whole[base + t.offset : base + t.offset + t.nbytes].view(dtype).view(t.shape) for t in index.tensors}
+        for base in range(0, count * index.stride_bytes, index.stride_bytes)
+    ]
+
+
+@dataclass
+class PrefetchStats:
+    """What the prefetches did: counts of keys, bytes, and the read time they took off the critical path."""
+
+    requested: int = 0
+    """Predicted keys asked for (a prediction's keys, summed over predictions)."""
+    already_resident: int = 0
+    issued: int = 0
+    """Reads started by prefetches."""
+    issued_bytes: int = 0
+    not_admitted: int = 0
+    """Predicted keys that found no slot (every candidate protected)."""
+    used: int = 0
+    """Prefetched keys that a demand step then needed (counted as hits)."""
+    wasted: int = 0
+    wasted_bytes: int = 0
+    """Prefetched keys dropped or evicted before any step used them, and their bytes."""
+    hidden_s: float = 0.0
+    """Read time of used prefetches that the demand step did not wait for, seconds."""
+    exposed_s: float = 0.0
+    """Time demand steps waited for a used prefetch still in flight, seconds."""
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Inflight:
+    future: Future
+    key: ExpertKey
+    phase: Phase
 
 
 @dataclass
@@ -34,20 +80,15 @@ class ExpertCache:
         self.index, self.reader, self.book = index, reader, book
         self.scratch_slots = max(io_threads, 1)
         self.pool = AlignedPool(book.total_slots + self.scratch_slots, index.stride_bytes)
-        dtype = getattr(torch, index.dtype)
-        whole = torch.frombuffer(self.pool.view, dtype=torch.uint8)
-        # Tensor views of every slot, made once: [gate_up_proj [2I, H], down_proj [H, I]].
-        self.views: list[ExpertWeights] = []
-        for slot in range(self.pool.slots):
-            base = slot * index.stride_bytes
-            self.views.append(
-                {
-                    t.name: whole[base + t.offset : base + t.offset + t.nbytes].view(dtype).view(t.shape)
-                    for t in index.tensors
-                }
-            )
+        self.views = slot_views(self.pool.view, index, self.pool.slots)
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-io")
+        self._prefetch_executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-prefetch")
+        self._inflight: dict[int, _Inflight] = {}
+        """slot -> the prefetch read writing it (accounted when settled, always on the caller's thread)."""
+        self._prefetched: dict[ExpertKey, int] = {}
+        """Keys read by a prefetch and not yet used by a step."""
         self.stats = IoStats()
+        self.prefetch_stats = PrefetchStats()
 
     @property
     def slot_bytes(self) -> int:
@@ -67,6 +108,48 @@ class ExpertCache:
         self.stats.records.append(record)
         self.stats.bytes_by_phase[phase] += record.nbytes
 
+    def _settle(self, slot: int) -> IoRecord | None:
+        """Wait for the read in flight into `slot`, if any, and account it; its record, else None."""
+        flight = self._inflight.pop(slot, None)
+        if flight is None:
+            return None
+        start = time.perf_counter_ns()
+        record = flight.future.result()
+        self.stats.wait_ns_by_phase[flight.phase] += time.perf_counter_ns() - start
+        self._account(record, flight.phase)
+        return record
+
+    def _forget_prefetched(self, keys: list[ExpertKey]) -> None:
+        # Keys the book dropped or evicted before a step used them: their bytes were read for nothing.
+        for key in keys:
+            if self._prefetched.pop(key, None) is not None:
+                self.prefetch_stats.wasted += 1
+                self.prefetch_stats.wasted_bytes += self.index.stride_bytes
+
+    def prefetch(
+        self, layer: int, experts: list[int], now: int, phase: Phase, protect: tuple[ExpertKey, ...] = ()
+    ) -> None:
+        """Start reading `experts` of `layer` into slots the book stages for them; returns at once."""
+        plan = self.book.prefetch(layer, experts, now, protect)
+        stats = self.prefetch_stats
+        stats.requested += len(set(experts))
+        stats.already_resident += len(plan.hits)
+        stats.not_admitted += len(set(experts)) - len(plan.hits) - len(plan.loads)
+        self._forget_prefetched(plan.evicted)
+        for key, slot in plan.loads:
+            self._settle(slot)
+            future = self._prefetch_executor.submit(self._read, key, slot)
+            self._inflight[slot] = _Inflight(future, key, phase)
+            self._prefetched[key] = slot
+            stats.issued += 1
+            stats.issued_bytes += self.index.stride_bytes
+
+    def discard_layer(self, layer: int, now: int) -> None:
+        """Drop every resident and staged key of `layer` (a strategy without a cache)."""
+        for key in [k for k in self.book.resident_keys() | self.book.staged_keys() if k[0] == layer]:
+            self.book.discard(key, now)
+            self._forget_prefetched([key])
+
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for every needed expert: hits at once, loads as their reads complete.
 
@@ -74,9 +157,14 @@ class ExpertCache:
         reuse scratch slots.
         """
         plan = self.book.step(layer, experts, now, phase)
+        self._forget_prefetched(plan.dropped + plan.evicted)
+        for _, slot in plan.loads:
+            self._settle(slot)
         pending = {self.executor.submit(self._read, key, slot): (key, slot) for key, slot in plan.loads}
-        for (_, expert), slot in plan.hits:
-            yield expert, self.views[slot]
+        for key, slot in plan.hits:
+            if self._prefetched.pop(key, None) is not None:
+                self._use_prefetched(slot)
+            yield key[1], self.views[slot]
         for future in self._wait(list(pending), phase):
             record = future.result()
             self._account(record, phase)
@@ -94,6 +182,25 @@ class ExpertCache:
                 key, slot = futures[future]
                 yield key[1], self.views[slot]
 
+    def _use_prefetched(self, slot: int) -> None:
+        """A step needs a prefetched key: wait for its read if still in flight; book the time it hid."""
+        stats = self.prefetch_stats
+        stats.used += 1
+        start = time.perf_counter_ns()
+        record = self._settle(slot)
+        if record is None:
+            return  # already settled by `drain`
+        waited_ns = time.perf_counter_ns() - start
+        stats.exposed_s += waited_ns / 1e9
+        stats.hidden_s += max(0, record.end_ns - record.start_ns - waited_ns) / 1e9
+
+    def drain(self) -> None:
+        """Wait for and account every read still in flight (the end of a run)."""
+        for slot in list(self._inflight):
+            self._settle(slot)
+        self._forget_prefetched(list(self._prefetched))
+
     def close(self) -> None:
+        self.drain()
+        self._prefetch_executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
-        self.reader.close()

@@ -1,13 +1,16 @@
 """The module that replaces a MoE layer's experts: the model's own router picks experts, this module
-fetches their weights through the expert cache and applies the model's own expert math.
+fetches their weights through an expert source (the expert cache, or a strategy's mapped file) and
+applies the model's own expert math.
 
 The arithmetic mirrors transformers' eager experts forward operation for operation, and the expert
 outputs are summed in ascending expert order as there, so greedy generation is bit-identical to the
-fully resident model.
+fully resident model. A strategy may look at each layer's input before its experts run (to prefetch
+or predict) and, if it is approximate, replace the routing and supply expert outputs it computed early.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.cache.book import Phase
-from harness.runtime.expert_cache import ExpertCache
+
+ExpertWeights = dict[str, torch.Tensor]
+Contribution = tuple[torch.Tensor, torch.Tensor]
+"""(token indices, weighted expert output rows) of one expert in one layer."""
 
 
 @dataclass
@@ -34,23 +40,61 @@ class RoutingSink(Protocol):
     def record(self, ctx: StepContext, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None: ...
 
 
+class ExpertSource(Protocol):
+    """Where expert weights come from: `ExpertCache` (slots + O_DIRECT reads) or a strategy's mapped file."""
+
+    def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]: ...
+
+
+@dataclass
+class Routing:
+    """The routing a layer computes with, and outputs of experts a strategy already computed."""
+
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    precomputed: dict[int, Contribution] = field(default_factory=dict)
+
+
+class LayerHooks(Protocol):
+    """A strategy's view of each MoE layer's forward pass (see harness.runtime.strategies)."""
+
+    def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing: ...
+
+    def after_experts(self, module: OffloadedExperts) -> None: ...
+
+
+def expert_forward(
+    act_fn: nn.Module, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
+) -> torch.Tensor:
+    """One expert's weighted output rows, op for op as transformers' eager experts forward."""
+    gate, up = F.linear(current_state, weights["gate_up_proj"]).chunk(2, dim=-1)
+    current_hidden_states = act_fn(gate) * up
+    current_hidden_states = F.linear(current_hidden_states, weights["down_proj"])
+    return current_hidden_states * routing_weights
+
+
 class OffloadedExperts(nn.Module):
     def __init__(
         self,
         layer: int,
         num_experts: int,
         act_fn: nn.Module,
-        cache: ExpertCache,
+        cache: ExpertSource,
         ctx: StepContext,
         sink: RoutingSink | None = None,
     ) -> None:
         super().__init__()
         self.layer, self.num_experts, self.act_fn = layer, num_experts, act_fn
         self.cache, self.ctx, self.sink = cache, ctx, sink
+        self.hooks: LayerHooks | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        routing = Routing(top_k_index, top_k_weights)
+        if self.hooks is not None:
+            routing = self.hooks.before_experts(self, hidden_states, routing)
+            top_k_index, top_k_weights = routing.top_k_index, routing.top_k_weights
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -58,16 +102,17 @@ class OffloadedExperts(nn.Module):
         if self.sink is not None:
             self.sink.record(self.ctx, self.layer, top_k_index, top_k_weights)
         experts = [e for e in expert_hit[:, 0].tolist() if e != self.num_experts]
-        contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        contributions: dict[int, Contribution] = dict(routing.precomputed)
         for expert, weights in self.cache.fetch(self.layer, experts, self.ctx.now, self.ctx.phase):
+            if expert in contributions:
+                continue  # computed early by the strategy; the fetch still counts the access
             top_k_pos, token_idx = torch.where(expert_mask[expert])
             current_state = hidden_states[token_idx]
-            gate, up = F.linear(current_state, weights["gate_up_proj"]).chunk(2, dim=-1)
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = F.linear(current_hidden_states, weights["down_proj"])
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-            contributions[expert] = (token_idx, current_hidden_states)
+            out = expert_forward(self.act_fn, weights, current_state, top_k_weights[token_idx, top_k_pos, None])
+            contributions[expert] = (token_idx, out)
         for expert in experts:
             token_idx, current_hidden_states = contributions[expert]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        if self.hooks is not None:
+            self.hooks.after_experts(self)
         return final_hidden_states

@@ -1,0 +1,212 @@
+"""Strategies: a named bundle of a cache policy, an optional prefetcher and an optional placement planner.
+
+A strategy builds the expert source the offloaded layers read from and may watch (or, when approximate,
+change) each MoE layer's routing through `before_experts` / `after_experts`. It reports its name,
+parameters, its deviations from the paper it follows, and its own statistics in the result's
+"strategy" section. Strategies register by name like policies; `harness run --strategy NAME[:ARGS]`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+import torch
+
+from harness.cache.base import ExpertKey
+from harness.cache.book import Scope
+from harness.errors import HarnessError
+from harness.runtime.offloaded import ExpertSource, OffloadedExperts, Routing
+
+if TYPE_CHECKING:
+    from harness.runtime.engine import OffloadEngine
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What the run resolved for the expert memory: slots per eviction group and how to fill them."""
+
+    slots: int
+    scope: Scope
+    policy: str
+    seed: int
+    io_threads: int
+    device: str | None
+    """Block device holding the expert file (for device read counters), None if unknown."""
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True
+    """False where the strategy changes what the model computes (its result reports token agreement)."""
+    forced_scope: ClassVar[Scope | None] = None
+    """The eviction scope the strategy's design prescribes, overriding the spec's, or None."""
+    parameters: ClassVar[dict[str, object]] = {}
+    """Parameter name -> default; the type of the default is the parameter's type."""
+    positional: ClassVar[str | None] = None
+    """The parameter a bare argument sets (e.g. 'fiddler:trace.parquet' sets `trace`)."""
+    has_hooks: ClassVar[bool] = True
+    uses_spec_policy: ClassVar[bool] = True
+    """False where the strategy fixes its own placement (static, or no cache) and ignores the spec's policy."""
+
+    def __init__(self, params: dict[str, object]) -> None:
+        self.params = params
+        self.deviations: list[str] = []
+        self.approximate = not self.exact
+        """Whether approximate behaviour is on; the agreement pass turns it off to get the exact tokens."""
+
+    @classmethod
+    def parse(cls, argument: str | None) -> dict[str, object]:
+        """'k=v,k=v' (or one bare value for `positional`) -> typed parameters, defaults filled in."""
+        params = dict(cls.parameters)
+        for item in filter(None, (argument or "").split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                if cls.positional is None:
+                    raise HarnessError(f"strategy {cls.name!r} takes key=value arguments (got {item!r})")
+                key, value = cls.positional, item
+            key = key.strip()
+            if key not in cls.parameters:
+                known = ", ".join(cls.parameters) or "none"
+                raise HarnessError(f"strategy {cls.name!r} has no parameter {key!r} (parameters: {known})")
+            default = cls.parameters[key]
+            try:
+                params[key] = value if default is None or isinstance(default, str) else type(default)(value)
+            except ValueError:
+                raise HarnessError(
+                    f"strategy {cls.name!r}: {key}={value!r} is not a {type(default).__name__}"
+                ) from None
+        return params
+
+    @abstractmethod
+    def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertSource:
+        """Create the expert source (and whatever the strategy keeps beside it) for `engine`."""
+
+    def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
+        return routing
+
+    def after_experts(self, module: OffloadedExperts) -> None:  # noqa: B027 - optional hook
+        """A layer's experts are done."""
+
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """The measured part of the run is over (close open intervals of the strategy's counters)."""
+
+    def stats(self) -> dict[str, object]:
+        return {}
+
+    def describe(self) -> dict[str, object]:
+        """The result's "strategy" section."""
+        return {
+            "name": self.name,
+            "exact": self.exact,
+            "parameters": self.params,
+            "deviations": self.deviations,
+            "stats": self.stats(),
+        }
+
+
+S = TypeVar("S", bound=type[Strategy])
+_STRATEGIES: dict[str, type[Strategy]] = {}
+PEERS = ("accelerate", "llama.cpp")
+"""Strategies run by another engine (harness.peers) instead of the offload engine."""
+
+
+def register_strategy(cls: S) -> S:
+    if cls.name in _STRATEGIES:
+        raise ValueError(f"strategy name {cls.name!r} registered twice")
+    _STRATEGIES[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    import harness.runtime.strategies  # noqa: F401 - registers the built-in strategies
+
+
+def strategy_names() -> list[str]:
+    _load_builtin()
+    return sorted([*_STRATEGIES, *PEERS])
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    name, _, argument = spec.partition(":")
+    return name.strip().lower(), (argument or None)
+
+
+def make_strategy(spec: str) -> Strategy:
+    """The strategy for 'name' or 'name:args'; a one-line error listing the names for anything else."""
+    _load_builtin()
+    name, argument = split_spec(spec)
+    if name in PEERS:
+        raise HarnessError(f"strategy {name!r} is a peer engine, not a strategy of the offload engine")
+    if name not in _STRATEGIES:
+        raise HarnessError(f"unknown strategy {name!r}; known strategies: {', '.join(strategy_names())}")
+    cls = _STRATEGIES[name]
+    return cls(cls.parse(argument))
+
+
+def check_strategy(spec: str) -> None:
+    """Validate a strategy spec (name and arguments) before anything is loaded."""
+    if split_spec(spec)[0] not in PEERS:
+        make_strategy(spec)
+
+
+class GatePredictor:
+    """Applies a later MoE layer's router to an earlier layer's MoE input: the next-layer-gate predictor
+    of mixtral-offloading, AdapMoE and DAOP (`distance` > 1 looks further ahead)."""
+
+    def __init__(self, engine: OffloadEngine) -> None:
+        self.routers = engine.routers
+        self.layers = engine.index.moe_layers
+        self.top_k = engine.index.top_k
+        self._position = {layer: i for i, layer in enumerate(self.layers)}
+        if set(self.routers) != set(self.layers):
+            raise HarnessError("this architecture's routers were not found beside its experts: no gate prediction")
+
+    def target(self, layer: int, distance: int = 1) -> int | None:
+        """The MoE layer `distance` MoE layers after `layer`, or None past the last."""
+        i = self._position[layer] + distance
+        return self.layers[i] if i < len(self.layers) else None
+
+    def position(self, layer: int) -> int:
+        return self._position[layer]
+
+    @torch.no_grad()
+    def predict(self, target: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, top-k weights, top-k indices) of `target`'s router on `hidden_states` [T, H]."""
+        logits, weights, indices = self.routers[target](hidden_states)
+        return logits, weights, indices
+
+
+@dataclass
+class Recall:
+    """Prediction quality over decode steps: recall = predicted and used / used."""
+
+    predictions: int = 0
+    used: int = 0
+    predicted_and_used: int = 0
+    predicted: int = 0
+
+    def add(self, predicted: set[int], actual: set[int]) -> None:
+        self.predictions += 1
+        self.used += len(actual)
+        self.predicted += len(predicted)
+        self.predicted_and_used += len(predicted & actual)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "predictions": self.predictions,
+            "recall": self.predicted_and_used / self.used if self.used else None,
+            "precision": self.predicted_and_used / self.predicted if self.predicted else None,
+            "predicted_keys": self.predicted,
+            "used_keys": self.used,
+        }
+
+
+def layer_experts(top_k_index: torch.Tensor) -> set[int]:
+    return set(top_k_index.reshape(-1).tolist())
+
+
+def protect_keys(layer: int, routing: Routing) -> tuple[ExpertKey, ...]:
+    """The keys a layer's step in flight uses: a prefetch must not take their slots."""
+    return tuple((layer, e) for e in sorted(layer_experts(routing.top_k_index)))

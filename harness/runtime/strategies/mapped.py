@@ -1,0 +1,160 @@
+"""The two-tier expert memory of Fiddler- and DAOP-style strategies: a static set of experts pinned in
+preallocated RAM slots, and every other expert read through a memory map of the packed expert file.
+
+Under the cgroup RAM budget the OS page cache is the second tier's cache: a mapped expert's pages come
+from the SSD on first touch or after reclaim. Tensors over the map are views (no copies). Bytes read
+from the SSD for mapped access are taken from the block device's read counters, sampled at every
+prefill/decode boundary, never inferred from accesses. Pinned slots are filled with O_DIRECT reads,
+counted like the expert cache's.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections.abc import Iterator, Set
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.book import PHASES, ExpertCacheBook, Phase
+from harness.runtime.expert_cache import IoStats, slot_views
+from harness.runtime.offloaded import ExpertWeights
+from harness.store.layout import PackIndex
+from harness.store.reader import AlignedPool, ExpertReader
+
+log = logging.getLogger(__name__)
+
+
+class StaticPlacement(CachePolicy):
+    """The pinned tier's policy: residents are placed by the strategy; a miss is never admitted."""
+
+    name = "static"
+    observes_misses = False
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        """Placement does not depend on accesses."""
+
+    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
+        return False
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        raise AssertionError("static placement never evicts on a miss")
+
+
+def _disk_read_bytes(device: str | None) -> int | None:
+    counters = psutil.disk_io_counters(perdisk=True) if device else None
+    return counters[device].read_bytes if counters and device in counters else None
+
+
+class MappedExperts:
+    """An expert source: pinned slots (hits) first, else a view of the memory-mapped expert file."""
+
+    def __init__(
+        self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook, device: str | None
+    ) -> None:
+        self.index, self.reader, self.book, self.device = index, reader, book, device
+        self.pool = AlignedPool(book.total_slots, index.stride_bytes)
+        self.views = slot_views(self.pool.view, index, self.pool.slots)
+        self.stats = IoStats()
+        fd = os.open(experts_file, os.O_RDONLY)
+        try:
+            # Start from an empty page cache for this file (pages cached by earlier cells would be hits
+            # that cost this run nothing), then map it privately: reads share the page cache, no copies.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        # No read-around: a fault would otherwise read the device's read-ahead window (often MiBs of
+        # neighbouring experts); each needed expert is asked for whole with MADV_WILLNEED instead.
+        self._map.madvise(mmap.MADV_RANDOM)
+        self._mapped = slot_views(self._map, index, len(index.entries))
+        self._position = {(e.layer, e.expert): e.offset // index.stride_bytes for e in index.entries}
+        self.mapped_accesses = dict.fromkeys(PHASES, 0)
+        self.device_bytes_by_phase: dict[str, int | None] = dict.fromkeys(PHASES, 0 if device else None)
+        self._phase: Phase | None = None
+        self._sample: int | None = None
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.book.total_slots * self.index.stride_bytes
+
+    def mapped(self, key: ExpertKey) -> ExpertWeights:
+        """Views of `key` in the mapped file; asks the kernel to read the whole expert now."""
+        entry = self.index.entry(*key)
+        self._map.madvise(mmap.MADV_WILLNEED, entry.offset, self.index.stride_bytes)
+        return self._mapped[self._position[key]]
+
+    def pin(self, key: ExpertKey, now: int, phase: Phase) -> bool:
+        """Place `key` in a free slot and read it there (O_DIRECT); False when no slot is free."""
+        slot = self.book.place(key, now)
+        if slot is None:
+            return False
+        record = self.reader.read_into(key, self.pool.slot(slot))
+        self.stats.records.append(record)
+        self.stats.bytes_by_phase[phase] += record.nbytes
+        return True
+
+    def unpin(self, key: ExpertKey, now: int) -> None:
+        self.book.discard(key, now)
+
+    def is_pinned(self, key: ExpertKey) -> bool:
+        return self.book.slot_of(key) is not None
+
+    def _mark_phase(self, phase: Phase | None) -> None:
+        """Attribute the device reads since the last boundary to the phase that was running."""
+        if phase == self._phase:
+            return
+        now = _disk_read_bytes(self.device)
+        if self._phase is not None and now is not None and self._sample is not None:
+            self.device_bytes_by_phase[self._phase] += now - self._sample  # type: ignore[operator]
+        self._phase, self._sample = phase, now
+
+    def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
+        self._mark_phase(phase)
+        plan = self.book.step(layer, experts, now, phase)
+        for (_, expert), slot in plan.hits:
+            yield expert, self.views[slot]
+        # The pinned tier admits nothing on demand: a miss that found a free slot gives it back at once.
+        for key, _ in plan.loads:
+            self.book.discard(key, now)
+        for key in [key for key, _ in plan.loads] + plan.streamed:
+            self.mapped_accesses[phase] += 1
+            yield key[1], self.mapped(key)
+
+    def finish(self) -> None:
+        """Close the last phase's device-read interval (the end of the measured run)."""
+        self._mark_phase(None)
+
+    def close(self) -> None:
+        self._mapped.clear()
+        # The map closes when the last tensor view of it is gone; closing it now would fail while the
+        # model's autograd-free graph may still hold a view.
+
+
+def popularity_from_trace(path: str, index: PackIndex) -> dict[ExpertKey, int]:
+    """Accesses per (layer, expert) in a recorded routing trace (all phases, one per token and layer)."""
+    from harness.errors import HarnessError
+    from harness.trace.schema import read_trace
+
+    trace = read_trace(path)
+    if trace.meta.moe_layers != index.moe_layers or trace.meta.num_experts != index.num_experts:
+        raise HarnessError(
+            f"trace {path} routes {trace.meta.num_experts} experts in layers {trace.meta.moe_layers}, the model "
+            f"{index.num_experts} in {index.moe_layers}: record the profile on the same model"
+        )
+    counts: dict[ExpertKey, int] = {}
+    for seq in trace.sequences:
+        for column, layer in enumerate(index.moe_layers):
+            ids, freq = np.unique(seq.experts[:, column, :], return_counts=True)
+            for expert, n in zip(ids.tolist(), freq.tolist(), strict=True):
+                counts[(layer, expert)] = counts.get((layer, expert), 0) + n
+    return counts
+
+
+def most_popular(counts: dict[ExpertKey, int], keys: list[ExpertKey], n: int) -> list[ExpertKey]:
+    """The `n` most accessed of `keys` (ties: lower layer, then lower expert id)."""
+    return sorted(keys, key=lambda k: (-counts.get(k, 0), k))[:n]

@@ -1,0 +1,82 @@
+"""Strategy `prefetch`: the expert cache under the spec's policy, plus prefetching by the next layer's gate.
+
+During decode, when MoE layer l starts, layer l+d's router (d = `distance`, 1 by default: the next-layer
+gate of mixtral-offloading and AdapMoE) is applied to layer l's MoE input; the predicted experts are
+staged in the cache and read on their own I/O threads while layer l reads and computes. A demand step
+that finds a prefetched expert counts a hit. Exact: the model computes with its own routing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from harness.errors import HarnessError
+from harness.runtime.expert_cache import ExpertCache
+from harness.runtime.offloaded import OffloadedExperts, Routing
+from harness.runtime.strategies.base import (
+    CacheRequest,
+    GatePredictor,
+    Recall,
+    Strategy,
+    layer_experts,
+    protect_keys,
+    register_strategy,
+)
+
+if TYPE_CHECKING:
+    from harness.runtime.engine import OffloadEngine
+
+
+class GatePrefetcher:
+    """Predicts layer l+d's experts from layer l's MoE input, stages and reads them; scores the predictions."""
+
+    def __init__(self, engine: OffloadEngine, cache: ExpertCache, distance: int) -> None:
+        self.gates = GatePredictor(engine)
+        self.cache, self.distance = cache, distance
+        self.recall = Recall()
+        self._pending: dict[int, set[int]] = {}
+
+    def observe_and_predict(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> None:
+        ctx, layer = module.ctx, module.layer
+        if ctx.phase != "decode":
+            return
+        predicted = self._pending.pop(layer, None)
+        if predicted is not None:
+            self.recall.add(predicted, layer_experts(routing.top_k_index))
+        target = self.gates.target(layer, self.distance)
+        if target is None:
+            return
+        experts = layer_experts(self.gates.predict(target, hidden_states)[2])
+        self._pending[target] = experts
+        self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing))
+
+    def stats(self) -> dict[str, object]:
+        return {"prediction": self.recall.to_dict(), "prefetch": self.cache.prefetch_stats.to_dict()}
+
+
+@register_strategy
+class NextLayerPrefetch(Strategy):
+    name = "prefetch"
+    parameters: ClassVar[dict[str, object]] = {"distance": 1}
+    positional = "distance"
+
+    def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
+        if int(self.params["distance"]) < 1:  # type: ignore[call-overload]
+            raise HarnessError("prefetch distance must be at least 1 MoE layer")
+        cache = engine.configure_cache(request.slots, request.scope, request.policy, request.seed, request.io_threads)
+        self.prefetcher = GatePrefetcher(engine, cache, int(self.params["distance"]))  # type: ignore[call-overload]
+        self.deviations = [
+            "prefetches during decode only (prefill routes many tokens per layer; no prediction is made there)",
+            "a prefetched expert is staged outside the policy until used; one its layer's next step does not "
+            "use is dropped (counted as wasted)",
+        ]
+        return cache
+
+    def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
+        self.prefetcher.observe_and_predict(module, hidden_states, routing)
+        return routing
+
+    def stats(self) -> dict[str, object]:
+        return self.prefetcher.stats()
