@@ -253,7 +253,7 @@ def select(cells: list[Cell], filters: dict[str, list[str]]) -> list[Cell]:
 
 
 def cell_status(results: Path, run_id: str) -> str | None:
-    """'ok' or 'failed' when the cell is done, else None (absent, unreadable or other status)."""
+    """'ok', 'failed' or 'skipped' (a peer that is not installed) when the cell is done, else None."""
     path = results / run_id / RESULT_FILE
     if not path.is_file():
         return None
@@ -261,7 +261,7 @@ def cell_status(results: Path, run_id: str) -> str | None:
         status = read_json(path).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-    return status if status in ("ok", "failed") else None
+    return status if status in ("ok", "failed", "skipped") else None
 
 
 @dataclass
@@ -381,9 +381,14 @@ class SweepRunner:
         }
         stderr_tail = _tail(folder / "stderr.log")
         reason = _failure_reason(rc, timed_out, timeout_s, counters, cgroup.mode, result_path, stderr_tail)
-        record["status"] = "ok" if reason is None else "failed"
+        skipped = reason is None and read_json(result_path).get("status") == "skipped"
+        if skipped:
+            reason = read_json(result_path).get("error")
+        record["status"] = "skipped" if skipped else "ok" if reason is None else "failed"
         record["reason"] = reason
         write_json_atomic(folder / CELL_RECORD_FILE, record)
+        if skipped:
+            return CellOutcome(cell, "skipped", reason, duration_s, record)
         if reason is None:
             return CellOutcome(cell, "ok", None, duration_s, record)
         _write_failed_result(result_path, cell, reason, record, stderr_tail)
@@ -443,7 +448,7 @@ def _failure_reason(
         result = read_json(result_path)
     except (OSError, ValueError):
         return f"exited with status 0 but {RESULT_FILE} is not readable JSON"
-    if result.get("status") != "ok":
+    if result.get("status") not in ("ok", "skipped"):
         return result.get("error") or f"the run reported status {result.get('status')!r}"
     return None
 

@@ -96,14 +96,36 @@ def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> 
     )
     result = execute(spec, results, progress)
     console.print()
-    m, r = result["metrics"], result["resolved"]
-    click.echo(
-        f"run {result['run_id']}: {r['policy']} {r['scope']}, {r['cache_slots_total']} slots "
-        f"({format_bytes(r['cache_bytes'])}, {100 * r['cache_fraction']:.0f}% of experts), io {r['io_engine']}\n"
-        f"  decode {m['decode_tokens_per_s'] or 0:.2f} tok/s, prefill {m['prefill_tokens_per_s'] or 0:.1f} tok/s, "
-        f"hit rate decode {m['hit_rate_decode']:.3f}, SSD {format_bytes(m['ssd_read_bytes_per_token'] or 0)}/token\n"
-        f"  validity: {'valid' if result['validity']['valid'] else 'INVALID'} {result['validity']['reasons']}\n"
-        f"  -> {Path(results) / result['run_id'] / 'result.json'}"
+    click.echo(_summary(result, Path(results)))
+
+
+def _rate(value: float | None, unit: str, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f} {unit}"
+
+
+def _summary(result: dict, results: Path) -> str:
+    """A few lines a person reads after a run; peers and skipped cells lack cache figures."""
+    where = results / result["run_id"] / "result.json"
+    if result.get("status") == "skipped":
+        return f"run {result['run_id']} skipped: {result.get('error')}\n  -> {where}"
+    m, r = result["metrics"], result.get("resolved", {})
+    slots = r.get("cache_slots_total")
+    cache = (
+        f"{slots} slots ({format_bytes(r['cache_bytes'])}, {100 * r['cache_fraction']:.0f}% of experts)"
+        if slots is not None
+        else "no expert cache of the harness's"
+    )
+    per_token = m.get("ssd_read_bytes_per_token")
+    validity = result["validity"]
+    return (
+        f"run {result['run_id']}: strategy {r.get('strategy')}, policy {r.get('policy')} {r.get('scope')}, {cache}, "
+        f"io {r.get('io_engine')}\n"
+        f"  decode {_rate(m.get('decode_tokens_per_s'), 'tok/s')}, "
+        f"prefill {_rate(m.get('prefill_tokens_per_s'), 'tok/s', 1)}, "
+        f"hit rate decode {_rate(m.get('hit_rate_decode'), '', 3).strip()}, "
+        f"SSD {'n/a' if per_token is None else format_bytes(per_token)}/token\n"
+        f"  validity: {'valid' if validity['valid'] else 'INVALID'} {validity['reasons']}\n"
+        f"  -> {where}"
     )
 
 
