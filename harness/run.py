@@ -37,8 +37,10 @@ from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_stra
 from harness.runtime.strategies.base import split_spec
 from harness.spec import RunSpec
 from harness.ssd.devices import block_device_for_path, describe_path
+from harness.ssd.readtime import load_profile_for_path, profile_for_path
 from harness.store.layout import INDEX_FILE, PackIndex
 from harness.store.reader import IoRecord
+from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
 from harness.trace.recorder import RoutingRecorder
 from harness.trace.schema import TraceMeta, read_trace
@@ -191,6 +193,7 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     """Checks that need no model load: the model resolves and packs, the policy runs live, and the budget
     can hold this process (interpreter and libraries as measured now), the non-expert weights, the
     workspace and one layer's top-k experts."""
+    resolve_device(spec.device)
     check_live_policy(spec.policy)
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
@@ -209,6 +212,31 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
                 f"use at least {math.ceil(need / 2**20)}MiB"
             )
     return model_dir, index
+
+
+def resolve_device(requested: str) -> str:
+    """Where compute runs: the CPU path is complete; the GPU tier (issue 7) is not built yet."""
+    import torch
+
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise HarnessError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    raise HarnessError("--device cuda: the GPU tier is not implemented yet; use --device cpu")
+
+
+def _time_model(
+    experts_file: Path, decode_bytes: int, decode_steps: int, index: PackIndex, spec: RunSpec
+) -> dict[str, Any] | None:
+    """What the SSD profile of this disk predicts for the decode reads: the I/O floor per token (s)."""
+    model = load_profile_for_path(experts_file)
+    if model is None or not decode_steps:
+        return None
+    per_token = decode_bytes / decode_steps
+    return {
+        "profile": model.source,
+        "decode_read_s_per_token": model.seconds(int(per_token), spec.io_threads, index.stride_bytes),
+    }
 
 
 def _disk_read_bytes(device: str | None) -> int | None:
@@ -243,6 +271,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     strategy = make_strategy(spec.strategy)
     scope = strategy.forced_scope or spec.scope
     model_dir, index = preflight(spec)
+    device = resolve_device(spec.device)
     config = load_config(model_dir)
     prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
     prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
@@ -303,7 +332,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     )
     baseline = psutil.Process().memory_info().rss
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, scope)
-    cache = strategy.build(engine, CacheRequest(slots, scope, spec.policy, spec.seed, spec.io_threads, disk))
+    cache = strategy.build(engine, CacheRequest(slots, scope, spec.policy, spec.seed, spec.io_threads))
     engine.use_source(cache, strategy if strategy.has_hooks else None)
     load_s = time.perf_counter() - load_start
     telemetry.event("load_end", cache_slots=slots)
@@ -315,6 +344,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
 
     logs: list[SequenceLog] = []
     disk_before = _disk_read_bytes(disk)
+    process_before = process_io_bytes()[0]
     run_start = time.perf_counter()
     telemetry_summary = None
     try:
@@ -329,6 +359,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             telemetry.event("sequence_end", seq=i)
         wall_s = time.perf_counter() - run_start
         disk_after = _disk_read_bytes(disk)
+        process_read = process_io_bytes()[0] - process_before
         strategy.finish()
         telemetry_summary = telemetry.stop(run_dir)
         strategy_section = strategy.describe()
@@ -356,16 +387,11 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     # Strategies that read experts through a memory map: their SSD bytes are the block device's counts.
     mapped_bytes = getattr(cache, "device_bytes_by_phase", None)
     if mapped_bytes is not None:
-        if None in mapped_bytes.values():
-            validity.note(
-                "the expert file's block device is unknown: bytes read through its memory map are not counted"
-            )
-        else:
-            bytes_by_phase = {p: bytes_by_phase[p] + mapped_bytes[p] for p in PHASES}
-            validity.note(
-                "SSD bytes of memory-mapped expert reads come from the block device's read counters (any other "
-                "reader of the same device in the same interval is counted too)"
-            )
+        bytes_by_phase = {p: bytes_by_phase[p] + mapped_bytes[p] for p in PHASES}
+        validity.note(
+            "SSD bytes of memory-mapped expert reads are this process's device reads (/proc/self/io) in each "
+            "phase, read-ahead included"
+        )
     busy = _busy_seconds(stats.records)
     decode_hits = book.total("decode")
     prefill_hits = book.total("prefill")
@@ -383,10 +409,10 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             f"the memory cgroup hit its limit {budget['failcnt']} times: the kernel reclaimed memory "
             "under the budget (page cache first)"
         )
-    if disk_read is not None and disk_read < 0.95 * read_bytes:
+    if process_read < 0.95 * sum(bytes_by_phase.values()):
         validity.fail(
-            f"the device counted {disk_read} bytes read but the harness {read_bytes}: some expert reads "
-            "did not reach the device",
+            f"this process made the device read {process_read} bytes but the harness counted "
+            f"{sum(bytes_by_phase.values())}: some expert reads did not reach the device",
             "check that the expert file is not served from a cache",
         )
     if random_init:
@@ -416,6 +442,8 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
         "device_read_bytes": disk_read,
+        "process_read_bytes": process_read,
+        "ssd_time_model": _time_model(experts_file, bytes_by_phase["decode"], decode_steps, index, spec),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "cgroup": budget,
         "wall_s": wall_s,
@@ -459,7 +487,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "ram_budget_bytes": spec.ram_budget_bytes,
             "ssd_path": spec.ssd,
             "expert_file": str(experts_file),
-            "device": "cpu",
+            "device": device,
             "prompts": len(prompts),
         },
         "metrics": metrics,
@@ -470,7 +498,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         ],
         "environment": environment(),
         "storage": storage,
-        "hardware_profile": None,
+        "hardware_profile": str(profile_for_path(experts_file) or "") or None,
         "telemetry": telemetry_summary,
         "validity": validity.to_dict(),
         "files": {"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE},

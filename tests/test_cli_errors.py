@@ -65,6 +65,7 @@ def test_budget_below_one_layer_of_experts(tiny_model, tmp_path):
         ("--ssd", "/nonexistent/ssd", "SSD path /nonexistent/ssd does not exist"),
         ("--ram-budget", "lots", "cannot read size 'lots'"),
         ("--cache-experts", "many", "cache_experts must be a count or a share"),
+        ("--device", "cuda", "--device cuda: "),
     ],
 )
 def test_bad_run_options(tiny_model, tmp_path, flag, value, needle):

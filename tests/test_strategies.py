@@ -29,7 +29,7 @@ def strategy_tokens(model_dir, spec: str, slots: int, scope: str = "per-layer"):
     index = PackIndex.load(paths["index"])
     engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"])
     strategy = make_strategy(spec)
-    source = strategy.build(engine, CacheRequest(slots, strategy.forced_scope or scope, "lru", 0, 2, None))
+    source = strategy.build(engine, CacheRequest(slots, strategy.forced_scope or scope, "lru", 0, 2))
     engine.use_source(source, strategy if strategy.has_hooks else None)
     try:
         log = generate(engine.model, PROMPT, NEW_TOKENS, "greedy", ctx=engine.ctx)

@@ -59,6 +59,7 @@ def _option(name: str, **kwargs: object):  # returns a click decorator
 @_option("warmup_steps", type=int)
 @_option("io_engine", type=click.Choice(["auto", "direct", "buffered"]))
 @_option("io_threads", type=int)
+@_option("device", type=click.Choice(["auto", "cpu", "cuda"]))
 @_option("seed", type=int)
 @_option("repeat", type=int)
 @click.option("--spec", "spec_file", type=click.Path(path_type=Path), help="A RunSpec as JSON (flags override it).")

@@ -16,16 +16,17 @@ import psutil
 import torch
 
 from harness.errors import HarnessError
-from harness.peers.common import PhaseBytes, decode_loop, peer_result, workload
+from harness.peers.common import decode_loop, peer_result, workload
 from harness.results import Validity
 from harness.spec import RunSpec
+from harness.telemetry.phase_io import PhaseReadBytes
 
 RUNTIME_RESERVE_BYTES = 512 << 20
 """Budget share kept for the interpreter, activations and accelerate's own buffers (bytes), a documented
 default; what is left of the RAM budget is accelerate's `max_memory["cpu"]`."""
 
 
-def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, phases: PhaseBytes) -> dict[str, Any]:
+def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, phases: PhaseReadBytes) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if argument:

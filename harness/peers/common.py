@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from harness.budget import budget_status
 from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
 from harness.spec import RunSpec
-from harness.ssd.devices import block_device_for_path, describe_path
+from harness.ssd.devices import describe_path
+from harness.telemetry.phase_io import PhaseReadBytes
 from harness.workloads import PromptItem, load_workload
 
 log = logging.getLogger(__name__)
@@ -37,26 +36,6 @@ class PeerSequence:
     token_ids: list[int] = field(default_factory=list)
 
 
-@dataclass
-class PhaseBytes:
-    """Block-device read bytes attributed to prefill and decode by sampling at each boundary."""
-
-    device: str | None
-    by_phase: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
-    _phase: str | None = None
-    _last: int | None = None
-
-    def _read(self) -> int | None:
-        counters = psutil.disk_io_counters(perdisk=True) if self.device else None
-        return counters[self.device].read_bytes if counters and self.device in counters else None
-
-    def mark(self, phase: str | None) -> None:
-        now = self._read()
-        if self._phase is not None and now is not None and self._last is not None:
-            self.by_phase[self._phase] += now - self._last
-        self._phase, self._last = phase, now
-
-
 def workload(spec: RunSpec, model_dir: Path) -> tuple[list[PromptItem], str]:
     prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
     prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
@@ -71,7 +50,7 @@ def decode_loop(
     max_new_tokens: int,
     mode: str,
     reference_ids: list[int] | None,
-    phases: PhaseBytes,
+    phases: PhaseReadBytes,
 ) -> PeerSequence:
     """The harness's loop for a peer: `step(ids, first)` feeds tokens and returns the argmax next token."""
     seq = PeerSequence(len(prompt_ids))
@@ -107,7 +86,7 @@ def peer_result(
     model_dir: Path,
     name: str,
     seqs: list[PeerSequence],
-    phases: PhaseBytes,
+    phases: PhaseReadBytes,
     section: dict[str, Any],
     resolved: dict[str, Any],
     validity: Validity,
@@ -122,7 +101,7 @@ def peer_result(
     if len(steady) < MIN_STEADY_DECODE_STEPS:
         validity.fail(f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})", "raise tokens")
     enforcement = current_enforcement(spec.ram_budget_bytes)
-    known = phases.device is not None
+    known = True  # /proc/self/io is always there on Linux
     validity.note(
         f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the block device's read counters "
         "(other readers of the device in the same interval count too)"
@@ -185,7 +164,7 @@ def run_peer(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     name, argument = split_spec(spec.strategy)
     runner = {"accelerate": accelerate_peer.run, "llama.cpp": llamacpp.run}[name]
     model_dir = resolve_model_dir(spec.model)
-    phases = PhaseBytes(block_device_for_path(model_dir))
+    phases = PhaseReadBytes()
     try:
         result = runner(spec, model_dir, run_dir, argument, phases)
     except PeerUnavailable as exc:

@@ -21,9 +21,10 @@ import numpy as np
 import psutil
 
 from harness.errors import HarnessError
-from harness.peers.common import PeerUnavailable, PhaseBytes, decode_loop, peer_result, workload
+from harness.peers.common import PeerUnavailable, decode_loop, peer_result, workload
 from harness.results import Validity
 from harness.spec import RunSpec
+from harness.telemetry.phase_io import PhaseReadBytes
 
 CONVERTER_ENV = "HARNESS_LLAMA_CONVERTER"
 GGUF_OUTTYPE = "bf16"
@@ -52,7 +53,7 @@ def _gguf(model_dir: Path) -> Path:
     return out
 
 
-def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, phases: PhaseBytes) -> dict[str, Any]:
+def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, phases: PhaseReadBytes) -> dict[str, Any]:
     if argument not in (None, "cpu-moe"):
         raise HarnessError(f"strategy 'llama.cpp' takes no argument or 'cpu-moe' (got {argument!r})")
     try:

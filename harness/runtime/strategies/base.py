@@ -32,8 +32,6 @@ class CacheRequest:
     policy: str
     seed: int
     io_threads: int
-    device: str | None
-    """Block device holding the expert file (for device read counters), None if unknown."""
 
 
 class Strategy(ABC):

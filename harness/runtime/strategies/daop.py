@@ -61,7 +61,7 @@ class DaopStyle(Strategy):
         self.act_fn = {m.layer: m.act_fn for m in engine.modules}
         per_layer = max(1, round(share * request.slots))
         book = ExpertCacheBook(engine.index.moe_layers, per_layer, "per-layer", StaticPlacement)
-        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book, request.device)
+        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
         self.recall = Recall()
         self.swaps_done = 0
         self.fallbacks = 0

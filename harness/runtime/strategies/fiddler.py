@@ -89,7 +89,7 @@ class FiddlerStyle(Strategy):
         self.index = engine.index
         pinned = max(1, round(share * request.slots))
         book = ExpertCacheBook(engine.index.moe_layers, pinned, "global", StaticPlacement)
-        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book, request.device)
+        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
         self._prefill_counts: Counter[ExpertKey] = Counter()
         self.decisions: Counter[str] = Counter()
         self.pinned_set = False

@@ -3,7 +3,7 @@ preallocated RAM slots, and every other expert read through a memory map of the 
 
 Under the cgroup RAM budget the OS page cache is the second tier's cache: a mapped expert's pages come
 from the SSD on first touch or after reclaim. Tensors over the map are views (no copies). Bytes read
-from the SSD for mapped access are taken from the block device's read counters, sampled at every
+from the SSD for mapped access are this process's device reads (/proc/self/io), sampled at every
 prefill/decode boundary, never inferred from accesses. Pinned slots are filled with O_DIRECT reads,
 counted like the expert cache's.
 """
@@ -17,7 +17,6 @@ from collections.abc import Iterator, Set
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from harness.cache.base import CachePolicy, ExpertKey
 from harness.cache.book import PHASES, ExpertCacheBook, Phase
@@ -25,6 +24,7 @@ from harness.runtime.expert_cache import IoStats, slot_views
 from harness.runtime.offloaded import ExpertWeights
 from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader
+from harness.telemetry.phase_io import PhaseReadBytes
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,13 @@ class StaticPlacement(CachePolicy):
         raise AssertionError("static placement never evicts on a miss")
 
 
-def _disk_read_bytes(device: str | None) -> int | None:
-    counters = psutil.disk_io_counters(perdisk=True) if device else None
-    return counters[device].read_bytes if counters and device in counters else None
-
-
 class MappedExperts:
     """An expert source: pinned slots (hits) first, else a view of the memory-mapped expert file."""
 
     def __init__(
-        self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook, device: str | None
+        self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook
     ) -> None:
-        self.index, self.reader, self.book, self.device = index, reader, book, device
+        self.index, self.reader, self.book = index, reader, book
         self.pool = AlignedPool(book.total_slots, index.stride_bytes)
         self.views = slot_views(self.pool.view, index, self.pool.slots)
         self.stats = IoStats()
@@ -74,9 +69,9 @@ class MappedExperts:
         self._mapped = slot_views(self._map, index, len(index.entries))
         self._position = {(e.layer, e.expert): e.offset // index.stride_bytes for e in index.entries}
         self.mapped_accesses = dict.fromkeys(PHASES, 0)
-        self.device_bytes_by_phase: dict[str, int | None] = dict.fromkeys(PHASES, 0 if device else None)
-        self._phase: Phase | None = None
-        self._sample: int | None = None
+        # Device reads through the map, per phase; the pinned tier's own O_DIRECT reads are excluded
+        # (they are counted as records, like the plain cache's).
+        self.device_reads = PhaseReadBytes()
 
     @property
     def slot_bytes(self) -> int:
@@ -94,6 +89,7 @@ class MappedExperts:
         if slot is None:
             return False
         record = self.reader.read_into(key, self.pool.slot(slot))
+        self.device_reads.exclude(record.nbytes)
         self.stats.records.append(record)
         self.stats.bytes_by_phase[phase] += record.nbytes
         return True
@@ -104,17 +100,12 @@ class MappedExperts:
     def is_pinned(self, key: ExpertKey) -> bool:
         return self.book.slot_of(key) is not None
 
-    def _mark_phase(self, phase: Phase | None) -> None:
-        """Attribute the device reads since the last boundary to the phase that was running."""
-        if phase == self._phase:
-            return
-        now = _disk_read_bytes(self.device)
-        if self._phase is not None and now is not None and self._sample is not None:
-            self.device_bytes_by_phase[self._phase] += now - self._sample  # type: ignore[operator]
-        self._phase, self._sample = phase, now
+    @property
+    def device_bytes_by_phase(self) -> dict[str, int]:
+        return self.device_reads.by_phase
 
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
-        self._mark_phase(phase)
+        self.device_reads.mark(phase)
         plan = self.book.step(layer, experts, now, phase)
         for (_, expert), slot in plan.hits:
             yield expert, self.views[slot]
@@ -127,7 +118,7 @@ class MappedExperts:
 
     def finish(self) -> None:
         """Close the last phase's device-read interval (the end of the measured run)."""
-        self._mark_phase(None)
+        self.device_reads.mark(None)
 
     def close(self) -> None:
         self._mapped.clear()
