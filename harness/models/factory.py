@@ -47,12 +47,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # A few MB: for tests. 8 experts, top-2, 2 layers.
+    # A few MB: for tests. 8 experts, top-2, 2 layers; full multi-head attention, as OLMoE has (llama.cpp
+    # assumes it for OLMoE).
     "tiny": Preset(
         hidden=64,
         layers=2,
         heads=4,
-        kv_heads=2,
+        kv_heads=4,
         experts=8,
         top_k=2,
         expert_intermediate=32,

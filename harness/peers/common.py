@@ -103,8 +103,8 @@ def peer_result(
     enforcement = current_enforcement(spec.ram_budget_bytes)
     known = True  # /proc/self/io is always there on Linux
     validity.note(
-        f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the block device's read counters "
-        "(other readers of the device in the same interval count too)"
+        f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the device reads this process "
+        "caused (/proc/self/io: page-cache misses and read-ahead through its memory map)"
     )
     metrics = {
         "prefill_tokens": sum(s.prompt_tokens for s in seqs),

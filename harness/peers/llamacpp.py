@@ -44,7 +44,17 @@ def _gguf(model_dir: Path) -> Path:
         )
     out.parent.mkdir(exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    argv = [sys.executable, converter, str(model_dir), "--outfile", str(partial), "--outtype", GGUF_OUTTYPE]
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.peers.gguf_convert",
+        converter,
+        str(model_dir),
+        "--outfile",
+        str(partial),
+        "--outtype",
+        GGUF_OUTTYPE,
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
