@@ -523,6 +523,8 @@ def _token_agreement(
     """
     cache = engine.cache
     counts, stats = copy.deepcopy(cache.book.counts), copy.deepcopy(cache.stats)  # type: ignore[union-attr]
+    # A memory-mapped source also counts the device reads of each phase: the exact pass must not add to them.
+    device_reads = copy.deepcopy(getattr(cache, "device_reads", None))
     sinks = [m.sink for m in engine.modules]
     for module in engine.modules:
         module.sink = None
@@ -536,6 +538,8 @@ def _token_agreement(
     finally:
         strategy.approximate = True
         cache.book.counts, cache.stats = counts, stats  # type: ignore[union-attr]
+        if device_reads is not None:
+            cache.device_reads = device_reads  # type: ignore[union-attr]
         for module, sink in zip(engine.modules, sinks, strict=True):
             module.sink = sink
     return {

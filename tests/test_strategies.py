@@ -111,6 +111,9 @@ def test_daop_reports_agreement_and_recall(tiny_model, tmp_path):
     assert 0 <= section["stats"]["prediction"]["recall"] <= 1
     assert section["stats"]["precomputed_experts"] > 0
     assert result["resolved"]["scope"] == "per-layer"
+    # The device reads this process made cover every byte the run counts (the unmeasured exact pass
+    # must not add to the measured bytes).
+    assert not any("did not reach the device" in reason for reason in result["validity"]["reasons"])
 
 
 def test_fiddler_cost_model_picks_the_cheaper_side():
