@@ -48,9 +48,7 @@ class StaticPlacement(CachePolicy):
 class MappedExperts:
     """An expert source: pinned slots (hits) first, else a view of the memory-mapped expert file."""
 
-    def __init__(
-        self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook
-    ) -> None:
+    def __init__(self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook) -> None:
         self.index, self.reader, self.book = index, reader, book
         self.pool = AlignedPool(book.total_slots, index.stride_bytes)
         self.views = slot_views(self.pool.view, index, self.pool.slots)
