@@ -186,7 +186,5 @@ class DaopStyle(Strategy):
             "swaps": self.swaps_done,
             "fallbacks": self.fallbacks,
             "precomputed_experts": self.precomputed,
-            "pinned_experts": len(self.source.book.resident_keys()),
-            "mapped_accesses": dict(self.source.mapped_accesses),
-            "mapped_device_read_bytes_by_phase": dict(self.source.device_bytes_by_phase),
+            **self.source.stats(),
         }

@@ -142,9 +142,7 @@ class FiddlerStyle(Strategy):
         return {
             "reduction": "cpu-only reduction",
             "popularity_profile": self.profile,
-            "pinned_experts": len(self.source.book.resident_keys()),
-            "mapped_accesses": dict(self.source.mapped_accesses),
-            "mapped_device_read_bytes_by_phase": dict(self.source.device_bytes_by_phase),
+            **self.source.stats(),
             "cost_model": {
                 "t_cpu_token_s": self.cost_model.t_cpu_token_s,
                 "t_copy_s": self.cost_model.t_copy_s,

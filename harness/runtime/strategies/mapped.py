@@ -102,6 +102,14 @@ class MappedExperts:
     def device_bytes_by_phase(self) -> dict[str, int]:
         return self.device_reads.by_phase
 
+    def stats(self) -> dict[str, object]:
+        """What the two tiers did: experts pinned, accesses served through the map and their device reads."""
+        return {
+            "pinned_experts": len(self.book.resident_keys()),
+            "mapped_accesses": dict(self.mapped_accesses),
+            "mapped_device_read_bytes_by_phase": dict(self.device_bytes_by_phase),
+        }
+
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         self.device_reads.mark(phase)
         plan = self.book.step(layer, experts, now, phase)
