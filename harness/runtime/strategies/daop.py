@@ -186,5 +186,5 @@ class DaopStyle(Strategy):
             "swaps": self.swaps_done,
             "fallbacks": self.fallbacks,
             "precomputed_experts": self.precomputed,
-            **self.source.stats(),
+            **self.source.tier_stats(),
         }

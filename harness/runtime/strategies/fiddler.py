@@ -142,7 +142,7 @@ class FiddlerStyle(Strategy):
         return {
             "reduction": "cpu-only reduction",
             "popularity_profile": self.profile,
-            **self.source.stats(),
+            **self.source.tier_stats(),
             "cost_model": {
                 "t_cpu_token_s": self.cost_model.t_cpu_token_s,
                 "t_copy_s": self.cost_model.t_copy_s,

@@ -102,7 +102,7 @@ class MappedExperts:
     def device_bytes_by_phase(self) -> dict[str, int]:
         return self.device_reads.by_phase
 
-    def stats(self) -> dict[str, object]:
+    def tier_stats(self) -> dict[str, object]:
         """What the two tiers did: experts pinned, accesses served through the map and their device reads."""
         return {
             "pinned_experts": len(self.book.resident_keys()),
