@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +34,7 @@ from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
+from harness.runtime.timing import percentiles, timing_metrics
 from harness.spec import RunSpec
 from harness.ssd.devices import block_device_for_path, describe_path
 from harness.ssd.readtime import load_profile_for_path, profile_for_path
@@ -42,20 +42,19 @@ from harness.store.layout import INDEX_FILE, PackIndex
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
-from harness.trace.recorder import RoutingRecorder
-from harness.trace.schema import TraceMeta, read_trace
+from harness.trace.recorder import RoutingRecorder, trace_meta
+from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
-from harness.workloads import PromptItem, load_workload
+from harness.workloads import PromptItem, select_prompts
 
 log = logging.getLogger(__name__)
 
 WORKSPACE_RESERVE_BYTES = 256 << 20
 """Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
 A documented default; the run records it and the measured peak RSS so it can be checked."""
-MIN_STEADY_DECODE_STEPS = 16
 READS_FILE = "expert_reads.parquet"
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
-"""Fewer steady-state decode steps than this make tokens/s and latency percentiles unreliable."""
+"""Filesystems in memory: an expert file there measures RAM, not an SSD."""
 
 
 @dataclass
@@ -146,13 +145,6 @@ def resolve_slots(
     if slots < k:
         raise HarnessError(f"the cache needs at least top_k={k} slots per eviction group (got {slots})")
     return min(slots, maximum), how
-
-
-def _percentiles(values: list[float] | np.ndarray, qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
-    if len(values) == 0:
-        return {f"p{q}": None for q in qs} | {"mean": None}
-    arr = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in qs} | {"mean": float(arr.mean())}
 
 
 def _busy_seconds(records: list[IoRecord]) -> float:
@@ -273,15 +265,8 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     model_dir, index = preflight(spec)
     device = resolve_device(spec.device)
     config = load_config(model_dir)
-    prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
-    prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
     random_init = bool(getattr(config, HARNESS_MARKER, None))
-    decode_mode = spec.decode or ("teacher-forced" if random_init else "greedy")
-    if decode_mode == "teacher-forced" and any(not p.reference for p in prompts):
-        raise HarnessError(
-            "teacher-forced decoding needs a 'reference' continuation for every prompt; "
-            "use --decode greedy or a workload with references"
-        )
+    prompts, decode_mode = select_prompts(spec, random_init)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
 
@@ -302,17 +287,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     telemetry = Telemetry(spec.telemetry_hz, device=disk, cgroup_path=enforcement.cgroup_path).start()
     telemetry.event("load_start")
 
-    trace_meta = TraceMeta(
-        model=str(spec.model),
-        architecture=config.model_type,
-        num_layers=config.num_hidden_layers,
-        moe_layers=index.moe_layers,
-        num_experts=index.num_experts,
-        top_k=index.top_k,
-        expert_bytes=index.expert_bytes,
-        source=f"harness run {spec.run_id}",
-    )
-    recorder = RoutingRecorder(trace_meta)
+    recorder = RoutingRecorder(trace_meta(str(spec.model), config, index, f"harness run {spec.run_id}"))
     load_start = time.perf_counter()
     engine = OffloadEngine(model_dir, index, experts_file, packed["dense"], spec.io_engine, recorder)
     try:
@@ -376,11 +351,9 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     trace_path = recorder.writer.write(run_dir / "trace.parquet")
     stats = cache.stats
     book = cache.book
-    steady = [s for seq in logs for s in seq.step_s[spec.warmup_steps :]]
+    timing = timing_metrics(logs, spec.warmup_steps, load_s, validity)
     decode_s = sum(s for seq in logs for s in seq.step_s)
-    decode_steps = sum(len(seq.step_s) for seq in logs)
-    prefill_tokens = sum(seq.prompt_tokens for seq in logs)
-    prefill_s = sum(seq.prefill_s for seq in logs)
+    decode_steps = timing["decode_tokens"]
     read_lat = [(r.end_ns - r.start_ns) / 1e9 for r in stats.records]
     read_bytes = sum(r.nbytes for r in stats.records)
     bytes_by_phase = dict(stats.bytes_by_phase)
@@ -395,11 +368,6 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     busy = _busy_seconds(stats.records)
     decode_hits = book.total("decode")
     prefill_hits = book.total("prefill")
-    if len(steady) < MIN_STEADY_DECODE_STEPS:
-        validity.fail(
-            f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})",
-            "raise --max-new-tokens or use more prompts",
-        )
     if engine.reader.engine != "direct":
         validity.note(
             f"expert reads are buffered with the file dropped from the page cache: {engine.reader.fallback_reason}"
@@ -422,14 +390,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         )
     routing = routing_stats(read_trace(trace_path))
     metrics = {
-        "prefill_tokens": prefill_tokens,
-        "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
-        "decode_tokens": decode_steps,
-        "decode_steady_tokens": len(steady),
-        "decode_tokens_per_s": len(steady) / sum(steady) if steady else None,
-        "ttft_s": _percentiles([seq.prefill_s for seq in logs]),
-        "cold_start": {"load_s": load_s, "first_ttft_s": logs[0].prefill_s if logs else None},
-        "token_latency_s": _percentiles(steady),
+        **timing,
         "hits": _hits(book),
         "hit_rate_decode": decode_hits.hit_rate,
         "hit_rate_prefill": prefill_hits.hit_rate,
@@ -437,7 +398,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "ssd_read_bytes_by_phase": bytes_by_phase,
         "ssd_read_bytes_per_token": bytes_by_phase["decode"] / decode_steps if decode_steps else None,
         "expert_reads": len(stats.records),
-        "expert_read_latency_s": _percentiles(read_lat, (50, 90, 99)),
+        "expert_read_latency_s": percentiles(read_lat),
         "expert_read_throughput_bytes_per_s": read_bytes / busy if busy else None,
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.spec import RunSpec
 
 PROMPTS_DIR = Path("workloads") / "prompts"
 
@@ -44,3 +45,17 @@ def load_workload(name: str) -> list[PromptItem]:
     if not items:
         raise HarnessError(f"{path} holds no prompts")
     return items
+
+
+def select_prompts(spec: RunSpec, random_init: bool) -> tuple[list[PromptItem], str]:
+    """The cell's prompts and decoding mode: teacher-forced by default for random-init models (their free
+    generation collapses into repeated tokens), greedy otherwise."""
+    prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
+    prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
+    mode = spec.decode or ("teacher-forced" if random_init else "greedy")
+    if mode == "teacher-forced" and any(not p.reference for p in prompts):
+        raise HarnessError(
+            "teacher-forced decoding needs a 'reference' continuation for every prompt; "
+            "use --decode greedy or a workload with references"
+        )
+    return prompts, mode

@@ -20,28 +20,14 @@ import torch
 from harness.models.adapters import load_config
 from harness.models.packer import pack_model, pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.runtime.offloaded import StepContext
-from harness.trace.schema import TraceMeta, TraceWriter, read_trace
+from harness.trace.recorder import RoutingRecorder, trace_meta
+from harness.trace.schema import read_trace
 from harness.trace.simulate import simulate
 from harness.trace.stats import REAL_RANGE, routing_stats
 from harness.workloads import load_workload
 
 CHUNK_TOKENS = 512
 """Tokens per teacher-forced forward pass (a sequence of the trace)."""
-
-
-class PerTokenSink:
-    """Writes one trace row per token with its own step number, so replay sees token steps."""
-
-    def __init__(self, meta: TraceMeta) -> None:
-        self.writer = TraceWriter(meta)
-        self.base_step = 0
-
-    def record(self, ctx: StepContext, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        order = torch.argsort(top_k_weights.float(), dim=-1, descending=True, stable=True)
-        experts = torch.gather(top_k_index, -1, order).tolist()
-        for t, ids in enumerate(experts):
-            self.writer.add(ctx.seq_id, t, self.base_step + t, "decode", layer, ids, None)
 
 
 def _text(with_workload: bool) -> str:
@@ -70,26 +56,18 @@ def main(model_dir: Path, tokens: int, out: Path | None, with_workload: bool) ->
     index, _ = pack_model(model_dir)
     paths = pack_paths(model_dir)
     config = load_config(model_dir)
-    meta = TraceMeta(
-        model=str(model_dir),
-        architecture=config.model_type,
-        num_layers=config.num_hidden_layers,
-        moe_layers=index.moe_layers,
-        num_experts=index.num_experts,
-        top_k=index.top_k,
-        expert_bytes=index.expert_bytes,
-        source="harness.benchmarks.routing (teacher-forced text)",
-    )
-    sink = PerTokenSink(meta)
+    meta = trace_meta(str(model_dir), config, index, "harness.benchmarks.routing (teacher-forced text)")
+    sink = RoutingRecorder(meta, token_steps=True)
     engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"], sink=sink)
     engine.configure_cache(index.num_experts, "per-layer", "lru", seed=0, io_threads=4)
     ids = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).encode(_text(with_workload))[:tokens]
     with torch.inference_mode():
         for seq, start in enumerate(range(0, len(ids), CHUNK_TOKENS)):
             chunk = ids[start : start + CHUNK_TOKENS]
-            engine.ctx.seq_id, engine.ctx.phase = seq, "prefill"
+            # Each token is its own step (one access per token, layer and expert), labelled decode.
+            engine.ctx.seq_id, engine.ctx.phase, engine.ctx.first_pos = seq, "decode", 0
             engine.model(input_ids=torch.tensor([chunk]))
-            sink.base_step += len(chunk)
+            engine.ctx.now += len(chunk)
     engine.close()
     path = out or Path(tempfile.mkdtemp()) / "routing.parquet"
     trace = read_trace(sink.writer.write(path))

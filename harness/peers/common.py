@@ -8,7 +8,6 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,12 @@ from harness.budget import budget_status
 from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
+from harness.runtime.generation import SequenceLog
+from harness.runtime.timing import timing_metrics
 from harness.spec import RunSpec
 from harness.ssd.devices import describe_path
 from harness.telemetry.phase_io import PhaseReadBytes
-from harness.workloads import PromptItem, load_workload
+from harness.workloads import PromptItem, select_prompts
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,8 @@ class PeerUnavailable(Exception):
     """The peer cannot run on this machine (package missing, converter missing): the cell is skipped."""
 
 
-@dataclass
-class PeerSequence:
-    prompt_tokens: int
-    prefill_s: float = 0.0
-    step_s: list[float] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-
-
 def workload(spec: RunSpec, model_dir: Path) -> tuple[list[PromptItem], str]:
-    prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
-    prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
-    random_init = bool(getattr(load_config(model_dir), HARNESS_MARKER, None))
-    mode = spec.decode or ("teacher-forced" if random_init else "greedy")
-    return prompts, mode
+    return select_prompts(spec, bool(getattr(load_config(model_dir), HARNESS_MARKER, None)))
 
 
 def decode_loop(
@@ -51,9 +40,9 @@ def decode_loop(
     mode: str,
     reference_ids: list[int] | None,
     phases: PhaseReadBytes,
-) -> PeerSequence:
+) -> SequenceLog:
     """The harness's loop for a peer: `step(ids, first)` feeds tokens and returns the argmax next token."""
-    seq = PeerSequence(len(prompt_ids))
+    seq = SequenceLog(prompt_tokens=len(prompt_ids))
     if mode == "teacher-forced":
         max_new_tokens = min(max_new_tokens, len(reference_ids or []) + 1)
     phases.mark("prefill")
@@ -72,20 +61,11 @@ def decode_loop(
     return seq
 
 
-def _pct(values: list[float]) -> dict[str, float | None]:
-    import numpy as np
-
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    arr = np.asarray(values)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"mean": float(arr.mean())}
-
-
 def peer_result(
     spec: RunSpec,
     model_dir: Path,
     name: str,
-    seqs: list[PeerSequence],
+    seqs: list[SequenceLog],
     phases: PhaseReadBytes,
     section: dict[str, Any],
     resolved: dict[str, Any],
@@ -93,35 +73,27 @@ def peer_result(
     load_s: float,
     mode: str,
 ) -> dict[str, Any]:
-    from harness.run import MIN_STEADY_DECODE_STEPS, current_enforcement
+    from harness.run import current_enforcement
 
-    steady = [s for seq in seqs for s in seq.step_s[spec.warmup_steps :]]
-    decode_steps = sum(len(seq.step_s) for seq in seqs)
-    prefill_s = sum(s.prefill_s for s in seqs)
-    if len(steady) < MIN_STEADY_DECODE_STEPS:
-        validity.fail(f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})", "raise tokens")
     enforcement = current_enforcement(spec.ram_budget_bytes)
-    known = True  # /proc/self/io is always there on Linux
     validity.note(
         f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the device reads this process "
         "caused (/proc/self/io: page-cache misses and read-ahead through its memory map)"
     )
+    timing = timing_metrics(seqs, spec.warmup_steps, load_s, validity)
     metrics = {
-        "prefill_tokens": sum(s.prompt_tokens for s in seqs),
-        "prefill_tokens_per_s": sum(s.prompt_tokens for s in seqs) / prefill_s if prefill_s else None,
-        "decode_tokens": decode_steps,
-        "decode_steady_tokens": len(steady),
-        "decode_tokens_per_s": len(steady) / sum(steady) if steady else None,
-        "ttft_s": _pct([s.prefill_s for s in seqs]),
-        "cold_start": {"load_s": load_s, "first_ttft_s": seqs[0].prefill_s if seqs else None},
-        "token_latency_s": _pct(steady),
+        **timing,
         "hits": None,
         "hit_rate_decode": None,
         "hit_rate_prefill": None,
-        "ssd_read_bytes": sum(phases.by_phase.values()) if known else None,
-        "ssd_read_bytes_by_phase": dict(phases.by_phase) if known else None,
-        "ssd_read_bytes_per_token": phases.by_phase["decode"] / decode_steps if known and decode_steps else None,
-        "device_read_bytes": sum(phases.by_phase.values()) if known else None,
+        "ssd_read_bytes": phases.total,
+        "ssd_read_bytes_by_phase": dict(phases.by_phase),
+        "ssd_read_bytes_per_token": (
+            phases.by_phase["decode"] / timing["decode_tokens"] if timing["decode_tokens"] else None
+        ),
+        # The peer's only byte count is the per-process one; the whole-disk window is not taken.
+        "device_read_bytes": None,
+        "process_read_bytes": phases.total,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "cgroup": budget_status(enforcement),
     }

@@ -24,18 +24,15 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from harness.cache.base import ExpertKey
-from harness.cache.book import ExpertCacheBook
-from harness.errors import HarnessError
 from harness.runtime.offloaded import Contribution, OffloadedExperts, Routing, expert_forward
 from harness.runtime.strategies.base import (
     CacheRequest,
     GatePredictor,
     Recall,
-    Strategy,
     layer_experts,
     register_strategy,
 )
-from harness.runtime.strategies.mapped import MappedExperts, StaticPlacement, most_popular, popularity_from_trace
+from harness.runtime.strategies.mapped import MappedExperts, TwoTierStrategy, most_popular, popularity_from_trace
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
@@ -45,7 +42,7 @@ SWAP_MARGIN = 1.05
 
 
 @register_strategy
-class DaopStyle(Strategy):
+class DaopStyle(TwoTierStrategy):
     name = "daop"
     exact = False
     forced_scope = "per-layer"
@@ -54,14 +51,9 @@ class DaopStyle(Strategy):
     positional = "trace"
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> MappedExperts:
-        share = float(self.params["pin"])  # type: ignore[arg-type]
-        if not 0 < share <= 1:
-            raise HarnessError(f"daop pin share must be in (0, 1] (got {share})")
         self.index, self.gates = engine.index, GatePredictor(engine)
         self.act_fn = {m.layer: m.act_fn for m in engine.modules}
-        per_layer = max(1, round(share * request.slots))
-        book = ExpertCacheBook(engine.index.moe_layers, per_layer, "per-layer", StaticPlacement)
-        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
+        self._two_tiers(engine, request.slots, "per-layer")
         self.recall = Recall()
         self.swaps_done = 0
         self.fallbacks = 0
@@ -73,7 +65,8 @@ class DaopStyle(Strategy):
         self.deviations = [
             "no GPU: the RAM-resident set (pinned slots) stands for the GPU-resident set, the memory-mapped expert "
             "file under the page cache for host DRAM; every expert computes on the CPU",
-            f"fast tier: {share:.0%} of the budget's expert memory, {per_layer} experts per layer; leftover slots are "
+            f"fast tier: {float(self.params['pin']):.0%} of the budget's expert memory, "
+            f"{self.source.book.capacity} experts per layer; leftover slots are "
             "not assigned by global popularity (equal slots per layer)",
             f"top-{engine.index.top_k} generalisation of the top-2 fallback: if none of the predicted experts is "
             "resident, the weakest is replaced by the best-scoring resident one and the weights rescaled to the "
@@ -175,16 +168,11 @@ class DaopStyle(Strategy):
             self._precalc[target] = (predicted, future)
         return used
 
-    def finish(self) -> None:
-        self.source.finish()
-
     def stats(self) -> dict[str, object]:
         return {
-            "reduction": "cpu-only reduction",
-            "popularity_profile": self.profile,
+            **super().stats(),
             "prediction": self.recall.to_dict(),
             "swaps": self.swaps_done,
             "fallbacks": self.fallbacks,
             "precomputed_experts": self.precomputed,
-            **self.source.tier_stats(),
         }

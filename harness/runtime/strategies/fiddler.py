@@ -20,11 +20,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from harness.cache.base import ExpertKey
-from harness.cache.book import ExpertCacheBook
-from harness.errors import HarnessError
 from harness.runtime.offloaded import ExpertWeights, OffloadedExperts, Routing, expert_forward
-from harness.runtime.strategies.base import CacheRequest, Strategy, register_strategy
-from harness.runtime.strategies.mapped import MappedExperts, StaticPlacement, most_popular, popularity_from_trace
+from harness.runtime.strategies.base import CacheRequest, register_strategy
+from harness.runtime.strategies.mapped import MappedExperts, TwoTierStrategy, most_popular, popularity_from_trace
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
@@ -75,7 +73,7 @@ def measure_cost_model(act_fn: torch.nn.Module, weights: ExpertWeights, hidden_s
 
 
 @register_strategy
-class FiddlerStyle(Strategy):
+class FiddlerStyle(TwoTierStrategy):
     name = "fiddler"
     forced_scope = "global"
     parameters: ClassVar[dict[str, object]] = {"trace": None, "pin": 0.5}
@@ -83,13 +81,8 @@ class FiddlerStyle(Strategy):
     positional = "trace"
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> MappedExperts:
-        share = float(self.params["pin"])  # type: ignore[arg-type]
-        if not 0 < share <= 1:
-            raise HarnessError(f"fiddler pin share must be in (0, 1] (got {share})")
         self.index = engine.index
-        pinned = max(1, round(share * request.slots))
-        book = ExpertCacheBook(engine.index.moe_layers, pinned, "global", StaticPlacement)
-        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
+        self._two_tiers(engine, request.slots, "global")
         self._prefill_counts: Counter[ExpertKey] = Counter()
         self.decisions: Counter[str] = Counter()
         self.pinned_set = False
@@ -98,7 +91,8 @@ class FiddlerStyle(Strategy):
             "cpu-only reduction: no GPU, so the GPU tier is RAM slots pinned with the most popular experts "
             "and every expert computes on the CPU; the rest is read through a memory map of the expert file "
             "(the OS page cache under the RAM budget stands for Fiddler's host DRAM)",
-            f"pinned tier: {share:.0%} of the budget's expert memory ({pinned} experts); the rest is left to the "
+            f"pinned tier: {float(self.params['pin']):.0%} of the budget's expert memory "
+            f"({self.source.book.capacity} experts); the rest is left to the "
             "page cache (a harness choice: Fiddler's DRAM holds every expert)",
             "mapped file advised MADV_RANDOM (no read-around) and MADV_WILLNEED per needed expert",
         ]
@@ -135,14 +129,9 @@ class FiddlerStyle(Strategy):
             self.decisions[self.cost_model.side(n, self.source.is_pinned((module.layer, e)))] += 1
         return routing
 
-    def finish(self) -> None:
-        self.source.finish()
-
     def stats(self) -> dict[str, object]:
         return {
-            "reduction": "cpu-only reduction",
-            "popularity_profile": self.profile,
-            **self.source.tier_stats(),
+            **super().stats(),
             "cost_model": {
                 "t_cpu_token_s": self.cost_model.t_cpu_token_s,
                 "t_copy_s": self.cost_model.t_copy_s,

@@ -15,16 +15,22 @@ import mmap
 import os
 from collections.abc import Iterator, Set
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harness.cache.base import CachePolicy, ExpertKey
-from harness.cache.book import PHASES, ExpertCacheBook, Phase
+from harness.cache.book import PHASES, ExpertCacheBook, Phase, Scope
+from harness.errors import HarnessError
 from harness.runtime.expert_cache import IoStats, slot_views
 from harness.runtime.offloaded import ExpertWeights
+from harness.runtime.strategies.base import Strategy
 from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader
 from harness.telemetry.phase_io import PhaseReadBytes
+
+if TYPE_CHECKING:
+    from harness.runtime.engine import OffloadEngine
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +161,26 @@ def popularity_from_trace(path: str, index: PackIndex) -> dict[ExpertKey, int]:
 def most_popular(counts: dict[ExpertKey, int], keys: list[ExpertKey], n: int) -> list[ExpertKey]:
     """The `n` most accessed of `keys` (ties: lower layer, then lower expert id)."""
     return sorted(keys, key=lambda k: (-counts.get(k, 0), k))[:n]
+
+
+class TwoTierStrategy(Strategy):
+    """What Fiddler- and DAOP-style share: a share (`pin`) of the cache's slots pinned in RAM over the
+    memory-mapped expert file, reduced to the CPU here; subclasses place the pinned set."""
+
+    source: MappedExperts
+    profile: str
+    """Where the popularity that places the pinned set comes from."""
+
+    def _two_tiers(self, engine: OffloadEngine, slots: int, scope: Scope) -> MappedExperts:
+        share = float(self.params["pin"])  # type: ignore[arg-type]
+        if not 0 < share <= 1:
+            raise HarnessError(f"{self.name} pin share must be in (0, 1] (got {share})")
+        book = ExpertCacheBook(engine.index.moe_layers, max(1, round(share * slots)), scope, StaticPlacement)
+        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
+        return self.source
+
+    def finish(self) -> None:
+        self.source.finish()
+
+    def stats(self) -> dict[str, object]:
+        return {"reduction": "cpu-only reduction", "popularity_profile": self.profile, **self.source.tier_stats()}
