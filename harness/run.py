@@ -7,7 +7,6 @@ engine's interface.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import resource
@@ -483,9 +482,7 @@ def _token_agreement(
     The measured run's counters are restored afterwards and the routing recorder is detached meanwhile.
     """
     cache = engine.cache
-    counts, stats = copy.deepcopy(cache.book.counts), copy.deepcopy(cache.stats)  # type: ignore[union-attr]
-    # A memory-mapped source also counts the device reads of each phase: the exact pass must not add to them.
-    device_reads = copy.deepcopy(getattr(cache, "device_reads", None))
+    saved = cache.snapshot()  # type: ignore[union-attr]
     sinks = [m.sink for m in engine.modules]
     for module in engine.modules:
         module.sink = None
@@ -498,9 +495,7 @@ def _token_agreement(
             total += len(exact.token_ids)
     finally:
         strategy.approximate = True
-        cache.book.counts, cache.stats = counts, stats  # type: ignore[union-attr]
-        if device_reads is not None:
-            cache.device_reads = device_reads  # type: ignore[union-attr]
+        cache.restore(saved)  # type: ignore[union-attr]
         for module, sink in zip(engine.modules, sinks, strict=True):
             module.sink = sink
     return {

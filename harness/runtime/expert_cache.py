@@ -9,6 +9,7 @@ compute; a slot is never written while an earlier read into it is still in fligh
 
 from __future__ import annotations
 
+import copy
 import mmap
 import time
 from collections.abc import Iterator
@@ -149,6 +150,12 @@ class ExpertCache:
         for key in [k for k in self.book.resident_keys() | self.book.staged_keys() if k[0] == layer]:
             self.book.discard(key, now)
             self._forget_prefetched([key])
+
+    def snapshot(self) -> object:
+        return copy.deepcopy((self.book.counts, self.stats))
+
+    def restore(self, saved: object) -> None:
+        self.book.counts, self.stats = saved  # type: ignore[misc]
 
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for every needed expert: hits at once, loads as their reads complete.

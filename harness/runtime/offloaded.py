@@ -45,6 +45,14 @@ class ExpertSource(Protocol):
 
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]: ...
 
+    def snapshot(self) -> object:
+        """A copy of every measured counter (hits, reads, bytes), for an unmeasured pass to be undone."""
+        ...
+
+    def restore(self, saved: object) -> None:
+        """Put back the counters of `snapshot`."""
+        ...
+
 
 @dataclass
 class Routing:

@@ -10,6 +10,7 @@ counted like the expert cache's.
 
 from __future__ import annotations
 
+import copy
 import logging
 import mmap
 import os
@@ -107,6 +108,13 @@ class MappedExperts:
     @property
     def device_bytes_by_phase(self) -> dict[str, int]:
         return self.device_reads.by_phase
+
+    def snapshot(self) -> object:
+        # The device reads and map accesses of each phase are measured too, beside the book's and pin reads.
+        return copy.deepcopy((self.book.counts, self.stats, self.device_reads, self.mapped_accesses))
+
+    def restore(self, saved: object) -> None:
+        self.book.counts, self.stats, self.device_reads, self.mapped_accesses = saved  # type: ignore[misc]
 
     def tier_stats(self) -> dict[str, object]:
         """What the two tiers did: experts pinned, accesses served through the map and their device reads."""
