@@ -186,6 +186,26 @@ def test_fused_replace_decides_as_victim_evict_insert(fused, unfused):
             assert a.evicted == b.evicted and a.loads == b.loads
 
 
+@pytest.mark.parametrize("policy", [*ONLINE, "belady", "belady-bypass"])
+def test_replay_batch_calls_decide_as_the_per_key_loop(policy):
+    # `account` (replay) uses access_step/replace_step once the cache is full; `step` calls the per-key
+    # hooks. Both must leave the same keys in the same slots after every step, and count the same hits.
+    trace = random_trace(5, seqs=1, rows=300, layers=2, experts=12, k=4)
+    (stream,) = build_replay(trace).streams
+    for scope, capacity in (("per-layer", 5), ("global", 9), ("per-layer", 3)):
+        books = [
+            ExpertCacheBook([0, 1], capacity, scope, policy_factory(policy, 3, future=stream.future()))
+            for _ in range(2)
+        ]
+        for layer, keys, now, phase in stream.calls:
+            books[0].account(layer, keys, now, phase)
+            books[1].step(layer, [e for _, e in keys], now, phase)
+            slots = [{key: book.slot_of(key) for key in book.resident_keys()} for book in books]
+            assert slots[0] == slots[1], (scope, capacity, now)
+        assert books[0].total() == books[1].total()
+        assert 0 < books[0].total().hits < books[0].total().accesses
+
+
 @pytest.mark.parametrize("policy", ONLINE)
 def test_policies_survive_the_engines_calls_between_steps(policy):
     # The live engine also prefetches (victim + on_evict between steps), places experts without an

@@ -7,10 +7,13 @@ By default it imports the FLAME slice (`../shared/traces/flame-moe-290m` next to
 this process (one core; `time.process_time`, steadier than wall time on a shared machine), best of
 `--repeat` runs; the trace preparation (`build_replay`, once per trace) is timed on its own. The row
 `lru (all resident)` has room for every expert, so nothing is evicted: it measures the loop's own cost.
+The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
+on different machines can be set side by side.
 """
 
 from __future__ import annotations
 
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +45,7 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     prepare_s = time.process_time() - started
     accesses = replay.accesses
     slots = parse_capacities(capacity, trace.meta.num_experts, len(trace.meta.moe_layers), "per-layer")
+    click.echo(f"python {platform.python_version()}: {_loop_ns():.0f} ns per iteration of `for i in range(n): x += i`")
     click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace)")
     click.echo(f"{'policy':<22}" + "".join(f"{f'{c} slots':>16}" for c in slots) + "   (million accesses / CPU s)")
     cells = [(p, slots) for p in policies.split(",")] + [("lru", [trace.meta.num_experts])]
@@ -52,6 +56,18 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
             rates.append(f"{accesses / best / 1e6:>16.2f}")
         label = policy if capacities is slots else f"{policy} (all resident)"
         click.echo(f"{label:<22}" + "".join(rates))
+
+
+def _loop_ns(n: int = 2_000_000, repeat: int = 5) -> float:
+    """CPU nanoseconds per iteration of a plain integer loop, best of `repeat`: the interpreter's speed here."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        x = 0
+        for i in range(n):
+            x += i
+        best = min(best, time.process_time() - started)
+    return best / n * 1e9
 
 
 def _cpu_seconds(replay: Replay, policy: str, capacity: int) -> float:

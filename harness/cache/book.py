@@ -55,6 +55,7 @@ class _Partition:
     """
 
     __slots__ = (
+        "access_step",
         "admit",
         "free",
         "on_access",
@@ -63,6 +64,7 @@ class _Partition:
         "on_step",
         "policy",
         "replace",
+        "replace_step",
         "resident",
         "staged",
     )
@@ -77,6 +79,8 @@ class _Partition:
         self.on_miss = policy.on_access if policy.observes_misses else None
         self.replace = policy.replace
         self.on_insert = policy.on_insert
+        self.access_step = policy.access_step
+        self.replace_step = policy.replace_step
         self.admit = None if type(policy).admit is CachePolicy.admit else policy.admit
         self.on_step = None if type(policy).on_step is CachePolicy.on_step else policy.on_step
 
@@ -143,9 +147,29 @@ class ExpertCacheBook:
     def account(self, layer: int, keys: tuple[ExpertKey, ...], now: int, phase: Phase = "decode") -> None:
         """`step` without a plan, for replay: `keys` are the step's distinct keys of `layer`, sorted by expert.
 
-        The simulator prepares the keys once per trace; the loop is the same one `step` runs.
+        The simulator prepares the keys once per trace. Once the group is full (no free slot, nothing
+        staged, every miss admitted), the step is handled with the policy's batch calls (`access_step`,
+        `replace_step`: the same decisions as the per-key hooks, fewer calls); otherwise by `_run`.
         """
-        self._run(layer, keys, now, phase, None)
+        group = self._groups[layer]
+        if group.free or group.staged or group.admit is not None:
+            self._run(layer, keys, now, phase, None)
+            return
+        if group.on_step is not None:
+            group.on_step(layer, now)
+        resident = group.resident
+        misses = group.access_step(keys, resident, now)
+        counts = self.counts[phase][layer]
+        hits = len(keys) - len(misses)
+        counts.hits += hits
+        if not misses:
+            return
+        counts.misses += len(misses)
+        if len(resident) - hits < len(misses):  # more misses than candidates: evict what there is, stream the rest
+            self._insert(group, keys, misses, now, None)
+            return
+        victims = group.replace_step(resident.keys(), keys, misses, now)
+        resident.update(zip(misses, map(resident.pop, victims), strict=True))  # each miss takes a victim's slot
 
     def _run(self, layer: int, needed: tuple[ExpertKey, ...], now: int, phase: Phase, plan: StepPlan | None) -> None:
         group = self._groups[layer]
@@ -184,31 +208,19 @@ class ExpertCacheBook:
                     plan.dropped.append(key)
         counts = self.counts[phase][layer]
         counts.hits += hits
-        if not misses:
-            return
-        counts.misses += len(misses)
-        free = group.free
-        candidates: set[ExpertKey] | None = None
-        if not free and plan is None and group.admit is None:
-            # Replay fast path (full cache, no plan, every miss admitted): the loop below, minus its
-            # branches and its copy. The step's resident keys are held out of `resident` meanwhile, so
-            # its live key view is exactly the candidate set; they return, with the loaded misses, at the end.
-            held: dict[ExpertKey, int] = {}
-            for key in needed:
-                slot = resident.pop(key, None)
-                if slot is not None:
-                    held[key] = slot
-            view = resident.keys()
-            try:
-                if len(view) >= len(misses):
-                    replace = group.replace
-                    for key in misses:
-                        held[key] = resident.pop(replace(view, key, now))
-                    return
-            finally:
-                resident.update(held)
+        if misses:
+            counts.misses += len(misses)
+            self._insert(group, needed, misses, now, plan)
+
+    @staticmethod
+    def _insert(
+        group: _Partition, needed: tuple[ExpertKey, ...], misses: list[ExpertKey], now: int, plan: StepPlan | None
+    ) -> None:
+        """Give each miss a free slot or a victim's, or stream it (no candidate left, or not admitted)."""
+        resident, free = group.resident, group.free
         # Built on the first eviction and kept current (the victim leaves it; inserted keys are
         # needed, so never candidates): the same set the policy would see if rebuilt per miss.
+        candidates: set[ExpertKey] | None = None
         for key in misses:
             if free:
                 slot = free.pop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Set
+from collections.abc import Container, Sequence, Set
 
 from harness.cache.base import CachePolicy, ExpertKey
 from harness.cache.registry import register_policy
@@ -23,11 +23,13 @@ class LFU(CachePolicy):
     """Lifetime counts; ties go to the least recently used key, in LRU's order (within one step, the hits,
     by expert id, were touched before the misses were inserted, by expert id).
 
-    Resident keys sit in one bucket per count, each bucket in LRU order, so a victim is the first key of
-    the lowest bucket, found without a scan. The keys of the step being handled are held back in
-    `_pending` (they can never be victims of their own step) and join their buckets, in the order they
-    were touched, when the next step starts (`on_step`), or earlier where `victim` is called from outside
-    the loop's fused `replace` (an engine's prefetch between steps): the hot path then scans candidates only.
+    Resident keys are ranked by (count, rank), where the rank grows each time a key takes its place in
+    the order; the ranking is a heap of (count, rank, key) entries, so a victim is the heap's top, found
+    without a scan. A key's entry goes stale (is dropped when it reaches the top) once the key is touched
+    or evicted: `_rank` holds the rank of each key's live entry. The keys of the step being handled are
+    held back in `_pending` (they can never be victims of their own step) and take their places, in the
+    order they were touched, when the next step starts (`on_step`), or earlier where `victim` is called
+    from outside the loop's fused `replace` (an engine's prefetch between steps, LeCaR).
     """
 
     name = "lfu"
@@ -35,94 +37,107 @@ class LFU(CachePolicy):
     def __init__(self, capacity: int, seed: int = 0) -> None:
         super().__init__(capacity, seed)
         self._count: dict[ExpertKey, int] = {}
-        self._buckets: dict[int, dict[ExpertKey, None]] = {}
-        # Counts of the buckets, as a heap with stale entries (buckets since emptied) popped lazily.
-        self._heap: list[int] = []
+        self._heap: list[tuple[int, int, ExpertKey]] = []
+        self._rank: dict[ExpertKey, int] = {}  # resident, placed keys -> rank of their live heap entry
+        self._next_rank = 0
         self._pending: list[ExpertKey] = []  # touched by the current step, in touch order
 
     def _flush(self) -> None:
-        buckets, count = self._buckets, self._count
+        count, rank, heap = self._count, self._rank, self._heap
+        r = self._next_rank
         for key in self._pending:
-            c = count.get(key, 0)  # 0: inserted without an access (an engine's static placement)
-            bucket = buckets.get(c)
-            if bucket is None:
-                buckets[c] = {key: None}
-                heapq.heappush(self._heap, c)
-            else:
-                bucket[key] = None
+            rank[key] = r
+            # count 0: inserted without an access (an engine's static placement)
+            heapq.heappush(heap, (count.get(key, 0), r, key))
+            r += 1
+        self._next_rank = r
         self._pending.clear()
-        if len(self._heap) > 2 * len(buckets) + 32:
-            self._heap = sorted(buckets)  # drop stale entries; a sorted list is a heap
+        if len(heap) > 2 * len(rank) + 32:  # drop stale entries
+            self._heap = [entry for entry in heap if rank.get(entry[2]) == entry[1]]
+            heapq.heapify(self._heap)
 
     def on_step(self, layer: int, now: int) -> None:
         self._flush()
 
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
         count = self._count
-        c = count.get(key, 0)
-        count[key] = c + 1
+        count[key] = count.get(key, 0) + 1
         if hit:
-            bucket = self._buckets[c]
-            del bucket[key]
-            if not bucket:
-                del self._buckets[c]
+            del self._rank[key]
             self._pending.append(key)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         self._pending.append(key)
 
-    def _lowest(self) -> int:
-        """Count of the lowest non-empty bucket."""
-        heap, buckets = self._heap, self._buckets
-        while heap[0] not in buckets:
-            heapq.heappop(heap)
-        return heap[0]
-
-    def _victim(self, candidates: Set[ExpertKey]) -> tuple[ExpertKey, dict[ExpertKey, None], int]:
-        buckets = self._buckets
-        c = self._lowest()
-        for key in buckets[c]:
-            if key in candidates:
-                return key, buckets[c], c
-        # The lowest bucket holds only keys the step needs (placed early by `victim`): look further up.
-        for c in sorted(buckets):
-            for key in buckets[c]:
-                if key in candidates:
-                    return key, buckets[c], c
-        raise AssertionError("victim() called without a resident candidate")
+    def _pop_victim(self) -> ExpertKey:
+        """Take the lowest-ranked placed key out of the ranking."""
+        heap, rank = self._heap, self._rank
+        while True:
+            _, r, key = heapq.heappop(heap)
+            if rank.get(key) == r:
+                del rank[key]
+                return key
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        # Outside the loop's fused path (a prefetch between steps, LeCaR) the last step's keys may be
-        # candidates: place them first. Placing keys early never changes the order, only the scan length.
+        # Outside the loop's fused path the last step's keys may be candidates: place them first.
+        # Placing keys early never changes the order, only the scan length.
         self._flush()
-        return self._victim(candidates)[0]
+        rank = self._rank
+        for _, r, key in sorted(self._heap):
+            if rank.get(key) == r and key in candidates:
+                return key
+        raise AssertionError("victim() called without a resident candidate")
 
     def on_evict(self, key: ExpertKey, now: int) -> None:
-        c = self._count.get(key, 0)
-        bucket = self._buckets.get(c)
-        if bucket is not None and key in bucket:
-            del bucket[key]
-            if not bucket:
-                del self._buckets[c]
-        else:
+        if self._rank.pop(key, None) is None:
             self._pending.remove(key)  # dropped by its own step's caller (e.g. an engine discarding it)
 
     def replace(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        # victim + on_evict + on_insert fused (the replay hot path), same bucket moves; the first key of
-        # the lowest bucket is inlined, as it is the victim nearly every time.
-        buckets, heap = self._buckets, self._heap
-        while heap[0] not in buckets:
+        # victim + on_evict + on_insert fused (the loop's path for each miss). The step's keys are all
+        # pending or not resident, so the top of the ranking is a candidate unless `victim` placed them
+        # early (LeCaR, prefetch); then the scan decides.
+        heap, rank = self._heap, self._rank
+        while rank.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)
-        c = heap[0]
-        bucket = buckets[c]
-        key = next(iter(bucket))
+        key = heap[0][2]
         if key not in candidates:
-            key, bucket, c = self._victim(candidates)
-        del bucket[key]
-        if not bucket:
-            del buckets[c]
+            key = self.victim(candidates, incoming, now)
+        del rank[key]
         self._pending.append(incoming)
         return key
+
+    # Batch forms for trace replay: the same counter and ranking moves as the per-key hooks, without a
+    # call per key.
+
+    def access_step(self, keys: Sequence[ExpertKey], resident: Container[ExpertKey], now: int) -> list[ExpertKey]:
+        count, rank, pending = self._count, self._rank, self._pending
+        misses = []
+        for key in keys:
+            count[key] = count.get(key, 0) + 1
+            if key in resident:
+                del rank[key]
+                pending.append(key)
+            else:
+                misses.append(key)
+        return misses
+
+    def replace_step(
+        self, resident: Set[ExpertKey], needed: Sequence[ExpertKey], incoming: Sequence[ExpertKey], now: int
+    ) -> list[ExpertKey]:
+        # `access_step` has just taken the step's resident keys out of the ranking into `_pending`, and the
+        # misses are not in it, so every ranked key is a candidate: the victims are the lowest-ranked keys,
+        # in order, as the per-key loop would take them one by one.
+        heap, rank, pop = self._heap, self._rank, heapq.heappop
+        victims = []
+        for _ in incoming:
+            while True:  # _pop_victim, inlined
+                _, r, key = pop(heap)
+                if rank.get(key) == r:
+                    del rank[key]
+                    victims.append(key)
+                    break
+        self._pending.extend(incoming)
+        return victims
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "counts": "lifetime", "window_steps": None, "ties": "least recently used"}

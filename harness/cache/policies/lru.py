@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Container, Sequence, Set
+from itertools import islice
 
 from harness.cache.base import CachePolicy, ExpertKey
 from harness.cache.registry import register_policy
@@ -47,3 +48,30 @@ class LRU(CachePolicy):
                 order[incoming] = None
                 return key
         raise AssertionError("replace() called without a resident candidate")
+
+    # Batch forms for trace replay: the same dict moves as the per-key hooks, without a call per key.
+
+    def access_step(self, keys: Sequence[ExpertKey], resident: Container[ExpertKey], now: int) -> list[ExpertKey]:
+        order = self._order
+        misses = []
+        for key in keys:
+            if key in resident:
+                del order[key]
+                order[key] = None
+            else:
+                misses.append(key)
+        return misses
+
+    def replace_step(
+        self, resident: Set[ExpertKey], needed: Sequence[ExpertKey], incoming: Sequence[ExpertKey], now: int
+    ) -> list[ExpertKey]:
+        # `access_step` has just moved the step's resident keys to the recent end and the misses are not
+        # in `_order`, so the candidates are exactly the keys before them: the victims are the first
+        # len(incoming), oldest first, as the per-key loop would take them (an inserted key is never one).
+        order = self._order
+        victims = list(islice(order, len(incoming)))
+        for key in victims:
+            del order[key]
+        for key in incoming:
+            order[key] = None
+        return victims
