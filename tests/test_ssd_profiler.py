@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from harness.cli.ssd import profile_ssd_command
 from harness.errors import HarnessError
-from harness.ssd import engine, target
+from harness.ssd import engine, target, uring
 from harness.ssd.fio import load_fio_json, parse_fio_json
 from harness.ssd.jobs import (
     JobResult,
@@ -143,21 +143,36 @@ def test_merge_results_adds_slices_and_merges_histograms() -> None:
 # --- the engine ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", engine.BACKENDS)
 @pytest.mark.parametrize(("rw", "direct"), [("read", True), ("randread", True), ("randread", False), ("write", True)])
-def test_engine_job_meets_minimums(tmp_path: Path, rw: str, direct: bool) -> None:
+def test_engine_job_meets_minimums(tmp_path: Path, rw: str, direct: bool, backend: str) -> None:
+    if backend == "io_uring" and uring.unavailable_reason():
+        pytest.skip(uring.unavailable_reason())
     path = tmp_path / "f.bin"
     create_test_file(path, 2 * MIB)
     if direct and not target.probe_o_direct(tmp_path)[0]:
         pytest.skip("no O_DIRECT on the test folder's filesystem")
     spec = JobSpec(rw, 64 * 1024, 2, direct, runtime_s=0.1, ramp_s=0.02, min_ios=50)
-    result = engine.run_job(spec, str(path), 2 * MIB)
+    result = engine.run_job(spec, str(path), 2 * MIB, backend=backend)
     assert result.ios >= 50 and result.bytes == result.ios * 64 * 1024
     assert result.elapsed_s >= 0.1 * 0.9
-    assert result.backend == "threads"
+    assert result.backend == backend
     assert result.hist is not None and result.hist.total == result.ios
     p = result.percentiles_s
     assert p[50.0] is not None and p[50.0] <= p[90.0] <= p[99.0] <= p[99.9]  # type: ignore[operator]
     assert percentiles_from(result.hist) == p
+
+
+def test_backend_choice_falls_back_to_threads_and_refuses_what_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(HarnessError, match="unknown I/O backend 'aio'"):
+        engine.resolve_backend("aio")
+    monkeypatch.setattr(engine.uring, "unavailable_reason", lambda: "io_uring unusable here (Operation not permitted)")
+    assert engine.resolve_backend("auto") == "threads"
+    assert engine.resolve_backend("threads") == "threads"
+    with pytest.raises(HarnessError, match=r"not permitted\): use --io-backend threads"):
+        engine.resolve_backend("io_uring")
+    monkeypatch.setattr(engine.uring, "unavailable_reason", lambda: None)
+    assert engine.resolve_backend("auto") == "io_uring"
 
 
 def test_write_opens_only_regular_files(tmp_path: Path) -> None:
@@ -291,7 +306,7 @@ def test_profile_end_to_end_and_read_time_model(tmp_path: Path) -> None:
     out = Path(doc["profile_path"])
     stored = json.loads(out.read_text())
     assert stored["schema"] == PROFILE_SCHEMA and stored["schema_version"] == 1
-    assert stored["effective"]["backend"] == "threads"
+    assert stored["effective"]["backend"] == engine.resolve_backend("auto")
     assert stored["requested"]["block_sizes_bytes"] == [64 * 1024, MIB]
     for plot in stored["plots"]:
         assert Path(plot).stat().st_size > 1000
@@ -384,3 +399,10 @@ def test_fio_runs_interleaved_on_the_same_file(tmp_path: Path) -> None:
     slices = [parse_fio_json(d["output"])[0] for d in fio_docs[:2]]
     assert fio_read["bytes"] == sum(r.bytes for r in slices)
     assert fio_read["elapsed_s"] == pytest.approx(sum(r.elapsed_s for r in slices))
+    # Each round pairs the two runs made back to back; who went first alternates by job and round.
+    rounds = doc["fio_rounds"][read]
+    assert [(r["round"], r["first"]) for r in rounds] == [(0, "harness"), (1, "fio")]
+    assert [r["fio_bw_bytes_per_s"] for r in rounds] == [r.bw_bytes_per_s for r in slices]
+    assert doc["fio_rounds"][randread][0]["first"] == "fio"
+    ratios = [r["harness_bw_bytes_per_s"] / r["fio_bw_bytes_per_s"] for r in rounds]
+    assert row["round_ratios"] == ratios and row["round_ratio_median"] == pytest.approx(sum(ratios) / 2)

@@ -92,7 +92,12 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
 @click.option("--block-size", default=DEFAULT_BLOCK_SIZES, show_default=True, help="bs list; 'expert' = expert size.")
 @click.option("--queue-depth", default="1,2,4,8,16,32", show_default=True, help="iodepth list.")
 @click.option("--runtime", default="5s", show_default=True, help="Minimum measured time per job.")
-@click.option("--ramp", default="1s", show_default=True, help="Ramp time per job, not measured.")
+@click.option(
+    "--ramp",
+    default="2s",
+    show_default=True,
+    help="Ramp time per job, not measured; longer than any burst the device gives after idling.",
+)
 @click.option(
     "--rounds",
     default=1,
@@ -114,6 +119,13 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     help="auto: fall back to buffered reads where O_DIRECT is unsupported (recorded in the profile).",
 )
 @click.option(
+    "--io-backend",
+    type=click.Choice(["auto", "io_uring", "threads"]),
+    default="auto",
+    show_default=True,
+    help="How the harness reaches queue depth: io_uring where the kernel allows it (auto), or Q threads.",
+)
+@click.option(
     "--out", type=click.Path(path_type=Path), help="Profile file (default hardware_profiles/<host>/<dev>.json)."
 )
 def profile_ssd_command(
@@ -132,6 +144,7 @@ def profile_ssd_command(
     with_fio: bool,
     no_buffered: bool,
     direct: str,
+    io_backend: str,
     out: Path | None,
 ) -> None:
     """Measure read bandwidth, IOPS and latency percentiles per block size x queue depth (O_DIRECT)."""
@@ -157,6 +170,7 @@ def profile_ssd_command(
         with_fio=with_fio,
         buffered=not no_buffered,
         direct=direct,
+        io_backend=io_backend,
         expert_bytes=expert_bytes,
         out=out,
         profiles_dir=DEFAULT_PROFILES_DIR,
@@ -176,7 +190,8 @@ def profile_ssd_command(
 
 def _print_summary(doc: dict[str, Any]) -> None:
     console = _console()
-    table = Table(title=f"{doc['device'].get('disk')} ({doc['device'].get('filesystem')}), backend threads")
+    device = doc["device"]
+    table = Table(title=f"{device.get('disk')} ({device.get('filesystem')}), backend {doc['effective']['backend']}")
     for column in ("job", "engine", "MB/s", "IOPS", "p50 ms", "p99 ms", "p99.9 ms"):
         table.add_column(column, justify="right" if column != "job" else "left")
     for j in doc["jobs"]:
@@ -196,7 +211,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
     console.print(table)
     if doc["fio_comparison"]:
         ratios = Table(title=f"harness vs fio ({doc['tools']['fio']}, {doc['effective']['fio_ioengine']}), interleaved")
-        for column in ("job", "harness MB/s", "fio MB/s", "ratio", "p50 ms h/fio", "p99 ms h/fio"):
+        columns = ("job", "harness MB/s", "fio MB/s", "ratio", "round ratios (median)", "p50 ms h/fio", "p99 ms h/fio")
+        for column in columns:
             ratios.add_column(column, justify="right" if column != "job" else "left")
         for row in doc["fio_comparison"]:
 
@@ -204,12 +220,13 @@ def _print_summary(doc: dict[str, Any]) -> None:
                 h, f = r[f"harness_{key}"], r[f"fio_{key}"]
                 return f"{h * 1e3:.2f}/{f * 1e3:.2f}" if h is not None and f is not None else "-"
 
-            ratio = row["bw_ratio"]
+            ratio, median = row["bw_ratio"], row["round_ratio_median"]
             ratios.add_row(
                 row["job"],
                 f"{row['harness_bw_bytes_per_s'] / 1e6:.1f}",
                 f"{row['fio_bw_bytes_per_s'] / 1e6:.1f}",
                 f"{ratio:.3f}" if ratio is not None else "-",
+                " ".join(f"{r:.2f}" for r in row["round_ratios"]) + (f" ({median:.3f})" if median is not None else ""),
                 pair("lat_p50_s"),
                 pair("lat_p99_s"),
             )

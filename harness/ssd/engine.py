@@ -1,16 +1,18 @@
-"""The harness's own I/O engine: queue depth Q as Q threads, each issuing blocking preadv/pwritev.
+"""The harness's own I/O engine: queue depth Q through io_uring where the kernel allows it, else Q threads.
 
-No io_uring binding for Python is both maintained and installable everywhere this runs, so
-depth comes from threads (os.preadv releases the GIL while the kernel works); every result
-says `backend: threads`. Buffers are anonymous mmaps, page-aligned as O_DIRECT needs.
-A job ramps first (not counted), then runs until both its minimum duration and its minimum
-count of I/Os are reached; latencies go to per-thread histograms merged at the end.
+`io_uring`: one thread keeps Q reads (or writes) in flight on one ring (`harness.ssd.uring`), as
+fio's io_uring engine does, submitting each replacement as soon as a completion is reaped.
+`threads`: Q threads each issue blocking preadv/pwritev (os.preadv releases the GIL while the
+kernel works), as fio's psync engine with Q jobs would. Every result names its backend. Buffers
+are `harness.iomem.IoBuffer`s (huge-page-backed where granted, so requests are not split at the
+device's segment limit); each result says what share of them got huge pages. A job ramps first, then runs until both its
+minimum duration and its minimum count of I/Os are reached; as in fio, an I/O counts when it
+completes after the ramp. Latency is from submission to completion, into log-linear histograms.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import time
@@ -18,12 +20,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from harness.errors import HarnessError
+from harness.iomem import IoBuffer
+from harness.ssd import uring
 from harness.ssd.jobs import JobResult, JobSpec, LatencyHistogram, bucket_index, percentiles_from
 from harness.ssd.target import drop_cache, open_target
 
 log = logging.getLogger(__name__)
 
-BACKEND = "threads"
+BACKENDS = ("io_uring", "threads")
+BACKEND_NOTES = {
+    "io_uring": "queue depth Q = Q requests kept in flight on one io_uring ring (IORING_OP_READ/WRITE)",
+    "threads": "queue depth Q = Q threads issuing blocking preadv/pwritev",
+}
 # How often the main thread wakes while waiting for workers, so Ctrl-C is handled promptly (s).
 _JOIN_POLL_S = 0.1
 
@@ -61,8 +70,24 @@ class _BlockOrder:
             return i if self._order is None else int(self._order[i])
 
 
+def resolve_backend(requested: str = "auto") -> str:
+    """'auto' -> io_uring where it works here, else threads; a named backend must work or is refused."""
+    if requested not in ("auto", *BACKENDS):
+        raise HarnessError(f"unknown I/O backend {requested!r}: use auto, io_uring or threads")
+    reason = uring.unavailable_reason()
+    if requested == "auto":
+        if reason is not None:
+            log.info("%s: queue depth through threads", reason)
+        return "threads" if reason is not None else "io_uring"
+    if requested == "io_uring" and reason is not None:
+        raise HarnessError(f"{reason}: use --io-backend threads")
+    return requested
+
+
 @dataclass
-class _WorkerState:
+class _Tally:
+    """What I/Os completing after the ramp added up to (one per thread, or one for the ring)."""
+
     hist: LatencyHistogram = field(default_factory=LatencyHistogram)
     ios: int = 0
     bytes: int = 0
@@ -70,12 +95,30 @@ class _WorkerState:
     lat_max_ns: int = 0
     last_completion_ns: int = 0
     error: BaseException | None = None
+    buffer_bytes: int = 0
+    huge_bytes: int = 0
+
+    def add(self, latency_ns: int, nbytes: int, completed_ns: int) -> None:
+        self.hist.counts[bucket_index(latency_ns)] += 1
+        self.ios += 1
+        self.bytes += nbytes
+        self.lat_sum_ns += latency_ns
+        if latency_ns > self.lat_max_ns:
+            self.lat_max_ns = latency_ns
+        self.last_completion_ns = completed_ns
 
 
 def run_job(
-    spec: JobSpec, path: str, region_bytes: int, *, seed: int = 0, stop: threading.Event | None = None
+    spec: JobSpec,
+    path: str,
+    region_bytes: int,
+    *,
+    seed: int = 0,
+    stop: threading.Event | None = None,
+    backend: str = "auto",
 ) -> JobResult:
     """Run one job on `path` (first `region_bytes` bytes) and return what it measured after the ramp."""
+    backend = resolve_backend(backend)
     nblocks = region_bytes // spec.bs_bytes
     if nblocks < 1:
         raise ValueError(f"region of {region_bytes} bytes holds no block of {spec.bs_bytes} bytes")
@@ -83,98 +126,159 @@ def run_job(
     fd = open_target(path, write=spec.is_write, direct=spec.direct)
     try:
         drop_cache(fd, flush=spec.is_write)
-        states = [_WorkerState() for _ in range(spec.iodepth)]
         order = _BlockOrder(
             fd, nblocks, sequential=spec.rw in ("read", "write"), drop_between_passes=not spec.direct, seed=seed
         )
-        min_ios_each = -(-spec.min_ios // spec.iodepth)
         start_ns = time.perf_counter_ns()
-        ramp_end_ns = start_ns + int(spec.ramp_s * 1e9)
-        deadline_ns = ramp_end_ns + int(spec.runtime_s * 1e9)
-        threads = [
-            threading.Thread(
-                target=_worker,
-                args=(spec, fd, order, state, stop),
-                kwargs={"ramp_end_ns": ramp_end_ns, "deadline_ns": deadline_ns, "min_ios": min_ios_each},
-                name=f"ssd-io-{i}",
-                daemon=True,
-            )
-            for i, state in enumerate(states)
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(_JOIN_POLL_S)
-        except BaseException:
-            stop.set()
-            for thread in threads:
-                thread.join()
-            raise
+        window = _Window(
+            ramp_end_ns=start_ns + int(spec.ramp_s * 1e9),
+            deadline_ns=start_ns + int((spec.ramp_s + spec.runtime_s) * 1e9),
+            min_ios=spec.min_ios,
+        )
+        run = _run_ring if backend == "io_uring" else _run_threads
+        tallies = run(spec, fd, order, window, stop)
     finally:
         os.close(fd)
-    for state in states:
-        if state.error is not None:
-            raise state.error
     hist = LatencyHistogram()
-    for state in states:
-        hist.merge(state.hist)
-    ios = sum(s.ios for s in states)
-    end_ns = max(s.last_completion_ns for s in states)
+    for tally in tallies:
+        hist.merge(tally.hist)
+    ios = sum(t.ios for t in tallies)
+    end_ns = max(t.last_completion_ns for t in tallies)
     return JobResult(
         spec=spec,
         engine="harness",
-        backend=BACKEND,
+        backend=backend,
         ios=ios,
-        bytes=sum(s.bytes for s in states),
-        elapsed_s=max(end_ns - ramp_end_ns, 0) * 1e-9,
-        lat_mean_s=sum(s.lat_sum_ns for s in states) / ios * 1e-9 if ios else None,
-        lat_max_s=max(s.lat_max_ns for s in states) * 1e-9 if ios else None,
+        bytes=sum(t.bytes for t in tallies),
+        elapsed_s=max(end_ns - window.ramp_end_ns, 0) * 1e-9,
+        lat_mean_s=sum(t.lat_sum_ns for t in tallies) / ios * 1e-9 if ios else None,
+        lat_max_s=max(t.lat_max_ns for t in tallies) * 1e-9 if ios else None,
         percentiles_s=percentiles_from(hist),
         hist=hist,
+        huge_page_share=min(1.0, sum(t.huge_bytes for t in tallies) / sum(t.buffer_bytes for t in tallies)),
     )
+
+
+@dataclass(frozen=True)
+class _Window:
+    """When a job's I/Os count (completed after `ramp_end_ns`) and when it stops issuing new ones (both
+    `deadline_ns` passed and `min_ios` counted)."""
+
+    ramp_end_ns: int
+    deadline_ns: int
+    min_ios: int
+
+
+def _buffers(spec: JobSpec, count: int) -> IoBuffer:
+    """`count` buffers of the block size in one huge-page-backed region; random bytes for writes."""
+    region = IoBuffer(spec.bs_bytes * count)
+    if spec.is_write:
+        for i in range(count):
+            region.view[i * spec.bs_bytes : (i + 1) * spec.bs_bytes] = os.urandom(spec.bs_bytes)
+    return region
+
+
+def _run_ring(spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop: threading.Event) -> list[_Tally]:
+    bs, depth = spec.bs_bytes, spec.iodepth
+    opcode = uring.OP_WRITE if spec.is_write else uring.OP_READ
+    tally = _Tally()
+    clock = time.perf_counter_ns
+    buffers = _buffers(spec, depth)
+    tally.buffer_bytes, tally.huge_bytes = buffers.nbytes, buffers.huge_bytes
+    try:
+        base = buffers.address
+        submitted_ns = [0] * depth  # per buffer slot (the request's user_data)
+        with uring.Ring(depth) as ring:
+            in_flight = 0
+            fresh: list[int] = []  # slots prepared since the last submit
+            for slot in range(depth):
+                ring.prepare(opcode, fd, base + slot * bs, bs, order.next() * bs, slot)
+                fresh.append(slot)
+            while True:
+                now = clock()
+                for slot in fresh:
+                    submitted_ns[slot] = now
+                in_flight += len(fresh)
+                fresh.clear()
+                if not in_flight:
+                    break
+                ring.submit(wait=1)
+                done_ns = clock()
+                finishing = stop.is_set() or (done_ns >= window.deadline_ns and tally.ios >= window.min_ios)
+                for slot, result in ring.reap():
+                    in_flight -= 1
+                    if result != bs:
+                        what = "write" if spec.is_write else "read"
+                        if result < 0:
+                            raise OSError(-result, f"io_uring {what}: {os.strerror(-result)}")
+                        raise OSError(f"short {what}: {result} of {bs} bytes")
+                    if done_ns >= window.ramp_end_ns:
+                        tally.add(done_ns - submitted_ns[slot], bs, done_ns)
+                    if not finishing:
+                        ring.prepare(opcode, fd, base + slot * bs, bs, order.next() * bs, slot)
+                        fresh.append(slot)
+    finally:
+        buffers.close()
+    return [tally]
+
+
+def _run_threads(spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop: threading.Event) -> list[_Tally]:
+    tallies = [_Tally() for _ in range(spec.iodepth)]
+    min_ios_each = -(-window.min_ios // spec.iodepth)
+    threads = [
+        threading.Thread(
+            target=_worker,
+            args=(spec, fd, order, tally, stop, window, min_ios_each),
+            name=f"ssd-io-{i}",
+            daemon=True,
+        )
+        for i, tally in enumerate(tallies)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(_JOIN_POLL_S)
+    except BaseException:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        raise
+    for tally in tallies:
+        if tally.error is not None:
+            raise tally.error
+    return tallies
 
 
 def _worker(
     spec: JobSpec,
     fd: int,
     order: _BlockOrder,
-    state: _WorkerState,
+    tally: _Tally,
     stop: threading.Event,
-    *,
-    ramp_end_ns: int,
-    deadline_ns: int,
+    window: _Window,
     min_ios: int,
 ) -> None:
     bs = spec.bs_bytes
-    buf = mmap.mmap(-1, bs)
+    buf = _buffers(spec, 1)
+    tally.buffer_bytes, tally.huge_bytes = buf.nbytes, buf.huge_bytes
     try:
-        if spec.is_write:
-            buf.write(os.urandom(bs))
         io = os.pwritev if spec.is_write else os.preadv
-        counts = state.hist.counts
         clock = time.perf_counter_ns
         while not stop.is_set():
             block = order.next()
             t0 = clock()
-            if t0 >= deadline_ns and state.ios >= min_ios:
+            if t0 >= window.deadline_ns and tally.ios >= min_ios:
                 break
-            done = io(fd, [buf], block * bs)
+            done = io(fd, [buf.view], block * bs)
             t1 = clock()
             if done != bs:
                 raise OSError(f"short {'write' if spec.is_write else 'read'}: {done} of {bs} bytes at {block * bs}")
-            if t0 >= ramp_end_ns:
-                lat = t1 - t0
-                counts[bucket_index(lat)] += 1
-                state.ios += 1
-                state.bytes += done
-                state.lat_sum_ns += lat
-                if lat > state.lat_max_ns:
-                    state.lat_max_ns = lat
-                state.last_completion_ns = t1
+            if t1 >= window.ramp_end_ns:
+                tally.add(t1 - t0, done, t1)
     except BaseException as exc:  # handed to the main thread, which re-raises it
-        state.error = exc
+        tally.error = exc
         stop.set()
     finally:
         buf.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 
 # Seconds fio may take beyond the job's own ramp + runtime (start-up, file layout check, exit).
 _FIO_GRACE_S = 60.0
+# fio's buffers on huge pages, as the harness's are (harness.iomem explains why it matters): fio
+# allocates them with malloc, glibc (2.35+) asks for transparent huge pages on large allocations with
+# this tunable, and --iomem_align=2M both grows the allocation past one huge page and starts the
+# buffers on a 2 MiB boundary. Older glibc ignores the tunable; fio then runs as it would by default.
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+FIO_BUFFER_ALIGN = "2M"
+
+
+def fio_env() -> dict[str, str]:
+    """fio's environment: ours, with the huge-page malloc tunable added to any the user set."""
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), HUGE_PAGE_TUNABLE) if t)
+    return env
 
 
 def fio_path() -> str | None:
@@ -65,6 +79,7 @@ def fio_command(
         f"--randseed={seed}",
         "--percentile_list=" + ":".join(f"{p:g}" for p in PERCENTILES),
         "--output-format=json+",
+        f"--iomem_align={FIO_BUFFER_ALIGN}",
     ]
     if readonly:
         cmd.append("--readonly")
@@ -75,7 +90,12 @@ def run_fio(cmd: list[str], spec: JobSpec) -> tuple[dict[str, Any], JobResult]:
     """Run one fio job; return its JSON document and the parsed result."""
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, check=False, timeout=spec.ramp_s + spec.runtime_s + _FIO_GRACE_S
+            cmd,
+            env=fio_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=spec.ramp_s + spec.runtime_s + _FIO_GRACE_S,
         )
     except subprocess.TimeoutExpired as exc:
         raise HarnessError(f"fio did not finish job {spec.name} in time; run it by hand: {' '.join(cmd)}") from exc
@@ -103,7 +123,7 @@ def probe_ioengine(filename: str, region_bytes: int, bs_bytes: int) -> str | Non
     for engine in ("io_uring", "libaio"):
         spec = JobSpec("randread", bs_bytes, 1, True, 0.1, 0.0, 1)
         cmd = fio_command(spec, filename, region_bytes, ioengine=engine, readonly=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=_FIO_GRACE_S)
+        proc = subprocess.run(cmd, env=fio_env(), capture_output=True, text=True, check=False, timeout=_FIO_GRACE_S)
         if proc.returncode == 0:
             return engine
         log.info("fio ioengine %s unusable here: %s", engine, proc.stderr.strip()[:200])

@@ -138,6 +138,7 @@ class JobResult:
     lat_max_s: float | None
     percentiles_s: dict[float, float | None]
     hist: LatencyHistogram | None = None
+    huge_page_share: float | None = None  # of the harness's I/O buffers; None for fio (not observable)
 
     @property
     def bw_bytes_per_s(self) -> float:
@@ -158,6 +159,7 @@ class JobResult:
             iops=self.iops,
             lat_mean_s=self.lat_mean_s,
             lat_max_s=self.lat_max_s,
+            huge_page_share=self.huge_page_share,
         )
         for p in PERCENTILES:
             out[percentile_key(p)] = self.percentiles_s.get(p)
@@ -187,6 +189,7 @@ def merge_results(parts: list[JobResult]) -> JobResult:
             hist.merge(h)
     means = [(p.lat_mean_s, p.ios) for p in parts if p.lat_mean_s is not None]
     maxima = [p.lat_max_s for p in parts if p.lat_max_s is not None]
+    shares = [p.huge_page_share for p in parts]
     return JobResult(
         spec=first.spec,
         engine=first.engine,
@@ -198,4 +201,5 @@ def merge_results(parts: list[JobResult]) -> JobResult:
         lat_max_s=max(maxima) if maxima else None,
         percentiles_s=percentiles_from(hist) if hist is not None else dict.fromkeys(PERCENTILES),
         hist=hist,
+        huge_page_share=None if None in shares else min(shares),  # type: ignore[type-var]
     )

@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.iomem import thp_mode
 from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
 from harness.ssd.devices import describe_block_device, describe_path
@@ -67,6 +69,7 @@ class ProfileRequest:
     with_fio: bool = False
     buffered: bool = True
     direct: str = "required"  # "required": refuse without O_DIRECT; "auto": fall back to buffered + fadvise
+    io_backend: str = "auto"  # "auto": io_uring where it works, else threads; or one of engine.BACKENDS
     expert_bytes: int | None = None
     out: Path | None = None
     profiles_dir: Path = DEFAULT_PROFILES_DIR
@@ -88,6 +91,7 @@ class ProfileRequest:
             "fio": self.with_fio,
             "buffered": self.buffered,
             "direct": self.direct,
+            "io_backend": self.io_backend,
             "expert_bytes": self.expert_bytes,
             "rounds": self.rounds,
         }
@@ -206,6 +210,7 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
     The test file is removed on every way out: success, error, Ctrl-C or SIGTERM.
     """
     progress = on_progress or (lambda done, total, label: None)
+    backend = engine.resolve_backend(req.io_backend)
     raw = req.device is not None
     if raw:
         assert req.device is not None
@@ -240,11 +245,11 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
                 create_test_file(test_file, req.size_bytes, seed=req.seed)
                 target = str(test_file)
             ioengine = fio.probe_ioengine(target, req.size_bytes, min(req.block_sizes)) if req.with_fio else None
-            results, fio_docs = _run_jobs(jobs, target, req, ioengine, raw, progress)
+            results, fio_docs, pairs = _run_jobs(jobs, target, req, backend, ioengine, raw, progress)
         finally:
             if test_file is not None:
                 remove_test_file(test_file)
-    doc = _profile_document(req, identity, direct, raw, results, skipped, fio_version, ioengine)
+    doc = _profile_document(req, identity, direct, raw, backend, results, pairs, skipped, fio_version, ioengine)
     out = profile_path_for(req, identity)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fio_docs:
@@ -255,11 +260,22 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
     return doc
 
 
+Pairs = dict[str, list[dict[str, Any]]]
+"""Per job name, one entry per round: who ran first and each engine's bandwidth in that round."""
+
+
 def _run_jobs(
-    jobs: list[JobSpec], target: str, req: ProfileRequest, ioengine: str | None, raw: bool, progress: ProgressFn
-) -> tuple[list[JobResult], list[dict[str, Any]]]:
+    jobs: list[JobSpec],
+    target: str,
+    req: ProfileRequest,
+    backend: str,
+    ioengine: str | None,
+    raw: bool,
+    progress: ProgressFn,
+) -> tuple[list[JobResult], list[dict[str, Any]], Pairs]:
     results: list[JobResult] = []
     fio_docs: list[dict[str, Any]] = []
+    pairs: Pairs = {}
     total = len(jobs) + 1
     for i, spec in enumerate(jobs):
         progress(i + 1, total, spec.name)
@@ -267,25 +283,38 @@ def _run_jobs(
         for round_ in range(req.rounds):
             # Alternate who goes first, per job and per round, so a drifting disk favours neither.
             steps = ["harness", "fio"] if (i + round_) % 2 == 0 else ["fio", "harness"]
+            # A new random sequence per round, for fio too: repeating one would let it re-read blocks
+            # a cache below the guest (a VM host's page cache) still holds.
+            seed = req.seed + i + round_
             for step in steps:
+                if step == "fio" and ioengine is None:
+                    continue
                 if step == "harness":
-                    slices["harness"].append(engine.run_job(spec, target, req.size_bytes, seed=req.seed + i + round_))
-                elif ioengine is not None:
+                    slices["harness"].append(engine.run_job(spec, target, req.size_bytes, seed=seed, backend=backend))
+                else:
+                    assert ioengine is not None
                     # fio's synchronous engine matches a buffered depth-1 job; async engines need O_DIRECT.
                     job_engine = ioengine if spec.direct else "psync"
                     readonly = raw or not spec.is_write
-                    # A new random sequence per round for fio too: repeating one would let it re-read
-                    # blocks a cache below the guest (a VM host's page cache) still holds.
-                    seed = req.seed + i + round_
                     cmd = fio.fio_command(
                         spec, target, req.size_bytes, ioengine=job_engine, readonly=readonly, seed=seed
                     )
                     fio_doc, fio_result = fio.run_fio(cmd, spec)
                     slices["fio"].append(fio_result)
-                    fio_docs.append({"job": spec.name, "round": round_, "command": cmd, "output": fio_doc})
+                    env = {"GLIBC_TUNABLES": fio.fio_env()["GLIBC_TUNABLES"]}
+                    fio_docs.append({"job": spec.name, "round": round_, "command": cmd, "env": env, "output": fio_doc})
+            if ioengine is not None:
+                pairs.setdefault(spec.name, []).append(
+                    {
+                        "round": round_,
+                        "first": steps[0],
+                        "harness_bw_bytes_per_s": slices["harness"][-1].bw_bytes_per_s,
+                        "fio_bw_bytes_per_s": slices["fio"][-1].bw_bytes_per_s,
+                    }
+                )
         results.extend(merge_results(parts) for parts in slices.values() if parts)
     progress(total, total, "done")
-    return results, fio_docs
+    return results, fio_docs, pairs
 
 
 def profile_path_for(req: ProfileRequest, identity: dict[str, Any]) -> Path:
@@ -296,8 +325,10 @@ def profile_path_for(req: ProfileRequest, identity: dict[str, Any]) -> Path:
     return req.profiles_dir / platform.node() / f"{name}.json"
 
 
-def comparisons(results: list[JobResult]) -> list[dict[str, Any]]:
-    """Harness vs fio per job: bandwidth, p50/p99 latency and the bandwidth ratio (harness / fio)."""
+def comparisons(results: list[JobResult], pairs: Pairs) -> list[dict[str, Any]]:
+    """Harness vs fio per job: bandwidth, p50/p99 latency, the bandwidth ratio (harness / fio) of the
+    merged rounds, and the median of the per-round ratios (each round's two runs back to back, so a
+    device that drifts between rounds moves both sides of a ratio together)."""
     by_name: dict[str, dict[str, JobResult]] = {}
     for r in results:
         by_name.setdefault(r.spec.name, {})[r.engine] = r
@@ -307,6 +338,8 @@ def comparisons(results: list[JobResult]) -> list[dict[str, Any]]:
             continue
         h, f = pair["harness"], pair["fio"]
         ratio = h.bw_bytes_per_s / f.bw_bytes_per_s if f.bw_bytes_per_s else None
+        rounds = [r for r in pairs.get(name, []) if r["fio_bw_bytes_per_s"]]
+        per_round = [r["harness_bw_bytes_per_s"] / r["fio_bw_bytes_per_s"] for r in rounds]
         rows.append(
             {
                 "job": name,
@@ -317,6 +350,8 @@ def comparisons(results: list[JobResult]) -> list[dict[str, Any]]:
                 "harness_bw_bytes_per_s": h.bw_bytes_per_s,
                 "fio_bw_bytes_per_s": f.bw_bytes_per_s,
                 "bw_ratio": ratio,
+                "round_ratios": per_round,
+                "round_ratio_median": statistics.median(per_round) if per_round else None,
                 "harness_lat_p50_s": h.percentiles_s.get(50.0),
                 "fio_lat_p50_s": f.percentiles_s.get(50.0),
                 "harness_lat_p99_s": h.percentiles_s.get(99.0),
@@ -332,7 +367,9 @@ def _profile_document(
     identity: dict[str, Any],
     direct: bool,
     raw: bool,
+    backend: str,
     results: list[JobResult],
+    pairs: Pairs,
     skipped: list[str],
     fio_version: str | None,
     ioengine: str | None,
@@ -345,7 +382,13 @@ def _profile_document(
     for r in results:
         if r.ios == 0:
             validity.fail(f"{r.engine} job {r.spec.name} completed no I/O after its ramp", "use a longer --runtime")
-    rows = comparisons(results)
+    shares = [r.huge_page_share for r in results if r.huge_page_share is not None]
+    if direct and shares and min(shares) < 1.0:
+        validity.note(
+            f"as little as {min(shares):.0%} of a job's I/O buffers was on huge pages (transparent huge pages: "
+            f"{thp_mode()}): a direct read into base pages may reach the device as several requests"
+        )
+    rows = comparisons(results, pairs)
     for row in rows:
         if not row["within_tolerance"] and row["direct"]:
             validity.note(f"{row['job']}: harness/fio bandwidth ratio {row['bw_ratio']:.2f}")
@@ -367,9 +410,10 @@ def _profile_document(
         "requested": req.to_dict(),
         "effective": {
             "direct": direct,
-            "backend": engine.BACKEND,
-            "backend_note": "queue depth Q = Q threads issuing blocking preadv/pwritev (no io_uring binding)",
+            "backend": backend,
+            "backend_note": engine.BACKEND_NOTES[backend],
             "fio_ioengine": ioengine,
+            "transparent_huge_pages": thp_mode(),
             "block_sizes_bytes": sorted({r.spec.bs_bytes for r in results}),
             "block_size_labels": {str(k): v for k, v in req.labels.items()},
         },
@@ -382,5 +426,6 @@ def _profile_document(
         "environment": environment(),
         "jobs": [r.to_dict() for r in results],
         "fio_comparison": rows,
+        "fio_rounds": pairs,
         "validity": validity.to_dict(),
     }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Literal
 
 from harness.cache.base import ExpertKey
 from harness.errors import HarnessError
+from harness.iomem import IoBuffer
 from harness.store.layout import PackIndex
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,15 @@ class IoRecord:
 
 
 class AlignedPool:
-    """Page-aligned anonymous memory cut into equal slots, allocated once (no allocation per miss)."""
+    """One `IoBuffer` (2 MiB-aligned, huge-page-backed where granted, resident from the start) cut into
+    equal slots, allocated once (no allocation per miss)."""
 
     def __init__(self, slots: int, stride: int) -> None:
         self.slots, self.stride = slots, stride
-        self._map = mmap.mmap(-1, max(1, slots * stride))
-        self.view = memoryview(self._map)
+        self._buffer = IoBuffer(slots * stride)
+        self.view = self._buffer.view
+        self.huge_page_share = min(1.0, self._buffer.huge_bytes / self._buffer.nbytes)
+        """Share of the slot memory the kernel backed with huge pages when the pool was made."""
 
     def slot(self, index: int) -> memoryview:
         return self.view[index * self.stride : (index + 1) * self.stride]
