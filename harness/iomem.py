@@ -36,19 +36,20 @@ class IoBuffer:
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = max(1, nbytes)
-        # Slack of one huge page, so the usable range can start on a 2 MiB boundary.
+        # The usable range starts on a 2 MiB boundary and spans whole huge pages: the length rounded
+        # up to 2 MiB, plus one huge page of slack for the alignment.
+        span = -(-self.nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         self._map = mmap.mmap(
             -1,
-            self.nbytes + HUGE_PAGE_BYTES,
+            span + HUGE_PAGE_BYTES,
             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,  # shared anonymous memory is shmem: no THP there
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
         base = address_of(self._map)
         self._offset = (-base) % HUGE_PAGE_BYTES
         self.address = base + self._offset
-        usable = self.nbytes + HUGE_PAGE_BYTES - self._offset
-        if hasattr(mmap, "MADV_HUGEPAGE") and usable >= HUGE_PAGE_BYTES:
-            self._map.madvise(mmap.MADV_HUGEPAGE, self._offset, usable - usable % HUGE_PAGE_BYTES)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE, self._offset, span)
         self.view = memoryview(self._map)[self._offset : self._offset + self.nbytes]
         # Touch every page now: huge pages are allocated at the first fault, and a direct read that
         # faults a page in itself gets whatever page size the fault path picks.
@@ -80,14 +81,16 @@ def address_of(region: mmap.mmap) -> int:
         del view  # an export left alive would keep the map from closing
 
 
-def anon_huge_bytes(address: int) -> int:
-    """AnonHugePages of the mapping that holds `address`, in bytes (0 where smaps cannot tell)."""
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
+def anon_huge_bytes(address: int, smaps: str | None = None) -> int:
+    """AnonHugePages of the mapping that holds `address`, in bytes, from `smaps` (default: this process's
+    /proc/self/smaps); 0 where it cannot tell."""
+    if smaps is None:
+        try:
+            smaps = Path("/proc/self/smaps").read_text()
+        except OSError:
+            return 0
     inside = False
-    for line in lines:
+    for line in smaps.splitlines():
         head = line.split(maxsplit=1)[0] if line else ""
         if "-" in head and not head.endswith(":"):
             start, _, end = head.partition("-")

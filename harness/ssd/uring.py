@@ -26,6 +26,9 @@ _IORING_OFF_SQ_RING = 0
 _IORING_OFF_CQ_RING = 0x8000000
 _IORING_OFF_SQES = 0x10000000
 _IORING_FEAT_SINGLE_MMAP = 1 << 0
+_IORING_SETUP_COOP_TASKRUN = 1 << 8
+_IORING_SETUP_SINGLE_ISSUER = 1 << 12
+_IORING_SETUP_DEFER_TASKRUN = 1 << 13
 _IORING_ENTER_GETEVENTS = 1 << 0
 OP_READ = 22  # IORING_OP_READ (Linux 5.6): one buffer, no iovec, as fio issues it
 OP_WRITE = 23  # IORING_OP_WRITE
@@ -87,7 +90,14 @@ class Ring:
 
     def __init__(self, entries: int) -> None:
         params = _Params()
-        self.fd = _check(_syscall(_SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(params)), "io_uring_setup")
+        # As fio sets up its rings (Linux 6.1+): one thread submits, and completions are processed when
+        # it waits, not by interrupting it. Older kernels refuse the flags; the ring then works without.
+        params.flags = _IORING_SETUP_COOP_TASKRUN | _IORING_SETUP_SINGLE_ISSUER | _IORING_SETUP_DEFER_TASKRUN
+        fd = _syscall(_SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(params))
+        if fd < 0 and ctypes.get_errno() == errno.EINVAL:
+            params = _Params()
+            fd = _syscall(_SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(params))
+        self.fd = _check(fd, "io_uring_setup")
         self._maps: list[mmap.mmap] = []
         try:
             self._map_rings(params)
