@@ -5,6 +5,7 @@ import pytest
 
 from harness.cache.base import CachePolicy
 from harness.cache.book import ExpertCacheBook
+from harness.cache.policies import lfu as lfu_module
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.lfu import LFU
 from harness.cache.policies.lru import LRU
@@ -188,7 +189,7 @@ def test_fused_replace_decides_as_victim_evict_insert(fused, unfused):
 
 @pytest.mark.parametrize("policy", [*ONLINE, "belady", "belady-bypass"])
 def test_replay_batch_calls_decide_as_the_per_key_loop(policy):
-    # `account` (replay) uses access_step/replace_step once the cache is full; `step` calls the per-key
+    # `account` (replay) uses replay_step once the cache is full; `step` calls the per-key
     # hooks. Both must leave the same keys in the same slots after every step, and count the same hits.
     trace = random_trace(5, seqs=1, rows=300, layers=2, experts=12, k=4)
     (stream,) = build_replay(trace).streams
@@ -204,6 +205,91 @@ def test_replay_batch_calls_decide_as_the_per_key_loop(policy):
             assert slots[0] == slots[1], (scope, capacity, now)
         assert books[0].total() == books[1].total()
         assert 0 < books[0].total().hits < books[0].total().accesses
+
+
+class _ReferenceLFU(CachePolicy):
+    """LFU as documented, done the plain way: the victim is the candidate with the lowest (count, placement),
+    found by a scan; a step's keys wait in `pending` and are numbered when the next step starts (or when a
+    victim is asked for)."""
+
+    name = "lfu-reference"
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        self.count: dict = {}
+        self.placed: dict = {}  # key -> placement number
+        self.pending: list = []
+        self.clock = 0
+
+    def _place(self) -> None:
+        for key in self.pending:
+            self.placed[key] = self.clock
+            self.clock += 1
+        self.pending.clear()
+
+    def on_step(self, layer, now):
+        self._place()
+
+    def on_access(self, key, now, hit):
+        self.count[key] = self.count.get(key, 0) + 1
+        if hit:
+            del self.placed[key]
+            self.pending.append(key)
+
+    def on_insert(self, key, now):
+        self.pending.append(key)
+
+    def victim(self, candidates, incoming, now):
+        self._place()
+        return min((k for k in self.placed if k in candidates), key=lambda k: (self.count.get(k, 0), self.placed[k]))
+
+    def on_evict(self, key, now):
+        if self.placed.pop(key, None) is None:
+            self.pending.remove(key)
+
+
+@pytest.mark.parametrize(("low_size", "low_slack"), [(0, 0), (1, 2), (3, 1), (None, None)])
+@pytest.mark.parametrize("scope", ["per-layer", "global"])
+def test_lfu_tiers_decide_as_one_ranking(monkeypatch, low_size, low_slack, scope):
+    # LFU keeps its ranking in two tiers that it re-splits as they drain or grow; tiny tiers make it re-split
+    # all the time. Replay steps, per-key steps, prefetches, placements and drops must leave every key where
+    # the plain reference puts it, and every victim asked for between steps must be the same.
+    if low_size is not None:
+        monkeypatch.setattr(lfu_module, "LOW_SIZE", low_size)
+        monkeypatch.setattr(lfu_module, "LOW_SLACK", low_slack)
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        experts = int(rng.integers(4, 13))
+        weights = 1.0 / np.arange(1, experts + 1)  # expert e drawn with weight 1/(e+1): counts grow apart
+        capacity = int(rng.integers(2, experts)) * (2 if scope == "global" else 1)
+        books = [ExpertCacheBook([0, 1], capacity, scope, cls) for cls in (_ReferenceLFU, LFU)]
+        for now in range(300):
+            layer = int(rng.integers(2))
+            needed = rng.choice(experts, int(rng.integers(1, 7)), p=weights / weights.sum())
+            keys = tuple((layer, int(e)) for e in sorted(set(needed)))
+            op, prefetch = rng.random(), rng.random() < 0.3
+            results = []
+            for book in books:
+                if prefetch:  # staged, then used by the step: a miss placed before the step's later hits
+                    plan = book.prefetch(layer, [e for _, e in keys][:2], now)
+                    results.append((plan.hits, plan.loads, plan.evicted))
+                if op < 0.45:
+                    book.account(layer, keys, now)
+                elif op < 0.9:
+                    plan = book.step(layer, [e for _, e in keys], now)
+                    results.append((plan.hits, plan.loads, plan.evicted, plan.streamed, plan.dropped))
+                elif op < 0.95:
+                    results.append(book.discard(keys[0], now))
+                else:
+                    results.append(book.place(keys[-1], now))
+            assert results[: len(results) // 2] == results[len(results) // 2 :], (seed, now)
+            slots = [{key: book.slot_of(key) for key in book.resident_keys()} for book in books]
+            assert slots[0] == slots[1], (seed, now)
+            # Layer 0's policy (the only one in global scope) asked for a victim among its resident keys.
+            candidates = {key for key in slots[0] if scope == "global" or key[0] == 0}
+            if now % 7 == 0 and candidates:
+                victims = [book.policies[0].victim(candidates, (0, 99), now) for book in books]
+                assert victims[0] == victims[1], (seed, now)
 
 
 @pytest.mark.parametrize("policy", ONLINE)

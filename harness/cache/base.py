@@ -7,7 +7,7 @@ calls it ("find, else evict until it fits, then insert") is written once, in `ha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Container, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from typing import ClassVar
 
 ExpertKey = tuple[int, int]
@@ -25,8 +25,8 @@ class CachePolicy(ABC):
     2. for each miss: with a free slot, `on_insert(key)`; with a full cache, `admit` (if overridden),
        then `replace`, which by default is `victim` among the candidates (resident keys that the step
        does not need), `on_evict(victim)`, `on_insert(key)`.
-    Trace replay, once the cache is full, makes the same calls a step at a time: `access_step` for 1.
-    and `replace_step` for 2. (no plan, every miss admitted); by default they loop over the hooks above.
+    Trace replay, once the cache is full, makes the same calls a step at a time through `replay_step`
+    (no plan, every miss admitted); by default it loops over the hooks above.
     An engine may also call `victim`/`on_evict` (prefetch, dropping a key) and `on_insert` (placement)
     between steps; policies must accept that.
 
@@ -78,10 +78,21 @@ class CachePolicy(ABC):
         self.on_insert(incoming, now)
         return victim
 
-    def access_step(self, keys: Sequence[ExpertKey], resident: Container[ExpertKey], now: int) -> list[ExpertKey]:
-        """`on_access(key, now, key in resident)` for each of a step's keys, in order (misses only where
-        `observes_misses`); returns the misses, in order. A policy may override it to save calls on the
-        replay hot path; it must record exactly what the calls would (tests compare both)."""
+    def replay_step(
+        self, layer: int, keys: Sequence[ExpertKey], resident: Mapping[ExpertKey, int], now: int
+    ) -> tuple[list[ExpertKey], list[ExpertKey]]:
+        """One token step of `layer` in trace replay: the misses among `keys`, in order, and a victim for each
+        of them, in order.
+
+        Called once the group is full (no free slot, nothing staged, every miss admitted) and has room for
+        the whole step (`len(resident) >= len(keys)`, so there are at least as many candidates, the
+        `resident` keys not in `keys`, as misses). It makes the calls of steps 0.-2. above: `on_step`,
+        `on_access` for each key (`key in resident` tells a hit), then `replace` for each miss, each victim
+        leaving the candidates. `resident` does not change during the call (the caller moves the slots
+        afterwards). A policy may override it to save calls on the replay hot path; it must decide exactly
+        as this loop does (tests compare both).
+        """
+        self.on_step(layer, now)
         on_access, observes_misses = self.on_access, self.observes_misses
         misses = []
         for key in keys:
@@ -91,24 +102,15 @@ class CachePolicy(ABC):
                 misses.append(key)
                 if observes_misses:
                     on_access(key, now, False)
-        return misses
-
-    def replace_step(
-        self, resident: Set[ExpertKey], needed: Sequence[ExpertKey], incoming: Sequence[ExpertKey], now: int
-    ) -> list[ExpertKey]:
-        """`replace` for each key of `incoming`, in order; the victims, one per incoming key.
-
-        The candidates are the `resident` keys that are not `needed` by the step (at least `len(incoming)`
-        of them), each victim leaving them; `resident` does not change during the call (the caller moves the
-        slots afterwards). Overrides must decide exactly as this loop does (tests compare both).
-        """
-        candidates = resident - set(needed)
+        if not misses:
+            return misses, []
+        candidates = resident.keys() - set(keys)
         victims = []
-        for key in incoming:
+        for key in misses:
             victim = self.replace(candidates, key, now)
             candidates.discard(victim)
             victims.append(victim)
-        return victims
+        return misses, victims
 
     def reset(self) -> None:
         """Forget all state (a new, empty cache), keeping capacity and seed."""

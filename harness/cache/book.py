@@ -55,7 +55,6 @@ class _Partition:
     """
 
     __slots__ = (
-        "access_step",
         "admit",
         "free",
         "on_access",
@@ -64,7 +63,7 @@ class _Partition:
         "on_step",
         "policy",
         "replace",
-        "replace_step",
+        "replay_step",
         "resident",
         "staged",
     )
@@ -79,8 +78,7 @@ class _Partition:
         self.on_miss = policy.on_access if policy.observes_misses else None
         self.replace = policy.replace
         self.on_insert = policy.on_insert
-        self.access_step = policy.access_step
-        self.replace_step = policy.replace_step
+        self.replay_step = policy.replay_step
         self.admit = None if type(policy).admit is CachePolicy.admit else policy.admit
         self.on_step = None if type(policy).on_step is CachePolicy.on_step else policy.on_step
 
@@ -148,28 +146,26 @@ class ExpertCacheBook:
         """`step` without a plan, for replay: `keys` are the step's distinct keys of `layer`, sorted by expert.
 
         The simulator prepares the keys once per trace. Once the group is full (no free slot, nothing
-        staged, every miss admitted), the step is handled with the policy's batch calls (`access_step`,
-        `replace_step`: the same decisions as the per-key hooks, fewer calls); otherwise by `_run`.
+        staged, every miss admitted) and holds at least as many keys as the step needs, so that every miss
+        finds a victim, the step is one call of the policy's `replay_step` (the same decisions as the
+        per-key hooks, fewer calls); otherwise it goes through the per-key loop (`_run`), which streams the
+        misses that find no candidate.
         """
         group = self._groups[layer]
-        if group.free or group.staged or group.admit is not None:
+        resident = group.resident
+        if group.free or group.staged or group.admit is not None or len(resident) < len(keys):
             self._run(layer, keys, now, phase, None)
             return
-        if group.on_step is not None:
-            group.on_step(layer, now)
-        resident = group.resident
-        misses = group.access_step(keys, resident, now)
+        misses, victims = group.replay_step(layer, keys, resident, now)
         counts = self.counts[phase][layer]
-        hits = len(keys) - len(misses)
-        counts.hits += hits
-        if not misses:
-            return
-        counts.misses += len(misses)
-        if len(resident) - hits < len(misses):  # more misses than candidates: evict what there is, stream the rest
-            self._insert(group, keys, misses, now, None)
-            return
-        victims = group.replace_step(resident.keys(), keys, misses, now)
-        resident.update(zip(misses, map(resident.pop, victims), strict=True))  # each miss takes a victim's slot
+        missed = len(misses)
+        counts.hits += len(keys) - missed
+        if missed:
+            counts.misses += missed
+            # Each miss takes a victim's slot. A plain loop (dict.update(zip(...)) is slower for a few pairs)
+            # over a plain zip: the lengths match by contract, and zip(strict=) costs a keyword parse per call.
+            for key, victim in zip(misses, victims):  # noqa: B905
+                resident[key] = resident.pop(victim)
 
     def _run(self, layer: int, needed: tuple[ExpertKey, ...], now: int, phase: Phase, plan: StepPlan | None) -> None:
         group = self._groups[layer]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from itertools import islice
 
 from harness.cache.base import CachePolicy, ExpertKey
@@ -49,9 +49,13 @@ class LRU(CachePolicy):
                 return key
         raise AssertionError("replace() called without a resident candidate")
 
-    # Batch forms for trace replay: the same dict moves as the per-key hooks, without a call per key.
-
-    def access_step(self, keys: Sequence[ExpertKey], resident: Container[ExpertKey], now: int) -> list[ExpertKey]:
+    def replay_step(
+        self, layer: int, keys: Sequence[ExpertKey], resident: Mapping[ExpertKey, int], now: int
+    ) -> tuple[list[ExpertKey], list[ExpertKey]]:
+        # The per-key hooks' dict moves without a call per key. The hits move to the recent end and the
+        # misses are not in `_order`, so the candidates are exactly the keys before them: the victims are
+        # the first len(misses), oldest first, as the per-key loop would take them (an inserted key is never
+        # one).
         order = self._order
         misses = []
         for key in keys:
@@ -60,18 +64,11 @@ class LRU(CachePolicy):
                 order[key] = None
             else:
                 misses.append(key)
-        return misses
-
-    def replace_step(
-        self, resident: Set[ExpertKey], needed: Sequence[ExpertKey], incoming: Sequence[ExpertKey], now: int
-    ) -> list[ExpertKey]:
-        # `access_step` has just moved the step's resident keys to the recent end and the misses are not
-        # in `_order`, so the candidates are exactly the keys before them: the victims are the first
-        # len(incoming), oldest first, as the per-key loop would take them (an inserted key is never one).
-        order = self._order
-        victims = list(islice(order, len(incoming)))
+        if not misses:
+            return misses, []
+        victims = list(islice(order, len(misses)))
         for key in victims:
             del order[key]
-        for key in incoming:
+        for key in misses:
             order[key] = None
-        return victims
+        return misses, victims
