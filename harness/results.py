@@ -10,12 +10,26 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.spec import RunSpec
 
 import psutil
 
 RESULT_SCHEMA_VERSION = 1
 _PACKAGES = ("harness", "torch", "transformers", "safetensors", "numpy", "pandas", "pyarrow", "psutil")
+
+
+def result_envelope(spec: RunSpec, status: str = "ok", error: str | None = None) -> dict[str, Any]:
+    """The fields every result.json starts with, whatever wrote it (a run, a peer, a failed or skipped cell)."""
+    return {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "status": status,
+        "error": error,
+        "spec": spec.canonical(),
+    }
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -29,7 +29,7 @@ from harness.iomem import thp_mode
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
-from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
+from harness.results import Validity, environment, result_envelope, write_json_atomic
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
@@ -417,11 +417,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     }
     policy_desc = book.policies[0].describe()
     result = {
-        "schema_version": RESULT_SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "status": "ok",
-        "error": None,
-        "spec": spec.canonical(),
+        **result_envelope(spec),
         "resolved": {
             "architecture": config.model_type,
             "model_dir": str(model_dir),
@@ -520,12 +516,8 @@ def write_failure(spec: RunSpec, results_dir: Path, error: BaseException) -> Pat
     return write_json_atomic(
         run_dir / "result.json",
         {
-            "schema_version": RESULT_SCHEMA_VERSION,
-            "run_id": spec.run_id,
-            "status": "failed",
-            "error": reason,
+            **result_envelope(spec, "failed", reason),
             "traceback": None if isinstance(error, HarnessError) else traceback.format_exc(limit=20),
-            "spec": spec.canonical(),
             "environment": environment(),
         },
     )

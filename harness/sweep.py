@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.budget import CellCgroup, drop_page_cache
 from harness.errors import HarnessError
-from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, read_json, write_json_atomic
+from harness.results import Validity, environment, read_json, result_envelope, write_json_atomic
 from harness.spec import RunSpec, load_run_spec
 from harness.units import parse_duration, parse_size
 
@@ -483,11 +483,7 @@ def _write_failed_result(result_path: Path, cell: Cell, reason: str, record: dic
             "raise the cell's ram_budget" if OOM_REASON in reason else "see failure.stderr_tail and stderr.log",
         )
         result = {
-            "schema_version": RESULT_SCHEMA_VERSION,
-            "run_id": cell.run_id,
-            "status": "failed",
-            "error": reason,
-            "spec": cell.spec.canonical(),
+            **result_envelope(cell.spec, "failed", reason),
             "resolved": None,
             "metrics": None,
             "environment": environment(),

@@ -14,7 +14,7 @@ from typing import Any
 from harness.budget import budget_status
 from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
-from harness.results import RESULT_SCHEMA_VERSION, Validity, environment, write_json_atomic
+from harness.results import Validity, environment, result_envelope, write_json_atomic
 from harness.runtime.generation import SequenceLog
 from harness.runtime.timing import timing_metrics
 from harness.spec import RunSpec
@@ -98,11 +98,7 @@ def peer_result(
         "cgroup": budget_status(enforcement),
     }
     return {
-        "schema_version": RESULT_SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "status": "ok",
-        "error": None,
-        "spec": spec.canonical(),
+        **result_envelope(spec),
         "resolved": {
             "model_dir": str(model_dir),
             "model_name": model_dir.name,
@@ -141,13 +137,6 @@ def run_peer(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         result = runner(spec, model_dir, run_dir, argument, phases)
     except PeerUnavailable as exc:
         log.warning("peer %s skipped: %s", name, exc)
-        result = {
-            "schema_version": RESULT_SCHEMA_VERSION,
-            "run_id": spec.run_id,
-            "status": "skipped",
-            "error": f"peer {name} skipped: {exc}",
-            "spec": spec.canonical(),
-            "environment": environment(),
-        }
+        result = {**result_envelope(spec, "skipped", f"peer {name} skipped: {exc}"), "environment": environment()}
     write_json_atomic(run_dir / "result.json", result)
     return result
