@@ -61,6 +61,11 @@ class IoBuffer:
         """Bytes of this buffer's mapping backed by transparent huge pages (from /proc/self/smaps)."""
         return anon_huge_bytes(self.address)
 
+    @property
+    def huge_page_share(self) -> float:
+        """Share of the buffer on huge pages (the mapping's huge pages can cover more than `nbytes`)."""
+        return min(1.0, self.huge_bytes / self.nbytes)
+
     def close(self) -> None:
         self.view.release()
         self._map.close()
@@ -70,6 +75,16 @@ class IoBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def base_page_note(share: float, what: str) -> str | None:
+    """The validity note for direct reads into `what` when only `share` of it is on huge pages, else None."""
+    if share >= 1.0:
+        return None
+    return (
+        f"{share:.0%} of {what} is on huge pages (transparent huge pages: {thp_mode()}): a direct read into "
+        "base pages may reach the device as several requests"
+    )
 
 
 def address_of(region: mmap.mmap) -> int:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from harness.budget import BudgetEnforcement, budget_status, detect_hierarchy, effective_limit
 from harness.cache.book import PHASES, ExpertCacheBook
 from harness.errors import HarnessError
-from harness.iomem import thp_mode
+from harness.iomem import base_page_note
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
@@ -372,11 +372,9 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         validity.note(
             f"expert reads are buffered with the file dropped from the page cache: {engine.reader.fallback_reason}"
         )
-    if engine.reader.engine == "direct" and cache.pool.huge_page_share < 1.0:
-        validity.note(
-            f"{cache.pool.huge_page_share:.0%} of the expert slot memory is on huge pages (transparent huge "
-            f"pages: {thp_mode()}): a direct read into base pages may reach the device as several requests"
-        )
+    huge_note = base_page_note(cache.pool.huge_page_share, "the expert slot memory")
+    if engine.reader.engine == "direct" and huge_note:
+        validity.note(huge_note)
     if budget.get("failcnt"):
         validity.note(
             f"the memory cgroup hit its limit {budget['failcnt']} times: the kernel reclaimed memory "

@@ -157,6 +157,7 @@ def test_engine_job_meets_minimums(tmp_path: Path, rw: str, direct: bool, backen
     assert result.ios >= 50 and result.bytes == result.ios * 64 * 1024
     assert result.elapsed_s >= 0.1 * 0.9
     assert result.backend == backend
+    assert result.huge_page_share is not None and 0.0 <= result.huge_page_share <= 1.0
     assert result.hist is not None and result.hist.total == result.ios
     p = result.percentiles_s
     assert p[50.0] is not None and p[50.0] <= p[90.0] <= p[99.0] <= p[99.9]  # type: ignore[operator]

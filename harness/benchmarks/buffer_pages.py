@@ -46,7 +46,7 @@ def main(path: Path, block_size: str, reads: int, rounds: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     click.echo(
         f"{path} on {disk}, {block_size} reads, transparent huge pages: {thp_mode()}, "
-        f"huge-page share of the IoBuffer: {min(1.0, huge.huge_bytes / huge.nbytes):.0%}, "
+        f"huge-page share of the IoBuffer: {huge.huge_page_share:.0%}, "
         f"{'io_uring' if ring else 'preadv'}"
     )
     rng = random.Random(0)

@@ -95,8 +95,7 @@ class _Tally:
     lat_max_ns: int = 0
     last_completion_ns: int = 0
     error: BaseException | None = None
-    buffer_bytes: int = 0
-    huge_bytes: int = 0
+    huge_page_share: float = 0.0  # of this tally's I/O buffer
 
     def add(self, latency_ns: int, nbytes: int, completed_ns: int) -> None:
         self.hist.counts[bucket_index(latency_ns)] += 1
@@ -155,7 +154,8 @@ def run_job(
         lat_max_s=max(t.lat_max_ns for t in tallies) * 1e-9 if ios else None,
         percentiles_s=percentiles_from(hist),
         hist=hist,
-        huge_page_share=min(1.0, sum(t.huge_bytes for t in tallies) / sum(t.buffer_bytes for t in tallies)),
+        # Every tally's buffer has the same size (depth x block size, or one block per thread).
+        huge_page_share=sum(t.huge_page_share for t in tallies) / len(tallies),
     )
 
 
@@ -184,7 +184,7 @@ def _run_ring(spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop:
     tally = _Tally()
     clock = time.perf_counter_ns
     buffers = _buffers(spec, depth)
-    tally.buffer_bytes, tally.huge_bytes = buffers.nbytes, buffers.huge_bytes
+    tally.huge_page_share = buffers.huge_page_share
     try:
         base = buffers.address
         submitted_ns = [0] * depth  # per buffer slot (the request's user_data)
@@ -262,7 +262,7 @@ def _worker(
 ) -> None:
     bs = spec.bs_bytes
     buf = _buffers(spec, 1)
-    tally.buffer_bytes, tally.huge_bytes = buf.nbytes, buf.huge_bytes
+    tally.huge_page_share = buf.huge_page_share
     try:
         io = os.pwritev if spec.is_write else os.preadv
         clock = time.perf_counter_ns

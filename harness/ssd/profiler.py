@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.iomem import thp_mode
+from harness.iomem import base_page_note, thp_mode
 from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
 from harness.ssd.devices import describe_block_device, describe_path
@@ -383,11 +383,9 @@ def _profile_document(
         if r.ios == 0:
             validity.fail(f"{r.engine} job {r.spec.name} completed no I/O after its ramp", "use a longer --runtime")
     shares = [r.huge_page_share for r in results if r.huge_page_share is not None]
-    if direct and shares and min(shares) < 1.0:
-        validity.note(
-            f"as little as {min(shares):.0%} of a job's I/O buffers was on huge pages (transparent huge pages: "
-            f"{thp_mode()}): a direct read into base pages may reach the device as several requests"
-        )
+    huge_note = base_page_note(min(shares), "the I/O buffers of the least-backed job") if shares else None
+    if direct and huge_note:
+        validity.note(huge_note)
     rows = comparisons(results, pairs)
     for row in rows:
         if not row["within_tolerance"] and row["direct"]:

@@ -38,7 +38,7 @@ class AlignedPool:
         self.slots, self.stride = slots, stride
         self._buffer = IoBuffer(slots * stride)
         self.view = self._buffer.view
-        self.huge_page_share = min(1.0, self._buffer.huge_bytes / self._buffer.nbytes)
+        self.huge_page_share = self._buffer.huge_page_share
         """Share of the slot memory the kernel backed with huge pages when the pool was made."""
 
     def slot(self, index: int) -> memoryview:
