@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.budget import BudgetEnforcement, budget_status, detect_hierarchy, effective_limit
-from harness.cache.book import PHASES, ExpertCacheBook
+from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
 from harness.iomem import base_page_note
+from harness.keys import PHASES
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack

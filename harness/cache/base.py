@@ -10,8 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence, Set
 from typing import ClassVar
 
-ExpertKey = tuple[int, int]
-"""(layer, expert): the cache unit, one expert's weights in one MoE layer (model layer numbering)."""
+from harness.keys import ExpertKey
 
 
 class CachePolicy(ABC):

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.errors import HarnessError
-
-Scope = Literal["per-layer", "global"]
-Phase = Literal["prefill", "decode"]
-PHASES: tuple[Phase, ...] = ("prefill", "decode")
+from harness.keys import PHASES, ExpertKey, Phase, Scope
 
 
 @dataclass

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
-from harness.cache.book import ExpertCacheBook, Scope
+from harness.cache.book import ExpertCacheBook
 from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
+from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext

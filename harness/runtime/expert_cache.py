@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.cache.base import ExpertKey
-from harness.cache.book import PHASES, ExpertCacheBook, Phase
+from harness.cache.book import ExpertCacheBook
+from harness.keys import PHASES, ExpertKey, Phase
 from harness.runtime.offloaded import ExpertWeights
 from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader, IoRecord

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.cache.book import Phase
+from harness.keys import Phase
 
 ExpertWeights = dict[str, torch.Tensor]
 Contribution = tuple[torch.Tensor, torch.Tensor]

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from harness.cache.base import ExpertKey
 from harness.errors import HarnessError
 from harness.iomem import IoBuffer
+from harness.keys import ExpertKey
 from harness.store.layout import PackIndex
 
 log = logging.getLogger(__name__)

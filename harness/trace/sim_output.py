@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.cache.book import PHASES
+from harness.keys import PHASES
 from harness.results import write_json_atomic
 from harness.trace.simulate import ORACLES, SimulationRun
 

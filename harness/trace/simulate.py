@@ -22,12 +22,12 @@ from typing import Literal
 
 import numpy as np
 
-from harness.cache.base import ExpertKey
-from harness.cache.book import PHASES, AccessCounts, ExpertCacheBook, Phase, Scope
+from harness.cache.book import AccessCounts, ExpertCacheBook
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.flashmoe import load_model
 from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
+from harness.keys import PHASES, ExpertKey, Phase, Scope
 from harness.trace.schema import PHASE_NAMES, Trace, TraceMeta, read_trace
 
 log = logging.getLogger(__name__)

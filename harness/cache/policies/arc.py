@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Set
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.registry import register_policy
+from harness.keys import ExpertKey
 
 
 @register_policy

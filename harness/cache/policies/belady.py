@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
+from harness.keys import ExpertKey
 
 NEVER = float("inf")
 """Next-use time of a key that is not accessed again."""

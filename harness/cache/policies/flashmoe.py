@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.learned import FlashMoEModel, features
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
+from harness.keys import ExpertKey
 
 
 @functools.lru_cache(maxsize=4)

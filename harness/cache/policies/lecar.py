@@ -13,10 +13,11 @@ import math
 import random
 from collections.abc import Set
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.policies.lfu import LFU
 from harness.cache.policies.lru import LRU
 from harness.cache.registry import register_policy
+from harness.keys import ExpertKey
 
 LEARNING_RATE = 0.45
 DISCOUNT_BASE = 0.005

@@ -14,9 +14,10 @@ from bisect import bisect_left
 from collections import Counter, _count_elements, deque
 from collections.abc import Mapping, Sequence, Set
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
+from harness.keys import ExpertKey
 
 DEFAULT_WINDOW_STEPS = 128
 """Window of `lfu-window` without an argument, in token steps (a documented default, not a paper's)."""

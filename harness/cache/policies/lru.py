@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence, Set
 from itertools import islice
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.registry import register_policy
+from harness.keys import ExpertKey
 
 
 @register_policy

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Set
 
-from harness.cache.base import CachePolicy, ExpertKey
+from harness.cache.base import CachePolicy
 from harness.cache.registry import register_policy
+from harness.keys import ExpertKey
 
 
 @register_policy

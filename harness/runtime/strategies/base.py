@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
-from harness.cache.base import ExpertKey
-from harness.cache.book import Scope
 from harness.errors import HarnessError
+from harness.keys import ExpertKey, Scope
 from harness.runtime.offloaded import ExpertSource, OffloadedExperts, Routing
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from harness.cache.base import ExpertKey
+from harness.keys import ExpertKey
 from harness.runtime.offloaded import Contribution, OffloadedExperts, Routing, expert_forward
 from harness.runtime.strategies.base import (
     CacheRequest,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from harness.cache.base import ExpertKey
+from harness.keys import ExpertKey
 from harness.runtime.offloaded import ExpertWeights, OffloadedExperts, Routing, expert_forward
 from harness.runtime.strategies.base import CacheRequest, register_strategy
 from harness.runtime.strategies.mapped import MappedExperts, TwoTierStrategy, most_popular, popularity_from_trace

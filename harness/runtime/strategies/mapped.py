@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.cache.base import CachePolicy, ExpertKey
-from harness.cache.book import PHASES, ExpertCacheBook, Phase, Scope
+from harness.cache.base import CachePolicy
+from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
+from harness.keys import PHASES, ExpertKey, Phase, Scope
 from harness.runtime.expert_cache import IoStats, slot_views
 from harness.runtime.offloaded import ExpertWeights
 from harness.runtime.strategies.base import Strategy
