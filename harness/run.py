@@ -7,10 +7,8 @@ engine's interface.
 
 from __future__ import annotations
 
-import logging
 import math
 import resource
-import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +27,8 @@ from harness.iomem import base_page_note
 from harness.keys import PHASES
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
-from harness.models.packer import pack_model, pack_paths, verify_pack
+from harness.models.locate import model_name, resolve_model_dir
+from harness.models.packer import pack_model, pack_paths
 from harness.results import Validity, environment, result_envelope, write_json_atomic
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
@@ -39,7 +38,8 @@ from harness.runtime.timing import percentiles, timing_metrics
 from harness.spec import RunSpec
 from harness.ssd.devices import block_device_for_path, describe_path
 from harness.ssd.readtime import load_profile_for_path, profile_for_path
-from harness.store.layout import INDEX_FILE, PackIndex
+from harness.store.layout import PackIndex
+from harness.store.placement import place_expert_file
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
@@ -47,8 +47,6 @@ from harness.trace.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
 from harness.workloads import PromptItem, select_prompts
-
-log = logging.getLogger(__name__)
 
 WORKSPACE_RESERVE_BYTES = 256 << 20
 """Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
@@ -64,45 +62,6 @@ class Progress:
 
     on_prompt: Callable[[int, int, PromptItem], None] | None = None
     on_token: Callable[[int], None] | None = None
-
-
-def resolve_model_dir(model: str) -> Path:
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(model, local_files_only=True))
-        except Exception:  # any failure means: not in the local cache
-            raise HarnessError(
-                f"model {model!r} is neither a folder nor in the local Hugging Face cache "
-                "(nothing is downloaded at run time)"
-            ) from None
-    raise HarnessError(f"model folder {model} does not exist")
-
-
-def place_expert_file(index: PackIndex, packed: dict[str, Path], ssd: str | None, model_name: str) -> Path:
-    """The expert file to read: the pack itself, or a verified copy inside the `ssd` folder."""
-    if ssd is None:
-        return packed["experts"]
-    root = Path(ssd).expanduser()
-    if not root.is_dir():
-        raise HarnessError(f"SSD path {root} does not exist or is not a folder")
-    tag = f"{sum(e.crc32 for e in index.entries) & 0xFFFFFFFF:08x}"
-    dest_dir = root / "harness-experts" / f"{model_name}-{tag}"
-    dest = dest_dir / "experts.bin"
-    if dest.exists() and dest.stat().st_size == packed["experts"].stat().st_size:
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    log.info("copying the expert file to %s", dest)
-    partial = dest.with_name("experts.bin.partial")
-    shutil.copyfile(packed["experts"], partial)
-    verify_pack(partial, index)
-    partial.replace(dest)
-    shutil.copyfile(packed["index"], dest_dir / INDEX_FILE)
-    return dest
 
 
 def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
@@ -191,7 +150,8 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
     adapter_for_model_type(load_config(model_dir).model_type)
-    index, _ = pack_model(model_dir)
+    # The expert file this run reads is verified in full once: the pack here, its copy on --ssd in placement.
+    index, _ = pack_model(model_dir, verify=spec.ssd is None)
     if spec.ram_budget_bytes is not None:
         groups = len(index.moe_layers) if spec.scope == "per-layer" else 1
         runtime = psutil.Process().memory_info().rss
@@ -269,7 +229,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
     random_init = bool(getattr(config, HARNESS_MARKER, None))
     prompts, decode_mode = select_prompts(spec, random_init)
     packed = pack_paths(model_dir)
-    experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
+    experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
 
     validity = Validity()
     storage = describe_path(experts_file.parent)

@@ -125,8 +125,8 @@ def peer_result(
 
 def run_peer(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Run the peer named by `spec.strategy`; write and return its result (status ok or skipped)."""
+    from harness.models.locate import resolve_model_dir
     from harness.peers import accelerate_peer, llamacpp
-    from harness.run import resolve_model_dir
     from harness.runtime.strategies.base import split_spec
 
     name, argument = split_spec(spec.strategy)
