@@ -16,7 +16,7 @@ import xxhash
 from harness.errors import HarnessError
 from harness.store.layout import ExpertEntry, PackIndex
 
-REPACK = "re-run `harness model pack --force`"
+REPACK = "run `harness model pack` to re-pack it"
 """The remedy named by a failed check of a pack (a copy elsewhere names its own)."""
 
 
