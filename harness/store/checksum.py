@@ -22,7 +22,11 @@ REPACK = "run `harness model pack` to re-pack it"
 
 def expert_checksum(layer: int, expert: int, payload: bytes | memoryview) -> str:
     """xxh3-64 of one blob's payload seeded with its key, as 16 hex digits (the index's `xxh3`)."""
-    return xxhash.xxh3_64_hexdigest(payload, seed=(layer << 32) | expert)
+    # Through update(): xxhash releases the GIL there for large buffers, so I/O threads verify their
+    # reads while the compute thread runs.
+    digest = xxhash.xxh3_64(seed=(layer << 32) | expert)
+    digest.update(payload)
+    return digest.hexdigest()
 
 
 def verify_expert(path: Path, index: PackIndex, entry: ExpertEntry, buffer: memoryview, remedy: str = REPACK) -> None:
