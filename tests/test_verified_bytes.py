@@ -216,6 +216,10 @@ def test_config_changed_after_packing(model, tmp_path, field, value):
     assert_fails_naming(run_model(model, tmp_path / "results"), tmp_path / "results", pattern)
     code, _, stderr = run_cli("model", "pack", str(model))
     assert code == 2 and len(stderr.splitlines()) == 1 and re.search(pattern, stderr), stderr
+    # Forced: the packer refuses expert shapes the config contradicts; the run, non-expert ones.
+    code, _, stderr = run_cli("model", "pack", "--force", str(model))
+    assert code in (0, 2) and len(stderr.splitlines()) == int(code == 2), stderr
+    assert_fails_naming(run_model(model, tmp_path / "results"), tmp_path / "results", "config.json|implies|incomplete")
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:

@@ -49,8 +49,8 @@ def load_skeleton_with_experts_replaced(
     except RuntimeError as exc:  # shapes of the packed weights differ from the model config.json builds
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         raise HarnessError(
-            f"the non-expert weights of {dense_file} do not fit the model {model_dir}/config.json describes "
-            f"({first}); re-run `harness model pack --force`"
+            f"{model_dir}/config.json does not describe the checkpoint's non-expert weights "
+            f"({first.rstrip('.')}): was config.json edited, or does it belong to another checkpoint?"
         ) from None
     if result.unexpected_keys:
         raise HarnessError(f"non-expert weights not in the model: {result.unexpected_keys[:3]}...")

@@ -24,6 +24,7 @@ from harness.errors import HarnessError
 from harness.models.adapters import ArchAdapter, adapter_for_model_type, load_config
 from harness.models.locate import pack_paths
 from harness.models.provenance import check_config_unchanged, file_digest, shaping_config
+from harness.models.provenance import pack_content_hashes as pack_content_hashes  # run ids: light home is provenance
 from harness.store.checksum import expert_checksum
 from harness.store.layout import EXPERTS_FILE, ExpertEntry, PackIndex, TensorSlot, align_up
 from harness.store.reader import verify_expert_file
