@@ -248,7 +248,7 @@ def test_read_only_hugging_face_cache(packed, tmp_path, monkeypatch):
     try:
         model_dir = resolve_model_dir("some-org/tiny-moe")
         assert model_dir == snapshot and model_name(model_dir) == "some-org/tiny-moe"
-        assert pack_dir(model_dir) == tmp_path / "harness-cache" / "packs" / "models--some-org--tiny-moe" / sha
+        assert pack_dir(model_dir) == tmp_path / "harness-cache" / "packed" / "models--some-org--tiny-moe" / sha
         code, _, stderr = run_model("some-org/tiny-moe", tmp_path / "results")
         assert code in (0, 3), stderr  # ok, or INVALID (too few decode steps to measure)
         (result,) = (tmp_path / "results").glob("*/result.json")
@@ -267,7 +267,7 @@ def test_read_only_model_folder_packs_into_the_harness_cache(packed, tmp_path, m
     # Root ignores permission bits, so "not writable" is what os.access says.
     monkeypatch.setattr(locate.os, "access", lambda path, mode: False)
     where = pack_dir(folder)
-    assert where.parent == tmp_path / "harness-cache" / "packs" and where.name.startswith("ro-model-")
+    assert where.parent == tmp_path / "harness-cache" / "packed" and where.name.startswith("ro-model-")
     assert pack_dir(packed) == packed / "packed"  # a folder with its pack beside it keeps it
 
 

@@ -6,10 +6,11 @@ Where packs go (the harness never writes into a folder it does not own):
 - A writable model folder of the user's (one `harness model create` made, or a checkpoint the user
   copied) keeps its pack beside the weights, in `<model>/packed/`, as before.
 - A model in the Hugging Face cache (`.../models--ORG--NAME/snapshots/COMMIT/`) and a read-only model
-  folder get their pack in the harness cache: `$HARNESS_CACHE/packs/models--ORG--NAME/COMMIT/` and
-  `$HARNESS_CACHE/packs/NAME-PATHHASH/` (`HARNESS_CACHE` defaults to `$XDG_CACHE_HOME/harness`, else
+  folder get their pack in the harness cache: `$HARNESS_CACHE/packed/models--ORG--NAME/COMMIT/` and
+  `$HARNESS_CACHE/packed/NAME-PATHHASH/` (`HARNESS_CACHE` defaults to `$XDG_CACHE_HOME/harness`, else
   `~/.cache/harness`). Writing into `snapshots/COMMIT/` would make huggingface_hub count the pack as
-  part of the model, and a shared cache is often read-only.
+  part of the model, and a shared cache is often read-only. Other derived files (the llama.cpp
+  peer's GGUF) follow the same rule (`artifact_dir`).
 - A read-only folder that already holds a pack beside it (packed before it was made read-only) keeps
   using that pack.
 
@@ -74,18 +75,24 @@ def harness_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "harness"
 
 
-def pack_dir(model_dir: Path) -> Path:
-    """The folder that holds (or will hold) the pack of `model_dir` (rules in the module docstring)."""
+def artifact_dir(model_dir: Path, name: str) -> Path:
+    """The folder of what the harness derives from `model_dir` (`name`: "packed" for the pack, "gguf" for
+    the llama.cpp peer's conversion): `model_dir/name` or `$HARNESS_CACHE/name/...` (module docstring)."""
     model_dir = Path(model_dir)
     snapshot = hf_snapshot(model_dir)
     if snapshot is not None:
         model_id, commit = snapshot
-        return harness_cache_dir() / "packs" / (HF_MODEL_PREFIX + model_id.replace("/", "--")) / commit
-    beside = model_dir / PACK_DIR
+        return harness_cache_dir() / name / (HF_MODEL_PREFIX + model_id.replace("/", "--")) / commit
+    beside = model_dir / name
     if os.access(model_dir, os.W_OK) or beside.is_dir():
         return beside
     where = xxhash.xxh3_64_hexdigest(str(model_dir.resolve()).encode())
-    return harness_cache_dir() / "packs" / f"{model_dir.resolve().name}-{where}"
+    return harness_cache_dir() / name / f"{model_dir.resolve().name}-{where}"
+
+
+def pack_dir(model_dir: Path) -> Path:
+    """The folder that holds (or will hold) the pack of `model_dir`."""
+    return artifact_dir(model_dir, PACK_DIR)
 
 
 def pack_paths(model_dir: Path) -> dict[str, Path]:
