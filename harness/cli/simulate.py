@@ -52,6 +52,13 @@ _console = Console()
 @click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
 @click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+@click.option(
+    "--tiers",
+    "tier_stacks",
+    multiple=True,
+    help="Replay through a tier stack instead of --policy/--capacity, top to bottom, e.g. "
+    "device:lru:48,host:lfu:256,pagecache:4096 (pagecache is an LRU model); repeat to compare stacks.",
+)
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -62,8 +69,12 @@ def simulate_cmd(
     seed: int,
     expert_bytes: str | None,
     out: Path | None,
+    tier_stacks: tuple[str, ...],
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
+    if tier_stacks:
+        _simulate_tiers(tier_stacks, trace_path, scope, phase, reset, seed, expert_bytes, out)
+        return
     from harness.trace.sim_output import write_outputs
     from harness.trace.simulate import run_simulation
 
@@ -119,6 +130,59 @@ def _print_run(run: SimulationRun) -> None:
     _console.print(per_layer)
     for note in run.notes:
         _console.print(f"note: {note}")
+
+
+def _simulate_tiers(
+    stacks: tuple[str, ...],
+    trace_path: Path,
+    scope: str,
+    phase: str,
+    reset: str,
+    seed: int,
+    expert_bytes: str | None,
+    out: Path | None,
+) -> None:
+    """`simulate --tiers`: each stack over the trace, one table row per tier."""
+    from harness.errors import HarnessError
+    from harness.trace.simulate_tiers import run_tier_simulation, write_tier_outputs
+
+    context = click.get_current_context()
+    given = [f"--{n}" for n in ("policy", "capacity") if context.get_parameter_source(n).name == "COMMANDLINE"]
+    if given:
+        raise HarnessError(f"--tiers names each tier's policy and capacity: drop {' and '.join(given)}")
+    run = run_tier_simulation(
+        trace_path,
+        stacks,
+        scope,  # type: ignore[arg-type]
+        phase,  # type: ignore[arg-type]
+        reset,  # type: ignore[arg-type]
+        seed,
+        None if expert_bytes is None else parse_size(expert_bytes),
+    )
+    heading = f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, sequences {run.seq_ids}"
+    table = Table(title=f"hits per tier ({heading})")
+    for name in ("stack", "tier", "accesses", "hits", "hit rate", "served", "edge below", "bytes/token"):
+        table.add_column(name, justify="left" if name in ("stack", "tier", "edge below") else "right")
+    for result in run.results:
+        for row in result.rows():
+            per_token = row["edge_bytes_per_token"]
+            table.add_row(
+                result.label if row["tier"] == 0 else "",
+                f"{row['kind']}:{row['policy']}:{row['capacity_slots']}" + (" (model)" if row["modelled"] else ""),
+                str(row["accesses"]),
+                str(row["hits"]),
+                f"{row['hit_rate']:.4f}",
+                f"{row['served_share']:.4f}",
+                str(row["edge_below"]),
+                "-" if per_token is None else format_bytes(per_token),  # type: ignore[arg-type]
+            )
+    _console.print(table)
+    _console.print("hit rate: of the tier's own accesses (the misses of the tier above); served: of all accesses")
+    for note in run.notes:
+        _console.print(f"note: {note}")
+    if out is not None:
+        for path in write_tier_outputs(run, out):
+            _console.print(f"wrote {path}")
 
 
 def _label(spec: str) -> str:
