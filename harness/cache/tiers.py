@@ -95,7 +95,7 @@ def parse_tiers(text: str) -> list[TierSpec]:
                 fields = [kind, fields[2]]
             if len(fields) != 2:
                 raise HarnessError(
-                    f"cannot read tier {part!r}: the page cache is pagecache:EXPERTS (e.g. pagecache:512)"
+                    f"cannot read tier {part!r}: the kernel keeps the page cache; write pagecache:EXPERTS"
                 )
             policy = KERNEL
         else:

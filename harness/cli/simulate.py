@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -147,7 +148,8 @@ def _simulate_tiers(
     from harness.trace.simulate_tiers import run_tier_simulation, write_tier_outputs
 
     context = click.get_current_context()
-    given = [f"--{n}" for n in ("policy", "capacity") if context.get_parameter_source(n).name == "COMMANDLINE"]
+    options = {"policies": "--policy", "capacity": "--capacity"}
+    given = [o for n, o in options.items() if context.get_parameter_source(n) is ParameterSource.COMMANDLINE]
     if given:
         raise HarnessError(f"--tiers names each tier's policy and capacity: drop {' and '.join(given)}")
     run = run_tier_simulation(
@@ -159,25 +161,25 @@ def _simulate_tiers(
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
     )
-    heading = f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, sequences {run.seq_ids}"
-    table = Table(title=f"hits per tier ({heading})")
-    for name in ("stack", "tier", "accesses", "hits", "hit rate", "served", "edge below", "bytes/token"):
-        table.add_column(name, justify="left" if name in ("stack", "tier", "edge below") else "right")
+    _console.print(f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, seqs {run.seq_ids}")
     for result in run.results:
+        table = Table(title=f"hits per tier: {result.label}")
+        for name in ("tier", "hits", "misses", "hit rate", "served", "misses from", "bytes/token"):
+            table.add_column(name, justify="left" if name in ("tier", "misses from") else "right")
         for row in result.rows():
             per_token = row["edge_bytes_per_token"]
             table.add_row(
-                result.label if row["tier"] == 0 else "",
                 f"{row['kind']}:{row['policy']}:{row['capacity_slots']}" + (" (model)" if row["modelled"] else ""),
-                str(row["accesses"]),
                 str(row["hits"]),
+                str(row["misses"]),
                 f"{row['hit_rate']:.4f}",
                 f"{row['served_share']:.4f}",
-                str(row["edge_below"]),
+                str(row["edge_below"]).split("->")[0],
                 "-" if per_token is None else format_bytes(per_token),  # type: ignore[arg-type]
             )
-    _console.print(table)
-    _console.print("hit rate: of the tier's own accesses (the misses of the tier above); served: of all accesses")
+        _console.print(table)
+    _console.print("hit rate: of the tier's accesses (the misses of the tier above); served: share of all accesses")
+    _console.print("bytes/token: expert bytes the tier's misses bring up from the level below, per token row")
     for note in run.notes:
         _console.print(f"note: {note}")
     if out is not None:
