@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
 from harness.units import parse_size
+
+if TYPE_CHECKING:
+    from harness.cache.tiers import TierSpec
 
 
 class RunSpec(BaseModel):
@@ -44,6 +48,13 @@ class RunSpec(BaseModel):
     io_threads: int = Field(4, ge=1, le=64, description="Parallel expert reads (one layer's misses at once).")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where non-expert weights and compute live.")
     telemetry_hz: float = Field(10.0, gt=0, le=1000, description="Telemetry sampling rate.")
+    tiers: str | None = Field(
+        None,
+        description="Expert memory tiers top to bottom instead of one cache, e.g. device:lru:48,host:lfu:256 or "
+        "host:lru:16,pagecache:512 (harness.cache.tiers); checked here, not yet run by the engine.",
+        # Out of canonical() (so out of every run_id) while the engine refuses it; drop `exclude` when it runs.
+        exclude=True,
+    )
     seed: int = Field(0, description="Seed for anything random (random policy, sampling).")
     repeat: int = Field(0, ge=0, description="Repetition index; repeats get distinct run_ids.")
 
@@ -53,6 +64,28 @@ class RunSpec(BaseModel):
         if value is not None:
             parse_size(value)
         return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            from harness.cache.tiers import parse_tiers
+
+            parse_tiers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tiers_agree(self) -> RunSpec:
+        if self.tiers is None:
+            return self
+        from harness.cache.tiers import parse_tiers
+
+        if self.cache_experts is not None:
+            raise HarnessError("tiers name each tier's capacity: drop cache_experts")
+        if self.io_engine == "direct" and any(t.modelled for t in parse_tiers(self.tiers)):
+            raise HarnessError("a page-cache tier needs buffered reads: io_engine direct bypasses the page cache")
+        # Refused until the engine runs tier stacks, so that no run silently ignores them (issue 12).
+        raise HarnessError("tiers: the engine does not run tier stacks yet; replay them with harness simulate --tiers")
 
     @property
     def ram_budget_bytes(self) -> int | None:
@@ -65,6 +98,21 @@ class RunSpec(BaseModel):
     def run_id(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_tiers(tiers: str, top_k: int, expert_file: str | Path) -> list[TierSpec]:
+    """The plan-time checks of a spec's tiers, which need the model: each slot tier holds one step's top-k
+    experts, and a page-cache tier's reads of `expert_file` can be classified (page cache or device)."""
+    from harness.cache.tiers import check_tiers_fit, parse_tiers
+    from harness.store.pagecache import classification_refused
+
+    stack = parse_tiers(tiers)
+    check_tiers_fit(stack, top_k)
+    if any(t.modelled for t in stack):
+        refused = classification_refused(expert_file)
+        if refused is not None:
+            raise HarnessError(f"a page-cache tier needs reads classified as page cache or device, but {refused}")
+    return stack
 
 
 def load_run_spec(data: dict) -> RunSpec:
