@@ -7,7 +7,14 @@ from collections import OrderedDict
 import pytest
 from click.testing import CliRunner
 
-from harness.cache.tiers import TierSpec, TierStack, check_tiers_fit, parse_tiers
+from harness.cache.tiers import (
+    TierSpec,
+    TierStack,
+    check_tiers_budget,
+    check_tiers_fit,
+    parse_tiers,
+    tier_ram_bytes,
+)
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.trace.schema import read_trace
@@ -61,6 +68,18 @@ def test_capacity_below_top_k_is_refused():
     check_tiers_fit(parse_tiers("device:lru:2,pagecache:1"), top_k=2)  # the page cache is not slots
     with pytest.raises(HarnessError, match="tier host:lru:3 holds 3 slots, fewer than the model's top-4 experts"):
         check_tiers_fit(parse_tiers("device:lru:8,host:lru:3"), top_k=4)
+
+
+def test_tiers_that_do_not_fit_the_ram_budget_are_refused():
+    tiers = parse_tiers("device:lru:2,host:lru:4,pagecache:16")
+    mib = 2**20
+    # 8 layers, per-layer scope: device 2*8, host 4*8 slots, the page cache 16 experts in all.
+    assert tier_ram_bytes(tiers, mib, 8, "per-layer", "cpu") == (16 + 32 + 16) * mib
+    assert tier_ram_bytes(tiers, mib, 8, "per-layer", "cuda") == (32 + 16) * mib  # device slots are VRAM
+    assert tier_ram_bytes(tiers, mib, 8, "global", "cpu") == (2 + 4 + 16) * mib
+    check_tiers_budget(tiers, mib, 8, "per-layer", "cpu", 64 * mib)
+    with pytest.raises(HarnessError, match="hold 64 MiB of experts in RAM, but the RAM budget leaves 63 MiB"):
+        check_tiers_budget(tiers, mib, 8, "per-layer", "cpu", 63 * mib)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "arc", "lecar", "random", "belady"])

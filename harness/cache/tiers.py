@@ -135,6 +135,30 @@ def check_tiers_fit(tiers: Sequence[TierSpec], top_k: int) -> None:
             )
 
 
+def tier_ram_bytes(tiers: Sequence[TierSpec], expert_bytes: int, num_layers: int, scope: Scope, device: str) -> int:
+    """Host memory the stack's tiers hold when full: host slots, the page cache (inside the RAM budget, by the
+    harness's convention), and device slots where the device is the CPU (a RAM pool standing in for VRAM)."""
+    total = 0
+    for tier in tiers:
+        if tier.kind == "device" and device != "cpu":
+            continue  # VRAM: checked against the VRAM budget, not the RAM budget
+        groups = num_layers if scope == "per-layer" and not tier.modelled else 1
+        total += tier.capacity * groups * expert_bytes
+    return total
+
+
+def check_tiers_budget(
+    tiers: Sequence[TierSpec], expert_bytes: int, num_layers: int, scope: Scope, device: str, free_bytes: int
+) -> None:
+    """Refuse tiers that do not fit the RAM left for experts (`free_bytes`: the budget less the runtime)."""
+    need = tier_ram_bytes(tiers, expert_bytes, num_layers, scope, device)
+    if need > free_bytes:
+        raise HarnessError(
+            f"tiers {','.join(t.label for t in tiers)} hold {need / 2**20:.0f} MiB of experts in RAM, "
+            f"but the RAM budget leaves {max(free_bytes, 0) / 2**20:.0f} MiB for them: use fewer slots"
+        )
+
+
 class TierStack:
     """Tiers top to bottom over the SSD, one `ExpertCacheBook` each (see the module docstring for semantics)."""
 
