@@ -11,11 +11,13 @@ layer numbering), object size 1, so a libCacheSim cache size is a slot count. Ti
   uint32 time, uint64 obj_id, uint32 obj_size, int64 next_access_vtime (the index of the next request
   to the same object, -1 if none), which oracles such as Belady read.
 
-What libCacheSim cannot see: the harness never evicts an expert the step being served needs (a step's
-keys are protected); libCacheSim serves one request at a time. Where that protection matters (a miss
-whose LRU victim is a key needed later in the same step) counts differ; with one distinct expert per
-(step, layer), or per-layer export at a capacity of at least the step's width and policies that
-never evict the just-used keys first, they agree. The export tests check LRU hit for hit.
+What libCacheSim cannot see: the harness serves a step's distinct experts of a layer together and never
+evicts one of them for another (hits are touched first, then misses take victims among the rest);
+libCacheSim serves one request at a time, so a miss may evict an expert the same step needs next. With
+one expert per (step, layer) the two agree exactly (LRU hit for hit in the tests); with top-k routing
+they differ (FLAME slice, top-6, per-layer LRU at 8/16/32 slots: libCacheSim 0.104/0.225/0.498 hit rate
+against the harness's 0.136/0.261/0.528). The time column keeps the steps, so a step-aware replay of the
+export (each step's resident experts served first) gives the harness's LRU counts again (tested).
 """
 
 from __future__ import annotations
