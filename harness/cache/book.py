@@ -3,8 +3,9 @@
 `ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
 only names victims. The live engine moves bytes according to the plans it returns, and the simulator
 replays traces through the very same object, so simulated and live counts agree exactly. For ranked
-policies (LRU, LFU: `harness.cache.ranked`) the simulator's full-cache steps run in a compiled copy of
-`account`'s fast path that calls the policy's own compiled functions, the ones its hooks call live.
+policies (LRU, LFU: `harness.cache.ranked`) the simulator's steps run in a compiled copy of `account`
+(without prefetch and admission, which replay never uses) that calls the policy's own compiled
+functions, the ones its hooks call live.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ class ExpertCacheBook:
 
     def account_stream(self, calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> None:
         """`account` for each (layer, keys, now, phase) call in order. Where the groups' policies are
-        `RankedPolicy`s (LRU, LFU), the steps a full group takes run in the compiled `replay_group`, which
-        makes the calls of the policy's own compiled hooks that `account` would; other steps and other
-        policies go through `account`."""
+        `RankedPolicy`s (LRU, LFU), the steps run in the compiled `replay_group`, which makes the calls of
+        the policy's own compiled hooks that `account` would; a step wider than its group (some misses
+        streamed), a group holding prefetched keys and other policies go through `account`."""
         groups = {id(g): g for g in self._groups.values()}.values()
         if not calls or not all(isinstance(g.policy, RankedPolicy) and g.admit is None for g in groups):
             account = self.account
@@ -217,13 +218,15 @@ class ExpertCacheBook:
         mark = np.zeros(policy.slots, dtype=np.int64)
         i = 0
         while i < len(mine):
-            if not group.free and not group.staged:
+            if not group.staged:
                 slot_of = np.full(policy.slots, -1, dtype=np.int64)
                 key_of_slot = np.full(group.capacity, -1, dtype=np.int64)
                 for key, slot in group.resident.items():
                     at = policy.index[key]
                     slot_of[at] = slot
                     key_of_slot[slot - group.first_slot] = at
+                free = np.array(group.free, dtype=np.int64)
+                n_free = np.array([len(free)], dtype=np.int64)
                 i = replay_group(
                     keys,
                     prepared.bounds,
@@ -235,12 +238,15 @@ class ExpertCacheBook:
                     slot_of,
                     key_of_slot,
                     group.first_slot,
+                    free,
+                    n_free,
                     mark,
                     hits,
                     misses,
                 )
                 first = group.first_slot
                 group.resident = {universe[k]: first + s for s, k in enumerate(key_of_slot.tolist()) if k >= 0}
+                group.free = free[: n_free[0]].tolist()
                 if i == len(mine):
                     break
             layer, step_keys, now, phase = calls[int(mine[i])]

@@ -76,15 +76,18 @@ def replay_group(
     slot_of: np.ndarray,
     key_of_slot: np.ndarray,
     first_slot: int,
+    free: np.ndarray,
+    n_free: np.ndarray,
     mark: np.ndarray,
     hits: np.ndarray,
     misses: np.ndarray,
 ) -> int:
-    """Replay calls[start:] of one full cache group (every slot taken, nothing staged, every miss admitted),
-    as `ExpertCacheBook.account` would: each call's keys (keys[bounds[c]:bounds[c+1]], distinct) are
-    touched, hits before misses, then each miss takes the slot of the lowest-ranked resident key the call
-    does not need and is stamped. Counts go to hits[c] / misses[c]. Returns the index of the first call it
-    cannot take (wider than the group), or len(calls)."""
+    """Replay calls[start:] of one cache group with nothing staged and every miss admitted, as
+    `ExpertCacheBook.account` would: each call's keys (keys[bounds[c]:bounds[c+1]], distinct) are touched
+    in order, hits before misses are placed; each miss then takes a free slot (free[:n_free[0]], the last
+    first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped.
+    Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
+    group: the book streams what finds no slot), or len(calls)."""
     width_max = 0
     for c in calls:
         width_max = max(width_max, bounds[c + 1] - bounds[c])
@@ -110,9 +113,13 @@ def replay_group(
                 touch(state, key, on_miss)
         for j in range(m):
             key = missed[j]
-            victim = lowest(state, counted, key_of_slot, mark, tag)
-            slot = slot_of[victim]
-            slot_of[victim] = -1
+            if n_free[0]:
+                n_free[0] -= 1
+                slot = free[n_free[0]]
+            else:
+                victim = lowest(state, counted, key_of_slot, mark, tag)
+                slot = slot_of[victim]
+                slot_of[victim] = -1
             slot_of[key] = slot
             key_of_slot[slot - first_slot] = key
             touch(state, key, STAMP)
