@@ -9,8 +9,9 @@ uses: one implementation of each policy, whichever path runs it.
 
 numba, not a C extension: the functions stay Python source (readable beside the other policies, and
 they run as plain Python where numba is missing), need no compiler at install (wheels on every
-platform torch has), and are called alike from Python and from other compiled functions. First use
-compiles them (cached on disk).
+platform torch has), and are called alike from Python and from other compiled functions. They are
+compiled for their one signature when this module is imported (cached on disk after the first time),
+so that no compilation pause falls inside a measured run.
 
 Any other policy keeps working through the Python hooks: the compiled replay is opt-in, taken only
 where every group's policy is a `RankedPolicy`.
@@ -38,7 +39,7 @@ COUNT, STAMP = 1, 2
 """What `touch` does to a key: bump its lifetime count, renew its stamp (flags, combined with |)."""
 
 
-@njit(cache=True)
+@njit("void(int64[:], int64, int64)", cache=True)
 def touch(state: np.ndarray, key: int, how: int) -> None:
     """`state` is [clock, stamp_0, count_0, stamp_1, count_1, ...]. An access bumps the count where the
     policy counts (COUNT); a hit's access or an insert renews the stamp to the clock, which then ticks."""
@@ -49,7 +50,7 @@ def touch(state: np.ndarray, key: int, how: int) -> None:
         state[0] += 1
 
 
-@njit(cache=True)
+@njit("int64(int64[:], boolean, int64[:], int64[:], int64)", cache=True)
 def lowest(state: np.ndarray, counted: bool, keys: np.ndarray, skip: np.ndarray, tag: int) -> int:
     """The key of lowest rank, (count, stamp) or stamp alone, among `keys` (those >= 0 whose `skip` mark
     is not `tag`); -1 if none."""
@@ -64,7 +65,11 @@ def lowest(state: np.ndarray, counted: bool, keys: np.ndarray, skip: np.ndarray,
     return best
 
 
-@njit(cache=True)
+@njit(
+    "int64(int64[:], int64[:], int64[:], int64, int64[:], boolean, boolean, int64[:], int64[:], int64,"
+    " int64[:], int64[:], int64[:], int64[:], int64[:])",
+    cache=True,
+)
 def replay_group(
     keys: np.ndarray,
     bounds: np.ndarray,
