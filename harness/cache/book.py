@@ -428,12 +428,13 @@ class _PreparedCalls:
 
 _PREPARED: OrderedDict[int, _PreparedCalls] = OrderedDict()
 _PREPARED_KEPT = 4
-"""Call lists whose arrays are kept (by identity): the simulator replays a few lists many times."""
+"""Call lists whose arrays are kept (by identity; a list must not change between replays): the simulator
+replays a few lists many times."""
 
 
 def _prepared(calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> _PreparedCalls:
     entry = _PREPARED.get(id(calls))
-    if entry is not None and entry.calls is calls:
+    if entry is not None and entry.calls is calls and len(entry.bounds) == len(calls) + 1:
         _PREPARED.move_to_end(id(calls))
         return entry
     layer_list = sorted({layer for layer, _, _, _ in calls})
