@@ -174,7 +174,9 @@ class RankedPolicy(CachePolicy):
         return int(self.bind([key])[0]) if i is None else i
 
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        touch(self.state, self._at(key), self._on_hit if hit else self._on_miss)
+        how = self._on_hit if hit else self._on_miss
+        if how:  # LRU ignores misses: no call (LeCaR reports them to its LRU part)
+            touch(self.state, self._at(key), how)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         touch(self.state, self._at(key), STAMP)
