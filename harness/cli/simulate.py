@@ -129,15 +129,22 @@ def _label(spec: str) -> str:
 
 @click.group("trace")
 def trace_group() -> None:
-    """Routing traces: import public formats, describe a trace."""
+    """Routing traces: import public formats, export to libCacheSim, describe a trace."""
 
 
 @trace_group.command("import")
-@click.option("--format", "fmt", type=click.Choice(["flame", "vllm-jsonl"]), required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["flame", "vllm-jsonl", "route-jsonl", "vllm-routed", "prompt-csv", "megatron-jsonl"]),
+    required=True,
+    help="flame (.pt/.csv per layer), vllm-jsonl (MoE-logger), route-jsonl (route simulators), vllm-routed "
+    "(.npy/.npz [tokens, moe_layers, top_k]), prompt-csv (files or folders), megatron-jsonl (router_trace_rank*).",
+)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace Parquet file to write.")
 @click.option("--sequence-length", type=int, default=None, help="flame: tokens per sequence (default: the file's).")
-@click.option("--num-experts", type=int, default=None, help="flame: experts per layer (default: inferred).")
+@click.option("--num-experts", type=int, default=None, help="Experts per layer (default: inferred; not vllm-jsonl).")
 @click.option("--expert-bytes", default="0", show_default=True, help="Size of one expert, if known (e.g. 3MiB).")
 def trace_import(
     fmt: str,
@@ -147,15 +154,19 @@ def trace_import(
     num_experts: int | None,
     expert_bytes: str,
 ) -> None:
-    """Import FLAME-MoE-Traces (.pt/.csv per layer) or vLLM MoE-logger JSONL files into one trace."""
+    """Import a public routing-trace format into one harness trace (TRACES.md, README)."""
     from harness.errors import HarnessError
     from harness.trace.importers import import_trace
 
     options: dict[str, object] = {"expert_bytes": parse_size(expert_bytes)}
     if fmt == "flame":
         options.update(sequence_length=sequence_length, num_experts=num_experts)
-    elif sequence_length is not None or num_experts is not None:
-        raise HarnessError("--sequence-length and --num-experts apply to --format flame only")
+    elif sequence_length is not None:
+        raise HarnessError("--sequence-length applies to --format flame only")
+    elif fmt == "vllm-jsonl" and num_experts is not None:
+        raise HarnessError("--num-experts does not apply to vllm-jsonl (its meta line gives num_experts)")
+    elif num_experts is not None:
+        options["num_experts"] = num_experts
     report = import_trace(fmt, list(files), out, **options)
     _console.print(
         f"wrote {out}: {report.rows} token rows, {report.sequences} sequences, layers {report.layers}"
@@ -163,6 +174,29 @@ def trace_import(
     )
     for note in report.notes:
         _console.print(f"note: {note}")
+
+
+@trace_group.command("export")
+@click.argument("trace_path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["libcachesim-csv", "oraclegeneral"]), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Request-stream file to write.")
+@click.option(
+    "--layer",
+    type=int,
+    default=None,
+    help="Only this MoE layer's accesses (its own cache in per-layer scope); default all layers (global scope).",
+)
+@click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="all", show_default=True)
+def trace_export(trace_path: Path, fmt: str, out: Path, layer: int | None, phase: str) -> None:
+    """Write a trace as libCacheSim requests: one per access, in the harness's replay order."""
+    from harness.trace.export import export_libcachesim
+    from harness.trace.schema import read_trace
+
+    report = export_libcachesim(read_trace(trace_path), out, fmt, layer, phase)  # type: ignore[arg-type]
+    _console.print(
+        f"wrote {out}: {report.requests} requests to {report.objects} objects (layer x num_experts + expert), "
+        f"layers {report.layers}, object size 1 (libCacheSim cache sizes are slots)"
+    )
 
 
 @trace_group.command("info")

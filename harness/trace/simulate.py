@@ -207,9 +207,7 @@ def run_replay(
         if cls.needs_future:
             extra["future"] = stream.future()
         book = ExpertCacheBook(replay.layers, capacity_slots, scope, policy_factory(policy_spec, seed, **extra))
-        account = book.account
-        for layer, keys, now, phase in stream.calls:
-            account(layer, keys, now, phase)
+        book.account_stream(stream.calls)
         for p in PHASES:
             tokens[p] += stream.tokens[p]
             for layer, c in book.counts[p].items():
