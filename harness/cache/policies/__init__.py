@@ -9,6 +9,7 @@ from harness.cache.policies import (  # noqa: F401
     lecar,
     lfu,
     lrfu,
+    lrfu_admit,
     lru,
     random_policy,
     s3fifo,
