@@ -18,6 +18,7 @@ from harness.trace.simulate import simulate
         ("lfu", "global", "5"),
         ("arc", "per-layer", "4"),
         ("lrfu-admit", "per-layer", "3"),  # admission: streamed misses, live and replayed
+        ("reuse-logit", "global", "6"),
         ("least-stale", "global", "5"),
     ],
 )

@@ -1,6 +1,7 @@
 """The newer policies (fwlru, lrfu, lrfu-admit, sieve, s3fifo, least-stale, layer-lru, static, static-oracle):
 hand-computed victims and counts, each on steps where it decides differently from LRU."""
 
+import numpy as np
 import pytest
 
 from harness.cache.book import ExpertCacheBook
@@ -140,3 +141,28 @@ def test_static_needs_a_profile_and_the_oracle_a_future():
         policy_factory("static:/nonexistent/trace.parquet")(2)
     with pytest.raises(HarnessError, match="only in `harness simulate`"):
         policy_factory("static-oracle")(2)
+
+
+def test_reuse_logit_keeps_what_comes_back_and_learns_per_layer():
+    # Step t needs t % 2 and a one-off expert 2 + t; capacity 2. LRU and LFU never hit: each step's one-off
+    # pushes out the expert the next step needs. reuse-logit learns that 0 and 1 come back and streams the
+    # one-offs: after its first steps (misses at t0, t1, t3, t5) every access to 0 and 1 hits.
+    steps = [[t % 2, 2 + t] for t in range(60)]
+    book, plans = replay("reuse-logit", steps, 2)
+    assert book.total().hits == 56 and all(len(p.hits) == 1 for p in plans[6:])
+    assert all(p.streamed == [(0, 2 + t)] for t, p in enumerate(plans) if t >= 6)
+    assert replay("lru", steps, 2)[0].total().hits == replay("lfu", steps, 2)[0].total().hits == 0
+    # Learning moves the weights away from the start (LRFU's log-rate alone).
+    (policy,) = book.policies
+    assert not np.allclose(policy._layers[0].weights, np.eye(8)[2])
+
+
+def test_reuse_logit_reads_a_profile_when_given_one():
+    # The profile's log-rate is a feature (clipped at 1e-3): 0 and 1 profiled at rate 0.5, the rest unknown.
+    # It learns a weight for it only when there is a profile (without one the feature is 0).
+    profile = FrequencyProfile({(0, 0): 5, (0, 1): 5}, {0: 10})
+    steps = [[t % 2, 2 + t] for t in range(20)]
+    (with_profile,) = replay("reuse-logit", steps, 2, profile=profile)[0].policies
+    (without,) = replay("reuse-logit", steps, 2)[0].policies
+    assert np.allclose(with_profile._layers[0].profile_log_rate[:4], np.log([0.5, 0.5, 1e-3, 1e-3]))
+    assert with_profile._layers[0].weights[-1] != 0 and without._layers[0].weights[-1] == 0

@@ -12,6 +12,7 @@ from harness.cache.policies import (  # noqa: F401
     lrfu_admit,
     lru,
     random_policy,
+    reuse_logit,
     s3fifo,
     sieve,
     static,
