@@ -77,3 +77,14 @@ def test_cli_simulate_split_prints_both_bounds_and_records_the_split(tmp_path):
     assert set(frame["split"]) == {"frac:0.5"} and set(frame[frame["bound"]]["policy"]) == set(ORACLES)
     bad = CliRunner().invoke(main, ["simulate", "--trace", str(path), "--split", "frac:2"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1
+
+
+def test_static_reads_a_profile_from_another_trace_file(tmp_path):
+    # The profile trace ranks 3 above 2. Replayed on 2, 3, 2, 3 with 1 slot: t0 2 takes the free slot, t1 3
+    # ranks above it and replaces it, t2 2 streams, t3 hits 3.
+    profile = write(tmp_path / "p.parquet", {0: [[3], [3], [2]]})
+    path = write(tmp_path / "t.parquet", {0: [[2], [3], [2], [3]]})
+    run = run_simulation(path, [f"static:{profile}"], "1")
+    result = next(r for r in run.results if r.policy.startswith("static:"))
+    assert (result.total().hits, result.total().misses) == (1, 3)
+    assert any("honest only where that is another trace" in note for note in run.notes)

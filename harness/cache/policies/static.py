@@ -17,6 +17,7 @@ the pinned experts as they arrive).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Set
 from pathlib import Path
 
@@ -102,16 +103,22 @@ class StaticProfile(_StaticRanked):
 def load_profile(name: str, argument: str | None, profile: FrequencyProfile | None) -> FrequencyProfile:
     """The profile of `name:PATH` (a trace file), else the one the simulator passed (`--split`)."""
     if argument:
-        path = Path(argument).expanduser()
+        path = Path(argument).expanduser().resolve()
         if not path.is_file():
             raise HarnessError(f"{name}: profile trace {argument} does not exist")
-        # Imported here: the trace package replays through this one, so it cannot be imported at load time.
-        from harness.trace.simulate import trace_profile
-
-        return trace_profile(path)
+        return _trace_profile(str(path), path.stat().st_mtime_ns)
     if profile is None:
         raise HarnessError(
             f"{name} needs a frequency profile: {name}:TRACE (a trace file), or `harness simulate --split ...` "
             "(profiled on the training part)"
         )
     return profile
+
+
+@functools.lru_cache(maxsize=4)
+def _trace_profile(path: str, mtime_ns: int) -> FrequencyProfile:
+    # Keyed by modification time too; per-layer scope builds one policy per layer from the same file.
+    # Imported here: the trace package replays through this one, so it cannot be imported at load time.
+    from harness.trace.simulate import trace_profile
+
+    return trace_profile(path)
