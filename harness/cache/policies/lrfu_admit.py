@@ -1,4 +1,5 @@
-"""LRFU with admission (`lrfu-admit`, `lrfu-admit:LAMBDA`): the harness's policy for the held-out goal.
+"""LRFU with admission (`lrfu-admit`, `lrfu-admit:LAMBDA`): admission alone, the simpler of the two policies
+tried for the held-out goal (the other is `reuse-logit`).
 
 Eviction is LRFU's (`harness.cache.policies.lrfu`, same lambda default): the candidate with the smallest
 combined recency-frequency value (CRF, lifetime, kept after eviction) leaves. The addition is admission, in
@@ -8,9 +9,6 @@ streams through a scratch slot and the resident expert stays. In a cache of a qu
 with near-uniform routing, forced admission lets one-off experts push out the ones that keep coming back;
 the admission test keeps them out. It reads nothing from the future or from a training part, so it runs
 live as well as in replay.
-
-Measured on held-out parts (README, "Cache policies"): above every heuristic at 12.5/25/50% on the FLAME
-slice and on the small model's trace, but short of the +2 points at 25% that was the goal.
 """
 
 from __future__ import annotations
