@@ -25,8 +25,9 @@ _console = Console()
     "policies",
     default="lru,lfu",
     show_default=True,
-    help="Comma-separated policies (lru, lfu, lfu-window:W, arc, lecar, random, flashmoe:MODEL, belady, "
-    "belady-bypass); Belady and Belady-bypass are always added as bounds.",
+    help="Comma-separated policies (`harness policy list`; e.g. lru, lfu, lfu-window:W, fwlru:W, lrfu:LAMBDA, "
+    "s3fifo, sieve, least-stale, layer-lru, arc, lecar, random, static:TRACE, flashmoe:MODEL); Belady, "
+    "Belady-bypass and the static-frequency oracle are always added as bounds.",
 )
 @click.option(
     "--capacity",
@@ -52,6 +53,12 @@ _console = Console()
 @click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
 @click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+@click.option(
+    "--split",
+    default=None,
+    help="Held-out protocol: seq:N (the first N sequences) or frac:F (the first F share of the token steps) "
+    "profile/train; every policy is scored on the rest only.",
+)
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -62,6 +69,7 @@ def simulate_cmd(
     seed: int,
     expert_bytes: str | None,
     out: Path | None,
+    split: str | None,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
     from harness.trace.sim_output import write_outputs
@@ -76,6 +84,7 @@ def simulate_cmd(
         reset,  # type: ignore[arg-type]
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
+        split,
     )
     _print_run(run)
     if out is not None:
@@ -89,6 +98,8 @@ def _print_run(run: SimulationRun) -> None:
     by = {(r.policy, r.capacity_slots): r for r in run.results}
     whole = run.meta.num_experts * (len(run.meta.moe_layers) if run.scope == "global" else 1)
     heading = f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, sequences {run.seq_ids}"
+    if run.split is not None:
+        heading += f", held-out part of split {run.split}"
     table = Table(title=f"hit rate ({heading})")
     table.add_column("policy")
     for c in capacities:
@@ -122,9 +133,12 @@ def _print_run(run: SimulationRun) -> None:
 
 
 def _label(spec: str) -> str:
-    """A policy spec for a table cell: a model path argument is shortened to its file name."""
+    """A policy spec for a table cell: a model path argument is shortened to its file name; bounds say so."""
+    from harness.trace.simulate import ORACLES
+
     name, _, argument = spec.partition(":")
-    return f"{name}:{Path(argument).name}" if "/" in argument else spec
+    label = f"{name}:{Path(argument).name}" if "/" in argument else spec
+    return f"{label} (bound)" if spec in ORACLES else label
 
 
 @click.group("trace")
@@ -254,18 +268,31 @@ def policy_list() -> None:
 @click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="decode", show_default=True)
 @click.option("--max-epochs", default=200, show_default=True)
 @click.option("--heldout-fraction", default=0.25, show_default=True, help="Share of sequences never trained on.")
+@click.option(
+    "--split",
+    default=None,
+    help="Held-out protocol as in `simulate --split` (seq:N or frac:F); default: the last --heldout-fraction of "
+    "the sequences, or of the token steps for a single-stream trace.",
+)
 def policy_train(
-    trace_path: Path, out: Path, capacity: str, seed: int, phase: str, max_epochs: int, heldout_fraction: float
+    trace_path: Path,
+    out: Path,
+    capacity: str,
+    seed: int,
+    phase: str,
+    max_epochs: int,
+    heldout_fraction: float,
+    split: str | None,
 ) -> None:
     """Train FlashMoE per-layer networks on Belady labels; report held-out hit rates beside LRU, LFU, Belady."""
     from harness.cache.learned import TrainSettings
     from harness.trace.train import train_flashmoe
 
     settings = TrainSettings(seed=seed, max_epochs=max_epochs, heldout_fraction=heldout_fraction)
-    report = train_flashmoe(trace_path, out, capacity, seed, phase, settings)  # type: ignore[arg-type]
+    report = train_flashmoe(trace_path, out, capacity, seed, phase, settings, split)  # type: ignore[arg-type]
     _console.print(
-        f"wrote {report.model_path}: trained on sequences {report.train_sequences}, "
-        f"evaluated on held-out sequences {report.heldout_sequences} only"
+        f"wrote {report.model_path}: split {report.split}, trained on sequences {report.train_sequences}, "
+        f"evaluated on the held-out part (sequences {report.heldout_sequences}) only"
     )
     table = Table(title="held-out hit rate (per-layer scope, fresh cache per sequence)")
     table.add_column("policy")
