@@ -82,7 +82,10 @@ def test_tiers_that_do_not_fit_the_ram_budget_are_refused():
         check_tiers_budget(tiers, mib, 8, "per-layer", "cpu", 63 * mib)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "arc", "lecar", "random", "belady"])
+SLOT_POLICIES = ["lru", "lfu", "arc", "lecar", "random", "fwlru", "lrfu", "lrfu-admit", "sieve", "s3fifo", "layer-lru"]
+
+
+@pytest.mark.parametrize("policy", [*SLOT_POLICIES, "belady"])
 @pytest.mark.parametrize("capacity", [1, 2, 3, 8])
 @pytest.mark.parametrize("scope", ["per-layer", "global"])
 def test_one_tier_is_the_single_cache_exactly(toy, policy, capacity, scope):
@@ -92,6 +95,10 @@ def test_one_tier_is_the_single_cache_exactly(toy, policy, capacity, scope):
     assert counts_of(stacked.counts[0]) == counts_of(single.counts)
     assert stacked.ssd_reads == single.total().misses
     assert stacked.edge_bytes_per_token(0) == single.bytes_read_per_token()
+    if policy != "belady":
+        # In a stack the top tier goes through the book's `step` (plans), not the replay path: same counts.
+        top = run_tier_replay(replay, [TierSpec("device", policy, capacity), TierSpec("host", "lru", 2)], scope)
+        assert counts_of(top.counts[0]) == counts_of(single.counts)
 
 
 def test_two_tiers_hand_computed(toy):
@@ -202,7 +209,10 @@ def test_cli_simulate_tiers(toy, tmp_path):
     ("extra", "message"),
     [
         (["--tiers", "gpu:lru:2"], "error: unknown tier kind 'gpu'"),
-        (["--tiers", "host:lru:2", "--policy", "lfu"], "error: --tiers names each tier's policy and capacity: drop"),
+        (
+            ["--tiers", "host:lru:2", "--policy", "lfu"],
+            "error: --tiers sets each tier's policy and size, over all steps: drop --policy",
+        ),
     ],
 )
 def test_cli_tier_errors_are_one_line_exit_2(toy, extra, message):

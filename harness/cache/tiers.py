@@ -28,7 +28,7 @@ An exclusive variant (a key lives in one tier only: promotion moves it up, devic
 into the host tier) is not implemented: demotion needs an insert-with-eviction that does not count an
 access, which `ExpertCacheBook` does not offer without touching its hot path.
 
-With one tier the stack is the book itself (`account` is the book's), so its counts are exactly
+With one tier the stack is the book itself (`account_stream` is the book's), so its counts are exactly
 today's single-cache numbers. Bytes cross the edge below tier i once per miss at tier i.
 """
 
@@ -189,7 +189,6 @@ class TierStack:
             )
             for t in self.tiers
         ]
-        self.account = self.books[0].account if len(self.books) == 1 else self._account
 
     def step(self, layer: int, experts: Iterable[int], now: int, phase: Phase = "decode") -> list[StepPlan]:
         """Account one token step of one layer through the tiers; one plan per tier reached, top first.
@@ -208,9 +207,15 @@ class TierStack:
             wanted = [e for _, e in missed]
         return plans
 
-    def _account(self, layer: int, keys: tuple[ExpertKey, ...], now: int, phase: Phase = "decode") -> None:
-        """`step` for replay (the keys of a step, prepared once by the simulator), without plans."""
-        self.step(layer, [e for _, e in keys], now, phase)
+    def account_stream(self, calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> None:
+        """Replay (layer, keys, now, phase) calls prepared by the simulator. One tier is the book's own
+        `account_stream`, the single-cache simulator's path; a stack goes through `step`."""
+        if len(self.books) == 1:
+            self.books[0].account_stream(calls)
+            return
+        step = self.step
+        for layer, keys, now, phase in calls:
+            step(layer, [e for _, e in keys], now, phase)
 
     def counts(self, tier: int) -> dict[Phase, dict[int, AccessCounts]]:
         """Tier `tier`'s hits and misses per phase and layer (its accesses are the misses of the tier above)."""

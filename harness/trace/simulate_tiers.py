@@ -2,7 +2,7 @@
 
 The trace is prepared once by `build_replay` (the same steps, clock and reset modes as the single-cache
 simulator) and each stream is replayed through a fresh `TierStack`. With one tier the counts are those of
-`run_replay` exactly (the stack's `account` is the book's). Semantics of a stack: `harness.cache.tiers`.
+`run_replay` exactly (the stack's `account_stream` is the book's). Semantics of a stack: `harness.cache.tiers`.
 """
 
 from __future__ import annotations
@@ -105,9 +105,7 @@ def run_tier_replay(
             extra["future"] = stream.future()
         stack = TierStack(replay.layers, tiers, scope, seed, **extra)
         edges = stack.edges()
-        account = stack.account
-        for layer, keys, now, phase in stream.calls:
-            account(layer, keys, now, phase)
+        stack.account_stream(stream.calls)
         for p in PHASES:
             tokens[p] += stream.tokens[p]
         for i in range(len(tiers)):

@@ -5,6 +5,9 @@
   probability in the k selected columns, 0 elsewhere). Rows are tokens in stream order.
 - vLLM MoE-logger JSONL: a `meta` line, then one `route` line per (token row, layer); one file per layer or
   all layers in one. The warm-up profiling block is dropped (and counted), step boundaries are rebuilt.
+
+Further formats live in one module each (route_jsonl, vllm_routed, prompt_csv, megatron); `import_trace`
+dispatches to all of them by name.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from harness.trace.schema import TraceMeta, TraceWriter
 log = logging.getLogger(__name__)
 _LAYER_IN_NAME = re.compile(r"layer_?(\d+)$")
 
-FORMATS = ("flame", "vllm-jsonl")
+FORMATS = ("flame", "vllm-jsonl", "route-jsonl", "vllm-routed", "prompt-csv", "megatron-jsonl")
 UNIFORM_WEIGHT_TOLERANCE = 1e-6
 """Router weights that differ by less than this are 'uniform' (vLLM's warm-up rows); a trained router
 never produces k exactly equal weights on real text."""
@@ -342,4 +345,21 @@ def import_trace(fmt: str, paths: Sequence[Path], out: Path, **options: object) 
         return import_flame(paths, out, **options)  # type: ignore[arg-type]
     if fmt == "vllm-jsonl":
         return import_vllm_jsonl(paths, out, **options)  # type: ignore[arg-type]
+    # One module per further format, imported on use (they import ImportReport from here).
+    if fmt == "route-jsonl":
+        from harness.trace.importers.route_jsonl import import_route_jsonl
+
+        return import_route_jsonl(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "vllm-routed":
+        from harness.trace.importers.vllm_routed import import_vllm_routed
+
+        return import_vllm_routed(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "prompt-csv":
+        from harness.trace.importers.prompt_csv import import_prompt_csv
+
+        return import_prompt_csv(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "megatron-jsonl":
+        from harness.trace.importers.megatron import import_megatron_jsonl
+
+        return import_megatron_jsonl(paths, out, **options)  # type: ignore[arg-type]
     raise HarnessError(f"unknown trace format {fmt!r}; known formats: {', '.join(FORMATS)}")
