@@ -156,6 +156,18 @@ def test_an_oracle_is_a_single_tier_only():
         TierStack([0], parse_tiers("device:belady:2,host:lru:4"))
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_ranked_policy_keeps_the_stamp_of_the_key_that_grows_its_state(policy):
+    # Found by a page-cache tier (one LRU over more experts than a layer has): the 65th key grows the state
+    # array, and its stamp used to be written into the old one (out of bounds in compiled code).
+    from harness.cache.registry import policy_factory
+
+    ranked = policy_factory(policy)(100)
+    for e in range(65):
+        ranked.on_insert((0, e), e)
+    assert ranked.victim({(0, e) for e in range(1, 65)}, (0, 99), 65) == (0, 1)
+
+
 def two_level_lru(steps: list[list[int]], device: int, host: int) -> tuple[int, int]:
     """Independent two-level LRU (not the product code): the host sees the device's misses; hits are
     refreshed first, then misses come in, in expert order. Returns (device hits, host hits)."""
@@ -182,6 +194,9 @@ def test_flame_one_tier_golden_and_two_tiers_against_reference(flame):
     replay = build_replay(flame)
     for (policy, capacity), hits in GOLDEN.items():
         assert run_tier_replay(replay, [TierSpec("device", policy, capacity)]).total(0).hits == hits
+    # The page cache is one LRU over all 8 layers' 512 experts; as the top tier it goes through `step`.
+    pagecache = run_tier_replay(replay, parse_tiers("device:lru:256,pagecache:64"), scope="global")
+    assert counts_of(pagecache.counts[0]) == counts_of(run_replay(replay, "lru", 256, "global").counts)
     result = run_tier_replay(replay, parse_tiers("device:lru:8,host:lru:32"))
     assert result.total(0).hits == GOLDEN["lru", 8]  # the top tier does not see the tiers below it
     for i, layer in enumerate(flame.meta.moe_layers):

@@ -176,10 +176,12 @@ class RankedPolicy(CachePolicy):
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
         how = self._on_hit if hit else self._on_miss
         if how:  # LRU ignores misses: no call (LeCaR reports them to its LRU part)
-            touch(self.state, self._at(key), how)
+            at = self._at(key)  # first: a new key may grow (replace) the state array
+            touch(self.state, at, how)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        touch(self.state, self._at(key), STAMP)
+        at = self._at(key)  # first: a new key may grow (replace) the state array
+        touch(self.state, at, STAMP)
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         try:  # candidates are resident, so known; bind would also take new keys, at a Python loop's cost
