@@ -102,14 +102,17 @@ def sweep(
     metavar="RUN_ID",
     help="Runs whose telemetry timelines and heat maps to draw (repeatable); default: a few picked automatically.",
 )
-def report(results_dirs: tuple[Path, ...], out_dir: Path, timeline_runs: tuple[str, ...]) -> None:
-    """Render index.html, PNG plots and summary.csv from one or more results folders."""
+@click.option("--include-invalid", is_flag=True, help="Rank and plot INVALID runs too (left out by default).")
+def report(
+    results_dirs: tuple[Path, ...], out_dir: Path, timeline_runs: tuple[str, ...], include_invalid: bool
+) -> None:
+    """Render index.html, PNG plots and summary.csv from one or more results folders (merged, by machine)."""
     from harness.report import build_report
 
     for folder in results_dirs:
         if not folder.is_dir():
             raise HarnessError(f"results folder {folder} does not exist")
-    index = build_report(list(results_dirs), out_dir, timeline_runs=list(timeline_runs))
+    index = build_report(list(results_dirs), out_dir, list(timeline_runs), include_invalid)
     click.echo(f"report: {index}")
 
 

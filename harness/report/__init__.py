@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness.report.load import Run, belady_bounds, find_runs, runs_frame
+from harness.report.load import Run, belady_bounds, find_runs, mark_eligible, runs_frame
 from harness.report.plots import (
     MB,
     Figure,
@@ -23,6 +23,7 @@ from harness.report.plots import (
     ssd_profiles,
     timeline,
 )
+from harness.report.rank import CONFIDENCE, rank
 from harness.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ TEMPLATES = Path(__file__).with_name("templates")
 DEFAULT_DETAIL_RUNS = 4
 _SUMMARY_COLUMNS = [
     "run_id",
+    "machine",
+    "machine_fingerprint",
     "status",
     "model",
     "device",
@@ -41,7 +44,11 @@ _SUMMARY_COLUMNS = [
     "ram_budget_bytes",
     "cache_slots",
     "repeat",
+    "x",
+    "x_unit",
     "decode_tokens_per_s",
+    "decode_floor_ratio",
+    "decode_steady_tokens",
     "prefill_tokens_per_s",
     "hit_rate_decode",
     "belady_hit_rate_decode",
@@ -53,6 +60,7 @@ _SUMMARY_COLUMNS = [
     "budget_enforcement",
     "io_engine",
     "valid",
+    "eligible",
     "validity_reasons",
     "error",
     "git_sha",
@@ -62,39 +70,46 @@ _SUMMARY_COLUMNS = [
 
 
 def pick_detail_runs(frame: pd.DataFrame, wanted: list[str]) -> list[str]:
-    """The runs named by the user (prefixes allowed); else per policy the ok run with the smallest budget."""
+    """Uids of the runs named by the user (run_id prefixes allowed); else per policy the ranked run with the
+    smallest budget."""
     if wanted:
         chosen = []
         for prefix in wanted:
-            matches = [r for r in frame["run_id"] if str(r).startswith(prefix)]
+            matches = [u for r, u in zip(frame["run_id"], frame["uid"], strict=True) if str(r).startswith(prefix)]
             if not matches:
                 log.warning("--timeline %s matches no run", prefix)
             chosen.extend(m for m in matches if m not in chosen)
         return chosen
-    ok = frame[frame["status"] == "ok"].sort_values(["budget_bytes", "repeat"], na_position="last")
+    ok = frame[frame["eligible"]].sort_values(["x", "repeat"], na_position="last")
     firsts = ok.groupby("label", sort=True).head(1)
-    return list(firsts["run_id"])[:DEFAULT_DETAIL_RUNS]
+    return list(firsts["uid"])[:DEFAULT_DETAIL_RUNS]
 
 
 def spread_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration: number of ok runs and the mean, min, max and CV of decode tokens/s."""
-    ok = frame[(frame["status"] == "ok") & frame["decode_tokens_per_s"].notna()]
+    """Per configuration: number of ranked runs and the mean, min, max and CV of decode tokens/s."""
+    ok = frame[frame["eligible"]]
     if ok.empty:
         return pd.DataFrame()
-    grouped = ok.groupby(["model", "device", "label", "budget_bytes"], dropna=False, sort=True)["decode_tokens_per_s"]
+    keys = ["machine", "model", "device", "label", "x_unit", "x"]
+    grouped = ok.groupby(keys, dropna=False, sort=True)["decode_tokens_per_s"]
     table = grouped.agg(["count", "mean", "min", "max", "std"]).reset_index()
     table["cv_pct"] = 100 * table["std"].fillna(0) / table["mean"]
     return table
 
 
-def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None = None) -> Path:
-    """Write index.html, the PNGs and summary.csv for every run under `results`; return the index path."""
+def build_report(
+    results: list[Path], out: Path, timeline_runs: list[str] | None = None, include_invalid: bool = False
+) -> Path:
+    """Write index.html, the PNGs and summary.csv for every run under `results`; return the index path.
+
+    INVALID runs are listed apart and left out of the ranking and the plots unless `include_invalid`.
+    """
     runs = find_runs(results)
-    by_id: dict[str, Run] = {r.run_id: r for r in runs}
-    frame = runs_frame(runs)
+    by_id: dict[str, Run] = {r.uid: r for r in runs}
+    frame = mark_eligible(runs_frame(runs), include_invalid)
     out.mkdir(parents=True, exist_ok=True)
     bounds, bound_note = belady_bounds(runs)
-    frame["belady_hit_rate_decode"] = frame["run_id"].map(bounds)
+    frame["belady_hit_rate_decode"] = frame["uid"].map(bounds)
     frame[[c for c in _SUMMARY_COLUMNS if c in frame]].to_csv(out / "summary.csv", index=False)
 
     figures: list[Figure] = [
@@ -114,7 +129,7 @@ def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None
         latency(frame, by_id, out),
     ]
     detail = pick_detail_runs(frame, timeline_runs or [])
-    detail_figures = [fig for run_id in detail for fig in (timeline(by_id[run_id], out), heatmap(by_id[run_id], out))]
+    detail_figures = [fig for uid in detail for fig in (timeline(by_id[uid], out), heatmap(by_id[uid], out))]
     profiles = sorted({Path(p) for p in frame["hardware_profile"].dropna() if Path(p).is_file()}, key=lambda p: str(p))
     profile_figures = ssd_profiles(profiles, out)
 
@@ -126,6 +141,12 @@ def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None
         sources=[str(p) for p in results],
         frame=frame,
         rows=frame.to_dict("records"),
+        invalid=frame[frame["invalid"]].to_dict("records"),
+        include_invalid=include_invalid,
+        ranking=rank(frame),
+        confidence=f"{CONFIDENCE:.0%}",
+        machines=sorted(frame["machine"].unique()),
+        has_floor=bool(frame["decode_floor_ratio"].notna().any()),
         counts=frame["status"].value_counts().to_dict(),
         figures=figures,
         detail_figures=detail_figures,
