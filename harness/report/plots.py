@@ -205,7 +205,12 @@ def latency(frame: pd.DataFrame, runs: dict[str, Run], out: Path) -> Figure:
                 samples = np.concatenate([_decode_intervals(runs[u]) for u in group["uid"]] or [np.array([])])
                 if len(samples):
                     box = bottom.boxplot(
-                        [samples * 1e3], positions=[pos], widths=slot * 0.8, patch_artist=True, showfliers=True
+                        [samples * 1e3],
+                        positions=[pos],
+                        widths=slot * 0.8,
+                        patch_artist=True,
+                        showfliers=True,
+                        medianprops={"color": "black"},
                     )
                     box["boxes"][0].set_facecolor(colours[label])
                 else:
