@@ -174,3 +174,18 @@ def test_ranking_table_in_headless_chromium(lab, tmp_path):
     invalid = re.search(r'<table id="invalid">(.*?)</table>', dom, re.S)
     assert invalid and "arc" in invalid.group(1)
     assert 'data-images-broken="0"' in dom
+
+
+def test_report_validates_the_what_if_model(lab, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(lab[1], runs)
+    profile = Path(__file__).resolve().parent.parent / "hardware_profiles" / "published" / "samsung-990-pro-2tb.json"
+    for path in runs.rglob("result.json"):
+        result = read_json(path)
+        result["hardware_profile"] = str(profile)
+        write_json_atomic(path, result)
+    html = build_report([runs], tmp_path / "report").read_text()
+    table = html[html.index('<table id="prediction-table">') :].split("</table>")[0]
+    assert table.count("samsung-990-pro-2tb.json") == 6  # every plain-cache run predicted
+    without = build_report([lab[1]], tmp_path / "plain").read_text()
+    assert "no run names an SSD profile" in without

@@ -6,12 +6,15 @@ The page opens from disk without a server: images sit beside it and are referenc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from harness.errors import HarnessError
+from harness.predict import Check, reference_compute, validate_runs
 from harness.report.load import Run, belady_bounds, find_runs, mark_eligible, runs_frame
 from harness.report.plots import (
     MB,
@@ -97,6 +100,41 @@ def spread_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+@dataclass
+class PredictionRow:
+    """A live run beside the what-if model's prediction for its own trace, capacity and SSD profile."""
+
+    machine: str
+    check: Check
+    compute_source: str
+
+
+def predictions(runs: list[Run]) -> tuple[list[PredictionRow], str]:
+    """`harness predict --validate` over the report's runs, per machine and model; and a note on what was left out."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.result.get("status") == "ok" and run.result.get("hardware_profile"):
+            model = (run.result.get("resolved") or {}).get("model_name") or ""
+            groups.setdefault((run.machine, str(model)), []).append(run)
+    if not groups:
+        return [], "no run names an SSD profile (profile the SSD with `harness profile-ssd` before the sweep)"
+    rows: list[PredictionRow] = []
+    notes: list[str] = []
+    for (machine, _), group in sorted(groups.items()):
+        pairs = [(r.folder, r.result) for r in group]
+        try:
+            compute = reference_compute(pairs)
+            checks, skipped = validate_runs(pairs, compute)
+        except HarnessError as exc:
+            notes.append(f"{machine}: {exc}")
+            continue
+        rows.extend(PredictionRow(machine, c, compute.source) for c in checks)
+        notes.extend(f"{machine}: skipped {line}" for line in skipped[:3])
+        if len(skipped) > 3:
+            notes.append(f"{machine}: and {len(skipped) - 3} more skipped")
+    return rows, "; ".join(notes)
+
+
 def build_report(
     results: list[Path], out: Path, timeline_runs: list[str] | None = None, include_invalid: bool = False
 ) -> Path:
@@ -133,6 +171,8 @@ def build_report(
     profiles = sorted({Path(p) for p in frame["hardware_profile"].dropna() if Path(p).is_file()}, key=lambda p: str(p))
     profile_figures = ssd_profiles(profiles, out)
 
+    prediction_rows, prediction_note = predictions(runs)
+
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     env.filters["bytes"] = lambda v: "" if v is None or pd.isna(v) else format_bytes(float(v))
     env.filters["num"] = _num
@@ -153,6 +193,8 @@ def build_report(
         profile_figures=profile_figures,
         spread=spread_table(frame).to_dict("records"),
         bound_note=bound_note,
+        predictions=prediction_rows,
+        prediction_note=prediction_note,
     )
     index = out / "index.html"
     index.write_text(html)
