@@ -52,6 +52,9 @@ _console = Console()
 @click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
 @click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+@click.option(
+    "--cluster", default=None, metavar="ADDRESS|auto", help="Replay the cells as Ray tasks (needs harness[cluster])."
+)
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -62,10 +65,17 @@ def simulate_cmd(
     seed: int,
     expert_bytes: str | None,
     out: Path | None,
+    cluster: str | None,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
     from harness.trace.sim_output import write_outputs
     from harness.trace.simulate import run_simulation
+
+    grid = None
+    if cluster is not None:
+        from harness.cluster.simulate import ray_grid
+
+        grid = ray_grid(cluster)
 
     run = run_simulation(
         trace_path,
@@ -76,6 +86,7 @@ def simulate_cmd(
         reset,  # type: ignore[arg-type]
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
+        grid,
     )
     _print_run(run)
     if out is not None:

@@ -66,8 +66,20 @@ class _RichProgress:
     help="Command of one cell with {spec}, {results}, {run_id}, {python}; default: "
     + shlex.join(["{python}", *DEFAULT_CELL_COMMAND[1:]]),
 )
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="ADDRESS|auto",
+    help="Run the cells on a Ray cluster, each on a node that has its SSD folder (needs harness[cluster]).",
+)
 def sweep(
-    spec_file: Path, results: Path | None, dry_run: bool, force: bool, only: tuple[str, ...], cell_command: str | None
+    spec_file: Path,
+    results: Path | None,
+    dry_run: bool,
+    force: bool,
+    only: tuple[str, ...],
+    cell_command: str | None,
+    cluster: str | None,
 ) -> None:
     """Run every cell of SPEC_FILE (base x matrix - exclude, x repeats) in its own process."""
     spec = load_sweep(spec_file)
@@ -84,7 +96,12 @@ def sweep(
         console.print(table)
         return
     progress = _RichProgress(console)
-    runner = SweepRunner(spec, results, command=command, force=force, progress=progress)
+    executor = None
+    if cluster is not None:
+        from harness.cluster.sweep import RayCells
+
+        executor = RayCells(cluster)
+    runner = SweepRunner(spec, results, command=command, force=force, progress=progress, executor=executor)
     with progress.bar:
         outcomes = runner.run(cells)
     failed = [o for o in outcomes if o.status == "failed"]
