@@ -14,6 +14,7 @@ overlap reads with compute (prefetch) run faster than it predicts.
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,13 @@ def _runs(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def reference_compute(runs: list[tuple[Path, dict[str, Any]]]) -> ComputeTime:
-    """The compute time of the run that waited least for reads (the biggest cache): the best measured figure."""
+    """The median compute time of the runs (each: decode time per token minus its read wait): robust to a noisy run."""
     usable = [(f, r) for f, r in runs if (r.get("metrics") or {}).get("decode_tokens_per_s")]
     if not usable:
         raise HarnessError("no successful run with a decode rate to take the compute time from")
-    folder, best = min(usable, key=lambda fr: fr[1]["metrics"].get("expert_wait_share_pct") or 0.0)
-    return compute_from_result(best, str(folder / "result.json"))
+    times = sorted(compute_from_result(r, str(f / "result.json")).s_per_token for f, r in usable)
+    median = statistics.median(times)
+    return ComputeTime(median, f"median of {len(times)} runs' decode time per token minus their expert-read wait")
 
 
 def validate(
@@ -156,7 +158,7 @@ def validate(
 
     Returns the checks, the compute time used and the runs skipped (with why). Each run uses
     `profile` when given, else the profile its result names. The compute time is `compute` when
-    given, else the one of the sweep's run that waited least for reads.
+    given, else the median over the sweep's runs (`reference_compute`).
     """
     runs = _runs(results_dir)
     if not runs:

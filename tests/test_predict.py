@@ -59,7 +59,7 @@ def test_compute_time_from_a_result():
 
 def test_validate_against_runs(tmp_path):
     """Run a (1 slot) waited 10.49 ms of its 20.49 ms per token; run b (2 slots) waited for nothing at 100 tokens/s.
-    The compute time comes from b (least wait): 10 ms. a is predicted exactly; b is predicted slower than measured
+    Both computed 10 ms per token (the median). a is predicted exactly; b is predicted slower than measured
     (the model reads b's quarter miss per token: 2.62 ms), an error of 10 / 12.62 - 1 = -20.8%."""
     profile = _profile(tmp_path / "p.json")
     tps_a = 1 / (0.01 + MIB / BW)
