@@ -9,13 +9,14 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.errors import HarnessError
 from harness.predict import Check, reference_compute, validate_runs
-from harness.report.load import Run, belady_bounds, find_runs, mark_eligible, runs_frame
+from harness.report.load import Run, belady_bounds, find_runs, format_x, mark_eligible, runs_frame
 from harness.report.plots import (
     MB,
     Figure,
@@ -26,7 +27,7 @@ from harness.report.plots import (
     ssd_profiles,
     timeline,
 )
-from harness.report.rank import CONFIDENCE, rank
+from harness.report.rank import CONFIDENCE, RankRow, rank
 from harness.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def build_report(
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     env.filters["bytes"] = lambda v: "" if v is None or pd.isna(v) else format_bytes(float(v))
     env.filters["num"] = _num
+    env.filters["x"] = _x
     html = env.get_template("index.html").render(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         sources=[str(p) for p in results],
@@ -199,6 +201,12 @@ def build_report(
     index = out / "index.html"
     index.write_text(html)
     return index
+
+
+def _x(row: dict[str, Any] | RankRow) -> str:
+    """A table row's position on the sweep's axis, in words."""
+    x, unit = (row["x"], row["x_unit"]) if isinstance(row, dict) else (row.x, row.x_unit)
+    return "" if x is None or pd.isna(x) else format_x(float(x), str(unit))
 
 
 def _num(value: object, digits: int = 3) -> str:

@@ -26,6 +26,11 @@ BUDGET_UNIT = "RAM budget (GiB)"
 SHARE_UNIT = "experts cached (%)"
 
 
+def format_x(x: float, unit: str) -> str:
+    """A position on the sweep's axis as a reader says it: '1.5 GiB RAM' or '25% of experts cached'."""
+    return f"{x:g} GiB RAM" if unit == BUDGET_UNIT else f"{x:.3g}% of experts cached"
+
+
 @dataclass
 class Run:
     """One result folder and its parsed result.json."""

@@ -53,8 +53,10 @@ class Estimate:
         return abs(self.mean - other.mean) <= self.half_width + other.half_width
 
     def text(self, digits: int = 3) -> str:
+        """'5.2 ± 0.31 (n=3)', or '5.2 (n=1)' for a single run."""
         shown = f"{self.mean:.{digits}g}"
-        return f"{shown} ± {self.half_width:.2g}" if self.half_width is not None else f"{shown} (n=1)"
+        spread = f" ± {self.half_width:.2g}" if self.half_width is not None else ""
+        return f"{shown}{spread} (n={self.n})"
 
 
 @dataclass
