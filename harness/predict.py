@@ -190,20 +190,23 @@ def validate_runs(
         if not trace_path.is_file() or not resolved.get("cache_slots"):
             skipped.append(f"{run_id}: no trace or no cache size")
             continue
-        trace = read_trace(trace_path)
-        replay = build_replay(trace)
-        if resolved.get("expert_bytes"):
-            replay.expert_bytes = int(resolved["expert_bytes"])
-        (prediction,) = predict(
-            replay,
-            ReadTimeModel.from_profile(path),
-            compute,
-            [str(resolved.get("policy"))],
-            [int(resolved["cache_slots"])],
-            resolved.get("scope") or "per-layer",
-            int(resolved.get("io_threads") or DEFAULT_IO_THREADS),
-            int((result.get("spec") or {}).get("seed") or 0),
-        )
+        try:
+            replay = build_replay(read_trace(trace_path))
+            if resolved.get("expert_bytes"):
+                replay.expert_bytes = int(resolved["expert_bytes"])
+            (prediction,) = predict(
+                replay,
+                ReadTimeModel.from_profile(path),
+                compute,
+                [str(resolved.get("policy"))],
+                [int(resolved["cache_slots"])],
+                resolved.get("scope") or "per-layer",
+                int(resolved.get("io_threads") or DEFAULT_IO_THREADS),
+                int((result.get("spec") or {}).get("seed") or 0),
+            )
+        except (HarnessError, OSError, ValueError) as exc:  # e.g. a learned policy's model file not on this machine
+            skipped.append(f"{run_id}: {exc}")
+            continue
         checks.append(
             Check(
                 run_id,
