@@ -19,6 +19,7 @@ import pandas as pd
 from cycler import cycler
 
 from harness.report.load import Run
+from harness.report.rank import Estimate
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def _panel_title(panel: Panel, frame: pd.DataFrame) -> str:
 
 def _spread_lines(ax: plt.Axes, frame: pd.DataFrame, column: str, scale: float = 1.0) -> None:
     """Mean per (policy, x) as a line, its 95% t-interval over repeats as error bars, every run as a dot."""
-    from harness.report.rank import Estimate
-
     for label, group in frame.groupby("label", sort=True):
         data = group.dropna(subset=["x", column])
         if data.empty:
