@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,6 +281,18 @@ class SweepProgress(Protocol):
     def cell_finished(self, outcome: CellOutcome) -> None: ...
 
 
+CellExecutor = Callable[["SweepRunner", list[Cell]], Iterator[CellOutcome]]
+"""Runs the cells to do and yields their outcomes as they finish (serial_cells; harness.cluster's on Ray)."""
+
+
+def serial_cells(runner: SweepRunner, cells: list[Cell]) -> Iterator[CellOutcome]:
+    """One cell after the other on this machine."""
+    for cell in cells:
+        if runner.progress:
+            runner.progress.cell_started(cell)
+        yield runner.run_cell(cell)
+
+
 class SweepRunner:
     """Runs cells one subprocess each, under their budgets, and records what happened to every one."""
 
@@ -292,12 +304,14 @@ class SweepRunner:
         command: Sequence[str] = DEFAULT_CELL_COMMAND,
         force: bool = False,
         progress: SweepProgress | None = None,
+        executor: CellExecutor | None = None,
     ) -> None:
         self.sweep = sweep
         self.results = Path(results)
         self.command = tuple(command)
         self.force = force
         self.progress = progress
+        self.executor = executor
         if not any("{spec}" in part for part in self.command):
             raise HarnessError("the cell command must contain {spec} (the cell's spec.json)")
 
@@ -323,15 +337,34 @@ class SweepRunner:
         outcomes = [CellOutcome(c, "skipped", f"already {status}") for c, status in plan if c not in todo]
         if self.progress:
             self.progress.begin(len(todo), len(outcomes))
-        for cell in todo:
-            if self.progress:
-                self.progress.cell_started(cell)
-            outcome = self.run_cell(cell)
-            log.info("cell %s (%s): %s %s", cell.run_id, cell.label(), outcome.status, outcome.reason or "")
+        for outcome in (self.executor or serial_cells)(self, todo):
+            log.info(
+                "cell %s (%s): %s %s", outcome.cell.run_id, outcome.cell.label(), outcome.status, outcome.reason or ""
+            )
             outcomes.append(outcome)
             if self.progress:
                 self.progress.cell_finished(outcome)
         return outcomes
+
+    def fail_cell(self, cell: Cell, reason: str, duration_s: float, extra: dict[str, Any] | None = None) -> CellOutcome:
+        """Record a cell that failed outside its process (e.g. its cluster node died): record and failed result."""
+        folder = self.results / cell.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "run_id": cell.run_id,
+            "position": cell.position,
+            "round": cell.round,
+            "config": cell.config,
+            "exit_status": None,
+            "duration_s": duration_s,
+            "budget": None,
+            "status": "failed",
+            "reason": reason,
+            **(extra or {}),
+        }
+        write_json_atomic(folder / CELL_RECORD_FILE, record)
+        _write_failed_result(folder / RESULT_FILE, cell, reason, record, "")
+        return CellOutcome(cell, "failed", reason, duration_s, record)
 
     def run_cell(self, cell: Cell) -> CellOutcome:
         folder = self.results / cell.run_id

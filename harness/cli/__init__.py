@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from harness.cli import model, run, simulate, ssd, sweep
+from harness.cli import model, node, predict, run, simulate, ssd, sweep
 from harness.errors import HarnessError
 
 
@@ -33,6 +33,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _module in (model, run, ssd, simulate, sweep):
+for _module in (model, run, ssd, simulate, sweep, predict, node):
     for _command in _module.commands:
         main.add_command(_command)

@@ -59,6 +59,9 @@ _console = Console()
     help="Held-out protocol: seq:N (the first N sequences) or frac:F (the first F share of the token steps) "
     "profile/train; every policy is scored on the rest only.",
 )
+@click.option(
+    "--cluster", default=None, metavar="ADDRESS|auto", help="Replay the cells as Ray tasks (needs harness[cluster])."
+)
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -70,10 +73,17 @@ def simulate_cmd(
     expert_bytes: str | None,
     out: Path | None,
     split: str | None,
+    cluster: str | None,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
     from harness.trace.sim_output import write_outputs
     from harness.trace.simulate import run_simulation
+
+    grid = None
+    if cluster is not None:
+        from harness.cluster.simulate import ray_grid
+
+        grid = ray_grid(cluster)
 
     run = run_simulation(
         trace_path,
@@ -85,6 +95,7 @@ def simulate_cmd(
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
         split,
+        grid,
     )
     _print_run(run)
     if out is not None:

@@ -66,8 +66,20 @@ class _RichProgress:
     help="Command of one cell with {spec}, {results}, {run_id}, {python}; default: "
     + shlex.join(["{python}", *DEFAULT_CELL_COMMAND[1:]]),
 )
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="ADDRESS|auto",
+    help="Run the cells on a Ray cluster, each on a node that has its SSD folder (needs harness[cluster]).",
+)
 def sweep(
-    spec_file: Path, results: Path | None, dry_run: bool, force: bool, only: tuple[str, ...], cell_command: str | None
+    spec_file: Path,
+    results: Path | None,
+    dry_run: bool,
+    force: bool,
+    only: tuple[str, ...],
+    cell_command: str | None,
+    cluster: str | None,
 ) -> None:
     """Run every cell of SPEC_FILE (base x matrix - exclude, x repeats) in its own process."""
     spec = load_sweep(spec_file)
@@ -84,7 +96,12 @@ def sweep(
         console.print(table)
         return
     progress = _RichProgress(console)
-    runner = SweepRunner(spec, results, command=command, force=force, progress=progress)
+    executor = None
+    if cluster is not None:
+        from harness.cluster.sweep import RayCells
+
+        executor = RayCells(cluster)
+    runner = SweepRunner(spec, results, command=command, force=force, progress=progress, executor=executor)
     with progress.bar:
         outcomes = runner.run(cells)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -102,14 +119,17 @@ def sweep(
     metavar="RUN_ID",
     help="Runs whose telemetry timelines and heat maps to draw (repeatable); default: a few picked automatically.",
 )
-def report(results_dirs: tuple[Path, ...], out_dir: Path, timeline_runs: tuple[str, ...]) -> None:
-    """Render index.html, PNG plots and summary.csv from one or more results folders."""
+@click.option("--include-invalid", is_flag=True, help="Rank and plot INVALID runs too (left out by default).")
+def report(
+    results_dirs: tuple[Path, ...], out_dir: Path, timeline_runs: tuple[str, ...], include_invalid: bool
+) -> None:
+    """Render index.html, PNG plots and summary.csv from one or more results folders (merged, by machine)."""
     from harness.report import build_report
 
     for folder in results_dirs:
         if not folder.is_dir():
             raise HarnessError(f"results folder {folder} does not exist")
-    index = build_report(list(results_dirs), out_dir, timeline_runs=list(timeline_runs))
+    index = build_report(list(results_dirs), out_dir, list(timeline_runs), include_invalid)
     click.echo(f"report: {index}")
 
 
