@@ -7,8 +7,8 @@ order of the cells. A policy that reads a file (flashmoe:PATH) needs that path o
 
 from __future__ import annotations
 
-from harness.cluster import connect
 from harness.cache.profile import FrequencyProfile
+from harness.cluster import connect
 from harness.keys import Scope
 from harness.trace.simulate import Grid, Replay, SimulationResult, run_replay
 

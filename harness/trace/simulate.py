@@ -401,7 +401,9 @@ def run_simulation(
     if not replay.expert_bytes:
         notes.append("expert size unknown (trace expert_bytes = 0): bytes per token not reported; use --expert-bytes")
     slots = parse_capacities(capacities, trace.meta.num_experts, len(replay.layers), scope)
-    results = (grid or serial_grid)(replay, [(spec, capacity) for spec in specs for capacity in slots], scope, seed, profile)
+    results = (grid or serial_grid)(
+        replay, [(spec, capacity) for spec in specs for capacity in slots], scope, seed, profile
+    )
     for result in results:
         log.info(
             "%s @ %d slots: hit rate %.4f (%.2fs)",
