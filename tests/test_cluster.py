@@ -98,6 +98,6 @@ def test_simulation_grid_equals_the_serial_one(lab):
     args = (traces[0], ["lru", "lfu", "arc"], "1,2,4")
     serial = run_simulation(*args)
     grid = run_simulation(*args, grid=ray_grid(lab["cluster"].address))
-    assert len(grid.results) == len(serial.results) == 15  # 3 policies + 2 oracles, x 3 capacities
+    assert len(grid.results) == len(serial.results) == 18  # 3 policies + 3 oracles, x 3 capacities
     for a, b in zip(serial.results, grid.results, strict=True):
         assert (a.policy, a.capacity_slots, a.counts, a.tokens) == (b.policy, b.capacity_slots, b.counts, b.tokens)
