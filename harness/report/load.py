@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.result_model import parse_result
 from harness.results import read_json
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,15 @@ def find_runs(folders: list[Path]) -> list[Run]:
     for folder in folders:
         for path in sorted(Path(folder).rglob(RESULT_FILE)):
             try:
-                result = read_json(path)
+                data = read_json(path)
             except (OSError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue
-            if not isinstance(result, dict) or "run_id" not in result:
+            if not isinstance(data, dict) or "run_id" not in data:
                 log.warning("skipping %s: not a harness result", path)
                 continue
-            run = Run(path.parent, result)
+            # A result of an unknown schema version is refused (HarnessError), not guessed at.
+            run = Run(path.parent, parse_result(data, path).to_dict())
             runs.setdefault(run.run_id, run)
     if not runs:
         raise HarnessError(f"no result.json under {', '.join(str(f) for f in folders)}")
