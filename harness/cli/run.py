@@ -99,9 +99,10 @@ def run(spec_file: Path | None, results: Path, quiet: bool, as_json: bool, **fla
     spec = load_run_spec(data)
     with sigterm_as_interrupt():
         result = _run(spec, results, quiet or as_json, as_json)
-    if result is not None:
-        _report(result, results, as_json)
-        sys.exit(exit_code(result))
+    if isinstance(result, int):  # a budgeted child ran it and reported
+        sys.exit(result)
+    _report(result, results, as_json)
+    sys.exit(exit_code(result))
 
 
 @click.command("rerun")
@@ -124,9 +125,10 @@ def rerun(result_dir: Path, results: Path, quiet: bool) -> None:
         raise HarnessError("--results must not be the original's folder: the rerun would replace it")
     with sigterm_as_interrupt():
         result = _run(spec, results, quiet, False)
-    if result is None:  # a budgeted child ran it and wrote the result
+    if isinstance(result, int):  # a budgeted child ran it, reported and wrote the result
         result = load_result(Path(results) / spec.run_id)
-    _report(result, results, False)
+    else:
+        _report(result, results, False)
     changed = [k for k, v in (original.content or {}).items() if (result.content or {}).get(k) != v]
     if changed:
         click.echo(f"content differs from the original run: {', '.join(changed)}")
@@ -151,8 +153,9 @@ def _spec_data(spec_file: Path) -> dict:
     return data
 
 
-def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult | None:
-    """Plan and run; None when a budgeted child ran it (the child reported, and the process exits here)."""
+def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult | int:
+    """Plan and run in this process; or, for a budget, in a child inside a memory cgroup: then the child's
+    exit status (the child reported)."""
     from harness.run import Progress, preflight, run_cell
 
     preflight(spec)
@@ -167,7 +170,7 @@ def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult 
         # inside a fresh memory cgroup (page cache included). A child never does this again.
         code = _run_in_cgroup(spec, results, quiet, as_json)
         if code is not None:
-            sys.exit(code)
+            return code
     console = Console(stderr=True, quiet=quiet)
     progress = Progress(
         on_prompt=lambda i, n, item: console.print(f"\n[bold]prompt {i + 1}/{n}[/] ({item.id}):", end=" "),
