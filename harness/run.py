@@ -636,7 +636,10 @@ def _guarded(spec: RunSpec, identity: RunIdentity, run_dir: Path, work: Callable
         except Exception as exc:
             log.debug("run %s failed", identity.run_id, exc_info=True)
             result = failure_result(spec, identity, exc)
-        result.save(run_dir)
+        try:
+            result.save(run_dir)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the result of run {identity.run_id} to {run_dir}: {exc}") from None
     return result
 
 
