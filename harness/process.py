@@ -98,13 +98,15 @@ def lock_held_env(run_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def claim_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold `<run_dir>/.lock` for the block; refuse (HarnessError) when another process holds it.
-    Partial files in the folder are removed when the block ends, however it ends."""
+def claim_run_dir(run_dir: Path) -> Iterator[bool]:
+    """Hold `<run_dir>/.lock` for the block; refuse (HarnessError) when another process holds it. Yields
+    whether the claim was inherited from a parent that holds the lock (a sweep, a budgeted run's parent),
+    which has then decided that this run is to be written. Partial files in the folder are removed when
+    the block ends, however it ends."""
     run_dir = Path(run_dir)
     if os.environ.get(LOCK_HELD_ENV) == str(run_dir.resolve()):
         try:
-            yield
+            yield True
         finally:
             remove_partials(run_dir)
         return
@@ -123,7 +125,7 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
-            yield
+            yield False
         finally:
             remove_partials(run_dir)
             os.ftruncate(fd, 0)

@@ -35,7 +35,7 @@ from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
 from harness.process import claim_run_dir
-from harness.result_model import RunResult
+from harness.result_model import RESULT_FILE, RunResult
 from harness.results import Validity, environment
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
@@ -626,9 +626,22 @@ def run_planned(plan: RunPlan, progress: Progress) -> RunResult:
     return build_result(plan, measurement, metrics, validity)
 
 
-def _guarded(spec: RunSpec, identity: RunIdentity, run_dir: Path, work: Callable[[], RunResult]) -> RunResult:
+def refuse_existing(run_dir: Path, inherited: bool, replace: bool) -> None:
+    """A run that already has a result is not silently replaced: refused unless `replace`, or unless a parent
+    that claimed the folder (a sweep) decided to run it."""
+    if not (replace or inherited) and (run_dir / RESULT_FILE).is_file():
+        raise HarnessError(
+            f"run {run_dir.name} already has a result in {run_dir.parent}; use --repeat N for another "
+            "measurement, or --force to replace it"
+        )
+
+
+def _guarded(
+    spec: RunSpec, identity: RunIdentity, run_dir: Path, work: Callable[[], RunResult], replace: bool
+) -> RunResult:
     """Run `work` holding the run folder; anything but an interrupt becomes a written failed result."""
-    with claim_run_dir(run_dir):
+    with claim_run_dir(run_dir) as inherited:
+        refuse_existing(run_dir, inherited, replace)
         try:
             result = work()
         except KeyboardInterrupt:
@@ -643,9 +656,10 @@ def _guarded(spec: RunSpec, identity: RunIdentity, run_dir: Path, work: Callable
     return result
 
 
-def run_cell(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> RunResult:
+def run_cell(spec: RunSpec, results_dir: Path, progress: Progress | None = None, *, replace: bool = True) -> RunResult:
     """One cell, start to finish: plan (HarnessError = bad input, nothing written), then measure under the run
-    folder's lock; a failure while measuring is written as a failed result and returned. Peers are chosen here."""
+    folder's lock; a failure while measuring is written as a failed result and returned. Peers are chosen here.
+    With `replace` off, a run that already has a result is refused."""
     progress = progress or Progress()
     if split_spec(spec.strategy)[0] in PEERS:
         from harness.peers import run_peer
@@ -653,9 +667,9 @@ def run_cell(spec: RunSpec, results_dir: Path, progress: Progress | None = None)
         model_dir = resolve_model_dir(spec.model)
         identity = run_identity(spec)
         run_dir = check_output_dir(Path(results_dir) / identity.run_id)
-        return _guarded(spec, identity, run_dir, lambda: run_peer(spec, identity, run_dir, model_dir))
+        return _guarded(spec, identity, run_dir, lambda: run_peer(spec, identity, run_dir, model_dir), replace)
     plan = plan_run(spec, Path(results_dir))
-    return _guarded(spec, plan.identity, plan.run_dir, lambda: run_planned(plan, progress))
+    return _guarded(spec, plan.identity, plan.run_dir, lambda: run_planned(plan, progress), replace)
 
 
 def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> dict[str, Any]:

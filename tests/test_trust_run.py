@@ -98,6 +98,11 @@ def test_sweep_table_names_every_cell(tmp_path):
 def test_run_exit_codes_ok_invalid_failed_and_bad_input(model, tmp_path, monkeypatch):
     code, output = _cli(*_run_args(model, tmp_path / "ok"))
     assert code == ExitCode.OK, output
+    # The same run again does not silently replace the first result.
+    written = next((tmp_path / "ok").rglob("result.json")).stat().st_mtime_ns
+    code, output = _cli(*_run_args(model, tmp_path / "ok"))
+    assert code == ExitCode.BAD_INPUT and "already has a result" in output and "--force" in output
+    assert next((tmp_path / "ok").rglob("result.json")).stat().st_mtime_ns == written
     code, output = _cli(*_run_args(model, tmp_path / "bad", "--policy", "nope"))
     assert code == ExitCode.BAD_INPUT and "unknown policy" in output
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("result.json"))

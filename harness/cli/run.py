@@ -90,7 +90,8 @@ def _option(name: str, **kwargs: object):  # returns a click decorator
 )
 @click.option("--quiet", is_flag=True, help="No live token display.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's key figures as one JSON object.")
-def run(spec_file: Path | None, results: Path, quiet: bool, as_json: bool, **flags: object) -> None:
+@click.option("--force", is_flag=True, help="Replace the result of a run that already has one (else refused).")
+def run(spec_file: Path | None, results: Path, quiet: bool, as_json: bool, force: bool, **flags: object) -> None:
     """Generate with experts offloaded to the SSD and record throughput, hits, bytes and latencies."""
     data = _spec_data(spec_file) if spec_file is not None else {}
     data.update({k: v for k, v in flags.items() if v is not None})
@@ -98,7 +99,7 @@ def run(spec_file: Path | None, results: Path, quiet: bool, as_json: bool, **fla
         raise HarnessError("--model is required (a model folder or a Hugging Face id in the local cache)")
     spec = load_run_spec(data)
     with sigterm_as_interrupt():
-        result = _run(spec, results, quiet or as_json, as_json)
+        result = _run(spec, results, quiet or as_json, as_json, replace=force)
     if isinstance(result, int):  # a budgeted child ran it and reported
         sys.exit(result)
     _report(result, results, as_json)
@@ -124,7 +125,7 @@ def rerun(result_dir: Path, results: Path, quiet: bool) -> None:
     if Path(results).resolve() == Path(result_dir).resolve().parent:
         raise HarnessError("--results must not be the original's folder: the rerun would replace it")
     with sigterm_as_interrupt():
-        result = _run(spec, results, quiet, False)
+        result = _run(spec, results, quiet, False, replace=True)
     if isinstance(result, int):  # a budgeted child ran it, reported and wrote the result
         result = load_result(Path(results) / spec.run_id)
     else:
@@ -153,7 +154,7 @@ def _spec_data(spec_file: Path) -> dict:
     return data
 
 
-def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult | int:
+def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool, *, replace: bool) -> RunResult | int:
     """Plan and run in this process; or, for a budget, in a child inside a memory cgroup: then the child's
     exit status (the child reported)."""
     from harness.run import Progress, preflight, run_cell
@@ -168,7 +169,7 @@ def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult 
     ):
         # Hold the whole run to the budget from its first allocation: run it as a child process started
         # inside a fresh memory cgroup (page cache included). A child never does this again.
-        code = _run_in_cgroup(spec, results, quiet, as_json)
+        code = _run_in_cgroup(spec, results, quiet, as_json, replace)
         if code is not None:
             return code
     console = Console(stderr=True, quiet=quiet)
@@ -176,7 +177,7 @@ def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> RunResult 
         on_prompt=lambda i, n, item: console.print(f"\n[bold]prompt {i + 1}/{n}[/] ({item.id}):", end=" "),
         on_token=lambda token: console.print(".", end="", highlight=False),
     )
-    result = run_cell(spec, results, progress)
+    result = run_cell(spec, results, progress, replace=replace)
     console.print()
     return result
 
@@ -223,17 +224,18 @@ def _summary(result: RunResult, results: Path) -> str:
     )
 
 
-def _run_in_cgroup(spec: RunSpec, results: Path, quiet: bool, as_json: bool) -> int | None:
+def _run_in_cgroup(spec: RunSpec, results: Path, quiet: bool, as_json: bool, replace: bool) -> int | None:
     """Run `spec` in a child inside a fresh memory cgroup; its exit status, or None when no cgroup could be made.
 
     The child dies with this process (PR_SET_PDEATHSIG); SIGTERM/SIGINT here stop it and remove the cgroup;
     this process holds the run folder's lock for it. A killed child is recorded as failed, named as killed by
     the memory limit only when the cgroup's own counters show an OOM kill.
     """
-    from harness.run import check_output_dir, write_failure
+    from harness.run import check_output_dir, refuse_existing, write_failure
 
     run_dir = check_output_dir(Path(results) / spec.run_id)
-    with claim_run_dir(run_dir), CellCgroup(spec.ram_budget_bytes, f"run-{spec.run_id}") as cgroup:
+    with claim_run_dir(run_dir) as inherited, CellCgroup(spec.ram_budget_bytes, f"run-{spec.run_id}") as cgroup:
+        refuse_existing(run_dir, inherited, replace)
         if not cgroup.prefix:
             return None
         spec_path = run_dir / f".spec-{os.getpid()}.json"
