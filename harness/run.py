@@ -382,6 +382,20 @@ class IoWindow:
             self.device_read_bytes = after - self._disk_before
 
 
+class CgroupWindow:
+    """The budget cgroup's counters (usage, peak, failcnt, OOM kills), read when the block ends however it ends."""
+
+    def __init__(self, enforcement: BudgetEnforcement) -> None:
+        self.enforcement = enforcement
+        self.counters: dict[str, int | None] = {}
+
+    def __enter__(self) -> CgroupWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.counters = budget_status(self.enforcement)
+
+
 def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack) -> Loaded:
     """Build the engine (closed by `stack`), encode the prompts, size and build the expert cache."""
     spec, index = plan.spec, plan.index
@@ -441,6 +455,7 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
         trace_meta(str(plan.spec.model), plan.config, plan.index, f"harness run {plan.identity.run_id}")
     )
     with contextlib.ExitStack() as stack:
+        cgroup = stack.enter_context(CgroupWindow(plan.enforcement))  # entered first: read after the engine closes
         tracker = stack.enter_context(TelemetryTracker(plan))
         tracker.telemetry.event("load_start")
         loaded = _load(plan, recorder, stack)
@@ -461,7 +476,7 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
         wall_s=wall_s,
         device_read_bytes=io.device_read_bytes,
         process_read_bytes=io.process_read_bytes,
-        budget=budget_status(plan.enforcement),
+        budget=cgroup.counters,
         telemetry_summary=tracker.summary,
         strategy_section=section,
         trace_path=recorder.writer.write(plan.run_dir / "trace.parquet"),
