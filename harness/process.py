@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from harness.errors import HarnessError
 
@@ -51,7 +52,7 @@ def child_preexec(parent_pid: int | None = None) -> Callable[[], None]:
     return preexec
 
 
-def start_child(argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen:
+def start_child(argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
     """Popen a child that dies with this process."""
     return subprocess.Popen(list(argv), env=env, preexec_fn=child_preexec(), **kwargs)
 

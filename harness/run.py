@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pyarrow as pa
@@ -30,7 +30,7 @@ from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
 from harness.identity import RunIdentity, run_identity
 from harness.iomem import base_page_note
-from harness.keys import PHASES
+from harness.keys import PHASES, Scope
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
@@ -38,7 +38,7 @@ from harness.process import claim_run_dir
 from harness.result_model import RESULT_FILE, RunResult
 from harness.results import Validity, environment
 from harness.runtime.engine import OffloadEngine, check_live_policy
-from harness.runtime.generation import SequenceLog, generate
+from harness.runtime.generation import DecodeMode, SequenceLog, generate
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
@@ -254,10 +254,10 @@ class RunPlan:
     config: Any
     random_init: bool
     strategy: Strategy
-    scope: str
+    scope: Scope
     device: str
     prompts: list[PromptItem]
-    decode_mode: str
+    decode_mode: DecodeMode
     packed: dict[str, Path]
     experts_file: Path
     storage: dict[str, Any]
@@ -314,6 +314,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     random_init = bool(getattr(config, HARNESS_MARKER, None))
     prompts, decode_mode = select_prompts(spec, random_init)
     identity = run_identity(spec)
+    scope: Scope = strategy.forced_scope or spec.scope
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
@@ -326,10 +327,10 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         config=config,
         random_init=random_init,
         strategy=strategy,
-        scope=strategy.forced_scope or spec.scope,
+        scope=scope,
         device=resolve_device(spec.device),
         prompts=prompts,
-        decode_mode=decode_mode,
+        decode_mode=cast(DecodeMode, decode_mode),
         packed=packed,
         experts_file=experts_file,
         storage=describe_path(experts_file.parent),
@@ -697,7 +698,7 @@ def _token_agreement(
     strategy: Strategy,
     encoded: list[tuple[list[int], list[int] | None]],
     spec: RunSpec,
-    decode_mode: str,
+    decode_mode: DecodeMode,
     logs: list[SequenceLog],
 ) -> dict[str, Any]:
     """Share of positions where an approximate strategy's tokens equal the exact model's.

@@ -501,7 +501,7 @@ def run_one_cell(
     spec: RunSpec, results: str | Path, *, command: Sequence[str] = DEFAULT_CELL_COMMAND, drop_caches: bool = True
 ) -> CellOutcome:
     """Run one cell given its spec into `results`, as a sweep would (own process, budget, failure record)."""
-    sweep = SweepSpec(name=spec.run_id, base={}, drop_caches=drop_caches)
+    sweep = SweepSpec.model_validate({"name": spec.run_id, "drop_caches": drop_caches})
     return SweepRunner(sweep, results, command=command).run_cell(Cell(0, spec.repeat, spec, {}))
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -51,7 +52,7 @@ _FLAGS = (
 )
 
 
-def _option(name: str, **kwargs: object):  # returns a click decorator
+def _option(name: str, **kwargs: Any):  # returns a click decorator
     field = RunSpec.model_fields[name]
     return click.option(f"--{name.replace('_', '-')}", name, default=None, help=field.description, **kwargs)
 
