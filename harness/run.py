@@ -257,6 +257,8 @@ class RunPlan:
     scope: Scope
     device: str
     prompts: list[PromptItem]
+    encoded: list[tuple[list[int], list[int] | None]]
+    """Token ids of each prompt and of its reference continuation (teacher-forced decoding)."""
     decode_mode: DecodeMode
     packed: dict[str, Path]
     experts_file: Path
@@ -271,7 +273,6 @@ class Loaded:
 
     engine: OffloadEngine
     cache: Any
-    encoded: list[tuple[list[int], list[int] | None]]
     baseline_bytes: int
     workspace_bytes: int
     slots: int
@@ -306,6 +307,28 @@ def check_output_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def encode_prompts(
+    model_dir: Path, config: Any, prompts: list[PromptItem], max_new_tokens: int
+) -> list[tuple[list[int], list[int] | None]]:
+    """Tokenize the prompts (and references); refuse a tokenizer that will not load or a prompt that, with
+    its new tokens, needs more positions than the model has."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # a checkpoint without a usable tokenizer
+        raise HarnessError(f"{model_dir} has no usable tokenizer ({exc.__class__.__name__})") from None
+    encoded = [(tokenizer.encode(p.prompt), tokenizer.encode(p.reference) if p.reference else None) for p in prompts]
+    positions = getattr(config, "max_position_embeddings", None)
+    for item, (ids, _) in zip(prompts, encoded, strict=True):
+        if positions and len(ids) + max_new_tokens > positions:
+            raise HarnessError(
+                f"prompt {item.id!r} has {len(ids)} tokens; with {max_new_tokens} new tokens that is more than the "
+                f"model's {positions} positions (max_position_embeddings): shorten it or lower --max-new-tokens"
+            )
+    return encoded
+
+
 def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     """Resolve and check everything a run needs; raises HarnessError (bad input) before any heavy load."""
     strategy = make_strategy(spec.strategy)
@@ -330,6 +353,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         scope=scope,
         device=resolve_device(spec.device),
         prompts=prompts,
+        encoded=encode_prompts(model_dir, config, prompts, spec.max_new_tokens),
         decode_mode=cast(DecodeMode, decode_mode),
         packed=packed,
         experts_file=experts_file,
@@ -398,21 +422,12 @@ class CgroupWindow:
 
 
 def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack) -> Loaded:
-    """Build the engine (closed by `stack`), encode the prompts, size and build the expert cache."""
+    """Build the engine (closed by `stack`), size and build the expert cache."""
     spec, index = plan.spec, plan.index
     load_start = time.perf_counter()
     engine = OffloadEngine(plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder)
     stack.callback(engine.close)
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(plan.model_dir), local_files_only=True)
-    except Exception as exc:  # a checkpoint without a usable tokenizer
-        raise HarnessError(f"{plan.model_dir} has no usable tokenizer ({exc.__class__.__name__})") from None
-    encoded = [
-        (tokenizer.encode(p.prompt), tokenizer.encode(p.reference) if p.reference else None) for p in plan.prompts
-    ]
-    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
+    longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
     workspace = (
         WORKSPACE_RESERVE_BYTES
         + kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
@@ -422,7 +437,7 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
     cache = plan.strategy.build(engine, CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads))
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
-    return Loaded(engine, cache, encoded, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
+    return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
 
 
 def _generate_all(
@@ -438,7 +453,7 @@ def _generate_all(
 
     logs: list[SequenceLog] = []
     start = time.perf_counter()
-    for i, (item, (ids, ref)) in enumerate(zip(plan.prompts, loaded.encoded, strict=True)):
+    for i, (item, (ids, ref)) in enumerate(zip(plan.prompts, plan.encoded, strict=True)):
         if progress.on_prompt:
             progress.on_prompt(i, len(plan.prompts), item)
         telemetry.event("prefill_start", seq=i, tokens=len(ids))
@@ -468,7 +483,7 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
         section = plan.strategy.describe()
         if not plan.strategy.exact:
             section["token_agreement"] = _token_agreement(
-                loaded.engine, plan.strategy, loaded.encoded, plan.spec, plan.decode_mode, logs
+                loaded.engine, plan.strategy, plan.encoded, plan.spec, plan.decode_mode, logs
             )
     _write_reads(loaded.cache.stats.records, tracker.telemetry, plan.run_dir / READS_FILE)
     return Measurement(

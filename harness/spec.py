@@ -52,6 +52,13 @@ class RunSpec(BaseModel):
             parse_size(value)
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the prompt is empty; give some text, or leave it out to use the workload")
+        return value
+
     @field_validator("cache_experts")
     @classmethod
     def _cache_experts_is_a_count_or_share(cls, value: str | None) -> str | None:

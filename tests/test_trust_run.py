@@ -105,6 +105,11 @@ def test_run_exit_codes_ok_invalid_failed_and_bad_input(model, tmp_path, monkeyp
     assert next((tmp_path / "ok").rglob("result.json")).stat().st_mtime_ns == written
     code, output = _cli(*_run_args(model, tmp_path / "bad", "--policy", "nope"))
     assert code == ExitCode.BAD_INPUT and "unknown policy" in output
+    code, output = _cli(*_run_args(model, tmp_path / "bad", "--prompt", " "))
+    assert code == ExitCode.BAD_INPUT and "the prompt is empty" in output
+    # Longer than the model's positions (the tiny preset has 1024): refused before the model loads.
+    code, output = _cli(*_run_args(model, tmp_path / "bad", "--prompt", "word " * 1100))
+    assert code == ExitCode.BAD_INPUT and "max_position_embeddings" in output
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").rglob("result.json"))
 
     from harness import run as run_module
