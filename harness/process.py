@@ -38,6 +38,10 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 STOP_GRACE_S = 10.0
 
 
+class RunClaimed(HarnessError):
+    """Another process holds the run folder's lock."""
+
+
 def child_preexec(parent_pid: int | None = None) -> Callable[[], None]:
     """A `preexec_fn` that makes the child get SIGTERM when its parent dies (and exit if it already has)."""
     parent_pid = parent_pid or os.getpid()
@@ -119,7 +123,7 @@ def claim_run_dir(run_dir: Path) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise HarnessError(
+            raise RunClaimed(
                 f"run {run_dir.name} in {run_dir.parent} is being written by pid {holder}; "
                 "wait for it or use another --results folder"
             ) from None

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.budget import OOM_REASON, CellCgroup, drop_page_cache, kill_reason
 from harness.errors import ExitCode, HarnessError
 from harness.identity import local_model_dir, pack_looks_current, run_identity
-from harness.process import BUDGET_CHILD_ENV, child_preexec, claim_run_dir, lock_held_env, start_child
+from harness.process import BUDGET_CHILD_ENV, RunClaimed, child_preexec, claim_run_dir, lock_held_env, start_child
 from harness.result_model import RunResult, load_result, summary_row
 from harness.results import Validity, environment, write_json_atomic
 from harness.spec import RunSpec, load_run_spec
@@ -408,7 +408,10 @@ class SweepRunner:
         for cell in todo:
             if self.progress:
                 self.progress.cell_started(cell)
-            outcome = self.run_cell(cell)
+            try:
+                outcome = self.run_cell(cell)
+            except RunClaimed as exc:  # another sweep or run writes this cell now: leave it to that one
+                outcome = CellOutcome(cell, "skipped", str(exc), ran=False)
             log.info("cell %s (%s): %s %s", cell.run_id, cell.label(), outcome.status, outcome.reason or "")
             outcomes.append(outcome)
             if self.progress:

@@ -232,6 +232,17 @@ def test_a_second_writer_of_the_same_run_is_refused(model, tmp_path):
     assert not (tmp_path / spec.run_id / "result.json").exists()
 
 
+def test_a_sweep_leaves_a_cell_that_another_writer_holds(tmp_path):
+    sweep = load_sweep(_sweep(tmp_path, {"base": {"model": "m"}, "matrix": {"policy": ["lru", "lfu"]}}))
+    cells = expand(sweep)
+    results = tmp_path / "r"
+    with claim_run_dir(results / cells[0].run_id):
+        outcomes = SweepRunner(sweep, results, command=FAKE_CELL).run(cells)
+    assert [(o.ran, o.status) for o in outcomes] == [(False, "skipped"), (True, "ok")]
+    assert "is being written by pid" in outcomes[0].reason
+    assert not (results / cells[0].run_id / "result.json").exists()
+
+
 def test_a_budget_no_cgroup_can_hold_runs_once_accounting_only(model, tmp_path, monkeypatch):
     assert current_enforcement(5 * 10**18).mode == "accounting-only"
     assert CellCgroup(5 * 10**18, "huge").prefix == []

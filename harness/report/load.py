@@ -126,6 +126,7 @@ def _row(run: Run) -> dict[str, Any]:
         "git_sha": (_get(env, "git", "sha") or "")[:10],
         "git_dirty": _get(env, "git", "dirty"),
         "host": env.get("host"),
+        "machine": (r.get("machine") or {}).get("fingerprint"),
         "kernel": env.get("kernel"),
         "cpu": _get(env, "cpu", "model"),
         "gpu": _gpu_name(env),
