@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.result_model import parse_result
 from harness.results import read_json
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,15 @@ def find_runs(folders: list[Path]) -> list[Run]:
     for folder in folders:
         for path in sorted(Path(folder).rglob(RESULT_FILE)):
             try:
-                result = read_json(path)
+                data = read_json(path)
             except (OSError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue
-            if not isinstance(result, dict) or "run_id" not in result:
+            if not isinstance(data, dict) or "run_id" not in data:
                 log.warning("skipping %s: not a harness result", path)
                 continue
-            run = Run(path.parent, result)
+            # A result of an unknown schema version is refused (HarnessError), not guessed at.
+            run = Run(path.parent, parse_result(data, path).to_dict())
             runs.setdefault(run.uid, run)
     if not runs:
         raise HarnessError(f"no result.json under {', '.join(str(f) for f in folders)}")
@@ -155,6 +157,7 @@ def _row(run: Run) -> dict[str, Any]:
         "git_sha": (_get(env, "git", "sha") or "")[:10],
         "git_dirty": _get(env, "git", "dirty"),
         "host": env.get("host"),
+        "machine": (r.get("machine") or {}).get("fingerprint"),
         "kernel": env.get("kernel"),
         "cpu": _get(env, "cpu", "model"),
         "gpu": _gpu_name(env),
