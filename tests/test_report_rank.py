@@ -93,7 +93,7 @@ def _run(root: Path, policy: str, repeat: int) -> Path:
 def _set_machine(folder: Path, hostname: str, fingerprint: str) -> None:
     for path in folder.rglob("result.json"):
         result = read_json(path)
-        result["machine"] = {"hostname": hostname, "fingerprint": fingerprint}
+        result["machine"] = {"host": hostname, "fingerprint": fingerprint}
         write_json_atomic(path, result)
 
 

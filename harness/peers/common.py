@@ -15,6 +15,7 @@ from harness.budget import budget_status, current_enforcement
 from harness.identity import RunIdentity
 from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
+from harness.models.locate import model_name
 from harness.result_model import RunResult
 from harness.results import Validity, environment
 from harness.runtime.generation import SequenceLog

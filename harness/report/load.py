@@ -45,8 +45,8 @@ class Run:
 
     @property
     def machine(self) -> str:
-        """The machine the run measured: result.machine.hostname (trust-run's identity), else the environment's host."""
-        named = _get(self.result, "machine", "hostname") or _get(self.result, "environment", "host")
+        """The machine the run measured: result.machine.host (harness.identity), else the environment's host."""
+        named = _get(self.result, "machine", "host") or _get(self.result, "environment", "host")
         return str(named or "unknown machine")
 
     @property
@@ -157,7 +157,6 @@ def _row(run: Run) -> dict[str, Any]:
         "git_sha": (_get(env, "git", "sha") or "")[:10],
         "git_dirty": _get(env, "git", "dirty"),
         "host": env.get("host"),
-        "machine": (r.get("machine") or {}).get("fingerprint"),
         "kernel": env.get("kernel"),
         "cpu": _get(env, "cpu", "model"),
         "gpu": _gpu_name(env),
