@@ -478,7 +478,7 @@ def _bytes_by_phase(m: Measurement, validity: Validity) -> dict[str, int]:
 def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[str, Any]:
     """The result's metrics section (timing notes go into `validity`)."""
     stats, book = m.loaded.cache.stats, m.loaded.cache.book
-    timing = timing_metrics(m.logs, plan.spec.warmup_steps, m.loaded.load_s, validity)
+    timing = timing_metrics(m.logs, plan.spec.warmup_steps, m.loaded.load_s, validity, plan.spec.min_steady_s)
     decode_s = sum(s for seq in m.logs for s in seq.step_s)
     decode_steps = timing["decode_tokens"]
     bytes_by_phase = _bytes_by_phase(m, validity)

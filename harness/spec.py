@@ -36,6 +36,12 @@ class RunSpec(BaseModel):
         None, description="Decoding mode; default: teacher-forced for random-init models, greedy otherwise."
     )
     warmup_steps: int = Field(2, ge=0, description="Decode steps per prompt excluded from steady-state figures.")
+    min_steady_s: float = Field(
+        5.0,
+        ge=0,
+        description="Steady-state decode shorter than this (seconds) makes the run INVALID (MLPerf/optimum-benchmark "
+        "minimum duration; 0 disables it, for smoke tests).",
+    )
     io_engine: Literal["auto", "direct", "buffered"] = Field(
         "auto", description="Expert reads: O_DIRECT, or buffered with the file dropped from the page cache."
     )

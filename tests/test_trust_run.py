@@ -61,7 +61,7 @@ def _cli(*args: str) -> tuple[int, str]:
 
 def _run_args(model: Path, results: Path, *extra: str) -> list[str]:
     return ["run", "--model", str(model), "--prompt", PROMPT, "--decode", "greedy", "--max-new-tokens", VALID_TOKENS,
-            "--warmup-steps", "0", "--results", str(results), "--quiet", *extra]  # fmt: skip
+            "--warmup-steps", "0", "--min-steady-s", "0", "--results", str(results), "--quiet", *extra]  # fmt: skip
 
 
 # Exit codes
@@ -225,7 +225,7 @@ def test_run_spec_from_a_result_reproduces_the_tokens(model, tmp_path):
 
 
 def test_a_second_writer_of_the_same_run_is_refused(model, tmp_path):
-    spec = RunSpec(model=str(model), prompt=PROMPT, decode="greedy", max_new_tokens=2)
+    spec = RunSpec(model=str(model), prompt=PROMPT, decode="greedy", max_new_tokens=2, min_steady_s=0)
     with claim_run_dir(tmp_path / spec.run_id):
         code, output = _cli(*_run_args(model, tmp_path, "--max-new-tokens", "2", "--warmup-steps", "2"))
     assert code == ExitCode.BAD_INPUT and "is being written by pid" in output

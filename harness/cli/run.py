@@ -45,6 +45,7 @@ _FLAGS = (
     "max_new_tokens",
     "decode",
     "warmup_steps",
+    "min_steady_s",
     "io_engine",
     "io_threads",
     "seed",
@@ -71,6 +72,7 @@ def _option(name: str, **kwargs: Any):  # returns a click decorator
 @_option("max_new_tokens", type=int)
 @_option("decode", type=click.Choice(["greedy", "teacher-forced"]))
 @_option("warmup_steps", type=int)
+@_option("min_steady_s", type=float)
 @_option("io_engine", type=click.Choice(["auto", "direct", "buffered"]))
 @_option("io_threads", type=int)
 @_option("device", type=click.Choice(["auto", "cpu", "cuda"]))

@@ -82,7 +82,7 @@ def peer_result(
         f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the device reads this process "
         "caused (/proc/self/io: page-cache misses and read-ahead through its memory map)"
     )
-    timing = timing_metrics(seqs, spec.warmup_steps, load_s, validity)
+    timing = timing_metrics(seqs, spec.warmup_steps, load_s, validity, spec.min_steady_s)
     metrics = {
         **timing,
         "hits": None,

@@ -17,7 +17,8 @@ from harness.runtime.generation import SequenceLog
 MIN_STEADY_DECODE_STEPS = 16
 """Fewer steady-state decode steps than this make tokens/s and latency percentiles unreliable."""
 MIN_STEADY_DECODE_S = 5.0
-"""Steady-state decode shorter than this (seconds) is INVALID: at the default 10 Hz telemetry it spans 50 samples,
+"""Default of RunSpec.min_steady_s: steady-state decode shorter than this (seconds) is INVALID: at the default
+10 Hz telemetry it spans 50 samples,
 and a disk or CPU frequency hiccup of a few hundred ms moves tokens/s by under 10%."""
 
 
@@ -28,8 +29,15 @@ def percentiles(values: list[float] | np.ndarray, qs: tuple[int, ...] = (50, 90,
     return {f"p{q}": float(np.percentile(arr, q)) for q in qs} | {"mean": float(arr.mean())}
 
 
-def timing_metrics(logs: list[SequenceLog], warmup_steps: int, load_s: float, validity: Validity) -> dict[str, Any]:
-    """The timing part of a result's metrics; fails `validity` when too few steady steps remain."""
+def timing_metrics(
+    logs: list[SequenceLog],
+    warmup_steps: int,
+    load_s: float,
+    validity: Validity,
+    min_steady_s: float = MIN_STEADY_DECODE_S,
+) -> dict[str, Any]:
+    """The timing part of a result's metrics; fails `validity` when too few steady steps remain or they
+    last under `min_steady_s` seconds."""
     steady = [s for seq in logs for s in seq.step_s[warmup_steps:]]
     prefill_tokens = sum(seq.prompt_tokens for seq in logs)
     prefill_s = sum(seq.prefill_s for seq in logs)
@@ -38,9 +46,9 @@ def timing_metrics(logs: list[SequenceLog], warmup_steps: int, load_s: float, va
             f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})",
             "raise --max-new-tokens or use more prompts",
         )
-    if steady and sum(steady) < MIN_STEADY_DECODE_S:
+    if steady and sum(steady) < min_steady_s:
         validity.fail(
-            f"steady-state decode lasted {sum(steady):.2f} s (< {MIN_STEADY_DECODE_S:g} s)",
+            f"steady-state decode lasted {sum(steady):.2f} s (< {min_steady_s:g} s)",
             "raise --max-new-tokens or use more prompts",
         )
     return {
