@@ -32,6 +32,7 @@ from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
 from harness.results import Validity, environment, result_envelope, write_json_atomic
 from harness.runtime.engine import OffloadEngine, check_live_policy
+from harness.runtime.floor import run_floor_metrics
 from harness.runtime.generation import SequenceLog, generate
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
@@ -414,6 +415,22 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "wall_s": wall_s,
         "routing": routing,
     }
+    metrics |= run_floor_metrics(
+        metrics,
+        model_dir,
+        packed,
+        encoded,
+        {
+            "device": device,
+            "decode_mode": decode_mode,
+            "max_new_tokens": spec.max_new_tokens,
+            "warmup_steps": spec.warmup_steps,
+        },
+        experts_file,
+        index.stride_bytes,
+        spec.io_threads,
+        enforcement.mode != "accounting-only",
+    )
     policy_desc = book.policies[0].describe()
     result = {
         **result_envelope(spec),
