@@ -415,6 +415,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         "wall_s": wall_s,
         "routing": routing,
     }
+    metrics["expert_io"] = engine.io_info  # read backend and queue depth (None: no reads through it)
     metrics |= run_floor_metrics(
         metrics,
         model_dir,
@@ -428,7 +429,7 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         },
         experts_file,
         index.stride_bytes,
-        spec.io_threads,
+        (engine.io_info or {}).get("queue_depth", spec.io_threads),  # type: ignore[arg-type]
         enforcement.mode != "accounting-only",
     )
     policy_desc = book.policies[0].describe()

@@ -83,15 +83,21 @@ class ExpertReader:
         entry = self.index.entry(*key)
         start = time.perf_counter_ns()
         got = os.preadv(self.fd, [buffer], entry.offset)
-        end = time.perf_counter_ns()
+        return self.complete_read(key, buffer, got, start, time.perf_counter_ns())
+
+    def complete_read(self, key: ExpertKey, buffer: memoryview, got: int, start_ns: int, end_ns: int) -> IoRecord:
+        """Every expert read ends here, whatever issued it (`read_into`, or the runtime's io_uring reads):
+        `got` is the bytes read or -errno. The checks after a read go here, once for every backend."""
+        if got < 0:
+            raise HarnessError(f"reading layer {key[0]} expert {key[1]} from {self.path} failed: {os.strerror(-got)}")
         if got != len(buffer):
             raise HarnessError(
                 f"short read of layer {key[0]} expert {key[1]} from {self.path}: {got} bytes of "
                 f"{len(buffer)}; the expert file is truncated, re-run `harness model pack`"
             )
         if self.engine == "buffered-dropped":
-            self.drop_cache(entry.offset, len(buffer))
-        return IoRecord(key, got, start, end)
+            self.drop_cache(self.index.entry(*key).offset, len(buffer))
+        return IoRecord(key, got, start_ns, end_ns)
 
     def close(self) -> None:
         if self.fd >= 0:
