@@ -55,6 +55,7 @@ class OffloadEngine:
 
         self.model, self.config = load_skeleton_with_experts_replaced(model_dir, dense_file, index, replace)
         self.experts_file = Path(experts_file)
+        self.model_dir, self.dense_file = Path(model_dir), Path(dense_file)
         # Each MoE layer's router (the module beside the replaced experts), for strategies that apply a
         # later layer's router to an earlier hidden state.
         self.routers: dict[int, nn.Module] = {}

@@ -14,12 +14,10 @@ l's compute. Recall is scored on decode steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
-from harness.errors import HarnessError
 from harness.keys import Phase
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
@@ -28,33 +26,15 @@ from harness.runtime.strategies.base import (
     GatePredictor,
     Recall,
     Strategy,
+    before_attention,
     layer_experts,
+    post_attention_norm,
     register_strategy,
 )
 from harness.runtime.strategies.prefetch import GatePrefetcher
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
-
-
-def before_attention(engine: OffloadEngine, callback: Any) -> list[Any]:
-    """Call `callback(module, hidden_states [T, H] normalised for the router)` when each MoE decoder layer
-    starts, before its attention; the hook handles (to remove them)."""
-    decoder_layers = engine.model.get_decoder().layers
-    handles = []
-    for module in engine.modules:
-        decoder = decoder_layers[module.layer]
-        norm = getattr(decoder, "post_attention_layernorm", None)
-        if not isinstance(norm, nn.Module):
-            raise HarnessError(f"{type(decoder).__name__} has no post_attention_layernorm: no look-ahead prediction")
-
-        def hook(_: nn.Module, args: tuple, kwargs: dict, module: OffloadedExperts = module, norm: nn.Module = norm):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                callback(module, norm(hidden).reshape(-1, hidden.shape[-1]))
-
-        handles.append(decoder.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
 
 
 @register_strategy
@@ -74,6 +54,7 @@ class LookAhead(Strategy):
         self._pending: dict[int, set[int]] = {}
         self.gate = GatePrefetcher(engine, cache, self.gate_distance, self.phases) if self.gate_distance else None
         self._handles = before_attention(engine, self._before_attention)
+        self._norms = {m.layer: post_attention_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [
             "the look-ahead applies layer l's router to layer l's input after the post-attention norm (the "
             "router's own input normalisation), before the attention block runs",
@@ -82,10 +63,11 @@ class LookAhead(Strategy):
         ]
         return cache
 
-    def _before_attention(self, module: OffloadedExperts, normed: torch.Tensor) -> None:
+    def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
         ctx = module.ctx
         if ctx.phase not in self.phases:
             return
+        normed = self._norms[module.layer](hidden).reshape(-1, hidden.shape[-1])
         experts = layer_experts(self.predictor.predict(module.layer, normed)[2])
         if ctx.phase == "decode":
             self._pending[module.layer] = experts

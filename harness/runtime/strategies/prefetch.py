@@ -34,10 +34,16 @@ class GatePrefetcher:
     """Predicts layer l+d's experts from layer l's MoE input, stages and reads them; scores the predictions."""
 
     def __init__(
-        self, engine: OffloadEngine, cache: ExpertCache, distance: int, phases: tuple[Phase, ...] = ("decode",)
+        self,
+        engine: OffloadEngine,
+        cache: ExpertCache,
+        distance: int,
+        phases: tuple[Phase, ...] = ("decode",),
+        stage: bool = True,
     ) -> None:
         self.gates = GatePredictor(engine)
-        self.cache, self.distance, self.phases = cache, distance, phases
+        self.cache, self.distance, self.phases, self.stage = cache, distance, phases, stage
+        """`stage` False: predictions are scored, not read."""
         self.recall = Recall()
         """Scored on decode steps."""
         self._pending: dict[int, set[int]] = {}
@@ -59,6 +65,8 @@ class GatePrefetcher:
         experts = layer_experts(self.gates.predict(target, hidden_states)[2])
         if ctx.phase == "decode":
             self._pending[target] = experts
+        if not self.stage:
+            return
         self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing))
 
     def stats(self) -> dict[str, object]:
