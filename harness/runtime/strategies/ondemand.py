@@ -61,10 +61,9 @@ class OnDemand(Strategy):
         # With the shadow predicting, the gate is scored only (its reads would compete with the shadow's).
         self.prefetcher = GatePrefetcher(engine, cache, distance, stage=kind == "gate")
         self.shadow: ShadowModel | None = None
-        staging = "prefill loads just in time without prediction"
         self.deviations = [
             f"staging memory: top_k={engine.index.top_k} slots per MoE layer, whatever the RAM budget (no cache "
-            f"by design); {staging}",
+            "by design); prefill loads just in time without prediction",
             "single machine: OD-MoE distributes experts over worker nodes; here one SSD serves every load",
         ]
         if kind == "gate":
