@@ -30,6 +30,7 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
         # The shadow predicts every MoE layer of every decode step; the gate (scored only) all but the first.
         assert stats["prediction"]["predictions"] == (NEW_TOKENS - 1) * layers
         assert stats["gate_prediction"]["predictions"] == (NEW_TOKENS - 1) * (layers - 1)
+        assert stats["shadow_compute_s_by_phase"]["decode"] > 0
         assert stats["shadow_bytes"] > 0 and stats["staging_bytes"] == index.top_k * layers * index.stride_bytes
         pf = stats["prefetch"]
         assert pf["issued"] == pf["used"] + pf["wasted"]

@@ -141,9 +141,10 @@ def main(
                 experts_file = Path(result["resolved"]["expert_file"])
                 cells.setdefault((share.strip(), name), []).append(result)
                 m = result["metrics"]
+                verdict = "valid" if result["validity"]["valid"] else "INVALID"
                 click.echo(
                     f"round {round_} {share:>4} {name:<26} {m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
-                    f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {'valid' if result['validity']['valid'] else 'INVALID'}"
+                    f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                 )
     click.echo("\ncache  strategy                    tok/s  floor_ratio  recall                       backend")
     for (share, name), runs in cells.items():

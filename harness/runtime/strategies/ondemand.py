@@ -118,6 +118,7 @@ class OnDemand(Strategy):
             "gate_prediction": self.prefetcher.recall.to_dict(),
             "prefetch": self.cache.prefetch_stats.to_dict(),
             "shadow_bytes": self.shadow.nbytes,
+            "shadow_compute_s_by_phase": dict(self.shadow.compute_s),
             "staging_bytes": self.staging_bytes,
             "budget_expert_bytes": self.budget_expert_bytes,
             "shadow_and_staging_within_budget": self.shadow.nbytes + self.staging_bytes <= self.budget_expert_bytes,

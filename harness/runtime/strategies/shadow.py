@@ -13,6 +13,7 @@ once, to fill its KV cache. It runs on the caller's thread, so its compute is on
 from __future__ import annotations
 
 import copy
+import time
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -141,6 +142,8 @@ class ShadowModel:
         self.first = min(engine.index.moe_layers)
         self.nbytes = sum(t.numel() * t.element_size() for t in [*self.layers.parameters(), *self.layers.buffers()])
         self.kv = DynamicCache(config=config)
+        self.compute_s = {"prefill": 0.0, "decode": 0.0}
+        """Wall time the shadow ran, per phase: on the model's thread, so part of the run's time."""
         self._hidden: torch.Tensor | None = None
         self._next = 0
         self._token = -1
@@ -156,17 +159,20 @@ class ShadowModel:
     @torch.no_grad()
     def prefill(self, hidden: torch.Tensor, kwargs: dict) -> None:
         """A new sequence: a fresh KV cache, filled by running every shadow layer over the prompt."""
+        start = time.perf_counter()
         self.kv = DynamicCache(config=self.config)
         self._hidden = hidden
         for layer in range(self.first, len(self.layers)):
             self._run(layer, kwargs)
         self._token = -1
+        self.compute_s["prefill"] += time.perf_counter() - start
 
     @torch.no_grad()
     def advance(self, now: int, layer: int, hidden: torch.Tensor, kwargs: dict) -> list[tuple[int, set[int]]]:
         """The real model starts decoder `layer` of token step `now` with `hidden`: re-align at the token's
         first MoE layer, then run the shadow up to `layer + distance`; (layer, routed experts) of each
         MoE layer the shadow ran."""
+        start = time.perf_counter()
         if now != self._token:
             self._token, self._hidden, self._next = now, hidden, layer
         ran = []
@@ -176,6 +182,7 @@ class ShadowModel:
             if self._next in self.experts:
                 ran.append((self._next, self.experts[self._next].routed))
             self._next += 1
+        self.compute_s["decode"] += time.perf_counter() - start
         return ran
 
 
