@@ -10,11 +10,12 @@ from harness.errors import HarnessError
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.runtime.expert_io import queue_depth_from_profile
+from harness.runtime.expert_io import UringReads, queue_depth_from_profile
 from harness.runtime.generation import generate
 from harness.ssd import uring
 from harness.ssd.readtime import ReadTimeModel
 from harness.store.layout import PackIndex
+from harness.store.reader import AlignedPool, ExpertReader
 from tests.test_offload_equivalence import NEW_TOKENS, PROMPT
 
 BACKENDS = [
@@ -84,3 +85,26 @@ def test_queue_depth_from_profile():
     assert queue_depth_from_profile(model, bs, 7)[0] == 4
     depth, how = queue_depth_from_profile(None, bs, 7)
     assert depth == 7 and "no SSD profile" in how
+
+
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
+def test_uring_demand_reads_go_ahead_of_queued_prefetches(tiny_model):
+    paths = pack_paths(tiny_model("olmoe"))
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    backend = UringReads(reader, queue_depth=1)
+    pool = AlignedPool(4, index.stride_bytes)
+    try:
+        background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
+        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
+        backend.result(background[2])
+        # Depth 1: the first prefetch was in flight; the demand read went next, then the other prefetches.
+        starts = [r.record.start_ns for r in (background[0], demand, background[1], background[2])]
+        assert starts == sorted(starts)
+        blob = paths["experts"].read_bytes()
+        for read in [*background, demand]:
+            offset = index.entry(*read.key).offset
+            assert bytes(read.buffer) == blob[offset : offset + index.stride_bytes]
+    finally:
+        backend.close()
+        reader.close()

@@ -146,15 +146,18 @@ def main(
                     f"round {round_} {share:>4} {name:<26} {m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
                     f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                 )
-    click.echo("\ncache  strategy                    tok/s  floor_ratio  recall                       backend")
+    click.echo(
+        "\ncache  strategy                    tok/s  floor_ratio  run reads MB/s  recall                       backend"
+    )
     for (share, name), runs in cells.items():
         tps = statistics.median(r["metrics"]["decode_tokens_per_s"] or 0 for r in runs)
         ratios = [r["metrics"].get("decode_floor_ratio") for r in runs]
         ratio = statistics.median(ratios) if None not in ratios else None
         io = runs[-1]["metrics"].get("expert_io") or {}
+        read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
         click.echo(
             f"{share:>5}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
-            f"{recall_of(runs[-1]):<28} {io.get('backend')} qd {io.get('queue_depth')}"
+            f"{read_bw / 1e6:14.0f}  {recall_of(runs[-1]):<28} {io.get('backend')} qd {io.get('queue_depth')}"
         )
         floor = runs[-1]["metrics"].get("decode_floor") or {}
         if floor.get("floor_s_per_token") is None:

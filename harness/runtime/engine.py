@@ -87,6 +87,9 @@ class OffloadEngine:
                 "fallback_reason": fallback,
                 "queue_depth": depth,
                 "queue_depth_how": how,
+                "read_end_time": "seen at the next poll, between experts (an upper bound)"
+                if self.io.name == "io_uring"
+                else "timed by the reading thread",
             }
         return self.io
 

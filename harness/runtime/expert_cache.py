@@ -170,9 +170,11 @@ class ExpertCache:
         for key, slot in plan.hits:
             if self._prefetched.pop(key, None) is not None:
                 self._use_prefetched(slot)
+            self.io.poll()  # completions are timed when seen: look between experts
             yield key[1], self.views[slot]
         for read in self._wait(reads, phase):
             self._account(read.record, phase)  # type: ignore[arg-type]
+            self.io.poll()
             yield read.key[1], self.views[slot_of[id(read)]]
         first_scratch = self.book.total_slots
         for start in range(0, len(plan.streamed), self.scratch_slots):

@@ -6,7 +6,9 @@ returns a handle per read; handles complete in any order (`as_completed`) and ev
 through `ExpertReader.complete_read`, the one place for the checks after a read. With io_uring a batch
 is one system call, at most `queue_depth` reads are in flight (fio's `iodepth`), demand reads go ahead
 of queued prefetches, and nothing needs a thread: reads proceed while the caller computes. The ring is
-used only from the thread that made it (it is set up single-issuer).
+used only from the thread that made it (it is set up single-issuer), so a read's end time is when that
+thread sees its completion: the expert cache polls at every expert boundary, and a read's recorded
+latency is an upper bound by at most one expert's compute (or one attention block, for a prefetch).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class ReadBackend(Protocol):
         """Yield `reads` as they complete."""
         ...
 
+    def poll(self) -> None:
+        """Note the completions already done, without waiting (their end times), and refill the queue."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -90,6 +96,9 @@ class ThreadReads:
             read = by_future[future]
             self.result(read)
             yield read
+
+    def poll(self) -> None:
+        """Worker threads time their own reads."""
 
     def close(self) -> None:
         self._background.shutdown(wait=True)
@@ -168,6 +177,10 @@ class UringReads:
             for read in ready:
                 waiting.remove(read)
                 yield read
+
+    def poll(self) -> None:
+        if self._inflight:
+            self._pump(wait=False)
 
     def close(self) -> None:
         while self._inflight:  # the slots must not be written once their owner frees them
