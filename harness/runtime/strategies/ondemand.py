@@ -78,10 +78,11 @@ class OnDemand(Strategy):
         self.staging_bytes = cache.slot_bytes
         self._handles = before_attention(engine, self._before_attention)
         self.deviations[:0] = [
-            f"predictor: a {precision} shadow of every decoder layer (weights {precision}"
+            f"predictor: a shadow of every decoder layer (weights {precision}"
             + (", one scale per output row" if precision == "int8" else "")
-            + f", dequantised per use), {distance} decoder layers ahead, re-aligned at each token's first MoE "
-            "layer with the real hidden state there; its own KV cache, filled by one shadow pass over the prompt",
+            + f", dequantised per use), distance {distance} decoder layer(s) ahead, re-aligned at each token's "
+            "first MoE layer with the real hidden state there; its own KV cache, filled by one shadow pass over the "
+            "prompt",
             "the shadow runs on the model's thread (CPU), its compute adds to the token's time; in OD-MoE it runs "
             "on its own device beside the real model",
         ]
