@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "HARNESS_CACHE"
 """Environment variable naming the harness cache folder (default ~/.cache/harness)."""
 COMPUTE_CACHE_SCHEMA = "harness.compute/1"
+RESIDENT_MARGIN = 1.5
+"""The compute time is measured only when available memory holds this many times the model's bytes
+(weights, plus activations, KV cache and loading overhead)."""
 
 
 def compute_cache_dir() -> Path:
@@ -177,13 +180,24 @@ def run_floor_metrics(
     budget_enforced: bool,
 ) -> dict[str, Any]:
     """`decode_floor` of a run from its timing and byte metrics; measures the compute once if not cached
-    (never under an enforced RAM budget: the fully resident model would not fit)."""
+    (never under an enforced RAM budget, nor when the fully resident model would not fit in memory)."""
+    import psutil
+
     from harness.ssd.readtime import load_profile_for_path
+    from harness.store.layout import PackIndex
 
     tokens_per_s = metrics.get("decode_tokens_per_s")
-    why_not = (
-        "the run is held to a RAM budget by a cgroup; run once without one to cache it" if budget_enforced else None
-    )
+    index = PackIndex.load(pack["index"])
+    resident_bytes = index.dense_bytes + index.total_expert_bytes
+    available = psutil.virtual_memory().available
+    why_not = None
+    if budget_enforced:
+        why_not = "the run is held to a RAM budget by a cgroup; run once without one to cache it"
+    elif resident_bytes * RESIDENT_MARGIN > available:
+        why_not = (
+            f"the resident model ({resident_bytes / 2**30:.1f} GiB) does not fit in the available memory "
+            f"({available / 2**30:.1f} GiB)"
+        )
     compute = compute_time(model_dir, pack, prompts, settings, why_not)
     return decode_floor(
         1 / tokens_per_s if tokens_per_s else None,
