@@ -125,9 +125,8 @@ class UringReads:
         self._inflight: dict[int, PendingRead] = {}
         self._next_id = 0
 
-    def _fill(self) -> int:
-        """Prepare queued reads while the ring has room; how many were prepared."""
-        prepared = 0
+    def _fill(self) -> None:
+        """Prepare queued reads while the ring has room."""
         while self._queued and len(self._inflight) < self.queue_depth:
             read = self._queued.popleft()
             self._next_id += 1
@@ -137,8 +136,6 @@ class UringReads:
             )
             read.start_ns = time.perf_counter_ns()
             self._inflight[self._next_id] = read
-            prepared += 1
-        return prepared
 
     def _pump(self, wait: bool) -> None:
         """Submit what fits, wait for one completion if `wait`, and complete what is done."""

@@ -211,20 +211,18 @@ def protect_keys(layer: int, routing: Routing) -> tuple[ExpertKey, ...]:
     return tuple((layer, e) for e in sorted(layer_experts(routing.top_k_index)))
 
 
-def before_attention(engine: OffloadEngine, callback: Callable[[OffloadedExperts, torch.Tensor, dict], None]) -> list:
+def before_attention(engine: OffloadEngine, callback: Callable[[OffloadedExperts, torch.Tensor, dict], None]) -> None:
     """Call `callback(module, hidden_states, kwargs)` when each MoE decoder layer starts, before its attention
     block: its input (the residual stream) and the keyword arguments of the layer's call (positions, masks,
-    KV cache). Returns the hook handles."""
+    KV cache). The hooks stay for the engine's life (a strategy is built once per engine)."""
     decoder_layers = engine.model.get_decoder().layers
-    handles = []
     for module in engine.modules:
 
         def hook(_: nn.Module, args: tuple, kwargs: dict, module: OffloadedExperts = module) -> None:
             with torch.no_grad():
                 callback(module, args[0] if args else kwargs["hidden_states"], kwargs)
 
-        handles.append(decoder_layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
+        decoder_layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def post_attention_norm(engine: OffloadEngine, layer: int) -> nn.Module:

@@ -53,7 +53,7 @@ class LookAhead(Strategy):
         self.combined = Recall()
         self._pending: dict[int, set[int]] = {}
         self.gate = GatePrefetcher(engine, cache, self.gate_distance, self.phases) if self.gate_distance else None
-        self._handles = before_attention(engine, self._before_attention)
+        before_attention(engine, self._before_attention)
         self._norms = {m.layer: post_attention_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [
             "the look-ahead applies layer l's router to layer l's input after the post-attention norm (the "

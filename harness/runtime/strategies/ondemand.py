@@ -76,7 +76,7 @@ class OnDemand(Strategy):
         self._pending: dict[int, set[int]] = {}
         self.budget_expert_bytes = request.slots * len(engine.index.moe_layers) * engine.index.stride_bytes
         self.staging_bytes = cache.slot_bytes
-        self._handles = before_attention(engine, self._before_attention)
+        before_attention(engine, self._before_attention)
         self.deviations[:0] = [
             f"predictor: a shadow of every decoder layer (weights {precision}"
             + (", one scale per output row" if precision == "int8" else "")
