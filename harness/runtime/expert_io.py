@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -121,6 +122,7 @@ class UringReads:
     def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
         self.reader, self.queue_depth = reader, queue_depth
         self.ring = uring.Ring(queue_depth)
+        self._thread = threading.get_ident()
         self._queued: deque[PendingRead] = deque()
         self._inflight: dict[int, PendingRead] = {}
         self._next_id = 0
@@ -151,6 +153,8 @@ class UringReads:
             self.ring.submit()
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
+        if threading.get_ident() != self._thread:
+            raise HarnessError("io_uring expert reads submitted from a thread other than the ring's (single issuer)")
         pending = [PendingRead(key, buf) for key, buf in reads]
         if background:
             self._queued.extend(pending)
