@@ -48,10 +48,12 @@ class ComputeTime:
     """'measured now (cached in FILE)', 'cached from FILE', or 'unavailable: WHY'."""
 
 
-def compute_key(pack_index_file: Path, dense_file: Path, prompts: list[list[int]], settings: dict[str, Any]) -> str:
+def compute_key(
+    pack_index_file: Path, dense_file: Path, prompts: list[tuple[list[int], list[int] | None]], settings: dict[str, Any]
+) -> str:
     """Hash of what decode compute depends on: the pack (its index, with every expert's checksum, and the
-    non-expert file's size), the prompt tokens, this machine (host, CPU, torch threads) and `settings`
-    (device, decode mode, tokens, warm-up)."""
+    non-expert file's size), the prompt (and teacher-forcing reference) tokens, this machine (host, CPU,
+    torch threads) and `settings` (device, decode mode, tokens, warm-up)."""
     import torch
 
     from harness.results import environment
@@ -118,7 +120,7 @@ def compute_time(
 ) -> ComputeTime:
     """The cached compute per token, else a measurement now (when `may_measure` is None; otherwise it says
     why not). `settings` needs max_new_tokens, decode_mode, warmup_steps and device."""
-    key = compute_key(pack["index"], pack["dense"], [ids for ids, _ in prompts], settings)
+    key = compute_key(pack["index"], pack["dense"], prompts, settings)
     found = cached_compute(key)
     if found is not None:
         return found
