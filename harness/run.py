@@ -38,6 +38,7 @@ from harness.process import claim_run_dir
 from harness.result_model import RESULT_FILE, RunResult
 from harness.results import Validity, environment
 from harness.runtime.engine import OffloadEngine, check_live_policy
+from harness.runtime.floor import run_floor_metrics
 from harness.runtime.generation import DecodeMode, SequenceLog, generate
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
@@ -483,7 +484,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
     decode_steps = timing["decode_tokens"]
     bytes_by_phase = _bytes_by_phase(m, validity)
     busy = _busy_seconds(stats.records)
-    return {
+    metrics = {
         **timing,
         "hits": _hits(book),
         "hit_rate_decode": book.total("decode").hit_rate,
@@ -504,6 +505,29 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "wall_s": m.wall_s,
         "routing": routing_stats(read_trace(m.trace_path)),
     }
+    return metrics | _io_and_floor(plan, m, metrics)
+
+
+def _io_and_floor(plan: RunPlan, m: Measurement, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The read backend and queue depth, and the decode floor (`harness.runtime.floor`) of the measured run."""
+    io_info = m.loaded.engine.io_info  # read backend and queue depth (None: no reads through it)
+    settings = {
+        "device": plan.device,
+        "decode_mode": plan.decode_mode,
+        "max_new_tokens": plan.spec.max_new_tokens,
+        "warmup_steps": plan.spec.warmup_steps,
+    }
+    return {"expert_io": io_info} | run_floor_metrics(
+        metrics,
+        plan.model_dir,
+        plan.packed,
+        plan.encoded,
+        settings,
+        plan.experts_file,
+        plan.index.stride_bytes,
+        (io_info or {}).get("queue_depth", plan.spec.io_threads),
+        plan.enforcement.mode != "accounting-only",
+    )
 
 
 def plan_notes(plan: RunPlan, validity: Validity) -> None:
