@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -42,6 +40,12 @@ class RunSpec(BaseModel):
         None, description="Decoding mode; default: teacher-forced for random-init models, greedy otherwise."
     )
     warmup_steps: int = Field(2, ge=0, description="Decode steps per prompt excluded from steady-state figures.")
+    min_steady_s: float = Field(
+        5.0,
+        ge=0,
+        description="Steady-state decode shorter than this (seconds) makes the run INVALID (MLPerf/optimum-benchmark "
+        "minimum duration; 0 disables it, for smoke tests).",
+    )
     io_engine: Literal["auto", "direct", "buffered"] = Field(
         "auto", description="Expert reads: O_DIRECT, or buffered with the file dropped from the page cache."
     )
@@ -63,6 +67,20 @@ class RunSpec(BaseModel):
     def _budget_is_a_size(cls, value: str | None) -> str | None:
         if value is not None:
             parse_size(value)
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the prompt is empty; give some text, or leave it out to use the workload")
+        return value
+
+    @field_validator("cache_experts")
+    @classmethod
+    def _cache_experts_is_a_count_or_share(cls, value: str | None) -> str | None:
+        if value is not None:
+            cache_experts_slots(value, 100)
         return value
 
     @field_validator("tiers")
@@ -96,8 +114,20 @@ class RunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Content-addressed: this spec plus the checksums of the model, tokenizer and prompt file it names
+        and the machine's fingerprint (harness.identity); stat-cached, so cheap to ask again."""
+        from harness.identity import run_identity
+
+        return run_identity(self).run_id
+
+
+def cache_experts_slots(text: str, maximum: int) -> int:
+    """Slots for a `cache_experts` value: a count ('16') or a share of `maximum` ('25%')."""
+    text = text.strip()
+    try:
+        return round(float(text[:-1]) / 100 * maximum) if text.endswith("%") else int(text)
+    except ValueError:
+        raise HarnessError(f"cache_experts must be a count or a share, e.g. 16 or 25% (got {text!r})") from None
 
 
 def check_tiers(tiers: str, top_k: int, expert_file: str | Path) -> list[TierSpec]:

@@ -27,11 +27,19 @@ def _candidates(name: str) -> list[Path]:
     return [PROMPTS_DIR / f"{name}.jsonl", repo_root / PROMPTS_DIR / f"{name}.jsonl"]
 
 
+def workload_path(name: str) -> Path | None:
+    """The JSONL file of workload `name` (a NAME in workloads/prompts or a path), or None when there is none."""
+    return next((path for path in _candidates(name) if path.is_file()), None)
+
+
+def prompt_file(spec: RunSpec) -> Path | None:
+    """The file a spec's prompts come from; None for a prompt given inline (it is part of the spec)."""
+    return None if spec.prompt else workload_path(spec.workload or "default")
+
+
 def load_workload(name: str) -> list[PromptItem]:
-    for path in _candidates(name):
-        if path.is_file():
-            break
-    else:
+    path = workload_path(name)
+    if path is None:
         raise HarnessError(f"workload {name!r} not found (looked for {', '.join(map(str, _candidates(name)))})")
     items = []
     for number, line in enumerate(path.read_text().splitlines(), 1):

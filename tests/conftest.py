@@ -27,3 +27,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         return made[arch]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _harness_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs cache their measured compute time under HARNESS_CACHE: keep tests out of ~/.cache."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from harness.cli import model, run, simulate, ssd, sweep
+from harness.cli import model, node, predict, run, simulate, ssd, sweep
 from harness.errors import HarnessError
 
 
@@ -25,7 +25,16 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+_EXIT_CODES = """\b
+Exit status (harness run, harness sweep):
+  0    ok: ran, and every result is valid
+  2    bad input: refused before measuring (one-line error)
+  3    ran, but a result is INVALID (result written, reasons inside)
+  4    failed: a run or a sweep cell did not complete (failure written)
+  130  interrupted (SIGINT/SIGTERM): children stopped, partial files removed"""
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EXIT_CODES)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """MoE offload harness: MoE inference with experts on an SSD, expert-cache policies, sweeps, reports."""
@@ -33,6 +42,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _module in (model, run, ssd, simulate, sweep):
+for _module in (model, run, ssd, simulate, sweep, predict, node):
     for _command in _module.commands:
         main.add_command(_command)

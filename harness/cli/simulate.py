@@ -61,6 +61,9 @@ _console = Console()
     "profile/train; every policy is scored on the rest only.",
 )
 @click.option(
+    "--cluster", default=None, metavar="ADDRESS|auto", help="Replay the cells as Ray tasks (needs harness[cluster])."
+)
+@click.option(
     "--tiers",
     "tier_stacks",
     multiple=True,
@@ -78,6 +81,7 @@ def simulate_cmd(
     expert_bytes: str | None,
     out: Path | None,
     split: str | None,
+    cluster: str | None,
     tier_stacks: tuple[str, ...],
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
@@ -86,6 +90,12 @@ def simulate_cmd(
         return
     from harness.trace.sim_output import write_outputs
     from harness.trace.simulate import run_simulation
+
+    grid = None
+    if cluster is not None:
+        from harness.cluster.simulate import ray_grid
+
+        grid = ray_grid(cluster)
 
     run = run_simulation(
         trace_path,
@@ -97,6 +107,7 @@ def simulate_cmd(
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
         split,
+        grid,
     )
     _print_run(run)
     if out is not None:
@@ -159,7 +170,7 @@ def _simulate_tiers(
     from harness.trace.simulate_tiers import run_tier_simulation, write_tier_outputs
 
     context = click.get_current_context()
-    options = {"policies": "--policy", "capacity": "--capacity", "split": "--split"}
+    options = {"policies": "--policy", "capacity": "--capacity", "split": "--split", "cluster": "--cluster"}
     given = [o for n, o in options.items() if context.get_parameter_source(n) is ParameterSource.COMMANDLINE]
     if given:
         raise HarnessError(f"--tiers sets each tier's policy and size, over all steps: drop {', '.join(given)}")

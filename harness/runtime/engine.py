@@ -14,7 +14,9 @@ from harness.errors import HarnessError
 from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import ExpertCache
+from harness.runtime.expert_io import BackendName, ReadBackend, make_backend, queue_depth_from_profile
 from harness.runtime.offloaded import ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
+from harness.ssd.readtime import load_profile_for_path
 from harness.store.layout import PackIndex
 from harness.store.reader import ExpertReader
 
@@ -35,9 +37,14 @@ class OffloadEngine:
         dense_file: Path,
         io_engine: str = "auto",
         sink: RoutingSink | None = None,
+        io_backend: BackendName = "auto",
     ) -> None:
         self.index = index
         self.reader = ExpertReader(experts_file, index, io_engine)  # type: ignore[arg-type]
+        self.io_backend: BackendName = io_backend
+        self.io: ReadBackend | None = None
+        self.io_info: dict[str, object] | None = None
+        """How expert reads are issued (backend, queue depth and where it came from); None until used."""
         self.ctx = StepContext()
         self.modules: list[OffloadedExperts] = []
 
@@ -48,6 +55,7 @@ class OffloadEngine:
 
         self.model, self.config = load_skeleton_with_experts_replaced(model_dir, dense_file, index, replace)
         self.experts_file = Path(experts_file)
+        self.model_dir, self.dense_file = Path(model_dir), Path(dense_file)
         # Each MoE layer's router (the module beside the replaced experts), for strategies that apply a
         # later layer's router to an earlier hidden state.
         self.routers: dict[int, nn.Module] = {}
@@ -61,9 +69,29 @@ class OffloadEngine:
         """The plain expert cache (strategy `cache`): `slots` per eviction group under `policy`."""
         check_live_policy(policy)
         book = ExpertCacheBook(self.index.moe_layers, slots, scope, policy_factory(policy, seed=seed))
-        cache = ExpertCache(self.index, self.reader, book, io_threads)
+        cache = ExpertCache(self.index, self.read_backend(io_threads), book, io_threads)
         self.use_source(cache, None)
         return cache
+
+    def read_backend(self, io_threads: int) -> ReadBackend:
+        """The backend expert reads go through (made once): io_uring where usable, else threads, with the
+        queue depth from this disk's SSD profile, else `io_threads`."""
+        if self.io is None:
+            depth, how = queue_depth_from_profile(
+                load_profile_for_path(self.experts_file), self.index.stride_bytes, io_threads
+            )
+            self.io, fallback = make_backend(self.reader, self.io_backend, depth)
+            self.io_info = {
+                "backend": self.io.name,
+                "requested": self.io_backend,
+                "fallback_reason": fallback,
+                "queue_depth": depth,
+                "queue_depth_how": how,
+                "read_end_time": "seen at the next poll, between experts (an upper bound)"
+                if self.io.name == "io_uring"
+                else "timed by the reading thread",
+            }
+        return self.io
 
     def use_source(self, source: ExpertSource, hooks: LayerHooks | None) -> None:
         """Route every offloaded layer's weights through `source`, with a strategy's `hooks` (or none)."""
@@ -74,4 +102,6 @@ class OffloadEngine:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
+        if self.io is not None:
+            self.io.close()
         self.reader.close()

@@ -2,9 +2,10 @@
 
 Who stays is decided by the shared `ExpertCacheBook` (and its policy); this module only moves bytes
 into the slots the book names and hands out tensor views of them. Misses that get no slot (a step
-that needs more experts than the cache holds) stream through a few scratch slots. Prefetches (keys the
-book staged ahead of use) are read by their own thread pool, so they overlap the demand reads and the
-compute; a slot is never written while an earlier read into it is still in flight.
+that needs more experts than the cache holds) stream through a few scratch slots. The reads go through
+a read backend (harness.runtime.expert_io: io_uring, or threads): a step's loads are submitted together;
+prefetches (keys the book staged ahead of use) are background reads, so they overlap the demand reads and
+the compute; a slot is never written while an earlier read into it is still in flight.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import copy
 import mmap
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.cache.book import ExpertCacheBook
 from harness.keys import PHASES, ExpertKey, Phase
+from harness.runtime.expert_io import PendingRead, ReadBackend
 from harness.runtime.offloaded import ExpertWeights
 from harness.store.layout import PackIndex
-from harness.store.reader import AlignedPool, ExpertReader, IoRecord
+from harness.store.reader import AlignedPool, IoRecord
 
 
 def slot_views(buffer: memoryview | mmap.mmap, index: PackIndex, count: int) -> list[ExpertWeights]:
@@ -64,8 +65,7 @@ class PrefetchStats:
 
 @dataclass
 class _Inflight:
-    future: Future
-    key: ExpertKey
+    read: PendingRead
     phase: Phase
 
 
@@ -77,13 +77,11 @@ class IoStats:
 
 
 class ExpertCache:
-    def __init__(self, index: PackIndex, reader: ExpertReader, book: ExpertCacheBook, io_threads: int) -> None:
-        self.index, self.reader, self.book = index, reader, book
-        self.scratch_slots = max(io_threads, 1)
+    def __init__(self, index: PackIndex, io: ReadBackend, book: ExpertCacheBook, scratch_slots: int) -> None:
+        self.index, self.io, self.book = index, io, book
+        self.scratch_slots = max(scratch_slots, 1)
         self.pool = AlignedPool(book.total_slots + self.scratch_slots, index.stride_bytes)
         self.views = slot_views(self.pool.view, index, self.pool.slots)
-        self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-io")
-        self._prefetch_executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="expert-prefetch")
         self._inflight: dict[int, _Inflight] = {}
         """slot -> the prefetch read writing it (accounted when settled, always on the caller's thread)."""
         self._prefetched: dict[ExpertKey, int] = {}
@@ -95,14 +93,14 @@ class ExpertCache:
     def slot_bytes(self) -> int:
         return self.book.total_slots * self.index.stride_bytes
 
-    def _read(self, key: ExpertKey, slot: int) -> IoRecord:
-        return self.reader.read_into(key, self.pool.slot(slot))
+    def _submit(self, loads: list[tuple[ExpertKey, int]], background: bool) -> list[PendingRead]:
+        return self.io.submit([(key, self.pool.slot(slot)) for key, slot in loads], background)
 
-    def _wait(self, futures: list[Future], phase: Phase) -> Iterator[Future]:
+    def _wait(self, reads: list[PendingRead], phase: Phase) -> Iterator[PendingRead]:
         start = time.perf_counter_ns()
-        for future in as_completed(futures):
+        for read in self.io.as_completed(reads):
             self.stats.wait_ns_by_phase[phase] += time.perf_counter_ns() - start
-            yield future
+            yield read
             start = time.perf_counter_ns()
 
     def _account(self, record: IoRecord, phase: Phase) -> None:
@@ -115,7 +113,7 @@ class ExpertCache:
         if flight is None:
             return None
         start = time.perf_counter_ns()
-        record = flight.future.result()
+        record = self.io.result(flight.read)
         self.stats.wait_ns_by_phase[flight.phase] += time.perf_counter_ns() - start
         self._account(record, flight.phase)
         return record
@@ -137,10 +135,10 @@ class ExpertCache:
         stats.already_resident += len(plan.hits)
         stats.not_admitted += len(set(experts)) - len(plan.hits) - len(plan.loads)
         self._forget_prefetched(plan.evicted)
-        for key, slot in plan.loads:
+        for _, slot in plan.loads:
             self._settle(slot)
-            future = self._prefetch_executor.submit(self._read, key, slot)
-            self._inflight[slot] = _Inflight(future, key, phase)
+        for read, (key, slot) in zip(self._submit(plan.loads, background=True), plan.loads, strict=True):
+            self._inflight[slot] = _Inflight(read, phase)
             self._prefetched[key] = slot
             stats.issued += 1
             stats.issued_bytes += self.index.stride_bytes
@@ -167,27 +165,27 @@ class ExpertCache:
         self._forget_prefetched(plan.dropped + plan.evicted)
         for _, slot in plan.loads:
             self._settle(slot)
-        pending = {self.executor.submit(self._read, key, slot): (key, slot) for key, slot in plan.loads}
+        reads = self._submit(plan.loads, background=False)
+        slot_of = {id(read): slot for read, (_, slot) in zip(reads, plan.loads, strict=True)}
         for key, slot in plan.hits:
             if self._prefetched.pop(key, None) is not None:
                 self._use_prefetched(slot)
+            self.io.poll()  # completions are timed when seen: look between experts
             yield key[1], self.views[slot]
-        for future in self._wait(list(pending), phase):
-            record = future.result()
-            self._account(record, phase)
-            key, slot = pending[future]
-            yield key[1], self.views[slot]
+        for read in self._wait(reads, phase):
+            self._account(read.record, phase)  # type: ignore[arg-type]
+            self.io.poll()
+            yield read.key[1], self.views[slot_of[id(read)]]
         first_scratch = self.book.total_slots
         for start in range(0, len(plan.streamed), self.scratch_slots):
-            chunk = plan.streamed[start : start + self.scratch_slots]
-            futures = {
-                self.executor.submit(self._read, key, first_scratch + i): (key, first_scratch + i)
-                for i, key in enumerate(chunk)
-            }
-            for future in self._wait(list(futures), phase):
-                self._account(future.result(), phase)
-                key, slot = futures[future]
-                yield key[1], self.views[slot]
+            chunk = [
+                (key, first_scratch + i) for i, key in enumerate(plan.streamed[start : start + self.scratch_slots])
+            ]
+            reads = self._submit(chunk, background=False)
+            slot_of = {id(read): slot for read, (_, slot) in zip(reads, chunk, strict=True)}
+            for read in self._wait(reads, phase):
+                self._account(read.record, phase)  # type: ignore[arg-type]
+                yield read.key[1], self.views[slot_of[id(read)]]
 
     def _use_prefetched(self, slot: int) -> None:
         """A step needs a prefetched key: wait for its read if still in flight; book the time it hid."""
@@ -209,5 +207,3 @@ class ExpertCache:
 
     def close(self) -> None:
         self.drain()
-        self._prefetch_executor.shutdown(wait=True)
-        self.executor.shutdown(wait=True)

@@ -145,11 +145,12 @@ class Ring:
         self._tail = (self._tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
 
-    def submit(self, wait: int = 0) -> None:
-        """Submit every prepared request and wait until at least `wait` completions are ready."""
+    def submit(self, wait: int = 0, post: bool = False) -> None:
+        """Submit every prepared request and wait until at least `wait` completions are ready; `post` with
+        no wait makes the kernel post the completions already done (deferred to the next wait otherwise)."""
         self._sq_tail.value = self._tail
         while True:
-            flags = _IORING_ENTER_GETEVENTS if wait else 0
+            flags = _IORING_ENTER_GETEVENTS if wait or post else 0
             ret = _syscall(_SYS_IO_URING_ENTER, self.fd, self._unsubmitted, wait, flags, None, 0)
             if ret >= 0:
                 self._unsubmitted -= ret

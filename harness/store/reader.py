@@ -99,7 +99,14 @@ class ExpertReader:
         entry = self.index.entry(*key)
         start = time.perf_counter_ns()
         got = os.preadv(self.fd, [buffer], entry.offset)
-        end = time.perf_counter_ns()
+        return self.complete_read(key, buffer, got, start, time.perf_counter_ns())
+
+    def complete_read(self, key: ExpertKey, buffer: memoryview, got: int, start_ns: int, end_ns: int) -> IoRecord:
+        """Every expert read ends here, whatever issued it (`read_into`, or the runtime's io_uring reads):
+        `got` is the bytes read or -errno. The checks after a read go here, once for every backend."""
+        entry = self.index.entry(*key)
+        if got < 0:
+            raise HarnessError(f"reading layer {key[0]} expert {key[1]} from {self.path} failed: {os.strerror(-got)}")
         if got != len(buffer):
             raise HarnessError(
                 f"{self.path}: short read of layer {key[0]} expert {key[1]} at offset {entry.offset}: {got} bytes "
@@ -108,7 +115,7 @@ class ExpertReader:
         if self.engine == "buffered-dropped":
             self.drop_cache(entry.offset, len(buffer))
         verify_expert(self.path, self.index, entry, buffer, self.remedy)
-        return IoRecord(key, got, start, end)
+        return IoRecord(key, got, start_ns, end_ns)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -283,6 +283,16 @@ def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope)
     return sorted(set(slots))
 
 
+Grid = Callable[[Replay, list[tuple[str, int]], Scope, int, FrequencyProfile | None], list[SimulationResult]]
+"""Replays (policy, capacity) cells of one prepared trace; results in the order of the cells."""
+
+
+def serial_grid(
+    replay: Replay, cells: list[tuple[str, int]], scope: Scope, seed: int, profile: FrequencyProfile | None
+) -> list[SimulationResult]:
+    return [run_replay(replay, spec, capacity, scope, seed, profile=profile) for spec, capacity in cells]
+
+
 ORACLES = ("belady", "belady-bypass", "static-oracle")
 """Always replayed beside the requested policies: the bounds every comparison is drawn against (Belady: the
 optimum with the future; the static-frequency oracle: the best fixed set of experts)."""
@@ -327,11 +337,13 @@ def run_simulation(
     seed: int = 0,
     expert_bytes: int | None = None,
     split: str | None = None,
+    grid: Grid | None = None,
 ) -> SimulationRun:
     """The `harness simulate` matrix. A FlashMoE model trained on this very trace restricts every
     policy to the sequences it held out, so the comparison never uses what the network has seen.
     With `split` (`harness.trace.split`), profile-based policies profile the training part and every
-    policy, the bounds included, is scored on the held-out part only."""
+    policy, the bounds included, is scored on the held-out part only. `grid` replays the (policy,
+    capacity) cells (default: one after the other here; harness.cluster: on Ray)."""
     if scope not in SCOPES:
         raise HarnessError(f"unknown cache scope {scope!r}: use per-layer or global")
     trace = read_trace(trace_path)
@@ -389,12 +401,17 @@ def run_simulation(
     if not replay.expert_bytes:
         notes.append("expert size unknown (trace expert_bytes = 0): bytes per token not reported; use --expert-bytes")
     slots = parse_capacities(capacities, trace.meta.num_experts, len(replay.layers), scope)
-    results = []
-    for spec in specs:
-        for capacity in slots:
-            result = run_replay(replay, spec, capacity, scope, seed, profile=profile)
-            log.info("%s @ %d slots: hit rate %.4f (%.2fs)", spec, capacity, result.hit_rate, result.elapsed_s)
-            results.append(result)
+    results = (grid or serial_grid)(
+        replay, [(spec, capacity) for spec in specs for capacity in slots], scope, seed, profile
+    )
+    for result in results:
+        log.info(
+            "%s @ %d slots: hit rate %.4f (%.2fs)",
+            result.policy,
+            result.capacity_slots,
+            result.hit_rate,
+            result.elapsed_s,
+        )
     return SimulationRun(
         trace_path=str(trace_path),
         meta=trace.meta,

@@ -1,8 +1,9 @@
-"""Runtime strategies by name: plain cache, next-layer-gate prefetch, Fiddler-style, DAOP-style, on-demand.
+"""Runtime strategies by name: plain cache, next-layer-gate prefetch, look-ahead before attention, Fiddler-style,
+DAOP-style, on-demand.
 
 Importing the package registers every built-in strategy (each module decorates its class)."""
 
-from harness.runtime.strategies import cache, daop, fiddler, ondemand, prefetch  # noqa: F401
+from harness.runtime.strategies import cache, daop, fiddler, lookahead, ondemand, prefetch  # noqa: F401
 from harness.runtime.strategies.base import (
     PEERS,
     CacheRequest,

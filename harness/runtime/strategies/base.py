@@ -9,10 +9,12 @@ parameters, its deviations from the paper it follows, and its own statistics in 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
+from torch import nn
 
 from harness.errors import HarnessError
 from harness.keys import ExpertKey, Scope
@@ -207,3 +209,26 @@ def layer_experts(top_k_index: torch.Tensor) -> set[int]:
 def protect_keys(layer: int, routing: Routing) -> tuple[ExpertKey, ...]:
     """The keys a layer's step in flight uses: a prefetch must not take their slots."""
     return tuple((layer, e) for e in sorted(layer_experts(routing.top_k_index)))
+
+
+def before_attention(engine: OffloadEngine, callback: Callable[[OffloadedExperts, torch.Tensor, dict], None]) -> None:
+    """Call `callback(module, hidden_states, kwargs)` when each MoE decoder layer starts, before its attention
+    block: its input (the residual stream) and the keyword arguments of the layer's call (positions, masks,
+    KV cache). The hooks stay for the engine's life (a strategy is built once per engine)."""
+    decoder_layers = engine.model.get_decoder().layers
+    for module in engine.modules:
+
+        def hook(_: nn.Module, args: tuple, kwargs: dict, module: OffloadedExperts = module) -> None:
+            with torch.no_grad():
+                callback(module, args[0] if args else kwargs["hidden_states"], kwargs)
+
+        decoder_layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def post_attention_norm(engine: OffloadEngine, layer: int) -> nn.Module:
+    """The norm a MoE decoder layer applies before its router (to apply the router to other hidden states)."""
+    decoder = engine.model.get_decoder().layers[layer]
+    norm = getattr(decoder, "post_attention_layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise HarnessError(f"{type(decoder).__name__} has no post_attention_layernorm: no look-ahead prediction")
+    return norm

@@ -1,10 +1,12 @@
 """Strategy `on-demand` (OD-MoE-style): no expert cache; every expert is loaded just in time.
 
-Each MoE layer has only top-k staging slots. During decode, at layer l the router of layer l+d is
-applied to layer l's MoE input and the predicted experts are read into layer l+d's staging slots while
-layers l..l+d-1 run; after a layer computes, its slots are emptied (nothing is kept for the next token).
-OD-MoE predicts with a quantised shadow model several layers ahead; that is out of reach here, so the
-predictor is the later layer's own gate on the current hidden state (`distance` layers ahead). Exact.
+Each MoE layer has only top-k staging slots; after a layer computes, its slots are emptied (nothing is
+kept for the next token). During decode the experts of layer l+d are predicted and read into its staging
+slots while layers l..l+d-1 run. The predictor is OD-MoE's emulative one, a quantised shadow model run
+`distance` layers ahead and re-aligned with the real hidden state every token (`shadow-int8`,
+`shadow-fp16`; harness.runtime.strategies.shadow), or the later layer's own gate applied to layer l's MoE
+input (`gate`, the default). With the shadow, the gate's recall is scored beside it (without reading).
+Exact. Arguments: `on-demand:2`, `on-demand:shadow-int8:2`, or `predictor=shadow-fp16,distance=3`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ import torch
 from harness.errors import HarnessError
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
-from harness.runtime.strategies.base import CacheRequest, Strategy, register_strategy
+from harness.runtime.strategies.base import (
+    CacheRequest,
+    Recall,
+    Strategy,
+    before_attention,
+    layer_experts,
+    register_strategy,
+)
 from harness.runtime.strategies.prefetch import GatePrefetcher
+from harness.runtime.strategies.shadow import ShadowModel, parse_predictor
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
@@ -27,28 +37,73 @@ if TYPE_CHECKING:
 class OnDemand(Strategy):
     name = "on-demand"
     forced_scope = "per-layer"
-    parameters: ClassVar[dict[str, object]] = {"distance": 1}
+    parameters: ClassVar[dict[str, object]] = {"predictor": "gate", "distance": 1}
     uses_spec_policy = False
     positional = "distance"
+
+    @classmethod
+    def parse(cls, argument: str | None) -> dict[str, object]:
+        """Also 'PREDICTOR' and 'PREDICTOR:DISTANCE' (e.g. 'shadow-int8:2')."""
+        head, sep, tail = (argument or "").partition(":")
+        if head and "=" not in head and not head.strip().isdigit():
+            parse_predictor(head.strip())
+            return super().parse(f"predictor={head.strip()}" + (f",distance={tail}" if sep else ""))
+        return super().parse(argument)
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
         distance = int(self.params["distance"])  # type: ignore[call-overload]
         if distance < 1:
             raise HarnessError("on-demand prediction distance must be at least 1 MoE layer")
+        kind, precision = parse_predictor(str(self.params["predictor"]))
         # top_k slots per layer: a decode step needs at most k experts, so one prediction's keys fit.
         cache = engine.configure_cache(engine.index.top_k, "per-layer", "lru", request.seed, request.io_threads)
         self.cache = cache
-        self.prefetcher = GatePrefetcher(engine, cache, distance)
+        # With the shadow predicting, the gate is scored only (its reads would compete with the shadow's).
+        self.prefetcher = GatePrefetcher(engine, cache, distance, stage=kind == "gate")
+        self.shadow: ShadowModel | None = None
         self.deviations = [
-            f"predictor: layer l+{distance}'s own gate applied to layer l's hidden state, not OD-MoE's quantised "
-            "shadow model (none available); no re-alignment step",
             f"staging memory: top_k={engine.index.top_k} slots per MoE layer, whatever the RAM budget (no cache "
             "by design); prefill loads just in time without prediction",
             "single machine: OD-MoE distributes experts over worker nodes; here one SSD serves every load",
         ]
+        if kind == "gate":
+            self.deviations.insert(
+                0, f"predictor: layer l+{distance}'s own gate applied to layer l's MoE input, not OD-MoE's shadow"
+            )
+            return cache
+        self.shadow = ShadowModel(engine, precision, distance)  # type: ignore[arg-type]
+        self.recall = Recall()
+        self._pending: dict[int, set[int]] = {}
+        self.budget_expert_bytes = request.slots * len(engine.index.moe_layers) * engine.index.stride_bytes
+        self.staging_bytes = cache.slot_bytes
+        before_attention(engine, self._before_attention)
+        self.deviations[:0] = [
+            f"predictor: a shadow of every decoder layer (weights {precision}"
+            + (", one scale per output row" if precision == "int8" else "")
+            + f", dequantised per use), distance {distance} decoder layer(s) ahead, re-aligned at each token's "
+            "first MoE layer with the real hidden state there; its own KV cache, filled by one shadow pass over the "
+            "prompt",
+            "the shadow runs on the model's thread (CPU), its compute adds to the token's time; in OD-MoE it runs "
+            "on its own device beside the real model",
+        ]
         return cache
 
+    def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
+        ctx, shadow = module.ctx, self.shadow
+        assert shadow is not None
+        if ctx.phase == "prefill":
+            if module.layer == shadow.first:
+                shadow.prefill(hidden, kwargs)
+            return
+        for layer, experts in shadow.advance(ctx.now, module.layer, hidden, kwargs):
+            self._pending[layer] = experts
+            self.cache.prefetch(layer, sorted(experts), ctx.now, ctx.phase)
+
     def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
+        if self.shadow is not None:
+            predicted = self._pending.pop(module.layer, None)
+            if predicted is not None:
+                self.recall.add(predicted, layer_experts(routing.top_k_index))
         self.prefetcher.observe_and_predict(module, hidden_states, routing)
         return routing
 
@@ -56,4 +111,16 @@ class OnDemand(Strategy):
         self.cache.discard_layer(module.layer, module.ctx.now)
 
     def stats(self) -> dict[str, object]:
-        return {"predictor": "next-layer gate", **self.prefetcher.stats()}
+        if self.shadow is None:
+            return {"predictor": "next-layer gate", **self.prefetcher.stats()}
+        return {
+            "predictor": f"shadow-{self.shadow.precision}",
+            "prediction": self.recall.to_dict(),
+            "gate_prediction": self.prefetcher.recall.to_dict(),
+            "prefetch": self.cache.prefetch_stats.to_dict(),
+            "shadow_bytes": self.shadow.nbytes,
+            "shadow_compute_s_by_phase": dict(self.shadow.compute_s),
+            "staging_bytes": self.staging_bytes,
+            "budget_expert_bytes": self.budget_expert_bytes,
+            "shadow_and_staging_within_budget": self.shadow.nbytes + self.staging_bytes <= self.budget_expert_bytes,
+        }

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from harness.errors import HarnessError
+from harness.keys import Phase
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
 from harness.runtime.strategies.base import (
@@ -32,15 +33,28 @@ if TYPE_CHECKING:
 class GatePrefetcher:
     """Predicts layer l+d's experts from layer l's MoE input, stages and reads them; scores the predictions."""
 
-    def __init__(self, engine: OffloadEngine, cache: ExpertCache, distance: int) -> None:
+    def __init__(
+        self,
+        engine: OffloadEngine,
+        cache: ExpertCache,
+        distance: int,
+        phases: tuple[Phase, ...] = ("decode",),
+        stage: bool = True,
+    ) -> None:
         self.gates = GatePredictor(engine)
-        self.cache, self.distance = cache, distance
+        self.cache, self.distance, self.phases, self.stage = cache, distance, phases, stage
+        """`stage` False: predictions are scored, not read."""
         self.recall = Recall()
+        """Scored on decode steps."""
         self._pending: dict[int, set[int]] = {}
+
+    def predicted_for(self, layer: int) -> set[int]:
+        """The experts predicted for `layer`'s coming decode step (empty if none)."""
+        return self._pending.get(layer, set())
 
     def observe_and_predict(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> None:
         ctx, layer = module.ctx, module.layer
-        if ctx.phase != "decode":
+        if ctx.phase not in self.phases:
             return
         predicted = self._pending.pop(layer, None)
         if predicted is not None:
@@ -49,7 +63,10 @@ class GatePrefetcher:
         if target is None:
             return
         experts = layer_experts(self.gates.predict(target, hidden_states)[2])
-        self._pending[target] = experts
+        if ctx.phase == "decode":
+            self._pending[target] = experts
+        if not self.stage:
+            return
         self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing))
 
     def stats(self) -> dict[str, object]:

@@ -1,0 +1,221 @@
+"""How the runtime issues expert reads: io_uring (the profiler's ring, harness.ssd.uring), or a thread pool
+of blocking reads where io_uring is unusable.
+
+A backend takes a batch of reads (one step's loads, or one prediction's prefetches) in one call and
+returns a handle per read; handles complete in any order (`as_completed`) and every completed read goes
+through `ExpertReader.complete_read`, the one place for the checks after a read. With io_uring a batch
+is one system call, at most `queue_depth` reads are in flight (fio's `iodepth`), demand reads go ahead
+of queued prefetches, and nothing needs a thread: reads proceed while the caller computes. The ring is
+used only from the thread that made it (it is set up single-issuer), so a read's end time is when that
+thread sees its completion: the expert cache polls at every expert boundary, and a read's recorded
+latency is an upper bound by at most one expert's compute (or one attention block, for a prefetch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import as_completed as futures_completed
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from harness.errors import HarnessError
+from harness.keys import ExpertKey
+from harness.ssd import uring
+from harness.ssd.readtime import ReadTimeModel
+from harness.store.reader import ExpertReader, IoRecord
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "io_uring", "threads"]
+SATURATION_SHARE = 0.95
+"""The queue depth taken from a profile: the smallest measured depth reaching this share of the best
+bandwidth at the expert size (deeper queues only add latency)."""
+
+
+@dataclass(eq=False)
+class PendingRead:
+    """One read in flight (or queued): where it goes, and its record once complete."""
+
+    key: ExpertKey
+    buffer: memoryview
+    record: IoRecord | None = None
+    future: Future | None = None
+    start_ns: int = 0
+
+
+class ReadBackend(Protocol):
+    name: str
+    queue_depth: int
+
+    def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
+        """Start `reads` together; `background` reads (prefetches) yield to demand reads."""
+        ...
+
+    def result(self, read: PendingRead) -> IoRecord:
+        """Wait for `read` and return its record (raises what the read raised)."""
+        ...
+
+    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
+        """Yield `reads` as they complete."""
+        ...
+
+    def poll(self) -> None:
+        """Note the completions already done, without waiting (their end times), and refill the queue."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ThreadReads:
+    """Blocking positional reads on two pools (demand, background) of `queue_depth` threads each."""
+
+    name = "threads"
+
+    def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
+        self.reader, self.queue_depth = reader, queue_depth
+        self._demand = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-io")
+        self._background = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-prefetch")
+
+    def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
+        pool = self._background if background else self._demand
+        return [PendingRead(key, buf, future=pool.submit(self.reader.read_into, key, buf)) for key, buf in reads]
+
+    def result(self, read: PendingRead) -> IoRecord:
+        if read.record is None:
+            read.record = read.future.result()  # type: ignore[union-attr]
+        return read.record
+
+    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
+        by_future = {read.future: read for read in reads}
+        for future in futures_completed(list(by_future)):
+            read = by_future[future]
+            self.result(read)
+            yield read
+
+    def poll(self) -> None:
+        """Worker threads time their own reads."""
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
+        self._demand.shutdown(wait=True)
+
+
+def _address(buffer: memoryview) -> int:
+    view = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view  # an export left alive would pin the buffer
+
+
+class UringReads:
+    """Expert reads through one io_uring ring of `queue_depth` entries, kept full from a queue."""
+
+    name = "io_uring"
+
+    def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
+        self.reader, self.queue_depth = reader, queue_depth
+        self.ring = uring.Ring(queue_depth)
+        self._thread = threading.get_ident()
+        self._queued: deque[PendingRead] = deque()
+        self._inflight: dict[int, PendingRead] = {}
+        self._next_id = 0
+
+    def _fill(self) -> None:
+        """Prepare queued reads while the ring has room."""
+        while self._queued and len(self._inflight) < self.queue_depth:
+            read = self._queued.popleft()
+            self._next_id += 1
+            entry = self.reader.index.entry(*read.key)
+            self.ring.prepare(
+                uring.OP_READ, self.reader.fd, _address(read.buffer), len(read.buffer), entry.offset, self._next_id
+            )
+            read.start_ns = time.perf_counter_ns()
+            self._inflight[self._next_id] = read
+
+    def _pump(self, wait: bool) -> None:
+        """Submit what fits, wait for one completion if `wait`, and complete what is done."""
+        self._fill()
+        self.ring.submit(wait=1 if wait and self._inflight else 0, post=True)
+        done = self.ring.reap()
+        end_ns = time.perf_counter_ns()
+        for user_data, result in done:
+            read = self._inflight.pop(user_data)
+            read.record = self.reader.complete_read(read.key, read.buffer, result, read.start_ns, end_ns)
+        if done and self._queued:  # room freed: start the next queued reads now, not at the next wait
+            self._fill()
+            self.ring.submit()
+
+    def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
+        if threading.get_ident() != self._thread:
+            raise HarnessError("io_uring expert reads submitted from a thread other than the ring's (single issuer)")
+        pending = [PendingRead(key, buf) for key, buf in reads]
+        if background:
+            self._queued.extend(pending)
+        else:
+            self._queued.extendleft(reversed(pending))
+        self._pump(wait=False)
+        return pending
+
+    def result(self, read: PendingRead) -> IoRecord:
+        while read.record is None:
+            self._pump(wait=True)
+        return read.record
+
+    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
+        waiting = list(reads)
+        while waiting:
+            ready = [r for r in waiting if r.record is not None]
+            if not ready:
+                self._pump(wait=True)
+                continue
+            for read in ready:
+                waiting.remove(read)
+                yield read
+
+    def poll(self) -> None:
+        if self._inflight:
+            self._pump(wait=False)
+
+    def close(self) -> None:
+        while self._inflight:  # the slots must not be written once their owner frees them
+            self._pump(wait=True)
+        self._queued.clear()
+        self.ring.close()
+
+
+def queue_depth_from_profile(model: ReadTimeModel | None, block_bytes: int, default: int) -> tuple[int, str]:
+    """The queue depth for expert reads, and how it was chosen: the profile's smallest measured depth that
+    reaches SATURATION_SHARE of its best bandwidth at the expert size, else `default`."""
+    if model is None:
+        return default, f"default {default} (io_threads): no SSD profile for this disk"
+    grid = model.bw.get("randread") or next(iter(model.bw.values()))
+    depths = sorted({qd for by_qd in grid.values() for qd in by_qd})
+    bandwidth = {qd: model.bandwidth_bytes_per_s(block_bytes, qd) for qd in depths}
+    best = max(bandwidth.values())
+    depth = next(qd for qd in depths if bandwidth[qd] >= SATURATION_SHARE * best)
+    return depth, (
+        f"profile {model.source}: smallest depth reaching {SATURATION_SHARE:.0%} of the best random-read "
+        f"bandwidth at {block_bytes} B ({bandwidth[depth] / 1e6:.0f} of {best / 1e6:.0f} MB/s)"
+    )
+
+
+def make_backend(reader: ExpertReader, requested: BackendName, queue_depth: int) -> tuple[ReadBackend, str | None]:
+    """The backend to read with, and why it is not the one asked for (None when it is)."""
+    if requested not in ("auto", "io_uring", "threads"):
+        raise HarnessError(f"unknown expert read backend {requested!r}: use auto, io_uring or threads")
+    if requested == "threads":
+        return ThreadReads(reader, queue_depth), None
+    reason = uring.unavailable_reason()
+    if reason is None:
+        return UringReads(reader, queue_depth), None
+    if requested == "io_uring":
+        raise HarnessError(f"expert reads through io_uring were asked for, but {reason}")
+    log.info("expert reads fall back to threads: %s", reason)
+    return ThreadReads(reader, queue_depth), reason

@@ -1,0 +1,211 @@
+"""The I/O floor of a decode run: how far its time per token is from what the hardware allows.
+
+A decode token cannot take less than its compute with every needed expert resident, nor less than the
+SSD needs to read the token's expert bytes at the profiled bandwidth (expert-sized reads at the run's
+queue depth). `decode_floor_ratio` = measured steady decode seconds per token / max(those two); 1.0
+means the run hides all its reads behind compute (or all compute behind reads).
+
+The compute per token is measured once per (model pack, prompts, machine and device, decode settings)
+with the fully resident model, and cached as a small JSON file under `$HARNESS_CACHE/compute/`
+(default `~/.cache/harness/compute/`); the result says whether it was measured now, read from the
+cache, or is unavailable and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.results import read_json, write_json_atomic
+from harness.ssd.readtime import ReadTimeModel
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "HARNESS_CACHE"
+"""Environment variable naming the harness cache folder (default ~/.cache/harness)."""
+COMPUTE_CACHE_SCHEMA = "harness.compute/1"
+RESIDENT_MARGIN = 1.5
+"""The compute time is measured only when available memory holds this many times the model's bytes
+(weights, plus activations, KV cache and loading overhead)."""
+
+
+def compute_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/harness").expanduser() / "compute"
+
+
+@dataclass(frozen=True)
+class ComputeTime:
+    """Decode compute seconds per token with every needed expert resident, and where the figure comes from."""
+
+    s_per_token: float | None
+    source: str
+    """'measured now (cached in FILE)', 'cached from FILE', or 'unavailable: WHY'."""
+
+
+def compute_key(
+    pack_index_file: Path, dense_file: Path, prompts: list[tuple[list[int], list[int] | None]], settings: dict[str, Any]
+) -> str:
+    """Hash of what decode compute depends on: the pack (its index, with every expert's checksum, and the
+    non-expert file's size), the prompt (and teacher-forcing reference) tokens, this machine (host, CPU,
+    torch threads) and `settings` (device, decode mode, tokens, warm-up)."""
+    import torch
+
+    from harness.results import environment
+
+    env = environment()
+    blob = {
+        "index_sha256": hashlib.sha256(Path(pack_index_file).read_bytes()).hexdigest(),
+        "dense_bytes": Path(dense_file).stat().st_size,
+        "prompts": prompts,
+        "host": env["host"],
+        "cpu": env["cpu"]["model"],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached_compute(key: str) -> ComputeTime | None:
+    path = compute_cache_dir() / f"{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if doc.get("schema") != COMPUTE_CACHE_SCHEMA or not isinstance(doc.get("s_per_token"), (int, float)):
+        return None
+    return ComputeTime(float(doc["s_per_token"]), f"cached from {path}")
+
+
+def store_compute(key: str, s_per_token: float, steps: int) -> Path:
+    path = compute_cache_dir() / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": COMPUTE_CACHE_SCHEMA, "s_per_token": s_per_token, "steady_steps": steps, "host": platform.node()}
+    return write_json_atomic(path, doc)
+
+
+def measure_compute(
+    model_dir: Path,
+    prompts: list[tuple[list[int], list[int] | None]],
+    max_new_tokens: int,
+    decode_mode: str,
+    warmup_steps: int,
+) -> tuple[float, int] | None:
+    """Steady decode seconds per token of the fully resident model on `prompts`, and the steps timed."""
+    from harness.models.loader import reference_model
+    from harness.runtime.generation import generate
+
+    model = reference_model(model_dir)
+    steady: list[float] = []
+    for ids, ref in prompts:
+        steady += generate(model, ids, max_new_tokens, decode_mode, ref).step_s[warmup_steps:]  # type: ignore[arg-type]
+    del model
+    return (sum(steady) / len(steady), len(steady)) if steady else None
+
+
+def compute_time(
+    model_dir: Path,
+    pack: dict[str, Path],
+    prompts: list[tuple[list[int], list[int] | None]],
+    settings: dict[str, Any],
+    may_measure: str | None,
+) -> ComputeTime:
+    """The cached compute per token, else a measurement now (when `may_measure` is None; otherwise it says
+    why not). `settings` needs max_new_tokens, decode_mode, warmup_steps and device."""
+    key = compute_key(pack["index"], pack["dense"], prompts, settings)
+    found = cached_compute(key)
+    if found is not None:
+        return found
+    if may_measure is not None:
+        return ComputeTime(None, f"unavailable: {may_measure}")
+    measured = measure_compute(
+        model_dir, prompts, settings["max_new_tokens"], settings["decode_mode"], settings["warmup_steps"]
+    )
+    if measured is None:
+        return ComputeTime(None, "unavailable: no steady decode steps to time")
+    try:
+        path = store_compute(key, *measured)
+    except OSError as exc:
+        log.warning("cannot cache the compute time: %s", exc)
+        return ComputeTime(measured[0], "measured now (not cached: the cache folder is not writable)")
+    return ComputeTime(measured[0], f"measured now (cached in {path})")
+
+
+def decode_floor(
+    decode_s_per_token: float | None,
+    decode_bytes_per_token: float | None,
+    compute: ComputeTime,
+    read_model: ReadTimeModel | None,
+    block_bytes: int,
+    queue_depth: int,
+) -> dict[str, Any]:
+    """The metrics `decode_floor_ratio` and `decode_floor` (its terms and their sources)."""
+    bandwidth = read_model.bandwidth_bytes_per_s(block_bytes, queue_depth) if read_model is not None else None
+    io_s = decode_bytes_per_token / bandwidth if bandwidth and decode_bytes_per_token is not None else None
+    floor_s = max(compute.s_per_token, io_s) if compute.s_per_token is not None and io_s is not None else None
+    ratio = decode_s_per_token / floor_s if decode_s_per_token is not None and floor_s else None
+    return {
+        "decode_floor_ratio": ratio,
+        "decode_floor": {
+            "floor_s_per_token": floor_s,
+            "bound": None if floor_s is None else ("compute" if compute.s_per_token >= io_s else "io"),  # type: ignore[operator]
+            "decode_s_per_token": decode_s_per_token,
+            "compute_s_per_token": compute.s_per_token,
+            "compute_source": compute.source,
+            "io_s_per_token": io_s,
+            "io_source": read_model.source if read_model is not None else "unavailable: no SSD profile",
+            "decode_bytes_per_token": decode_bytes_per_token,
+            "ssd_bandwidth_bytes_per_s": bandwidth,
+            "block_bytes": block_bytes,
+            "queue_depth": queue_depth,
+        },
+    }
+
+
+def run_floor_metrics(
+    metrics: dict[str, Any],
+    model_dir: Path,
+    pack: dict[str, Path],
+    prompts: list[tuple[list[int], list[int] | None]],
+    settings: dict[str, Any],
+    experts_file: Path,
+    block_bytes: int,
+    queue_depth: int,
+    budget_enforced: bool,
+) -> dict[str, Any]:
+    """`decode_floor` of a run from its timing and byte metrics; measures the compute once if not cached
+    (never under an enforced RAM budget, nor when the fully resident model would not fit in memory)."""
+    import psutil
+
+    from harness.ssd.readtime import load_profile_for_path
+    from harness.store.layout import PackIndex
+
+    tokens_per_s = metrics.get("decode_tokens_per_s")
+    index = PackIndex.load(pack["index"])
+    resident_bytes = index.dense_bytes + index.total_expert_bytes
+    available = psutil.virtual_memory().available
+    why_not = None
+    if budget_enforced:
+        why_not = "the run is held to a RAM budget by a cgroup; run once without one to cache it"
+    elif resident_bytes * RESIDENT_MARGIN > available:
+        why_not = (
+            f"the resident model ({resident_bytes / 2**30:.1f} GiB) does not fit in the available memory "
+            f"({available / 2**30:.1f} GiB)"
+        )
+    compute = compute_time(model_dir, pack, prompts, settings, why_not)
+    return decode_floor(
+        1 / tokens_per_s if tokens_per_s else None,
+        metrics.get("ssd_read_bytes_per_token"),
+        compute,
+        load_profile_for_path(experts_file),
+        block_bytes,
+        queue_depth,
+    )

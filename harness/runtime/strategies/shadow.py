@@ -1,0 +1,195 @@
+"""OD-MoE's emulative predictor: a quantised shadow copy of the model that runs each token ahead of the
+real model and tells which experts the real model's later layers will route to.
+
+The shadow holds every decoder layer of the model (attention, norms, router and all experts) with its
+matrices stored as int8 (symmetric, one scale per output row) or fp16, dequantised to the model's dtype
+for each use; it keeps its own KV cache. Each token it is re-aligned with the real model: when the real
+model starts its first MoE layer, the shadow takes the real hidden state there and runs its own layers
+from it, `distance` layers ahead of the real model (at real layer l's start it runs layer l+distance).
+Its routing of layer j is the prediction for the real layer j. During prefill it runs over the prompt
+once, to fill its KV cache. It runs on the caller's thread, so its compute is on the run's timeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import DynamicCache
+
+from harness.errors import HarnessError
+from harness.iomem import IoBuffer
+from harness.models.loader import load_skeleton_with_experts_replaced
+from harness.runtime.expert_cache import slot_views
+from harness.runtime.offloaded import expert_forward
+
+if TYPE_CHECKING:
+    from harness.runtime.engine import OffloadEngine
+
+ShadowPrecision = Literal["int8", "fp16"]
+
+
+def quantize(weight: torch.Tensor, precision: ShadowPrecision) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored tensor, per-row scale or None): int8 symmetric per output row (last dim reduced), or fp16."""
+    if precision == "fp16":
+        return weight.to(torch.float16).clone(), None
+    w = weight.float()
+    scale = (w.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return stored.to(dtype) if scale is None else stored.to(dtype) * scale.to(dtype)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with its weight stored quantised; dequantised for each call."""
+
+    def __init__(self, linear: nn.Linear, precision: ShadowPrecision) -> None:
+        super().__init__()
+        stored, scale = quantize(linear.weight.detach(), precision)
+        self.register_buffer("stored", stored)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.stored, self.scale, x.dtype), self.bias)
+
+
+class ShadowExperts(nn.Module):
+    """All experts of one layer, quantised; computes like the real layer and records its routing."""
+
+    def __init__(self, layer: int, num_experts: int, act_fn: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.layer, self.num_experts, self.act_fn = layer, num_experts, act_fn
+        self.names = list(weights)
+        for name, (stored, scale) in weights.items():
+            self.register_buffer(f"{name}_stored", stored)
+            self.register_buffer(f"{name}_scale", scale)
+        self.routed: set[int] = set()
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        self.routed = set(top_k_index.reshape(-1).tolist())
+        out = torch.zeros_like(hidden_states)
+        for expert in sorted(self.routed):
+            token_idx, pos = torch.where(top_k_index == expert)
+            weights = {}
+            for n in self.names:
+                scale = getattr(self, f"{n}_scale")
+                weights[n] = dequantize(
+                    getattr(self, f"{n}_stored")[expert], None if scale is None else scale[expert], out.dtype
+                )
+            rows = expert_forward(self.act_fn, weights, hidden_states[token_idx], top_k_weights[token_idx, pos, None])
+            out.index_add_(0, token_idx, rows.to(out.dtype))
+        return out
+
+
+def _stacked_experts(engine: OffloadEngine, layer: int, precision: ShadowPrecision) -> dict[str, tuple]:
+    """Layer `layer`'s experts read from the pack (one expert at a time) and quantised, stacked per tensor."""
+    index = engine.index
+    buffer = IoBuffer(index.stride_bytes)
+    try:
+        (view,) = slot_views(buffer.view, index, 1)
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {t.name: [] for t in index.tensors}
+        for expert in range(index.num_experts):
+            engine.reader.read_into((layer, expert), buffer.view)
+            for name, tensor in view.items():
+                parts[name].append(quantize(tensor, precision))
+        del view
+    finally:
+        buffer.close()
+    return {
+        name: (
+            torch.stack([s for s, _ in pieces]),
+            None if pieces[0][1] is None else torch.stack([c for _, c in pieces]),
+        )
+        for name, pieces in parts.items()
+    }
+
+
+class ShadowModel:
+    """The shadow's decoder layers, its KV cache, and where it stands in the current token."""
+
+    def __init__(self, engine: OffloadEngine, precision: ShadowPrecision, distance: int) -> None:
+        self.precision, self.distance = precision, distance
+        self.experts: dict[int, ShadowExperts] = {}
+
+        def replace(layer: int, original: nn.Module) -> nn.Module:
+            module = ShadowExperts(
+                layer, engine.index.num_experts, original.act_fn, _stacked_experts(engine, layer, precision)
+            )
+            self.experts[layer] = module
+            return module
+
+        skeleton, config = load_skeleton_with_experts_replaced(
+            engine.model_dir, engine.dense_file, engine.index, replace
+        )
+        layers = skeleton.get_decoder().layers
+        for layer in layers:
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, QuantLinear(child, precision))
+        self.layers = nn.ModuleList(list(layers)).eval()
+        del skeleton  # the embeddings and the head are the real model's concern
+        self.config = config
+        self.first = min(engine.index.moe_layers)
+        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.layers.parameters(), *self.layers.buffers()])
+        self.kv = DynamicCache(config=config)
+        self.compute_s = {"prefill": 0.0, "decode": 0.0}
+        """Wall time the shadow ran, per phase: on the model's thread, so part of the run's time."""
+        self._hidden: torch.Tensor | None = None
+        self._next = 0
+        self._token = -1
+
+    def _run(self, layer: int, kwargs: dict) -> None:
+        assert self._hidden is not None
+        call = copy.copy(kwargs)
+        call["cache"] = self.kv
+        call.pop("past_key_values", None)
+        out = self.layers[layer](self._hidden, **call)
+        self._hidden = out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def prefill(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A new sequence: a fresh KV cache, filled by running every shadow layer over the prompt."""
+        start = time.perf_counter()
+        self.kv = DynamicCache(config=self.config)
+        self._hidden = hidden
+        for layer in range(self.first, len(self.layers)):
+            self._run(layer, kwargs)
+        self._token = -1
+        self.compute_s["prefill"] += time.perf_counter() - start
+
+    @torch.no_grad()
+    def advance(self, now: int, layer: int, hidden: torch.Tensor, kwargs: dict) -> list[tuple[int, set[int]]]:
+        """The real model starts decoder `layer` of token step `now` with `hidden`: re-align at the token's
+        first MoE layer, then run the shadow up to `layer + distance`; (layer, routed experts) of each
+        MoE layer the shadow ran."""
+        start = time.perf_counter()
+        if now != self._token:
+            self._token, self._hidden, self._next = now, hidden, layer
+        ran = []
+        last = min(layer + self.distance, len(self.layers) - 1)
+        while self._next <= last:
+            self._run(self._next, kwargs)
+            if self._next in self.experts:
+                ran.append((self._next, self.experts[self._next].routed))
+            self._next += 1
+        self.compute_s["decode"] += time.perf_counter() - start
+        return ran
+
+
+def parse_predictor(value: str) -> tuple[str, ShadowPrecision | None]:
+    """'gate' -> ('gate', None); 'shadow-int8' / 'shadow-fp16' -> ('shadow', precision)."""
+    if value == "gate":
+        return "gate", None
+    if value in ("shadow-int8", "shadow-fp16"):
+        return "shadow", value.split("-")[1]  # type: ignore[return-value]
+    raise HarnessError(f"unknown predictor {value!r}: use gate, shadow-int8 or shadow-fp16")

@@ -1,0 +1,50 @@
+"""Look-ahead strategies (router before attention, with and without the next-layer gate): exact tokens,
+recall scored on every decode layer step, prefetch accounting that adds up, prefill prefetching."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.models.loader import reference_model
+from harness.models.packer import pack_paths
+from harness.runtime.generation import generate
+from harness.store.layout import PackIndex
+from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+def test_lookahead_tokens_match_resident_model(arch, tiny_model):
+    model_dir = tiny_model(arch)
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    k = index.top_k
+    for spec, slots, scope in [
+        ("lookahead", k, "per-layer"),
+        ("lookahead+gate", k, "per-layer"),
+        ("lookahead+gate:prefill=0", index.num_experts // 2, "per-layer"),
+        ("lookahead+gate", k * len(index.moe_layers), "global"),
+    ]:
+        tokens, _, _ = strategy_tokens(model_dir, spec, slots, scope)
+        assert tokens == reference, f"{arch} {spec} {scope}"
+
+
+def test_lookahead_recall_and_prefetch_accounting(tiny_model):
+    model_dir = tiny_model("olmoe")
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    layers = len(index.moe_layers)
+    _, strategy, cache = strategy_tokens(model_dir, "lookahead+gate", index.num_experts // 2)
+    stats = strategy.stats()
+    # The look-ahead predicts every MoE layer of every decode step; the gate every layer but the first.
+    assert stats["prediction"]["predictions"] == (NEW_TOKENS - 1) * layers
+    assert stats["gate_prediction"]["predictions"] == (NEW_TOKENS - 1) * (layers - 1)
+    assert stats["combined_prediction"]["predictions"] == (NEW_TOKENS - 1) * layers
+    assert 0 < stats["prediction"]["recall"] <= stats["combined_prediction"]["recall"] <= 1
+    pf = stats["prefetch"]
+    assert pf["issued"] == pf["used"] + pf["wasted"]
+    assert pf["requested"] == pf["already_resident"] + pf["issued"] + pf["not_admitted"]
+    assert pf["wasted_bytes"] == pf["wasted"] * index.stride_bytes
+    assert len(cache.stats.records) == pf["issued"] + cache.book.total().misses
+    # Prefill prefetches: with prefill=0 nothing is read ahead before the first decode step.
+    _, _, cache0 = strategy_tokens(model_dir, "lookahead:prefill=0", index.num_experts // 2)
+    _, _, cache1 = strategy_tokens(model_dir, "lookahead", index.num_experts // 2)
+    assert cache1.book.total("prefill").hits > cache0.book.total("prefill").hits == 0
