@@ -65,5 +65,8 @@ def load_skeleton_with_experts_replaced(
 
 def reference_model(model_dir: Path) -> PreTrainedModel:
     """The fully resident transformers model, with the eager experts implementation the engine mirrors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a measuring run prints its own output only (--json on stdout stays parseable)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, experts_implementation="eager")
     return model.eval()
