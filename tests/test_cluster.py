@@ -85,8 +85,10 @@ def test_cells_land_on_their_ssd_node_and_equal_a_serial_run(lab):
     assert all(o.status == "ok" for o in serial)
     for cell in ok:
         assert _hits_and_bytes(root / "cluster", cell.run_id) == _hits_and_bytes(root / "serial", cell.run_id)
-    # Resume: everything done (failed included) is skipped.
-    again = SweepRunner(sweep, root / "cluster", command=CELL, executor=RayCells(lab["cluster"].address)).run(cells)
+    # Resume without retrying failed cells: everything done (failed included) is skipped.
+    again = SweepRunner(
+        sweep, root / "cluster", command=CELL, retry_failed=False, executor=RayCells(lab["cluster"].address)
+    ).run(cells)
     assert {o.status for o in again} == {"skipped"}
 
 
