@@ -75,5 +75,6 @@ def test_bad_run_options(tiny_model, tmp_path, flag, value, needle):
 
 
 def test_unknown_architecture_on_create(tmp_path):
-    code, err = run_cli("model", "create", "--arch", "gpt2", "--out", str(tmp_path / "m"))
-    assert code == 2 and "Invalid value for '--arch'" in err
+    assert_one_line_error(
+        *run_cli("model", "create", "--arch", "gpt2", "--out", str(tmp_path / "m")), "unknown architecture 'gpt2'"
+    )

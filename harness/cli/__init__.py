@@ -1,4 +1,8 @@
-"""The `harness` command: a click group that parses and delegates; each family of commands has a module."""
+"""The `harness` command: a click group that parses and delegates; each family of commands has a module.
+
+Command modules import nothing heavy (torch, transformers, pandas, pyarrow, matplotlib) at their top:
+`harness --help`, `--version` and every `--help` start in well under a second; the work imports what it uses.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 
 import click
 
+from harness import __version__
 from harness.cli import model, run, simulate, ssd, sweep
 from harness.errors import HarnessError
 
@@ -26,6 +31,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="harness", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """MoE offload harness: MoE inference with experts on an SSD, expert-cache policies, sweeps, reports."""

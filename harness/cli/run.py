@@ -7,14 +7,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
-from harness.budget import CellCgroup
 from harness.errors import HarnessError
-from harness.run import Progress, current_enforcement, execute, preflight, write_failure
 from harness.spec import RunSpec, load_run_spec
+
+if TYPE_CHECKING:
+    from harness.budget import CellCgroup
 from harness.units import format_bytes
 
 _FLAGS = (
@@ -73,6 +75,10 @@ def _option(name: str, **kwargs: object):  # returns a click decorator
 @click.option("--quiet", is_flag=True, help="No live token display.")
 def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> None:
     """Generate with experts offloaded to the SSD and record throughput, hits, bytes and latencies."""
+    # Imported here, not at the top: `harness --help` must not pay for torch and transformers.
+    from harness.budget import CellCgroup
+    from harness.run import Progress, current_enforcement, execute, preflight
+
     data: dict = {}
     if spec_file is not None:
         try:
@@ -131,6 +137,8 @@ def _summary(result: dict, results: Path) -> str:
 
 
 def _run_in_cgroup(cgroup: CellCgroup, spec: RunSpec, results: Path, quiet: bool) -> int:
+    from harness.run import write_failure
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec.canonical(), handle)
     argv = [sys.executable, "-m", "harness", "run", "--spec", handle.name, "--results", str(results)]

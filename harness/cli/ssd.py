@@ -13,14 +13,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from harness.ssd.devices import describe_path, list_devices
-from harness.ssd.profiler import (
-    DEFAULT_PROFILES_DIR,
-    ProfileRequest,
-    expert_bytes_from_model,
-    parse_block_sizes,
-    parse_queue_depths,
-    run_profile,
-)
 from harness.units import format_bytes, parse_duration, parse_size
 
 DEFAULT_BLOCK_SIZES = "4KiB,128KiB,1MiB,expert"
@@ -148,6 +140,15 @@ def profile_ssd_command(
     out: Path | None,
 ) -> None:
     """Measure read bandwidth, IOPS and latency percentiles per block size x queue depth (O_DIRECT)."""
+    from harness.ssd.profiler import (
+        DEFAULT_PROFILES_DIR,
+        ProfileRequest,
+        expert_bytes_from_model,
+        parse_block_sizes,
+        parse_queue_depths,
+        run_profile,
+    )
+
     if (path is None) == (device is None):
         raise click.UsageError("give exactly one of --path DIR or --device /dev/X")
     if device is not None and write:
