@@ -46,6 +46,7 @@ from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
 from harness.trace.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
+from harness.units import parse_capacity
 from harness.workloads import PromptItem, select_prompts
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,7 @@ def resolve_slots(
     maximum = experts if scope == "per-layer" else experts * layers
     if spec.cache_experts is not None:
         text = spec.cache_experts.strip()
-        try:
-            slots = round(float(text[:-1]) / 100 * maximum) if text.endswith("%") else int(text)
-        except ValueError:
-            raise HarnessError(f"cache_experts must be a count or a share, e.g. 16 or 25% (got {text!r})") from None
+        slots = parse_capacity(text, maximum, "cache_experts")
         how = f"cache_experts={text}"
     elif spec.ram_budget_bytes is not None:
         free = spec.ram_budget_bytes - baseline_bytes - workspace_bytes

@@ -64,7 +64,7 @@ def test_budget_below_one_layer_of_experts(tiny_model, tmp_path):
         ("--policy", "nope", "unknown policy 'nope'"),
         ("--ssd", "/nonexistent/ssd", "SSD path /nonexistent/ssd does not exist"),
         ("--ram-budget", "lots", "cannot read size 'lots'"),
-        ("--cache-experts", "many", "cache_experts must be a count or a share"),
+        ("--cache-experts", "many", "cannot read cache_experts 'many'"),
         ("--device", "cuda", "--device cuda: "),
     ],
 )

@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from harness import units
 from harness.cache.book import AccessCounts, ExpertCacheBook
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.flashmoe import load_model
@@ -253,34 +254,11 @@ def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope)
     A percentage is of one layer's experts in per-layer scope and of all layers' experts in global scope.
     """
     whole = num_experts * (num_layers if scope == "global" else 1)
-    slots: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            if ":" in part:
-                lo, hi, by = (float(x.rstrip("%")) for x in part.split(":"))
-                if by <= 0 or not part.split(":")[0].endswith("%"):
-                    raise ValueError
-                values = [lo + i * by for i in range(int((hi - lo) / by + 1e-9) + 1)]
-                slots += [round(v / 100 * whole) for v in values]
-            elif part.endswith("%"):
-                slots.append(round(float(part[:-1]) / 100 * whole))
-            else:
-                slots.append(int(part))
-        except ValueError:
-            raise HarnessError(
-                f"cannot read capacity {part!r}: use slots (16), a percentage (25%) or a range (10%:90%:10%)"
-            ) from None
-    if not slots:
-        raise HarnessError("no capacity given")
-    small = [s for s in slots if s < 1]
-    if small:
-        raise HarnessError(f"capacity {text!r} gives fewer than 1 slot; the cache needs at least one slot")
+    slots = units.parse_capacities(text, whole)
     too_big = [s for s in slots if s > whole]
     if too_big:
         log.warning("capacities %s exceed the %d experts a cache group holds: only first uses miss", too_big, whole)
-    return sorted(set(slots))
+    return slots
 
 
 ORACLES = ("belady", "belady-bypass")
