@@ -33,6 +33,7 @@ from harness.models.packer import pack_model, pack_paths, verify_pack
 from harness.results import Validity, environment, result_envelope, write_json_atomic
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.generation import SequenceLog, generate
+from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
@@ -43,7 +44,6 @@ from harness.store.layout import INDEX_FILE, PackIndex
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
-from harness.trace.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
 from harness.units import parse_capacity

@@ -20,7 +20,7 @@ import torch
 from harness.models.adapters import load_config
 from harness.models.packer import pack_model, pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.trace.recorder import RoutingRecorder, trace_meta
+from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.simulate import simulate
 from harness.trace.stats import REAL_RANGE, routing_stats

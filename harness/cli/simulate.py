@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from harness.cli.output import echo_json
 from harness.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ _console = Console()
 @click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
 @click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and result rows as JSON instead of tables.")
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -62,9 +64,10 @@ def simulate_cmd(
     seed: int,
     expert_bytes: str | None,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
-    from harness.trace.sim_output import write_outputs
+    from harness.trace.sim_output import result_rows, summary, write_outputs
     from harness.trace.simulate import run_simulation
 
     run = run_simulation(
@@ -77,10 +80,13 @@ def simulate_cmd(
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
     )
+    written = write_outputs(run, out) if out is not None else []
+    if as_json:
+        echo_json({**summary(run), "results": result_rows(run), "written": written})
+        return
     _print_run(run)
-    if out is not None:
-        for path in write_outputs(run, out):
-            _console.print(f"wrote {path}")
+    for path in written:
+        _console.print(f"wrote {path}")
 
 
 def _print_run(run: SimulationRun) -> None:
@@ -167,12 +173,16 @@ def trace_import(
 
 @trace_group.command("info")
 @click.argument("trace_path", type=click.Path(path_type=Path))
-def trace_info_cmd(trace_path: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of tables.")
+def trace_info_cmd(trace_path: Path, as_json: bool) -> None:
     """Shape, phases, per-layer popularity skew and reuse distances of a trace."""
     from harness.trace.info import trace_info
     from harness.trace.schema import read_trace
 
     info = trace_info(read_trace(trace_path))
+    if as_json:
+        echo_json(info)
+        return
     _console.print(f"model {info.model}; source: {info.source}")
     _console.print(
         f"{info.sequences} sequences, {info.rows} token rows, {info.steps} steps; layers {info.layers}; "

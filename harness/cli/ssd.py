@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.cli.output import echo_json
 from harness.ssd.devices import describe_path, list_devices
 from harness.units import format_bytes, parse_duration, parse_size
 
@@ -41,7 +41,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     if path is not None:
         info = describe_path(path)
         if as_json:
-            click.echo(json.dumps(info, indent=2))
+            echo_json(info)
             return
         table = Table(title=f"{info['path']}", show_header=False)
         for key, value in info.items():
@@ -50,7 +50,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
         return
     devices = list_devices(include_empty=include_empty)
     if as_json:
-        click.echo(json.dumps(devices, indent=2))
+        echo_json(devices)
         return
     table = Table(title="block devices")
     for column in ("name", "model", "serial", "transport", "rotational", "media", "size", "lbs/pbs", "sched", "mounts"):
@@ -120,6 +120,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Profile file (default hardware_profiles/<host>/<dev>.json)."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the whole profile as JSON instead of tables.")
 def profile_ssd_command(
     path: Path | None,
     device: str | None,
@@ -138,6 +139,7 @@ def profile_ssd_command(
     direct: str,
     io_backend: str,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Measure read bandwidth, IOPS and latency percentiles per block size x queue depth (O_DIRECT)."""
     from harness.ssd.profiler import (
@@ -186,6 +188,9 @@ def profile_ssd_command(
             progress.update(task, completed=done, total=total, description=label)
 
         doc = run_profile(request, on_progress)
+    if as_json:
+        echo_json(doc)
+        return
     _print_summary(doc)
 
 

@@ -63,7 +63,13 @@ def write_outputs(run: SimulationRun, out: Path) -> list[Path]:
     frame.to_parquet(parquet_path, index=False)
     written.append(parquet_path)
     written.append(plot_hit_rates(run, frame, out / "hit_rate_vs_capacity.png"))
-    summary = {
+    written.append(write_json_atomic(out / "simulation.json", summary(run)))
+    return written
+
+
+def summary(run: SimulationRun) -> dict[str, object]:
+    """What was replayed, how, and each policy's description (simulation.json; `simulate --json` adds the rows)."""
+    return {
         "trace": run.trace_path,
         "trace_meta": asdict(run.meta),
         "scope": run.scope,
@@ -74,8 +80,6 @@ def write_outputs(run: SimulationRun, out: Path) -> list[Path]:
         "notes": run.notes,
         "policies": {r.policy: r.description for r in run.results},
     }
-    written.append(write_json_atomic(out / "simulation.json", summary))
-    return written
 
 
 def plot_hit_rates(run: SimulationRun, frame: pd.DataFrame, path: Path) -> Path:

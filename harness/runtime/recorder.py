@@ -1,4 +1,8 @@
-"""Records the routing of a live run, one row per (token, MoE layer), into the trace format."""
+"""Records the routing of a live run, one row per (token, MoE layer), into the trace format.
+
+Part of the runtime (it is a `RoutingSink` of the offloaded-experts modules): the trace package
+describes and replays traces and never imports the runtime.
+"""
 
 from __future__ import annotations
 
