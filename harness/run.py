@@ -38,7 +38,7 @@ from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_stra
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
 from harness.spec import RunSpec
-from harness.ssd.devices import block_device_for_path, describe_path
+from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
 from harness.ssd.readtime import load_profile_for_path, profile_for_path
 from harness.store.layout import INDEX_FILE, PackIndex
 from harness.store.reader import IoRecord
@@ -47,7 +47,7 @@ from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
 from harness.units import parse_capacity
-from harness.workloads import PromptItem, select_prompts
+from harness.workloads import PromptItem, check_positions, select_prompts
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ WORKSPACE_RESERVE_BYTES = 256 << 20
 """Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
 A documented default; the run records it and the measured peak RSS so it can be checked."""
 READS_FILE = "expert_reads.parquet"
-VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
-"""Filesystems in memory: an expert file there measures RAM, not an SSD."""
 
 
 @dataclass
@@ -297,6 +295,12 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
         engine.close()
         raise HarnessError(f"{model_dir} has no usable tokenizer ({exc.__class__.__name__})") from None
     encoded = [(tokenizer.encode(p.prompt), tokenizer.encode(p.reference) if p.reference else None) for p in prompts]
+    try:
+        positions = getattr(config, "max_position_embeddings", None)
+        check_positions(prompts, [len(ids) for ids, _ in encoded], spec.max_new_tokens, positions)
+    except HarnessError:
+        engine.close()
+        raise
     longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
     dtype_bytes = engine.model.dtype.itemsize
     workspace = (

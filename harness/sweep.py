@@ -353,15 +353,23 @@ class SweepRunner:
             open(folder / "stdout.log", "wb") as out,
             open(folder / "stderr.log", "wb") as err,
         ):
-            proc = subprocess.Popen([*cgroup.prefix, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            try:
+                proc = subprocess.Popen([*cgroup.prefix, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                # A command that cannot start fails this cell (status 127, as a shell says), not the sweep.
+                err.write(f"cannot start {argv[0]}: {exc.strerror or exc}\n".encode())
+                err.flush()
+                proc = None
             timed_out = False
             try:
-                rc = proc.wait(timeout=timeout_s)
+                rc = proc.wait(timeout=timeout_s) if proc is not None else _CANNOT_START
             except subprocess.TimeoutExpired:
+                assert proc is not None
                 timed_out = True
                 proc.kill()
                 rc = proc.wait()
             except KeyboardInterrupt:
+                assert proc is not None
                 _stop(proc)
                 _set_aside_partial_result(result_path, began_unix)
                 raise
@@ -393,6 +401,10 @@ class SweepRunner:
             return CellOutcome(cell, "ok", None, duration_s, record)
         _write_failed_result(result_path, cell, reason, record, stderr_tail)
         return CellOutcome(cell, "failed", reason, duration_s, record)
+
+
+_CANNOT_START = 127
+"""Exit status recorded for a cell command that could not be started (a shell's 'command not found')."""
 
 
 def _now() -> str:

@@ -6,6 +6,7 @@ Command modules import nothing heavy (torch, transformers, pandas, pyarrow, matp
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -14,6 +15,8 @@ import click
 from harness import __version__
 from harness.cli import model, run, simulate, ssd, sweep
 from harness.errors import HarnessError
+
+_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class _Group(click.Group):
@@ -24,6 +27,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except HarnessError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            # A read-only or protected place to write (a model folder, a results disk): the user's to fix.
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            click.echo(f"error: {exc.filename}: {exc.strerror} (a read-only or protected location)", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

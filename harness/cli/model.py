@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from harness.paths import check_output_dir
 from harness.units import format_bytes
 
 
@@ -39,6 +40,7 @@ def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
 
     from harness.models.factory import create_model
 
+    check_output_dir(out, "--out")
     hf_logging.disable_progress_bar()
     with Console(stderr=True).status(f"creating {arch} ({preset}) in {out}"):
         create_model(arch, preset, out, seed=seed, force=force)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.cli.output import echo_json
+from harness.paths import check_output_dir, check_output_file
 from harness.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ def simulate_cmd(
     from harness.trace.sim_output import result_rows, summary, write_outputs
     from harness.trace.simulate import run_simulation
 
+    if out is not None:
+        check_output_dir(out, "--out")
     run = run_simulation(
         trace_path,
         policies.split(","),
@@ -157,6 +160,7 @@ def trace_import(
     from harness.errors import HarnessError
     from harness.trace.importers import import_trace
 
+    check_output_file(out, "--out")
     options: dict[str, object] = {"expert_bytes": parse_size(expert_bytes)}
     if fmt == "flame":
         options.update(sequence_length=sequence_length, num_experts=num_experts)
@@ -237,6 +241,7 @@ def policy_train(
     from harness.cache.learned import TrainSettings
     from harness.trace.train import train_flashmoe
 
+    check_output_file(out, "--out")
     settings = TrainSettings(seed=seed, max_epochs=max_epochs, heldout_fraction=heldout_fraction)
     report = train_flashmoe(trace_path, out, capacity, seed, phase, settings)  # type: ignore[arg-type]
     _console.print(

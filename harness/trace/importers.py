@@ -13,14 +13,15 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.trace.schema import TraceMeta, TraceWriter
+from harness.trace.schema import MAX_EXPERTS, TraceMeta, TraceWriter
 
 log = logging.getLogger(__name__)
 _LAYER_IN_NAME = re.compile(r"layer_?(\d+)$")
@@ -140,8 +141,7 @@ def import_flame(
     weights = np.stack([layers[layer].scores for layer in order], axis=1)
     inferred = int(stacked.max()) + 1
     experts_n = num_experts or first.num_experts or inferred
-    if inferred > experts_n or stacked.min() < 0:
-        raise HarnessError(f"expert ids run from {int(stacked.min())} to {inferred - 1}, outside 0..{experts_n - 1}")
+    _check_expert_ids(int(stacked.min()), inferred - 1, experts_n, "FLAME trace")
     meta = TraceMeta(
         model=first.model or "flame-moe",
         architecture="flame-moe",
@@ -185,8 +185,8 @@ class _Route:
 def _read_vllm_lines(path: Path) -> tuple[dict, dict[int, list[_Route]]]:
     meta: dict | None = None
     by_layer: dict[int, list[_Route]] = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for number, line in _text_lines(path, handle):
             if not line.strip():
                 continue
             try:
@@ -210,6 +210,37 @@ def _read_vllm_lines(path: Path) -> tuple[dict, dict[int, list[_Route]]]:
     if meta is None:
         raise HarnessError(f"{path}: no meta line (the first line of a vLLM MoE-logger file is type 'meta')")
     return meta, by_layer
+
+
+def _text_lines(path: Path, handle: TextIO) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a text file; a binary file (a Parquet trace given by mistake) is one clear error."""
+    number = 0
+    try:
+        for number, line in enumerate(handle, 1):
+            yield number, line
+    except UnicodeDecodeError:
+        raise HarnessError(
+            f"{path}:{number + 1}: not UTF-8 text, so not a vLLM MoE-logger JSONL file (a Parquet trace needs no"
+            " import)"
+        ) from None
+
+
+def _meta_int(meta: dict, key: str) -> int | None:
+    """An optional positive integer of the meta line, or one clear error."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HarnessError(f"vLLM meta line: {key} must be a positive integer (got {value!r})")
+    return value
+
+
+def _check_expert_ids(lowest: int, highest: int, num_experts: int, where: str) -> None:
+    """Expert ids must lie in 0..num_experts-1, and num_experts must fit the trace's int16 column."""
+    if num_experts > MAX_EXPERTS:
+        raise HarnessError(f"{where}: {num_experts} experts per layer; a trace holds at most {MAX_EXPERTS} (int16 ids)")
+    if lowest < 0 or highest >= num_experts:
+        raise HarnessError(f"{where}: expert ids run from {lowest} to {highest}, outside 0..{num_experts - 1}")
 
 
 def _is_uniform(weights: list[float] | None) -> bool:
@@ -277,13 +308,13 @@ def import_vllm_jsonl(paths: Sequence[Path], out: Path, expert_bytes: int = 0) -
         if any(a.token_idx != b.token_idx or a.req != b.req for a, b in zip(ref, routes[layer], strict=True)):
             raise HarnessError(f"layer {layer}'s rows do not line up with layer {order[0]}'s (req_id, token_idx)")
     k_values = {len(r.experts) for rows in routes.values() for r in rows}
-    top_k = int(metas[0].get("top_k") or max(k_values))
+    top_k = _meta_int(metas[0], "top_k") or max(k_values)
     if k_values != {top_k}:
         raise HarnessError(f"rows select {sorted(k_values)} experts, top_k is {top_k}")
     max_id = max(max(r.experts) for rows in routes.values() for r in rows)
-    num_experts = int(metas[0].get("num_experts") or max_id + 1)
-    if max_id >= num_experts:
-        raise HarnessError(f"expert id {max_id} is outside num_experts={num_experts}")
+    min_id = min(min(r.experts) for rows in routes.values() for r in rows)
+    num_experts = _meta_int(metas[0], "num_experts") or max_id + 1
+    _check_expert_ids(min_id, max_id, num_experts, "vLLM trace")
     steps, step_note = _steps_of(ref)
     seq_ids: dict[str, int] = {}
     positions: dict[str, int] = {}
