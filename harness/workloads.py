@@ -1,15 +1,23 @@
-"""Prompt sets (JSONL in workloads/prompts): {"id", "prompt", "reference"?} per line."""
+"""Prompt sets (JSONL): {"id", "prompt", "reference"?} per line; sweep files (YAML) that ship beside them.
+
+The shipped sets live in the package (`harness/data/workloads/prompts`, `.../sweeps`), so a plain
+`pip install` finds `default`; the repository's top-level `workloads/` is a link to that folder. A
+`workloads/prompts/NAME.jsonl` in the current folder is looked up first, so a user's own sets work too.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.spec import RunSpec
 
 PROMPTS_DIR = Path("workloads") / "prompts"
+PACKAGED_WORKLOADS = Path(str(resources.files("harness") / "data" / "workloads"))
+"""The prompt sets and sweep files installed with the package."""
 
 
 @dataclass(frozen=True)
@@ -21,10 +29,9 @@ class PromptItem:
 
 
 def _candidates(name: str) -> list[Path]:
-    repo_root = Path(__file__).resolve().parents[1]
     if name.endswith(".jsonl") or "/" in name:
         return [Path(name)]
-    return [PROMPTS_DIR / f"{name}.jsonl", repo_root / PROMPTS_DIR / f"{name}.jsonl"]
+    return [PROMPTS_DIR / f"{name}.jsonl", PACKAGED_WORKLOADS / "prompts" / f"{name}.jsonl"]
 
 
 def load_workload(name: str) -> list[PromptItem]:
