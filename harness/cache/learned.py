@@ -115,9 +115,9 @@ class FlashMoEModel:
         if not isinstance(version, int) or version > MODEL_VERSION:
             raise HarnessError(f"{path}: model file version {version!r} is not one this harness reads")
         meta = blob.get("meta")
-        num_experts = meta.get("num_experts") if isinstance(meta, dict) else None
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not isinstance(meta, dict) or not isinstance(meta.get("num_experts"), int) or meta["num_experts"] < 1:
             raise HarnessError(f"{path}: FlashMoE model file without a valid meta.num_experts")
+        num_experts = meta["num_experts"]
         layers = blob.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise HarnessError(f"{path}: FlashMoE model file holds no layers")

@@ -286,8 +286,8 @@ def import_vllm_jsonl(paths: Sequence[Path], out: Path, expert_bytes: int = 0) -
         path = Path(path)
         if not path.is_file():
             raise HarnessError(f"trace file {path} does not exist")
-        meta, routes = _read_vllm_lines(path)
-        metas.append(meta)
+        file_meta, routes = _read_vllm_lines(path)
+        metas.append(file_meta)
         for layer, rows in routes.items():
             if layer in by_layer:
                 raise HarnessError(f"{path}: layer {layer} also appears in another input file")

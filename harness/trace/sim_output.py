@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 
-from harness.keys import PHASES
+from harness.keys import PHASES, Phase
 from harness.results import write_json_atomic
 from harness.trace.simulate import ORACLES, SimulationRun
 
@@ -23,7 +24,7 @@ def result_rows(run: SimulationRun) -> list[dict[str, object]]:
     for result in run.results:
         phases = ["all"] + [p for p in PHASES if result.total(p).accesses]
         for phase in phases:
-            counted = None if phase == "all" else phase
+            counted = None if phase == "all" else cast(Phase, phase)
             for layer in ["all", *run.meta.moe_layers]:
                 total = result.total(counted, None if layer == "all" else layer)  # type: ignore[arg-type]
                 per_token = layer == "all"

@@ -171,7 +171,7 @@ def _stream(seqs: Sequence, layers: list[int], phase_filter: PhaseFilter) -> Str
         return Stream([int(s.seq_id) for s in seqs], [], dict.fromkeys(PHASES, 0))
     order = np.argsort(step, kind="stable")
     step, phase, experts = step[order], phase[order], experts[order]
-    tokens = {p: int((phase == i).sum()) for i, p in enumerate(PHASE_NAMES)}
+    tokens: dict[Phase, int] = {p: int((phase == PHASE_NAMES.index(p)).sum()) for p in PHASES}
     starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
     ends = np.r_[starts[1:], len(step)]
     keycache = [{e: (layer, e) for e in range(int(experts.max()) + 1)} for layer in layers]
@@ -312,7 +312,7 @@ def run_simulation(
         if model is None:
             raise HarnessError("flashmoe needs a model file: flashmoe:PATH (train one with `harness policy train`)")
         if model.meta.get("trace_fingerprint") == fingerprint:
-            heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[union-attr]
+            heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[attr-defined]
             sequences = heldout if sequences is None else sequences & heldout
         else:
             notes.append(f"{spec}: trained on another trace ({model.meta.get('trace')}); all sequences replayed")

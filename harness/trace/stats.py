@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from harness.trace.simulate import build_replay
 TOP_SHARE_FRACTION = 0.10
 """Popularity skew = share of a layer's accesses that go to its top 10% of experts (ROUTING.md), the
 10% rounded up to whole experts (7 of 64): uniform routing then gives ROUTING.md's 0.12."""
-REAL_RANGE = {
+REAL_RANGE: dict[str, tuple[float, float]] = {
     "top10_share": (0.13, 0.27),
     "consecutive_overlap": (0.10, 0.24),
     "lru_hit_rate_25pct": (0.26, 0.40),
@@ -54,7 +55,7 @@ def layer_stats(trace: Trace) -> list[LayerStats]:
     return [_one_layer(layer, steps[layer], trace.meta.num_experts, trace.meta.top_k) for layer in replay.layers]
 
 
-def routing_stats(trace: Trace) -> dict[str, object]:
+def routing_stats(trace: Trace) -> dict[str, Any]:
     """Mean over layers of the top-10% share and consecutive overlap, and both per layer (for result.json)."""
     per_layer = {
         str(s.layer): {"top10_share": s.top10_share, "consecutive_overlap": s.consecutive_overlap}
