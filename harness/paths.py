@@ -23,7 +23,9 @@ def _probe_writable(folder: Path, path: Path, what: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".harness-probe-", dir=folder)
     except OSError as exc:
-        raise HarnessError(f"{what} {path} cannot be written: {folder}: {exc.strerror or exc}") from None
+        raise HarnessError(
+            f"{what} {path} cannot be written: no file can be created in {folder} ({exc.strerror or exc})"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 

@@ -40,14 +40,18 @@ def load_workload(name: str) -> list[PromptItem]:
             break
     else:
         raise HarnessError(f"workload {name!r} not found (looked for {', '.join(map(str, _candidates(name)))})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HarnessError(f"{path}: not UTF-8 text, so not a JSONL prompt set") from None
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
             items.append(PromptItem(str(data.get("id", number)), str(data["prompt"]), data.get("reference")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise HarnessError(f"{path}:{number}: not a prompt line ({exc.__class__.__name__}: {exc})") from None
     if not items:
         raise HarnessError(f"{path} holds no prompts")

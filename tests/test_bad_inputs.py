@@ -266,3 +266,25 @@ def test_negative_and_huge_sizes_are_refused(trace, tmp_path):
     assert_one_line_error(*run_cli("simulate", "--trace", trace, "--expert-bytes", "-3MiB"), "negative")
     assert_one_line_error(*run_cli("simulate", "--trace", trace, "--expert-bytes", "1e30"), "beyond 1 EiB")
     assert_one_line_error(*run_cli("simulate", "--trace", trace, "--capacity", "nan%"), "cannot read capacity")
+
+
+# ------------------------------------------------------------------------------- found by trying more
+
+
+def test_more_bad_inputs_found_by_trying(tiny_model, trace, tmp_path):
+    binary = trace  # a Parquet file where text is expected
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    cases = [
+        (("run", "--model", tiny_model("olmoe"), "--workload", binary, "--results", tmp_path), "not a JSONL prompt"),
+        (("run", "--model", "m", "--spec", listed, "--results", tmp_path), "holds a JSON list, not an object"),
+        (("run", "--model", "m", "--results", binary), "--results"),
+        (("sweep", binary), "is not UTF-8 text"),
+        (("policy", "train", "--trace", trace, "--out", tmp_path / "m.pt", "--max-epochs", "0"), "--max-epochs"),
+        (("policy", "train", "--trace", trace, "--out", tmp_path / "m.pt", "--heldout-fraction", "1"), "0<x<1"),
+        (("trace", "import", "--format", "flame", binary, "--sequence-length", "0", "--out", tmp_path / "o"), "x>=1"),
+    ]
+    for args, needle in cases:
+        code, err = run_cli(*args)
+        assert code == 2 and "Traceback" not in err and needle in err, (args, err)
+    assert not (tmp_path / "m.pt").exists()

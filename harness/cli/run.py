@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from harness.errors import HarnessError
+from harness.paths import check_output_dir
 from harness.spec import RunSpec, load_run_spec
 
 if TYPE_CHECKING:
@@ -85,10 +86,13 @@ def run(spec_file: Path | None, results: Path, quiet: bool, **flags: object) -> 
             data = json.loads(Path(spec_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise HarnessError(f"cannot read spec {spec_file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise HarnessError(f"spec {spec_file} holds a JSON {type(data).__name__}, not an object of RunSpec fields")
     data.update({k: v for k, v in flags.items() if v is not None})
     if "model" not in data:
         raise HarnessError("--model is required (a model folder or a Hugging Face id in the local cache)")
     spec = load_run_spec(data)
+    check_output_dir(results, "--results")
     preflight(spec)
     if spec.ram_budget_bytes is not None and current_enforcement(spec.ram_budget_bytes).mode == "accounting-only":
         # Hold the whole run to the budget from its first allocation: run it as a child process

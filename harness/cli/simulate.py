@@ -145,8 +145,12 @@ def trace_group() -> None:
 @click.option("--format", "fmt", type=click.Choice(["flame", "vllm-jsonl"]), required=True)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace Parquet file to write.")
-@click.option("--sequence-length", type=int, default=None, help="flame: tokens per sequence (default: the file's).")
-@click.option("--num-experts", type=int, default=None, help="flame: experts per layer (default: inferred).")
+@click.option(
+    "--sequence-length", type=click.IntRange(1), default=None, help="flame: tokens per sequence (default: the file's)."
+)
+@click.option(
+    "--num-experts", type=click.IntRange(1), default=None, help="flame: experts per layer (default: inferred)."
+)
 @click.option("--expert-bytes", default="0", show_default=True, help="Size of one expert, if known (e.g. 3MiB).")
 def trace_import(
     fmt: str,
@@ -232,8 +236,14 @@ def policy_list() -> None:
 @click.option("--capacity", default="12.5%,25%,50%", show_default=True, help="Capacities of the held-out evaluation.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="decode", show_default=True)
-@click.option("--max-epochs", default=200, show_default=True)
-@click.option("--heldout-fraction", default=0.25, show_default=True, help="Share of sequences never trained on.")
+@click.option("--max-epochs", default=200, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--heldout-fraction",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of sequences never trained on.",
+)
 def policy_train(
     trace_path: Path, out: Path, capacity: str, seed: int, phase: str, max_epochs: int, heldout_fraction: float
 ) -> None:

@@ -97,7 +97,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     type=click.IntRange(1),
     help="Run each job N times (each --runtime long), alternating with fio, and merge the slices.",
 )
-@click.option("--min-ios", default=64, show_default=True, help="Minimum measured I/Os per job.")
+@click.option("--min-ios", default=64, show_default=True, type=click.IntRange(0), help="Minimum measured I/Os per job.")
 @click.option("--model", type=click.Path(path_type=Path), help="Checkpoint folder whose expert size 'expert' means.")
 @click.option("--expert-size", help="Expert size for 'expert' when no --model is given, e.g. 3MiB.")
 @click.option("--write", is_flag=True, help="Also measure writes (to the test file only).")
