@@ -52,3 +52,12 @@ def test_result_and_trace_info_agree(toy):
         recorded = stats["per_layer"][str(layer["layer"])]  # type: ignore[index]
         assert layer["top10_share"] == recorded["top10_share"]
         assert layer["consecutive_overlap"] == recorded["consecutive_overlap"]
+
+
+def test_json_output_is_strict_json():
+    import numpy as np
+
+    from harness.cli.output import _plain
+
+    data = {"a": np.int64(3), "b": float("nan"), "c": (np.float32(0.5), float("inf")), "d": [np.bool_(True)]}
+    assert json.loads(json.dumps(_plain(data), allow_nan=False)) == {"a": 3, "b": None, "c": [0.5, None], "d": [True]}

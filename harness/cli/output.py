@@ -12,13 +12,15 @@ import click
 
 
 def _plain(value: Any) -> Any:
-    """Dataclasses, paths and tuples as JSON values; NaN and infinities (not JSON) as null."""
+    """Dataclasses, paths, tuples and numpy scalars as JSON values; NaN and infinities (not JSON) as null."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
         return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return _plain(value.item())  # a numpy scalar (numpy itself is not imported: the CLI starts light)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
