@@ -1,6 +1,6 @@
 """Benchmark: is a model's routing realistic? Teacher-forced over real English text, it prints the
 routing statistics and the LRU / LFU / Belady hit rates at 25% and 50% per-layer capacity beside the
-range of real traces (ROUTING.md).
+range of real traces (README, "Routing of random-init models").
 
     python -m harness.benchmarks.routing --model models/olmoe-small [--tokens 2000] [--out trace.parquet]
 

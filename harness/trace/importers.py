@@ -1,4 +1,4 @@
-"""Importers of public routing-trace formats into the harness's Parquet trace (see TRACES.md).
+"""Importers of public routing-trace formats into the harness's Parquet trace (see the README, "Routing traces").
 
 - FLAME-MoE-Traces: one file per MoE layer, torch-saved dicts (`.pt`: `indices` [N, k], `scores` [N, k],
   `layer`, `model`, `sequence_length`, ...) or CSV (`layer_id,token_id,expert_0..expert_{E-1}`, the router

@@ -1,7 +1,7 @@
 """`harness trace info`: a trace's shape, phases, per-layer expert popularity skew and reuse distances.
 
 The per-layer statistics are `harness.trace.stats.layer_stats`, the same that a run writes into its
-result.json; ROUTING.md gives the range of real traces for them.
+result.json; the README ("Routing of random-init models") gives the range of real traces for them.
 """
 
 from __future__ import annotations

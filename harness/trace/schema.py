@@ -2,7 +2,7 @@
 
 Columns: seq_id int32, pos int32, step int32, phase dictionary<string>, layer int16,
 experts list<int16> (top-k ids by descending weight), weights list<float32> (nullable).
-Key-value metadata describes the model (see TRACES.md). The loader turns a file into dense
+Key-value metadata describes the model (see the README, "Routing traces"). The loader turns a file into dense
 per-sequence arrays `[rows, layers, k]` for fast replay.
 """
 

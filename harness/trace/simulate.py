@@ -321,7 +321,7 @@ def run_simulation(
             raise HarnessError("the FlashMoE models share no held-out sequence of this trace: nothing honest to replay")
         notes.append(
             f"held-out sequences only ({sorted(sequences)}): a FlashMoE model was trained on the others of this "
-            "trace, and scores on its training sequences are not honest (ROUTING.md)"
+            "trace, and scores on its training sequences are not honest (README)"
         )
     replay = build_replay(trace, phase, reset, sequences)
     if expert_bytes is not None:

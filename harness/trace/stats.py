@@ -1,4 +1,4 @@
-"""Routing statistics that tell realistic routing from degenerate routing (ROUTING.md's measures).
+"""Routing statistics that tell realistic from degenerate routing (README, "Routing of random-init models").
 
 One computation for every caller: `result.json` of a run (`routing_stats`), `harness trace info` and
 the routing benchmark. It follows the replay's convention (one access per step, layer and distinct
@@ -17,8 +17,8 @@ from harness.trace.schema import Trace
 from harness.trace.simulate import build_replay
 
 TOP_SHARE_FRACTION = 0.10
-"""Popularity skew = share of a layer's accesses that go to its top 10% of experts (ROUTING.md), the
-10% rounded up to whole experts (7 of 64): uniform routing then gives ROUTING.md's 0.12."""
+"""Popularity skew = share of a layer's accesses that go to its top 10% of experts, the 10% rounded up
+to whole experts (7 of 64): uniform routing then gives the README's 0.12."""
 REAL_RANGE: dict[str, tuple[float, float]] = {
     "top10_share": (0.13, 0.27),
     "consecutive_overlap": (0.10, 0.24),
@@ -28,7 +28,7 @@ REAL_RANGE: dict[str, tuple[float, float]] = {
     "lru_hit_rate_50pct": (0.53, 0.65),
     "belady_hit_rate_50pct": (0.79, 0.83),
 }
-"""Range of real traces of trained models (OLMoE-1B-7B, FLAME-MoE-290M, Qwen1.5-MoE-A2.7B), ROUTING.md."""
+"""Range of real traces of trained models (OLMoE-1B-7B, FLAME-MoE-290M, Qwen1.5-MoE-A2.7B), as in the README."""
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The trace's sequences are split (the last ones by seq_id are held out, never seen in training); each
 training sequence is replayed from an empty state to produce features and Belady labels
 (`harness.cache.learned`); the model is then replayed on the held-out sequences beside LRU, LFU and
-Belady, at each requested capacity, per-layer scope, a fresh cache per sequence. ROUTING.md explains why
+Belady, at each requested capacity, per-layer scope, a fresh cache per sequence. The README explains why
 only held-out numbers are honest: with recency and frequency inputs the network memorises positions.
 """
 
