@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from harness.errors import HarnessError
+from harness.errors import ExitCode, HarnessError
 
 PROFILE_ARGS = [
     "--size",
@@ -34,12 +34,14 @@ ROUTING_TOKENS = 2048
 excludes the sweep's workload, so the policy is evaluated on routing it never saw."""
 
 
-def _harness(*args: str) -> None:
+def _harness(*args: str, accept: tuple[int, ...] = (ExitCode.OK,)) -> int:
+    """Run one `harness` command; an exit status outside `accept` stops the bench."""
     command = [sys.executable, "-m", "harness", *args]
     click.secho(f"$ harness {' '.join(args)}", fg="cyan", err=True)
     code = subprocess.call(command)
-    if code != 0:
+    if code not in accept:
         raise HarnessError(f"`harness {' '.join(args)}` failed with exit status {code}")
+    return code
 
 
 @click.command()
@@ -76,13 +78,17 @@ def main(model: Path, sweep: Path, results: Path, report: Path, profile: bool) -
                 ]
             )
             _harness("policy", "train", "--trace", str(trace), "--out", str(learned))
-        _harness("sweep", str(sweep), "--results", str(results))
+        # INVALID or failed cells still get a report (it shows why); the bench then exits with the sweep's status.
+        swept = _harness(
+            "sweep", str(sweep), "--results", str(results), accept=(ExitCode.OK, ExitCode.INVALID, ExitCode.FAILED)
+        )
         _harness("report", str(results), "--out", str(report))
     except (HarnessError, subprocess.CalledProcessError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"bench done in {minutes:.1f} min; report: {(report / 'index.html').resolve()}")
+    sys.exit(swept)
 
 
 if __name__ == "__main__":

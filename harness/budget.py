@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -218,8 +219,8 @@ def enforce_budget(limit_bytes: int | None) -> BudgetEnforcement:
     Already under an equal or tighter limit (within one page): nothing moves. Otherwise a fresh
     child cgroup with the limit is created under this process's own cgroup and the process moves in.
     """
-    if limit_bytes is None:
-        return BudgetEnforcement("accounting-only", None, None, "no RAM budget given")
+    if limit_bytes is None or not enforceable(limit_bytes):
+        return current_enforcement(limit_bytes)
     hier = detect_hierarchy()
     if hier is None:
         return BudgetEnforcement(
@@ -244,6 +245,27 @@ def enforce_budget(limit_bytes: int | None) -> BudgetEnforcement:
     limit, where = effective_limit(moved)
     log.info("moved pid %d into %s with %s=%s", os.getpid(), child, hier.limit_file, limit)
     return BudgetEnforcement(hier.mode, limit, str(where), f"moved into {child} with {hier.limit_file}={limit}")
+
+
+def enforceable(limit_bytes: int) -> bool:
+    """Whether a cgroup can hold this limit: at or above 2^62 bytes a limit reads back as "no limit"."""
+    return limit_bytes < _V1_UNLIMITED
+
+
+def current_enforcement(limit_bytes: int | None) -> BudgetEnforcement:
+    """How this process is held to `limit_bytes` now, without moving it: a cgroup limit at least as tight
+    (within one 4 KiB page) is enforcement; anything else is accounting only."""
+    if limit_bytes is None:
+        return BudgetEnforcement("accounting-only", None, None, "no RAM budget given")
+    if not enforceable(limit_bytes):
+        return BudgetEnforcement(
+            "accounting-only", None, None, f"a budget of {limit_bytes} bytes (2^62 or more) cannot be a cgroup limit"
+        )
+    hier = detect_hierarchy()
+    current, where = effective_limit(hier) if hier else (None, None)
+    if hier is not None and current is not None and current <= limit_bytes + _PAGE_BYTES:
+        return BudgetEnforcement(hier.mode, current, str(where), f"running under {hier.limit_file}={current}")
+    return BudgetEnforcement("accounting-only", None, None, "not running inside a memory cgroup with the budget")
 
 
 def budget_status(enforcement: BudgetEnforcement | str | Path | None) -> dict[str, int | None]:
@@ -304,6 +326,24 @@ def read_usage_bytes(folder: Path) -> int | None:
     return None
 
 
+OOM_REASON = "killed by the memory limit (cgroup OOM)"
+
+
+def kill_reason(rc: int, counters: dict[str, int | None]) -> str | None:
+    """Why a child that exited with `rc` was stopped, or None when nothing killed it.
+
+    The memory limit is named only when the cgroup's own counters show an OOM kill (v2 memory.events
+    oom_kill, v1 memory.oom_control oom_kill); any other death is "killed by signal NAME"."""
+    if counters.get("oom_kills"):
+        return OOM_REASON
+    if rc >= 0:
+        return None
+    name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+    if counters.get("oom_kills") is None and counters.get("limit_bytes") is not None and -rc == signal.SIGKILL:
+        return f"killed by signal {name} (this kernel's cgroup does not count OOM kills, so the cause is unknown)"
+    return f"killed by signal {name}"
+
+
 class CellCgroup:
     """The memory cgroup of one sweep cell: created before the cell starts, inspected and removed after.
 
@@ -319,6 +359,9 @@ class CellCgroup:
         self.mode: Mode = "accounting-only"
         self.reason = "no RAM budget given"
         if limit_bytes is None:
+            return
+        if not enforceable(limit_bytes):
+            self.reason = f"a budget of {limit_bytes} bytes (2^62 or more) cannot be a cgroup limit"
             return
         hier = detect_hierarchy()
         if hier is not None:

@@ -1,4 +1,5 @@
-"""Result files: schema version, atomic writes, environment capture, and the validity verdict."""
+"""Result files: atomic writes, environment capture, and the validity verdict (the typed result.json is
+harness.result_model)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,11 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from harness.spec import RunSpec
+from typing import Any
 
 import psutil
 
-RESULT_SCHEMA_VERSION = 1
 _PACKAGES = ("harness", "torch", "transformers", "safetensors", "numpy", "pandas", "pyarrow", "psutil")
-
-
-def result_envelope(spec: RunSpec, status: str = "ok", error: str | None = None) -> dict[str, Any]:
-    """The fields every result.json starts with, whatever wrote it (a run, a peer, a failed or skipped cell)."""
-    return {
-        "schema_version": RESULT_SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "status": status,
-        "error": error,
-        "spec": spec.canonical(),
-    }
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -107,7 +93,7 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -152,7 +138,7 @@ def environment() -> dict[str, Any]:
         "kernel": platform.release(),
         "os": platform.platform(),
         "cpu": {
-            "model": _cpu_model(),
+            "model": cpu_model(),
             "logical_cores": psutil.cpu_count(),
             "physical_cores": psutil.cpu_count(logical=False),
             "affinity": len(os.sched_getaffinity(0)),

@@ -1,53 +1,59 @@
-"""One measurement: resolve the spec, place the expert file, size the cache, generate, write the result.
+"""One measurement: plan (resolve and check, nothing heavy) -> measure (trackers as context managers)
+-> assess (validity) -> the typed result.
 
-Writes `<results>/<run_id>/result.json` (schema-versioned, atomic), `trace.parquet` and, when the
-telemetry sampler runs, `timeline.parquet`. Knows nothing of policies or model internals beyond the
-engine's interface.
+Writes `<results>/<run_id>/result.json` (typed, versioned, atomic), `trace.parquet` and, when the
+telemetry sampler runs, `timeline.parquet`, holding the run folder's lock throughout. Knows nothing of
+policies or model internals beyond the engine's interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
-import shutil
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.budget import BudgetEnforcement, budget_status, detect_hierarchy, effective_limit
+from harness import paths
+from harness.budget import BudgetEnforcement, budget_status, current_enforcement
 from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
+from harness.identity import RunIdentity, run_identity
 from harness.iomem import base_page_note
-from harness.keys import PHASES
+from harness.keys import PHASES, Scope
 from harness.models.adapters import adapter_for_model_type, load_config
 from harness.models.factory import HARNESS_MARKER
-from harness.models.packer import pack_model, pack_paths, verify_pack
-from harness.results import Validity, environment, result_envelope, write_json_atomic
+from harness.models.locate import model_name, resolve_model_dir
+from harness.models.packer import pack_model, pack_paths
+from harness.process import claim_run_dir
+from harness.result_model import RESULT_FILE, RunResult
+from harness.results import Validity, environment
 from harness.runtime.engine import OffloadEngine, check_live_policy
-from harness.runtime.generation import SequenceLog, generate
+from harness.runtime.generation import DecodeMode, SequenceLog, generate
 from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
-from harness.spec import RunSpec
+from harness.spec import RunSpec, cache_experts_slots
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
 from harness.ssd.readtime import load_profile_for_path, profile_for_path
-from harness.store.layout import INDEX_FILE, PackIndex
+from harness.store.layout import PackIndex
+from harness.store.placement import place_expert_file
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
-from harness.units import parse_capacity
-from harness.workloads import PromptItem, check_positions, select_prompts
+from harness.workloads import PromptItem, select_prompts
 
 log = logging.getLogger(__name__)
 
@@ -65,45 +71,6 @@ class Progress:
     on_token: Callable[[int], None] | None = None
 
 
-def resolve_model_dir(model: str) -> Path:
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(model, local_files_only=True))
-        except Exception:  # any failure means: not in the local cache
-            raise HarnessError(
-                f"model {model!r} is neither a folder nor in the local Hugging Face cache "
-                "(nothing is downloaded at run time)"
-            ) from None
-    raise HarnessError(f"model folder {model} does not exist")
-
-
-def place_expert_file(index: PackIndex, packed: dict[str, Path], ssd: str | None, model_name: str) -> Path:
-    """The expert file to read: the pack itself, or a verified copy inside the `ssd` folder."""
-    if ssd is None:
-        return packed["experts"]
-    root = Path(ssd).expanduser()
-    if not root.is_dir():
-        raise HarnessError(f"SSD path {root} does not exist or is not a folder")
-    tag = f"{sum(e.crc32 for e in index.entries) & 0xFFFFFFFF:08x}"
-    dest_dir = root / "harness-experts" / f"{model_name}-{tag}"
-    dest = dest_dir / "experts.bin"
-    if dest.exists() and dest.stat().st_size == packed["experts"].stat().st_size:
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    log.info("copying the expert file to %s", dest)
-    partial = dest.with_name("experts.bin.partial")
-    shutil.copyfile(packed["experts"], partial)
-    verify_pack(partial, index)
-    partial.replace(dest)
-    shutil.copyfile(packed["index"], dest_dir / INDEX_FILE)
-    return dest
-
-
 def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -119,9 +86,8 @@ def resolve_slots(
     groups = layers if scope == "per-layer" else 1
     maximum = experts if scope == "per-layer" else experts * layers
     if spec.cache_experts is not None:
-        text = spec.cache_experts.strip()
-        slots = parse_capacity(text, maximum, "cache_experts")
-        how = f"cache_experts={text}"
+        slots = cache_experts_slots(spec.cache_experts, maximum)
+        how = f"cache_experts={spec.cache_experts.strip()}"
     elif spec.ram_budget_bytes is not None:
         free = spec.ram_budget_bytes - baseline_bytes - workspace_bytes
         slots = max(free, 0) // (index.stride_bytes * groups)
@@ -166,18 +132,6 @@ def _hits(book: ExpertCacheBook) -> dict[str, Any]:
     return out
 
 
-def current_enforcement(limit_bytes: int | None) -> BudgetEnforcement:
-    """How this process is held to `limit_bytes` now, without moving it: a cgroup limit at least as tight
-    (within one 4 KiB page) is enforcement; anything else is accounting only."""
-    if limit_bytes is None:
-        return BudgetEnforcement("accounting-only", None, None, "no RAM budget given")
-    hier = detect_hierarchy()
-    current, where = effective_limit(hier) if hier else (None, None)
-    if hier is not None and current is not None and current <= limit_bytes + 4096:
-        return BudgetEnforcement(hier.mode, current, str(where), f"running under {hier.limit_file}={current}")
-    return BudgetEnforcement("accounting-only", None, None, "not running inside a memory cgroup with the budget")
-
-
 def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     """Checks that need no model load: the model resolves and packs, the policy runs live, and the budget
     can hold this process (interpreter and libraries as measured now), the non-expert weights, the
@@ -187,7 +141,8 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
     adapter_for_model_type(load_config(model_dir).model_type)
-    index, _ = pack_model(model_dir)
+    # The expert file this run reads is verified in full once: the pack here, its copy on --ssd in placement.
+    index, _ = pack_model(model_dir, verify=spec.ssd is None)
     if spec.ram_budget_bytes is not None:
         groups = len(index.moe_layers) if spec.scope == "per-layer" else 1
         runtime = psutil.Process().memory_info().rss
@@ -248,72 +203,204 @@ def _write_reads(records: list[IoRecord], telemetry: Telemetry, path: Path) -> N
     pq.write_table(table, path)
 
 
-def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Run one cell and write its result folder; returns the result dict (status ok)."""
-    progress = progress or Progress()
-    run_dir = Path(results_dir) / spec.run_id
+@dataclass
+class RunPlan:
+    """Everything resolved and checked before anything heavy is loaded (no model weights, no tokenizer)."""
+
+    spec: RunSpec
+    identity: RunIdentity
+    run_dir: Path
+    model_dir: Path
+    index: PackIndex
+    config: Any
+    random_init: bool
+    strategy: Strategy
+    scope: Scope
+    device: str
+    prompts: list[PromptItem]
+    encoded: list[tuple[list[int], list[int] | None]]
+    """Token ids of each prompt and of its reference continuation (teacher-forced decoding)."""
+    decode_mode: DecodeMode
+    packed: dict[str, Path]
+    experts_file: Path
+    storage: dict[str, Any]
+    enforcement: BudgetEnforcement
+    disk: str | None
+
+
+@dataclass
+class Loaded:
+    """The engine built for a plan: the model, its cache and what sizing it took."""
+
+    engine: OffloadEngine
+    cache: Any
+    baseline_bytes: int
+    workspace_bytes: int
+    slots: int
+    slots_how: str
+    load_s: float
+
+
+@dataclass
+class Measurement:
+    """What the measuring phase produced, with its trackers stopped and the engine closed."""
+
+    loaded: Loaded
+    logs: list[SequenceLog]
+    wall_s: float
+    device_read_bytes: int | None
+    process_read_bytes: int
+    budget: dict[str, int | None]
+    telemetry_summary: dict[str, Any] | None
+    strategy_section: dict[str, Any]
+    trace_path: Path
+
+
+def check_output_dir(run_dir: Path) -> Path:
+    """Prove the run folder writable and create it now, so no measurement is thrown away at the end."""
+    paths.check_output_dir(run_dir, "results folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if split_spec(spec.strategy)[0] in PEERS:
-        from harness.peers import run_peer
+    return run_dir
 
-        return run_peer(spec, run_dir)
-    strategy = make_strategy(spec.strategy)
-    scope = strategy.forced_scope or spec.scope
-    model_dir, index = preflight(spec)
-    device = resolve_device(spec.device)
-    config = load_config(model_dir)
-    random_init = bool(getattr(config, HARNESS_MARKER, None))
-    prompts, decode_mode = select_prompts(spec, random_init)
-    packed = pack_paths(model_dir)
-    experts_file = place_expert_file(index, packed, spec.ssd, model_dir.name)
 
-    validity = Validity()
-    storage = describe_path(experts_file.parent)
-    if storage.get("filesystem") in VOLATILE_FILESYSTEMS:
-        validity.fail(
-            f"the expert file is on {storage['filesystem']}, which is memory, not an SSD",
-            "pass --ssd with a folder on the SSD to measure",
-        )
-    enforcement = current_enforcement(spec.ram_budget_bytes)
-    if spec.ram_budget_bytes is not None and enforcement.mode == "accounting-only":
-        validity.note(
-            f"RAM budget not enforced by a cgroup ({enforcement.reason}): accounting only, "
-            "expert reads bypass the page cache"
-        )
-    disk = block_device_for_path(experts_file)
-    telemetry = Telemetry(spec.telemetry_hz, device=disk, cgroup_path=enforcement.cgroup_path).start()
-    telemetry.event("load_start")
-
-    recorder = RoutingRecorder(trace_meta(str(spec.model), config, index, f"harness run {spec.run_id}"))
-    load_start = time.perf_counter()
-    engine = OffloadEngine(model_dir, index, experts_file, packed["dense"], spec.io_engine, recorder)
+def encode_prompts(
+    model_dir: Path, config: Any, prompts: list[PromptItem], max_new_tokens: int
+) -> list[tuple[list[int], list[int] | None]]:
+    """Tokenize the prompts (and references); refuse a tokenizer that will not load or a prompt that, with
+    its new tokens, needs more positions than the model has."""
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:  # a checkpoint without a usable tokenizer
-        engine.close()
         raise HarnessError(f"{model_dir} has no usable tokenizer ({exc.__class__.__name__})") from None
     encoded = [(tokenizer.encode(p.prompt), tokenizer.encode(p.reference) if p.reference else None) for p in prompts]
-    try:
-        positions = getattr(config, "max_position_embeddings", None)
-        check_positions(prompts, [len(ids) for ids, _ in encoded], spec.max_new_tokens, positions)
-    except HarnessError:
-        engine.close()
-        raise
-    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
-    dtype_bytes = engine.model.dtype.itemsize
+    positions = getattr(config, "max_position_embeddings", None)
+    for item, (ids, _) in zip(prompts, encoded, strict=True):
+        if positions and len(ids) + max_new_tokens > positions:
+            raise HarnessError(
+                f"prompt {item.id!r} has {len(ids)} tokens; with {max_new_tokens} new tokens that is more than the "
+                f"model's {positions} positions (max_position_embeddings): shorten it or lower --max-new-tokens"
+            )
+    return encoded
+
+
+def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
+    """Resolve and check everything a run needs; raises HarnessError (bad input) before any heavy load."""
+    strategy = make_strategy(spec.strategy)
+    model_dir, index = preflight(spec)
+    config = load_config(model_dir)
+    random_init = bool(getattr(config, HARNESS_MARKER, None))
+    prompts, decode_mode = select_prompts(spec, random_init)
+    identity = run_identity(spec)
+    scope: Scope = strategy.forced_scope or spec.scope
+    run_dir = check_output_dir(Path(results_dir) / identity.run_id)
+    packed = pack_paths(model_dir)
+    experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
+    return RunPlan(
+        spec=spec,
+        identity=identity,
+        run_dir=run_dir,
+        model_dir=model_dir,
+        index=index,
+        config=config,
+        random_init=random_init,
+        strategy=strategy,
+        scope=scope,
+        device=resolve_device(spec.device),
+        prompts=prompts,
+        encoded=encode_prompts(model_dir, config, prompts, spec.max_new_tokens),
+        decode_mode=cast(DecodeMode, decode_mode),
+        packed=packed,
+        experts_file=experts_file,
+        storage=describe_path(experts_file.parent),
+        enforcement=current_enforcement(spec.ram_budget_bytes),
+        disk=block_device_for_path(experts_file),
+    )
+
+
+class TelemetryTracker:
+    """The telemetry sampler as a context manager: started on entry, stopped (files written) exactly once."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.run_dir = plan.run_dir
+        self.telemetry = Telemetry(plan.spec.telemetry_hz, device=plan.disk, cgroup_path=plan.enforcement.cgroup_path)
+        self.summary: dict[str, Any] | None = None
+        self._running = False
+
+    def __enter__(self) -> TelemetryTracker:
+        self.telemetry.start()
+        self._running = True
+        return self
+
+    def stop(self) -> dict[str, Any] | None:
+        if self._running:
+            self._running = False
+            self.summary = self.telemetry.stop(self.run_dir)
+        return self.summary
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class IoWindow:
+    """Bytes the expert file's block device and this process read between entry and exit."""
+
+    def __init__(self, disk: str | None) -> None:
+        self.disk = disk
+        self.device_read_bytes: int | None = None
+        self.process_read_bytes = 0
+
+    def __enter__(self) -> IoWindow:
+        self._disk_before = _disk_read_bytes(self.disk)
+        self._process_before = process_io_bytes()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = _disk_read_bytes(self.disk)
+        self.process_read_bytes = process_io_bytes()[0] - self._process_before
+        if self._disk_before is not None and after is not None:
+            self.device_read_bytes = after - self._disk_before
+
+
+class CgroupWindow:
+    """The budget cgroup's counters (usage, peak, failcnt, OOM kills), read when the block ends however it ends."""
+
+    def __init__(self, enforcement: BudgetEnforcement) -> None:
+        self.enforcement = enforcement
+        self.counters: dict[str, int | None] = {}
+
+    def __enter__(self) -> CgroupWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.counters = budget_status(self.enforcement)
+
+
+def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack) -> Loaded:
+    """Build the engine (closed by `stack`), size and build the expert cache."""
+    spec, index = plan.spec, plan.index
+    load_start = time.perf_counter()
+    engine = OffloadEngine(plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder)
+    stack.callback(engine.close)
+    longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
     workspace = (
         WORKSPACE_RESERVE_BYTES
-        + kv_cache_bytes(engine.config, longest, dtype_bytes)
+        + kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
         + spec.io_threads * index.stride_bytes
     )
     baseline = psutil.Process().memory_info().rss
-    slots, slots_how = resolve_slots(spec, index, baseline, workspace, scope)
-    cache = strategy.build(engine, CacheRequest(slots, scope, spec.policy, spec.seed, spec.io_threads))
-    engine.use_source(cache, strategy if strategy.has_hooks else None)
-    load_s = time.perf_counter() - load_start
-    telemetry.event("load_end", cache_slots=slots)
+    slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
+    cache = plan.strategy.build(engine, CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads))
+    engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
+    return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
+
+
+def _generate_all(
+    plan: RunPlan, loaded: Loaded, telemetry: Telemetry, progress: Progress
+) -> tuple[list[SequenceLog], float]:
+    """Generate for every prompt; returns the sequence logs and the wall time (s)."""
+    engine = loaded.engine
 
     def on_token(token: int) -> None:
         telemetry.event("token", seq=engine.ctx.seq_id, phase=engine.ctx.phase, step=engine.ctx.now)
@@ -321,154 +408,260 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             progress.on_token(token)
 
     logs: list[SequenceLog] = []
-    disk_before = _disk_read_bytes(disk)
-    process_before = process_io_bytes()[0]
-    run_start = time.perf_counter()
-    telemetry_summary = None
-    try:
-        for i, (item, (ids, ref)) in enumerate(zip(prompts, encoded, strict=True)):
-            if progress.on_prompt:
-                progress.on_prompt(i, len(prompts), item)
-            telemetry.event("prefill_start", seq=i, tokens=len(ids))
-            log_i = generate(
-                engine.model, ids, spec.max_new_tokens, decode_mode, ref, engine.ctx, seq_id=i, on_token=on_token
-            )
-            logs.append(log_i)
-            telemetry.event("sequence_end", seq=i)
-        wall_s = time.perf_counter() - run_start
-        disk_after = _disk_read_bytes(disk)
-        process_read = process_io_bytes()[0] - process_before
-        strategy.finish()
-        telemetry_summary = telemetry.stop(run_dir)
-        strategy_section = strategy.describe()
-        if not strategy.exact:
-            strategy_section["token_agreement"] = _token_agreement(engine, strategy, encoded, spec, decode_mode, logs)
-    finally:
-        if telemetry_summary is None:
-            telemetry.stop(run_dir)
-        engine.close()
-    disk_read = None if disk_before is None or disk_after is None else disk_after - disk_before
-    budget = budget_status(enforcement)
-    _write_reads(cache.stats.records, telemetry, run_dir / READS_FILE)
+    start = time.perf_counter()
+    for i, (item, (ids, ref)) in enumerate(zip(plan.prompts, plan.encoded, strict=True)):
+        if progress.on_prompt:
+            progress.on_prompt(i, len(plan.prompts), item)
+        telemetry.event("prefill_start", seq=i, tokens=len(ids))
+        new_tokens = plan.spec.max_new_tokens
+        logs.append(
+            generate(engine.model, ids, new_tokens, plan.decode_mode, ref, engine.ctx, seq_id=i, on_token=on_token)
+        )
+        telemetry.event("sequence_end", seq=i)
+    return logs, time.perf_counter() - start
 
-    trace_path = recorder.writer.write(run_dir / "trace.parquet")
-    stats = cache.stats
-    book = cache.book
-    timing = timing_metrics(logs, spec.warmup_steps, load_s, validity)
-    decode_s = sum(s for seq in logs for s in seq.step_s)
-    decode_steps = timing["decode_tokens"]
-    read_lat = [(r.end_ns - r.start_ns) / 1e9 for r in stats.records]
-    read_bytes = sum(r.nbytes for r in stats.records)
-    bytes_by_phase = dict(stats.bytes_by_phase)
-    # Strategies that read experts through a memory map: their SSD bytes are the block device's counts.
-    mapped_bytes = getattr(cache, "device_bytes_by_phase", None)
+
+def measure(plan: RunPlan, progress: Progress) -> Measurement:
+    """Load, generate and count under the trackers; every tracker is stopped and the engine closed on any exit."""
+    recorder = RoutingRecorder(
+        trace_meta(str(plan.spec.model), plan.config, plan.index, f"harness run {plan.identity.run_id}")
+    )
+    with contextlib.ExitStack() as stack:
+        cgroup = stack.enter_context(CgroupWindow(plan.enforcement))  # entered first: read after the engine closes
+        tracker = stack.enter_context(TelemetryTracker(plan))
+        tracker.telemetry.event("load_start")
+        loaded = _load(plan, recorder, stack)
+        tracker.telemetry.event("load_end", cache_slots=loaded.slots)
+        with IoWindow(plan.disk) as io:
+            logs, wall_s = _generate_all(plan, loaded, tracker.telemetry, progress)
+        plan.strategy.finish()
+        tracker.stop()
+        section = plan.strategy.describe()
+        if not plan.strategy.exact:
+            section["token_agreement"] = _token_agreement(
+                loaded.engine, plan.strategy, plan.encoded, plan.spec, plan.decode_mode, logs
+            )
+    _write_reads(loaded.cache.stats.records, tracker.telemetry, plan.run_dir / READS_FILE)
+    return Measurement(
+        loaded=loaded,
+        logs=logs,
+        wall_s=wall_s,
+        device_read_bytes=io.device_read_bytes,
+        process_read_bytes=io.process_read_bytes,
+        budget=cgroup.counters,
+        telemetry_summary=tracker.summary,
+        strategy_section=section,
+        trace_path=recorder.writer.write(plan.run_dir / "trace.parquet"),
+    )
+
+
+def _bytes_by_phase(m: Measurement, validity: Validity) -> dict[str, int]:
+    """SSD bytes per phase: the cache's reads, plus a memory-mapped strategy's device reads."""
+    bytes_by_phase = dict(m.loaded.cache.stats.bytes_by_phase)
+    mapped_bytes = getattr(m.loaded.cache, "device_bytes_by_phase", None)
     if mapped_bytes is not None:
         bytes_by_phase = {p: bytes_by_phase[p] + mapped_bytes[p] for p in PHASES}
         validity.note(
             "SSD bytes of memory-mapped expert reads are this process's device reads (/proc/self/io) in each "
             "phase, read-ahead included"
         )
+    return bytes_by_phase
+
+
+def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[str, Any]:
+    """The result's metrics section (timing notes go into `validity`)."""
+    stats, book = m.loaded.cache.stats, m.loaded.cache.book
+    timing = timing_metrics(m.logs, plan.spec.warmup_steps, m.loaded.load_s, validity)
+    decode_s = sum(s for seq in m.logs for s in seq.step_s)
+    decode_steps = timing["decode_tokens"]
+    bytes_by_phase = _bytes_by_phase(m, validity)
     busy = _busy_seconds(stats.records)
-    decode_hits = book.total("decode")
-    prefill_hits = book.total("prefill")
-    if engine.reader.engine != "direct":
-        validity.note(
-            f"expert reads are buffered with the file dropped from the page cache: {engine.reader.fallback_reason}"
-        )
-    huge_note = base_page_note(cache.pool.huge_page_share, "the expert slot memory")
-    if engine.reader.engine == "direct" and huge_note:
-        validity.note(huge_note)
-    if budget.get("failcnt"):
-        validity.note(
-            f"the memory cgroup hit its limit {budget['failcnt']} times: the kernel reclaimed memory "
-            "under the budget (page cache first)"
-        )
-    if process_read < 0.95 * sum(bytes_by_phase.values()):
-        validity.fail(
-            f"this process made the device read {process_read} bytes but the harness counted "
-            f"{sum(bytes_by_phase.values())}: some expert reads did not reach the device",
-            "check that the expert file is not served from a cache",
-        )
-    if random_init:
-        validity.note(
-            "random-init model: routing made realistic by sharpened attention (ROUTING.md), "
-            "not a trained model's routing"
-        )
-    routing = routing_stats(read_trace(trace_path))
-    metrics = {
+    return {
         **timing,
         "hits": _hits(book),
-        "hit_rate_decode": decode_hits.hit_rate,
-        "hit_rate_prefill": prefill_hits.hit_rate,
+        "hit_rate_decode": book.total("decode").hit_rate,
+        "hit_rate_prefill": book.total("prefill").hit_rate,
         "ssd_read_bytes": sum(bytes_by_phase.values()),
         "ssd_read_bytes_by_phase": bytes_by_phase,
         "ssd_read_bytes_per_token": bytes_by_phase["decode"] / decode_steps if decode_steps else None,
         "expert_reads": len(stats.records),
-        "expert_read_latency_s": percentiles(read_lat),
-        "expert_read_throughput_bytes_per_s": read_bytes / busy if busy else None,
+        "expert_read_latency_s": percentiles([(r.end_ns - r.start_ns) / 1e9 for r in stats.records]),
+        "expert_read_throughput_bytes_per_s": sum(r.nbytes for r in stats.records) / busy if busy else None,
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
-        "device_read_bytes": disk_read,
-        "process_read_bytes": process_read,
-        "ssd_time_model": _time_model(experts_file, bytes_by_phase["decode"], decode_steps, index, spec),
+        "device_read_bytes": m.device_read_bytes,
+        "process_read_bytes": m.process_read_bytes,
+        "ssd_time_model": _time_model(plan.experts_file, bytes_by_phase["decode"], decode_steps, plan.index, plan.spec),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "cgroup": budget,
-        "wall_s": wall_s,
-        "routing": routing,
+        "cgroup": m.budget,
+        "wall_s": m.wall_s,
+        "routing": routing_stats(read_trace(m.trace_path)),
     }
+
+
+def plan_notes(plan: RunPlan, validity: Validity) -> None:
+    """What the plan alone says about validity: where the expert file lives, how the budget is held."""
+    if plan.storage.get("filesystem") in VOLATILE_FILESYSTEMS:
+        validity.fail(
+            f"the expert file is on {plan.storage['filesystem']}, which is memory, not an SSD",
+            "pass --ssd with a folder on the SSD to measure",
+        )
+    if plan.spec.ram_budget_bytes is not None and plan.enforcement.mode == "accounting-only":
+        validity.note(
+            f"RAM budget not enforced by a cgroup ({plan.enforcement.reason}): accounting only, "
+            "expert reads bypass the page cache"
+        )
+
+
+def assess(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Validity) -> None:
+    """The validity verdict on what was measured: how reads went, whether the device saw them."""
+    reader = m.loaded.engine.reader
+    if reader.engine != "direct":
+        validity.note(f"expert reads are buffered with the file dropped from the page cache: {reader.fallback_reason}")
+    huge_note = base_page_note(m.loaded.cache.pool.huge_page_share, "the expert slot memory")
+    if reader.engine == "direct" and huge_note:
+        validity.note(huge_note)
+    if m.budget.get("failcnt"):
+        validity.note(
+            f"the memory cgroup hit its limit {m.budget['failcnt']} times: the kernel reclaimed memory "
+            "under the budget (page cache first)"
+        )
+    counted = metrics["ssd_read_bytes"]
+    if m.process_read_bytes < 0.95 * counted:
+        validity.fail(
+            f"this process made the device read {m.process_read_bytes} bytes but the harness counted "
+            f"{counted}: some expert reads did not reach the device",
+            "check that the expert file is not served from a cache",
+        )
+    if plan.random_init:
+        validity.note(
+            "random-init model: routing made realistic by sharpened attention (ROUTING.md), "
+            "not a trained model's routing"
+        )
+
+
+def _resolved(plan: RunPlan, m: Measurement) -> dict[str, Any]:
+    """The result's `resolved` section: what the spec turned into on this machine."""
+    index, loaded, spec = plan.index, m.loaded, plan.spec
+    book = loaded.cache.book
     policy_desc = book.policies[0].describe()
-    result = {
-        **result_envelope(spec),
-        "resolved": {
-            "architecture": config.model_type,
-            "model_dir": str(model_dir),
-            "model_name": model_dir.name,
-            "random_init": random_init,
-            "decode_mode": decode_mode,
-            "scope": scope,
-            "policy": spec.policy if strategy.uses_spec_policy else policy_desc["name"],
-            "policy_params": policy_desc,
-            "strategy": strategy.name,
-            "cache_slots": slots,
-            "cache_slots_total": book.total_slots,
-            "cache_slots_how": slots_how,
-            "cache_bytes": cache.slot_bytes,
-            "cache_fraction": book.total_slots / (index.num_experts * len(index.moe_layers)),
-            "expert_bytes": index.expert_bytes,
-            "expert_stride_bytes": index.stride_bytes,
-            "num_experts": index.num_experts,
-            "top_k": index.top_k,
-            "moe_layers": index.moe_layers,
-            "dense_bytes": index.dense_bytes,
-            "total_expert_bytes": index.total_expert_bytes,
-            "baseline_rss_bytes": baseline,
-            "workspace_bytes": workspace,
-            "io_engine": engine.reader.engine,
-            "io_buffer_huge_page_share": cache.pool.huge_page_share,
-            "io_threads": spec.io_threads,
-            "budget_enforcement": enforcement.mode,
-            "budget": enforcement.to_dict(),
-            "ram_budget_bytes": spec.ram_budget_bytes,
-            "ssd_path": spec.ssd,
-            "expert_file": str(experts_file),
-            "device": device,
-            "prompts": len(prompts),
-        },
-        "metrics": metrics,
-        "strategy": strategy_section,
-        "generated": [
-            {"prompt_index": i, "id": item.id, "token_ids": seq.token_ids}
-            for i, (item, seq) in enumerate(zip(prompts, logs, strict=True))
-        ],
-        "environment": environment(),
-        "storage": storage,
-        "hardware_profile": str(profile_for_path(experts_file) or "") or None,
-        "telemetry": telemetry_summary,
-        "validity": validity.to_dict(),
-        "files": {"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE},
+    return {
+        "architecture": plan.config.model_type,
+        "model_dir": str(plan.model_dir),
+        "model_name": model_name(plan.model_dir),
+        "random_init": plan.random_init,
+        "decode_mode": plan.decode_mode,
+        "scope": plan.scope,
+        "policy": spec.policy if plan.strategy.uses_spec_policy else policy_desc["name"],
+        "policy_params": policy_desc,
+        "strategy": plan.strategy.name,
+        "cache_slots": loaded.slots,
+        "cache_slots_total": book.total_slots,
+        "cache_slots_how": loaded.slots_how,
+        "cache_bytes": loaded.cache.slot_bytes,
+        "cache_fraction": book.total_slots / (index.num_experts * len(index.moe_layers)),
+        "expert_bytes": index.expert_bytes,
+        "expert_stride_bytes": index.stride_bytes,
+        "num_experts": index.num_experts,
+        "top_k": index.top_k,
+        "moe_layers": index.moe_layers,
+        "dense_bytes": index.dense_bytes,
+        "total_expert_bytes": index.total_expert_bytes,
+        "baseline_rss_bytes": loaded.baseline_bytes,
+        "workspace_bytes": loaded.workspace_bytes,
+        "io_engine": loaded.engine.reader.engine,
+        "io_buffer_huge_page_share": loaded.cache.pool.huge_page_share,
+        "io_threads": spec.io_threads,
+        "budget_enforcement": plan.enforcement.mode,
+        "budget": plan.enforcement.to_dict(),
+        "ram_budget_bytes": spec.ram_budget_bytes,
+        "ssd_path": spec.ssd,
+        "expert_file": str(plan.experts_file),
+        "device": plan.device,
+        "prompts": len(plan.prompts),
     }
-    write_json_atomic(run_dir / "result.json", result)
+
+
+def build_result(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Validity) -> RunResult:
+    """The typed result of a measured run (status ok)."""
+    return RunResult.envelope(
+        plan.spec,
+        plan.identity,
+        resolved=_resolved(plan, m),
+        metrics=metrics,
+        strategy=m.strategy_section,
+        generated=[
+            {"prompt_index": i, "id": item.id, "token_ids": seq.token_ids}
+            for i, (item, seq) in enumerate(zip(plan.prompts, m.logs, strict=True))
+        ],
+        environment=environment(),
+        storage=plan.storage,
+        hardware_profile=str(profile_for_path(plan.experts_file) or "") or None,
+        telemetry=m.telemetry_summary,
+        validity=validity.to_dict(),
+        files={"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE},
+    )
+
+
+def run_planned(plan: RunPlan, progress: Progress) -> RunResult:
+    """measure -> assess -> typed result, for a plan."""
+    measurement = measure(plan, progress)
+    validity = Validity()
+    plan_notes(plan, validity)
+    metrics = compute_metrics(plan, measurement, validity)
+    assess(plan, measurement, metrics, validity)
+    return build_result(plan, measurement, metrics, validity)
+
+
+def refuse_existing(run_dir: Path, inherited: bool, replace: bool) -> None:
+    """A run that already has a result is not silently replaced: refused unless `replace`, or unless a parent
+    that claimed the folder (a sweep) decided to run it."""
+    if not (replace or inherited) and (run_dir / RESULT_FILE).is_file():
+        raise HarnessError(
+            f"run {run_dir.name} already has a result in {run_dir.parent}; use --repeat N for another "
+            "measurement, or --force to replace it"
+        )
+
+
+def _guarded(
+    spec: RunSpec, identity: RunIdentity, run_dir: Path, work: Callable[[], RunResult], replace: bool
+) -> RunResult:
+    """Run `work` holding the run folder; anything but an interrupt becomes a written failed result."""
+    with claim_run_dir(run_dir) as inherited:
+        refuse_existing(run_dir, inherited, replace)
+        try:
+            result = work()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            log.debug("run %s failed", identity.run_id, exc_info=True)
+            result = failure_result(spec, identity, exc)
+        try:
+            result.save(run_dir)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the result of run {identity.run_id} to {run_dir}: {exc}") from None
     return result
+
+
+def run_cell(spec: RunSpec, results_dir: Path, progress: Progress | None = None, *, replace: bool = True) -> RunResult:
+    """One cell, start to finish: plan (HarnessError = bad input, nothing written), then measure under the run
+    folder's lock; a failure while measuring is written as a failed result and returned. Peers are chosen here.
+    With `replace` off, a run that already has a result is refused."""
+    progress = progress or Progress()
+    if split_spec(spec.strategy)[0] in PEERS:
+        from harness.peers import run_peer
+
+        model_dir = resolve_model_dir(spec.model)
+        identity = run_identity(spec)
+        run_dir = check_output_dir(Path(results_dir) / identity.run_id)
+        return _guarded(spec, identity, run_dir, lambda: run_peer(spec, identity, run_dir, model_dir), replace)
+    plan = plan_run(spec, Path(results_dir))
+    return _guarded(spec, plan.identity, plan.run_dir, lambda: run_planned(plan, progress), replace)
+
+
+def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one cell and write its result folder; returns the result as written (see `run_cell`)."""
+    return run_cell(spec, results_dir, progress).to_dict()
 
 
 def _token_agreement(
@@ -476,7 +669,7 @@ def _token_agreement(
     strategy: Strategy,
     encoded: list[tuple[list[int], list[int] | None]],
     spec: RunSpec,
-    decode_mode: str,
+    decode_mode: DecodeMode,
     logs: list[SequenceLog],
 ) -> dict[str, Any]:
     """Share of positions where an approximate strategy's tokens equal the exact model's.
@@ -510,15 +703,21 @@ def _token_agreement(
     }
 
 
-def write_failure(spec: RunSpec, results_dir: Path, error: BaseException) -> Path:
-    """Record a failed cell (the sweep goes on); the reason is the error's one-line message."""
-    run_dir = Path(results_dir) / spec.run_id
+def failure_result(spec: RunSpec, identity: RunIdentity, error: BaseException) -> RunResult:
+    """A failed run's result; the reason is the error's one-line message (a traceback for anything else)."""
     reason = str(error) if isinstance(error, HarnessError) else f"{error.__class__.__name__}: {error}"
-    return write_json_atomic(
-        run_dir / "result.json",
-        {
-            **result_envelope(spec, "failed", reason),
-            "traceback": None if isinstance(error, HarnessError) else traceback.format_exc(limit=20),
-            "environment": environment(),
-        },
+    is_bug = not isinstance(error, HarnessError)
+    return RunResult.envelope(
+        spec,
+        identity,
+        "failed",
+        reason,
+        traceback="".join(traceback.format_exception(error, limit=20)) if is_bug else None,
+        environment=environment(),
     )
+
+
+def write_failure(spec: RunSpec, results_dir: Path, error: BaseException) -> Path:
+    """Record a failed cell (the sweep goes on)."""
+    identity = run_identity(spec)
+    return failure_result(spec, identity, error).save(Path(results_dir) / identity.run_id)

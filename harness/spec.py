@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness.errors import HarnessError
-from harness.units import parse_size
+from harness.units import parse_capacity, parse_size
 
 
 class RunSpec(BaseModel):
@@ -54,6 +52,20 @@ class RunSpec(BaseModel):
             parse_size(value)
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the prompt is empty; give some text, or leave it out to use the workload")
+        return value
+
+    @field_validator("cache_experts")
+    @classmethod
+    def _cache_experts_is_a_count_or_share(cls, value: str | None) -> str | None:
+        if value is not None:
+            cache_experts_slots(value, 100)
+        return value
+
     @property
     def ram_budget_bytes(self) -> int | None:
         return None if self.ram_budget is None else parse_size(self.ram_budget)
@@ -63,8 +75,16 @@ class RunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Content-addressed: this spec plus the checksums of the model, tokenizer and prompt file it names
+        and the machine's fingerprint (harness.identity); stat-cached, so cheap to ask again."""
+        from harness.identity import run_identity
+
+        return run_identity(self).run_id
+
+
+def cache_experts_slots(text: str, maximum: int) -> int:
+    """Slots for a `cache_experts` value: a count ('16') or a share of `maximum` ('25%')."""
+    return parse_capacity(text, maximum, "cache_experts")
 
 
 def load_run_spec(data: dict) -> RunSpec:

@@ -1,10 +1,14 @@
 """Sweeps: a matrix of run specs expanded into cells, each run in its own process under its RAM budget.
 
 A sweep file (YAML) has a `base` run spec, a `matrix` of lists per RunSpec field, `exclude` rules
-and `repeats`. Cells are keyed by run_id: a cell is done when `<results>/<run_id>/result.json`
-says `ok` or `failed`, so an interrupted sweep resumes where it stopped. A cell that crashes, is
-killed by its memory limit or times out is recorded as failed (exit status, reason, the tail of
-its stderr) and the sweep goes on.
+and `repeats`. Cells are keyed by run_id, which is content-addressed (spec + the checksums of the
+model, tokenizer and prompt file + the machine's fingerprint, harness.identity): a cell is done when
+`<results>/<run_id>/result.json` says `ok` or `skipped`, so an interrupted sweep resumes where it
+stopped, a cell whose weights or prompt file changed runs again under its new id, and results of two
+machines never share a folder. Failed cells run again on resume unless `retry_failed` is off. A cell
+that crashes, is killed or times out is recorded as failed (exit status, reason, the tail of its
+stderr) and the sweep goes on. Every cell is a child that dies with the sweep (PR_SET_PDEATHSIG), run
+under the cell folder's lock.
 
 Layout of a results folder:
 
@@ -24,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,9 +37,12 @@ from typing import Any, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.budget import CellCgroup, drop_page_cache
-from harness.errors import HarnessError
-from harness.results import Validity, environment, read_json, result_envelope, write_json_atomic
+from harness.budget import OOM_REASON, CellCgroup, drop_page_cache, kill_reason
+from harness.errors import ExitCode, HarnessError
+from harness.identity import local_model_dir, pack_looks_current, run_identity
+from harness.process import BUDGET_CHILD_ENV, RunClaimed, child_preexec, claim_run_dir, lock_held_env, start_child
+from harness.result_model import RunResult, load_result, summary_row
+from harness.results import Validity, environment, write_json_atomic
 from harness.spec import RunSpec, load_run_spec
 from harness.units import parse_duration, parse_size
 
@@ -44,7 +51,6 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.json"
 CELL_RECORD_FILE = "sweep.json"
-OOM_REASON = "killed by the memory limit (cgroup OOM)"
 DEFAULT_CELL_COMMAND = (sys.executable, "-m", "harness", "run", "--spec", "{spec}", "--results", "{results}")
 # The part of a failed cell's stderr kept in its result: enough for a traceback's last frames.
 _STDERR_TAIL_LINES = 40
@@ -254,16 +260,25 @@ def select(cells: list[Cell], filters: dict[str, list[str]]) -> list[Cell]:
     return chosen
 
 
-def cell_status(results: Path, run_id: str) -> str | None:
-    """'ok', 'failed' or 'skipped' (a peer that is not installed) when the cell is done, else None."""
+def cell_result(results: Path, run_id: str) -> RunResult | None:
+    """The cell's checked result, or None when it has none (or an unreadable one, which counts as not done).
+    A result of a schema version this harness does not read is refused (HarnessError)."""
     path = results / run_id / RESULT_FILE
     if not path.is_file():
         return None
     try:
-        status = read_json(path).get("status")
-    except (OSError, ValueError, AttributeError):
+        return load_result(path)
+    except HarnessError as exc:
+        if "schema version" in str(exc):
+            raise
+        log.warning("%s", exc)
         return None
-    return status if status in ("ok", "failed", "skipped") else None
+
+
+def cell_status(results: Path, run_id: str) -> str | None:
+    """'ok', 'failed' or 'skipped' (a peer that is not installed) when the cell has a result, else None."""
+    result = cell_result(results, run_id)
+    return None if result is None else result.status
 
 
 @dataclass
@@ -273,6 +288,64 @@ class CellOutcome:
     reason: str | None = None
     duration_s: float = 0.0
     record: dict[str, Any] = field(default_factory=dict)
+    ran: bool = True
+    """False for a cell found done on resume and not run again."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """The result's key figures (harness.result_model.summary_row); empty without a readable result."""
+
+    @property
+    def valid(self) -> bool | None:
+        return self.summary.get("valid")
+
+    @property
+    def final_status(self) -> str:
+        """The status of the cell's result (for a cell found done: the status it was found in)."""
+        return self.summary.get("status") or self.status
+
+
+def sweep_exit_code(outcomes: Sequence[CellOutcome]) -> ExitCode:
+    """4 when any cell failed, else 3 when any is INVALID, else 0 (skipped peers do not fail a sweep)."""
+    if any(o.final_status == "failed" for o in outcomes):
+        return ExitCode.FAILED
+    if any(o.final_status == "ok" and o.valid is False for o in outcomes):
+        return ExitCode.INVALID
+    return ExitCode.OK
+
+
+def sweep_summary(name: str | None, results: Path, outcomes: Sequence[CellOutcome]) -> dict[str, Any]:
+    """What `harness sweep --json` prints: one row per cell and the exit status."""
+    return {
+        "sweep": name,
+        "results": str(results),
+        "exit_code": int(sweep_exit_code(outcomes)),
+        "cells": [
+            {
+                **o.summary,
+                "run_id": o.cell.run_id,
+                "cell": o.cell.label(),
+                "status": o.final_status,
+                "ran": o.ran,
+                "reason": o.reason,
+                "duration_s": o.duration_s,
+            }
+            for o in outcomes
+        ],
+    }
+
+
+def prepare_models(cells: Sequence[Cell]) -> None:
+    """Pack every local model the cells name whose pack is missing or stale, each in a child process (torch
+    stays out of the sweep), so the run_ids computed here are the ones the cells compute. A model that cannot
+    be packed is left to its cells, which fail with the packer's message."""
+    folders = {local_model_dir(c.spec.model) for c in cells}
+    for folder in sorted(f for f in folders if f is not None and (f / "config.json").is_file()):
+        if pack_looks_current(folder):
+            continue
+        log.info("packing %s before the sweep", folder)
+        argv = [sys.executable, "-m", "harness", "model", "pack", str(folder)]
+        proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=child_preexec(), check=False)
+        if proc.returncode != 0:
+            log.warning("cannot pack %s: %s", folder, proc.stderr.strip().splitlines()[-1:])
 
 
 class SweepProgress(Protocol):
@@ -283,8 +356,30 @@ class SweepProgress(Protocol):
     def cell_finished(self, outcome: CellOutcome) -> None: ...
 
 
+class CellStartError(HarnessError):
+    """The cell's command could not be started (not found, not executable): the cell fails, the sweep goes on."""
+
+
+CellExecutor = Callable[["SweepRunner", list[Cell]], Iterator[CellOutcome]]
+"""Runs the cells to do and yields their outcomes as they finish (serial_cells; harness.cluster's on Ray)."""
+
+
+def serial_cells(runner: SweepRunner, cells: list[Cell]) -> Iterator[CellOutcome]:
+    """One cell after the other on this machine."""
+    for cell in cells:
+        if runner.progress:
+            runner.progress.cell_started(cell)
+        try:
+            yield runner.run_cell(cell)
+        except RunClaimed as exc:  # another sweep or run writes this cell now: leave it to that one
+            yield CellOutcome(cell, "skipped", str(exc), ran=False)
+
+
 class SweepRunner:
-    """Runs cells one subprocess each, under their budgets, and records what happened to every one."""
+    """Runs cells one subprocess each, under their budgets, and records what happened to every one.
+
+    As a library: `SweepRunner(sweep, results).run(cells)` for a sweep, `run_one_cell(spec, results)` for one
+    cell given its spec."""
 
     def __init__(
         self,
@@ -293,22 +388,30 @@ class SweepRunner:
         *,
         command: Sequence[str] = DEFAULT_CELL_COMMAND,
         force: bool = False,
+        retry_failed: bool = True,
         progress: SweepProgress | None = None,
+        executor: CellExecutor | None = None,
     ) -> None:
         self.sweep = sweep
         self.results = Path(results)
         self.command = tuple(command)
         self.force = force
+        self.retry_failed = retry_failed
         self.progress = progress
+        self.executor = executor
         if not any("{spec}" in part for part in self.command):
             raise HarnessError("the cell command must contain {spec} (the cell's spec.json)")
 
     def plan(self, cells: list[Cell]) -> list[tuple[Cell, str | None]]:
-        """Each cell with its current status ('ok', 'failed' or None for not done)."""
+        """Each cell with its current status ('ok', 'failed', 'skipped' or None for no result)."""
         return [(c, cell_status(self.results, c.run_id)) for c in cells]
+
+    def to_run(self, status: str | None) -> bool:
+        return self.force or status is None or (status == "failed" and self.retry_failed)
 
     def run(self, cells: list[Cell]) -> list[CellOutcome]:
         self.results.mkdir(parents=True, exist_ok=True)
+        prepare_models(cells)
         write_json_atomic(
             self.results / "sweep.json",
             {
@@ -321,92 +424,130 @@ class SweepRunner:
             },
         )
         plan = self.plan(cells)
-        todo = [c for c, status in plan if self.force or status is None]
-        outcomes = [CellOutcome(c, "skipped", f"already {status}") for c, status in plan if c not in todo]
+        todo = [c for c, status in plan if self.to_run(status)]
+        outcomes = [self._done(c, status) for c, status in plan if c not in todo]
         if self.progress:
             self.progress.begin(len(todo), len(outcomes))
-        for cell in todo:
-            if self.progress:
-                self.progress.cell_started(cell)
-            outcome = self.run_cell(cell)
-            log.info("cell %s (%s): %s %s", cell.run_id, cell.label(), outcome.status, outcome.reason or "")
+        for outcome in (self.executor or serial_cells)(self, todo):
+            log.info(
+                "cell %s (%s): %s %s", outcome.cell.run_id, outcome.cell.label(), outcome.status, outcome.reason or ""
+            )
             outcomes.append(outcome)
             if self.progress:
                 self.progress.cell_finished(outcome)
-        return outcomes
+        return sorted(outcomes, key=lambda o: o.cell.position)
 
-    def run_cell(self, cell: Cell) -> CellOutcome:
+    def _done(self, cell: Cell, status: str | None) -> CellOutcome:
+        """A cell found done on resume: not run again, its result's figures kept for the table."""
+        result = cell_result(self.results, cell.run_id)
+        summary = summary_row(result) if result is not None else {}
+        return CellOutcome(cell, "skipped", f"already {status}", ran=False, summary=summary)
+
+    def fail_cell(self, cell: Cell, reason: str, duration_s: float, extra: dict[str, Any] | None = None) -> CellOutcome:
+        """Record a cell that failed outside its process (e.g. its cluster node died): record and failed result."""
         folder = self.results / cell.run_id
         folder.mkdir(parents=True, exist_ok=True)
-        spec_file = write_json_atomic(folder / SPEC_FILE, cell.spec.canonical())
-        argv = [
-            part.format(spec=spec_file, results=self.results, run_id=cell.run_id, python=sys.executable)
-            for part in self.command
-        ]
-        drop = "disabled"
-        if self.sweep.drop_caches:
-            drop = drop_page_cache([p for p in (cell.spec.ssd, cell.spec.model) if p and Path(p).exists()])
-        result_path = folder / RESULT_FILE
-        began_unix = time.time()
-        began = time.perf_counter()
-        timeout_s = self.sweep.cell_timeout_s
+        record = {
+            "run_id": cell.run_id,
+            "position": cell.position,
+            "round": cell.round,
+            "config": cell.config,
+            "exit_status": None,
+            "duration_s": duration_s,
+            "budget": None,
+            "status": "failed",
+            "reason": reason,
+            **(extra or {}),
+        }
+        write_json_atomic(folder / CELL_RECORD_FILE, record)
+        _write_failed_result(folder / RESULT_FILE, cell, reason, record, "")
+        return CellOutcome(cell, "failed", reason, duration_s, record)
+
+    def run_cell(self, cell: Cell) -> CellOutcome:
+        """Run one cell in its own process under its budget, holding its folder; record how it ended."""
+        folder = self.results / cell.run_id
+        with claim_run_dir(folder):
+            spec_file = write_json_atomic(folder / SPEC_FILE, cell.spec.canonical())
+            argv = [
+                part.format(spec=spec_file, results=self.results, run_id=cell.run_id, python=sys.executable)
+                for part in self.command
+            ]
+            drop = "disabled"
+            if self.sweep.drop_caches:
+                drop = drop_page_cache([p for p in (cell.spec.ssd, cell.spec.model) if p and Path(p).exists()])
+            began_unix = time.time()
+            began = time.perf_counter()
+            try:
+                rc, timed_out, cgroup, counters = self._launch(cell, argv, folder, began_unix)
+            except CellStartError as exc:  # a bad --cell-command fails this cell; the sweep goes on
+                return self.fail_cell(cell, str(exc), time.perf_counter() - began, {"command": argv})
+            record = {
+                "run_id": cell.run_id,
+                "position": cell.position,
+                "round": cell.round,
+                "config": cell.config,
+                "command": argv,
+                "exit_status": rc,
+                "duration_s": time.perf_counter() - began,
+                "started_at": datetime.fromtimestamp(began_unix, UTC).isoformat(timespec="seconds"),
+                "page_cache_drop": drop,
+                "budget": {"mode": cgroup.mode, "reason": cgroup.reason, "limit_bytes": cgroup.limit_bytes, **counters},
+            }
+            return self._record(cell, folder, record, timed_out, counters)
+
+    def _launch(
+        self, cell: Cell, argv: list[str], folder: Path, began_unix: float
+    ) -> tuple[int, bool, CellCgroup, dict[str, int | None]]:
+        """Start the cell inside its cgroup as a child that dies with the sweep; wait, with the cell timeout."""
+        env = {**lock_held_env(folder), BUDGET_CHILD_ENV: "1"}
         with (
             CellCgroup(cell.spec.ram_budget_bytes, cell.run_id) as cgroup,
             open(folder / "stdout.log", "wb") as out,
             open(folder / "stderr.log", "wb") as err,
         ):
             try:
-                proc = subprocess.Popen([*cgroup.prefix, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                proc = start_child([*cgroup.prefix, *argv], env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
             except OSError as exc:
-                # A command that cannot start fails this cell (status 127, as a shell says), not the sweep.
-                err.write(f"cannot start {argv[0]}: {exc.strerror or exc}\n".encode())
-                err.flush()
-                proc = None
+                raise CellStartError(f"the cell command {argv[0]!r} cannot start: {exc.strerror or exc}") from None
             timed_out = False
             try:
-                rc = proc.wait(timeout=timeout_s) if proc is not None else _CANNOT_START
+                rc = proc.wait(timeout=self.sweep.cell_timeout_s)
             except subprocess.TimeoutExpired:
-                assert proc is not None
                 timed_out = True
                 proc.kill()
                 rc = proc.wait()
             except KeyboardInterrupt:
-                assert proc is not None
                 _stop(proc)
-                _set_aside_partial_result(result_path, began_unix)
+                _set_aside_partial_result(folder / RESULT_FILE, began_unix)
                 raise
-            counters = cgroup.counters()
-        duration_s = time.perf_counter() - began
-        record = {
-            "run_id": cell.run_id,
-            "position": cell.position,
-            "round": cell.round,
-            "config": cell.config,
-            "command": argv,
-            "exit_status": rc,
-            "duration_s": duration_s,
-            "started_at": datetime.fromtimestamp(began_unix, UTC).isoformat(timespec="seconds"),
-            "page_cache_drop": drop,
-            "budget": {"mode": cgroup.mode, "reason": cgroup.reason, "limit_bytes": cgroup.limit_bytes, **counters},
-        }
+            return rc, timed_out, cgroup, cgroup.counters()
+
+    def _record(
+        self, cell: Cell, folder: Path, record: dict[str, Any], timed_out: bool, counters: dict[str, int | None]
+    ) -> CellOutcome:
+        """Judge how the cell ended, write its sweep record (and a failed result where it failed)."""
+        result_path = folder / RESULT_FILE
         stderr_tail = _tail(folder / "stderr.log")
-        reason = _failure_reason(rc, timed_out, timeout_s, counters, cgroup.mode, result_path, stderr_tail)
-        skipped = reason is None and read_json(result_path).get("status") == "skipped"
-        if skipped:
-            reason = read_json(result_path).get("error")
-        record["status"] = "skipped" if skipped else "ok" if reason is None else "failed"
-        record["reason"] = reason
+        timeout_s = self.sweep.cell_timeout_s
+        reason = _failure_reason(record["exit_status"], timed_out, timeout_s, counters, result_path, stderr_tail)
+        result = None if reason is not None else cell_result(self.results, cell.run_id)
+        status: Literal["ok", "failed", "skipped"] = "failed" if result is None else result.status
+        if result is not None and result.status == "skipped":
+            reason = result.error
+        if status == "failed":
+            result = _write_failed_result(result_path, cell, reason or "no result", record, stderr_tail)
+        record["status"], record["reason"] = status, reason
         write_json_atomic(folder / CELL_RECORD_FILE, record)
-        if skipped:
-            return CellOutcome(cell, "skipped", reason, duration_s, record)
-        if reason is None:
-            return CellOutcome(cell, "ok", None, duration_s, record)
-        _write_failed_result(result_path, cell, reason, record, stderr_tail)
-        return CellOutcome(cell, "failed", reason, duration_s, record)
+        summary = summary_row(result) if result is not None else {}
+        return CellOutcome(cell, status, reason, record["duration_s"], record, summary=summary)
 
 
-_CANNOT_START = 127
-"""Exit status recorded for a cell command that could not be started (a shell's 'command not found')."""
+def run_one_cell(
+    spec: RunSpec, results: str | Path, *, command: Sequence[str] = DEFAULT_CELL_COMMAND, drop_caches: bool = True
+) -> CellOutcome:
+    """Run one cell given its spec into `results`, as a sweep would (own process, budget, failure record)."""
+    sweep = SweepSpec.model_validate({"name": spec.run_id, "drop_caches": drop_caches})
+    return SweepRunner(sweep, results, command=command).run_cell(Cell(0, spec.repeat, spec, {}))
 
 
 def _now() -> str:
@@ -439,31 +580,27 @@ def _failure_reason(
     timed_out: bool,
     timeout_s: float | None,
     counters: dict[str, int | None],
-    mode: str,
     result_path: Path,
     stderr_tail: str,
 ) -> str | None:
-    """None for a cell that succeeded; else why it failed, in one line."""
+    """None for a cell that ended with a result of its own (ok, INVALID, skipped); else why it failed, in one
+    line. A kill is blamed on the memory limit only when the cgroup's counters show an OOM kill."""
     if timed_out:
         return f"timed out after {timeout_s:.0f} s (cell_timeout)"
-    if counters.get("oom_kills"):
-        return OOM_REASON
-    if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-        if -rc == signal.SIGKILL and mode != "accounting-only":
-            return f"killed by SIGKILL, most likely {OOM_REASON}"
-        return f"killed by signal {name}"
-    if rc != 0:
+    killed = kill_reason(rc, counters)
+    if killed is not None:
+        return killed
+    if rc not in (0, ExitCode.INVALID, ExitCode.FAILED):
         last = next((line.strip() for line in reversed(stderr_tail.splitlines()) if line.strip()), "")
         return f"exited with status {rc}: {last[:_REASON_CHARS]}" if last else f"exited with status {rc}"
     if not result_path.is_file():
-        return f"exited with status 0 without writing {RESULT_FILE}"
+        return f"exited with status {rc} without writing {RESULT_FILE}"
     try:
-        result = read_json(result_path)
-    except (OSError, ValueError):
-        return f"exited with status 0 but {RESULT_FILE} is not readable JSON"
-    if result.get("status") not in ("ok", "skipped"):
-        return result.get("error") or f"the run reported status {result.get('status')!r}"
+        result = load_result(result_path)
+    except HarnessError as exc:
+        return f"exited with status {rc} but {exc}"
+    if result.status == "failed":
+        return result.error or "the run reported status 'failed'"
     return None
 
 
@@ -475,8 +612,10 @@ def _tail(path: Path) -> str:
     return "\n".join(text.splitlines()[-_STDERR_TAIL_LINES:])[-_STDERR_TAIL_CHARS:]
 
 
-def _write_failed_result(result_path: Path, cell: Cell, reason: str, record: dict[str, Any], stderr_tail: str) -> None:
-    """Keep the cell's own result if it wrote one (marked failed); otherwise write a minimal failed result."""
+def _write_failed_result(
+    result_path: Path, cell: Cell, reason: str, record: dict[str, Any], stderr_tail: str
+) -> RunResult:
+    """Keep the cell's own result if it wrote a readable one (marked failed); otherwise write a minimal one."""
     failure = {
         "reason": reason,
         "exit_status": record["exit_status"],
@@ -484,27 +623,19 @@ def _write_failed_result(result_path: Path, cell: Cell, reason: str, record: dic
         "duration_s": record["duration_s"],
         "budget": record["budget"],
     }
-    result: dict[str, Any] | None = None
-    if result_path.is_file():
-        try:
-            result = read_json(result_path)
-        except (OSError, ValueError):
-            result = None
-    if not isinstance(result, dict):
+    try:
+        result = load_result(result_path) if result_path.is_file() else None
+    except HarnessError:
+        result = None
+    if result is None:
         validity = Validity()
         validity.fail(
             reason,
             "raise the cell's ram_budget" if OOM_REASON in reason else "see failure.stderr_tail and stderr.log",
         )
-        result = {
-            **result_envelope(cell.spec, "failed", reason),
-            "resolved": None,
-            "metrics": None,
-            "environment": environment(),
-            "validity": validity.to_dict(),
-            "files": {},
-        }
-    result["status"] = "failed"
-    result["error"] = result.get("error") or reason
-    result["failure"] = failure
-    write_json_atomic(result_path, result)
+        result = RunResult.envelope(
+            cell.spec, run_identity(cell.spec), "failed", reason, environment=environment(), validity=validity.to_dict()
+        )
+    result = result.model_copy(update={"status": "failed", "error": result.error or reason, "failure": failure})
+    result.save(result_path.parent)
+    return result

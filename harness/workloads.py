@@ -34,11 +34,19 @@ def _candidates(name: str) -> list[Path]:
     return [PROMPTS_DIR / f"{name}.jsonl", PACKAGED_WORKLOADS / "prompts" / f"{name}.jsonl"]
 
 
+def workload_path(name: str) -> Path | None:
+    """The JSONL file of workload `name` (a NAME in workloads/prompts or a path), or None when there is none."""
+    return next((path for path in _candidates(name) if path.is_file()), None)
+
+
+def prompt_file(spec: RunSpec) -> Path | None:
+    """The file a spec's prompts come from; None for a prompt given inline (it is part of the spec)."""
+    return None if spec.prompt else workload_path(spec.workload or "default")
+
+
 def load_workload(name: str) -> list[PromptItem]:
-    for path in _candidates(name):
-        if path.is_file():
-            break
-    else:
+    path = workload_path(name)
+    if path is None:
         raise HarnessError(f"workload {name!r} not found (looked for {', '.join(map(str, _candidates(name)))})")
     try:
         text = path.read_text(encoding="utf-8")
@@ -61,11 +69,7 @@ def load_workload(name: str) -> list[PromptItem]:
 def select_prompts(spec: RunSpec, random_init: bool) -> tuple[list[PromptItem], str]:
     """The cell's prompts and decoding mode: teacher-forced by default for random-init models (their free
     generation collapses into repeated tokens), greedy otherwise."""
-    if spec.prompt is not None and not spec.prompt.strip():
-        raise HarnessError("--prompt is empty: give the text to start from, or leave it out to run a workload")
-    prompts = (
-        [PromptItem("prompt", spec.prompt)] if spec.prompt is not None else load_workload(spec.workload or "default")
-    )
+    prompts = [PromptItem("prompt", spec.prompt)] if spec.prompt else load_workload(spec.workload or "default")
     prompts = prompts[: spec.max_prompts] if spec.max_prompts else prompts
     mode = spec.decode or ("teacher-forced" if random_init else "greedy")
     if mode == "teacher-forced" and any(not p.reference for p in prompts):
@@ -74,18 +78,3 @@ def select_prompts(spec: RunSpec, random_init: bool) -> tuple[list[PromptItem], 
             "use --decode greedy or a workload with references"
         )
     return prompts, mode
-
-
-def check_positions(
-    prompts: list[PromptItem], prompt_tokens: list[int], max_new_tokens: int, positions: int | None
-) -> None:
-    """Refuse a prompt that with its new tokens does not fit the model's positions (`max_position_embeddings`)."""
-    if positions is None:
-        return
-    for item, tokens in zip(prompts, prompt_tokens, strict=True):
-        if tokens + max_new_tokens > positions:
-            raise HarnessError(
-                f"prompt {item.id!r} has {tokens} tokens; with {max_new_tokens} new tokens it needs "
-                f"{tokens + max_new_tokens} positions and the model has {positions}: shorten it or lower "
-                "--max-new-tokens"
-            )

@@ -3,7 +3,8 @@
 Writes RESULTS_DIR/<run_id>/result.json in the shape `harness run` writes, plus a real
 timeline.parquet / events.parquet (through Telemetry) and a small trace.parquet, with numbers
 that depend on the spec (bigger budget: more hits, fewer bytes). The policy name picks a
-misbehaviour instead: `fake-crash` (traceback, exit 1), `fake-hog` (allocates 512 MiB).
+misbehaviour instead: `fake-crash` (traceback, exit 1), `fake-hog` (allocates 512 MiB),
+`fake-invalid` (an INVALID result, exit 3 as `harness run` does).
 Appends the run_id to $FAKE_CELL_LOG when set.
 """
 
@@ -70,6 +71,9 @@ def main(spec_file: str, results: str) -> int:
     hits = round(hit_rate * decode_tokens * len(LAYERS) * TOP_K)
     total = decode_tokens * len(LAYERS) * TOP_K
     per_layer = {str(layer): [hits // 2, (total - hits) // 2] for layer in LAYERS}
+    validity = Validity()
+    if spec.policy == "fake-invalid":
+        validity.fail("the fake cell is INVALID on purpose")
     result = {
         "schema_version": 1,
         "run_id": spec.run_id,
@@ -125,11 +129,11 @@ def main(spec_file: str, results: str) -> int:
         "storage": {"device": "fake0", "filesystem": "ext4"},
         "hardware_profile": None,
         "telemetry": telemetry,
-        "validity": Validity().to_dict(),
+        "validity": validity.to_dict(),
         "files": {"trace": "trace.parquet", "timeline": "timeline.parquet", "events": "events.parquet"},
     }
     write_json_atomic(run_dir / "result.json", result)
-    return 0
+    return 0 if validity.valid else 3
 
 
 def _skew() -> np.ndarray:

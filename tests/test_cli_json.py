@@ -28,7 +28,7 @@ def test_simulate_json(tmp_path):
     }
     expected = read_trace(trace)
     assert overall[("lru", 2)] == simulate(expected, "lru", 2).total().hits
-    assert set(overall) == {(p, c) for p in ("lru", "belady", "belady-bypass") for c in (2, 4)}
+    assert {(p, c) for p in ("lru", "belady", "belady-bypass") for c in (2, 4)} <= set(overall)
     assert doc["trace_meta"]["num_experts"] == 8
     assert any(path.endswith("simulation.json") for path in doc["written"])
 

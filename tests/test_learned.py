@@ -106,7 +106,18 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path):
         FlashMoEModel.load(tmp_path / "x.pt")
 
 
-def test_training_needs_two_sequences(tmp_path):
-    trace = write_random_trace(tmp_path / "t.parquet", seqs=1)
-    with pytest.raises(HarnessError, match="at least 2 sequences"):
-        train_flashmoe(trace, tmp_path / "m.pt", settings=TrainSettings(max_epochs=1))
+def test_a_single_stream_trains_on_its_first_steps_and_is_scored_on_the_rest(tmp_path):
+    trace = write_random_trace(tmp_path / "t.parquet", seqs=1, rows=80)
+    with pytest.raises(HarnessError, match="leaves nothing held out"):
+        train_flashmoe(trace, tmp_path / "m.pt", split="seq:1", settings=TrainSettings(max_epochs=1))
+    # Default on one stream: the last quarter of its token steps (20 of 80) is held out.
+    report = train_flashmoe(trace, tmp_path / "m.pt", capacities="2", settings=TrainSettings(max_epochs=1))
+    assert report.split == "frac:0.75" and report.train_sequences == report.heldout_sequences == [0]
+    assert {r["hits"] + r["misses"] for r in report.rows} == {
+        run_simulation(trace, ["lru"], "2", phase="decode", split="frac:0.75").results[0].total().accesses
+    }
+    spec = f"flashmoe:{tmp_path / 'm.pt'}"
+    with pytest.raises(HarnessError, match=r"replay with --split frac:0\.75"):
+        run_simulation(trace, [spec], "2")
+    run = run_simulation(trace, [spec], "2", split="frac:0.75")
+    assert run.heldout_only and run.split == "frac:0.75"

@@ -12,7 +12,15 @@ from harness.trace.simulate import simulate
 
 
 @pytest.mark.parametrize(
-    ("policy", "scope", "slots"), [("lru", "per-layer", "3"), ("lfu", "global", "5"), ("arc", "per-layer", "4")]
+    ("policy", "scope", "slots"),
+    [
+        ("lru", "per-layer", "3"),
+        ("lfu", "global", "5"),
+        ("arc", "per-layer", "4"),
+        ("lrfu-admit", "per-layer", "3"),  # admission: streamed misses, live and replayed
+        ("reuse-logit", "global", "6"),
+        ("least-stale", "global", "5"),
+    ],
 )
 def test_replay_equals_live_counts(tiny_model, tmp_path, policy, scope, slots):
     spec = RunSpec(

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from harness import budget
 from harness.cli import main as cli_main
-from harness.errors import HarnessError
+from harness.errors import ExitCode, HarnessError
 from harness.results import read_json
 from harness.sweep import OOM_REASON, SweepRunner, expand, load_sweep, parse_only, select
 
@@ -161,11 +161,15 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         record = read_json(results / cells[0].run_id / "sweep.json")
         assert record["budget"]["limit_bytes"] == 256 * 2**20
 
-    # Done cells (ok or failed) are not run again; --force runs them again.
+    # Done cells are not run again (failed ones too with retry_failed off); --force runs them again.
     before = log.read_text().splitlines()
-    again = SweepRunner(sweep, results, command=FAKE_CELL).run(cells)
+    again = SweepRunner(sweep, results, command=FAKE_CELL, retry_failed=False).run(cells)
     assert {o.status for o in again} == {"skipped"}
     assert log.read_text().splitlines() == before
+    # By default a resumed sweep runs its failed cells again, and only those.
+    retried = SweepRunner(sweep, results, command=FAKE_CELL).run(cells)
+    assert [o.cell.config["policy"] for o in retried if o.ran] == policies[1:]
+    before = log.read_text().splitlines()
     SweepRunner(sweep, results, command=FAKE_CELL, force=True).run(select(cells, parse_only(["policy=lru"])))
     assert log.read_text().splitlines() == [*before, cells[0].run_id]
 
@@ -214,9 +218,9 @@ def test_cli_runs_cells_with_a_custom_command_and_reports_each(tmp_path):
     results = tmp_path / "results"
     command = " ".join(FAKE_CELL)
     out = CliRunner().invoke(cli_main, ["sweep", str(path), "--results", str(results), "--cell-command", command])
-    assert out.exit_code == 0, out.output
+    assert out.exit_code == ExitCode.FAILED, out.output
     assert "ok " in out.output and "failed " in out.output
-    assert "2 run, 1 failed" in out.output
+    assert "2 run, 0 already done, 1 failed" in out.output
     manifest = read_json(results / "sweep.json")
     assert [c["config"]["policy"] for c in manifest["cells"]] == ["lru", "fake-crash"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from harness import budget
+from harness.errors import ExitCode
 from harness.results import read_json
 from harness.sweep import expand, load_sweep
 
@@ -102,7 +103,8 @@ def test_interrupted_sweep_resumes_and_runs_each_cell_once(tmp_path, tiny_model)
     second_result = read_json(results / second.run_id / "result.json")
     assert second_result["resolved"]["budget_enforcement"] in (expected_mode, "accounting-only")
     record = read_json(results / second.run_id / "sweep.json")
-    assert record["exit_status"] == 0
+    # `harness run` exits 3 for an INVALID result (two tokens are too few steady-state steps), 0 for a valid one.
+    assert record["exit_status"] == (ExitCode.OK if second_result["validity"]["valid"] else ExitCode.INVALID)
     if record["budget"]["mode"] != "accounting-only":
         assert second_result["resolved"]["budget_enforcement"] == record["budget"]["mode"]
         assert record["budget"]["limit_bytes"] == 1536 * 2**20

@@ -37,6 +37,9 @@ class CachePolicy(ABC):
     """True for oracles (Belady) that read the trace's future: simulation only, refused by the engine."""
     observes_misses: ClassVar[bool] = True
     """False where `on_access` ignores misses (LRU): the cache loop then skips the call for them."""
+    profiled: ClassVar[bool] = False
+    """True where the policy learns from a training part (a frequency profile): `harness simulate --split`
+    hands it the training part and reports it on held-out data only."""
     exact: ClassVar[bool] = True
     """False where the policy changes what the model computes (none of the eviction policies do)."""
 

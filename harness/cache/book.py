@@ -2,15 +2,22 @@
 
 `ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
 only names victims. The live engine moves bytes according to the plans it returns, and the simulator
-replays traces through the very same object, so simulated and live counts agree exactly.
+replays traces through the very same object, so simulated and live counts agree exactly. For ranked
+policies (LRU, LFU: `harness.cache.ranked`) the simulator's steps run in a compiled copy of `account`
+(without prefetch and admission, which replay never uses) that calls the policy's own compiled
+functions, the ones its hooks call live.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from harness.cache.base import CachePolicy
+from harness.cache.ranked import RankedPolicy, replay_group
 from harness.errors import HarnessError
 from harness.keys import PHASES, ExpertKey, Phase, Scope
 
@@ -52,6 +59,8 @@ class _Partition:
 
     __slots__ = (
         "admit",
+        "capacity",
+        "first_slot",
         "free",
         "on_access",
         "on_insert",
@@ -66,6 +75,7 @@ class _Partition:
 
     def __init__(self, policy: CachePolicy, first_slot: int, capacity: int) -> None:
         self.policy = policy
+        self.first_slot, self.capacity = first_slot, capacity
         self.resident: dict[ExpertKey, int] = {}
         self.staged: dict[ExpertKey, int] = {}
         """Prefetched keys not yet used by a step: they hold slots but the policy does not see them."""
@@ -162,6 +172,86 @@ class ExpertCacheBook:
             # over a plain zip: the lengths match by contract, and zip(strict=) costs a keyword parse per call.
             for key, victim in zip(misses, victims):  # noqa: B905
                 resident[key] = resident.pop(victim)
+
+    def account_stream(self, calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> None:
+        """`account` for each (layer, keys, now, phase) call in order. Where the groups' policies are
+        `RankedPolicy`s (LRU, LFU), the steps run in the compiled `replay_group`, which makes the calls of
+        the policy's own compiled hooks that `account` would; a step wider than its group (some misses
+        streamed), a group holding prefetched keys and other policies go through `account`."""
+        groups = {id(g): g for g in self._groups.values()}.values()
+        if not calls or not all(isinstance(g.policy, RankedPolicy) and g.admit is None for g in groups):
+            account = self.account
+            for layer, keys, now, phase in calls:
+                account(layer, keys, now, phase)
+            return
+        prepared = _prepared(calls)
+        hits = np.zeros(len(calls), dtype=np.int64)
+        misses = np.zeros(len(calls), dtype=np.int64)
+        for group in groups:
+            layers = [layer for layer in self.layers if self._groups[layer] is group]
+            self._replay_group(group, layers, calls, prepared, hits, misses)
+        # Per-call counts -> (phase, layer) totals.
+        layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        book_pos = np.array([layer_pos[layer] for layer in prepared.layer_list], dtype=np.int64)
+        cell = prepared.phase * len(self.layers) + book_pos[prepared.call_layer]
+        n_cells = len(PHASES) * len(self.layers)
+        for name, per_call in (("hits", hits), ("misses", misses)):
+            totals = np.bincount(cell, weights=per_call, minlength=n_cells).astype(np.int64).tolist()
+            for p, phase in enumerate(PHASES):
+                for i, layer in enumerate(self.layers):
+                    counts = self.counts[phase][layer]
+                    setattr(counts, name, getattr(counts, name) + totals[p * len(self.layers) + i])
+
+    def _replay_group(
+        self,
+        group: _Partition,
+        layers: list[int],
+        calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]],
+        prepared: _PreparedCalls,
+        hits: np.ndarray,
+        misses: np.ndarray,
+    ) -> None:
+        policy = group.policy
+        assert isinstance(policy, RankedPolicy)
+        keys, mine = prepared.for_group(policy, layers)
+        universe = policy.keys
+        mark = np.zeros(policy.slots, dtype=np.int64)
+        i = 0
+        while i < len(mine):
+            if not group.staged:
+                slot_of = np.full(policy.slots, -1, dtype=np.int64)
+                key_of_slot = np.full(group.capacity, -1, dtype=np.int64)
+                for key, slot in group.resident.items():
+                    at = policy.index[key]
+                    slot_of[at] = slot
+                    key_of_slot[slot - group.first_slot] = at
+                free = np.array(group.free, dtype=np.int64)
+                n_free = np.array([len(free)], dtype=np.int64)
+                i = replay_group(
+                    keys,
+                    prepared.bounds,
+                    mine,
+                    i,
+                    policy.state,
+                    policy.counted,
+                    policy.observes_misses,
+                    slot_of,
+                    key_of_slot,
+                    group.first_slot,
+                    free,
+                    n_free,
+                    mark,
+                    hits,
+                    misses,
+                )
+                first = group.first_slot
+                group.resident = {universe[k]: first + s for s, k in enumerate(key_of_slot.tolist()) if k >= 0}
+                group.free = free[: n_free[0]].tolist()
+                if i == len(mine):
+                    break
+            layer, step_keys, now, phase = calls[int(mine[i])]
+            self.account(layer, step_keys, now, phase)
+            i += 1
 
     def _run(self, layer: int, needed: tuple[ExpertKey, ...], now: int, phase: Phase, plan: StepPlan | None) -> None:
         group = self._groups[layer]
@@ -302,3 +392,68 @@ class ExpertCacheBook:
                 out.hits += c.hits
                 out.misses += c.misses
         return out
+
+
+@dataclass
+class _PreparedCalls:
+    """A replay's calls as arrays, built once per call list (the simulator replays one list many times)."""
+
+    calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]
+    layer_list: list[int]  # distinct layers, sorted
+    call_layer: np.ndarray  # [calls] position in layer_list
+    phase: np.ndarray  # [calls] index into PHASES
+    bounds: np.ndarray  # [calls + 1] each call's keys are key_code[bounds[c]:bounds[c+1]]
+    key_code: np.ndarray  # [keys] index into `universe`
+    universe: list[ExpertKey]  # distinct keys, sorted
+    universe_layer: np.ndarray  # [universe] layer of each key
+    by_group: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def for_group(self, policy: RankedPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(key positions in `policy`'s arrays for every key of the calls, the group's call indices)."""
+        wanted = np.isin(self.universe_layer, layers)
+        ids = np.flatnonzero(wanted)
+        positions = policy.bind([self.universe[i] for i in ids.tolist()])
+        cached = self.by_group.get(tuple(layers))
+        # A fresh policy numbers the universe 0, 1, ...: the mapping of an earlier replay holds again.
+        if cached is not None and np.array_equal(positions, np.arange(len(ids))):
+            return cached
+        lut = np.full(len(self.universe), -1, dtype=np.int64)
+        lut[ids] = positions
+        layer_ids = np.flatnonzero(np.isin(np.array(self.layer_list), layers))
+        result = (lut[self.key_code], np.flatnonzero(np.isin(self.call_layer, layer_ids)).astype(np.int64))
+        if np.array_equal(positions, np.arange(len(ids))):
+            self.by_group[tuple(layers)] = result
+        return result
+
+
+_PREPARED: OrderedDict[int, _PreparedCalls] = OrderedDict()
+_PREPARED_KEPT = 4
+"""Call lists whose arrays are kept (by identity; a list must not change between replays): the simulator
+replays a few lists many times."""
+
+
+def _prepared(calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> _PreparedCalls:
+    entry = _PREPARED.get(id(calls))
+    if entry is not None and entry.calls is calls and len(entry.bounds) == len(calls) + 1:
+        _PREPARED.move_to_end(id(calls))
+        return entry
+    layer_list = sorted({layer for layer, _, _, _ in calls})
+    layer_at = {layer: i for i, layer in enumerate(layer_list)}
+    phase_at = {phase: i for i, phase in enumerate(PHASES)}
+    flat = [key for _, keys, _, _ in calls for key in keys]
+    universe = sorted(set(flat))
+    code = {key: i for i, key in enumerate(universe)}
+    entry = _PreparedCalls(
+        calls=calls,
+        layer_list=layer_list,
+        call_layer=np.array([layer_at[layer] for layer, _, _, _ in calls], dtype=np.int64),
+        phase=np.array([phase_at[phase] for _, _, _, phase in calls], dtype=np.int64),
+        bounds=np.concatenate([[0], np.cumsum([len(keys) for _, keys, _, _ in calls])]).astype(np.int64),
+        key_code=np.array([code[key] for key in flat], dtype=np.int64),
+        universe=universe,
+        universe_layer=np.array([layer for layer, _ in universe], dtype=np.int64),
+    )
+    _PREPARED[id(calls)] = entry
+    while len(_PREPARED) > _PREPARED_KEPT:
+        _PREPARED.popitem(last=False)
+    return entry

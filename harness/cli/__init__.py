@@ -13,7 +13,7 @@ import sys
 import click
 
 from harness import __version__
-from harness.cli import model, run, simulate, ssd, sweep
+from harness.cli import model, node, predict, run, simulate, ssd, sweep
 from harness.errors import HarnessError
 
 _NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -39,7 +39,16 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+_EXIT_CODES = """\b
+Exit status (harness run, harness sweep):
+  0    ok: ran, and every result is valid
+  2    bad input: refused before measuring (one-line error)
+  3    ran, but a result is INVALID (result written, reasons inside)
+  4    failed: a run or a sweep cell did not complete (failure written)
+  130  interrupted (SIGINT/SIGTERM): children stopped, partial files removed"""
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EXIT_CODES)
 @click.version_option(__version__, "--version", prog_name="harness", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -48,6 +57,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _module in (model, run, ssd, simulate, sweep):
+for _module in (model, run, ssd, simulate, sweep, predict, node):
     for _command in _module.commands:
         main.add_command(_command)

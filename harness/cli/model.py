@@ -51,7 +51,9 @@ def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Re-pack even when an up-to-date pack exists.")
 def pack(model_dir: Path, force: bool) -> None:
-    """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified)."""
+    """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified).
+
+    An existing pack is verified in full before it is called current; one that fails is re-packed."""
     from rich.progress import Progress
 
     from harness.models.packer import pack_model, pack_paths
@@ -59,7 +61,10 @@ def pack(model_dir: Path, force: bool) -> None:
     with Progress(transient=True) as bar:
         task = bar.add_task("packing experts", total=None)
         index, wrote = pack_model(
-            model_dir, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            model_dir,
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            repair=True,
         )
     paths = pack_paths(model_dir)
     state = "packed and verified" if wrote else "already packed (up to date)"

@@ -27,8 +27,9 @@ _console = Console()
     "policies",
     default="lru,lfu",
     show_default=True,
-    help="Comma-separated policies (lru, lfu, lfu-window:W, arc, lecar, random, flashmoe:MODEL, belady, "
-    "belady-bypass); Belady and Belady-bypass are always added as bounds.",
+    help="Comma-separated policies (`harness policy list`; e.g. lru, lfu, lfu-window:W, fwlru:W, lrfu:LAMBDA, "
+    "s3fifo, sieve, least-stale, layer-lru, arc, lecar, random, static:TRACE, flashmoe:MODEL); Belady, "
+    "Belady-bypass and the static-frequency oracle are always added as bounds.",
 )
 @click.option(
     "--capacity",
@@ -54,6 +55,15 @@ _console = Console()
 @click.option("--seed", default=0, show_default=True, help="Seed of randomised policies (random, lecar).")
 @click.option("--expert-bytes", default=None, help="Size of one expert (e.g. 3MiB), overriding the trace's.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for CSV, Parquet, PNG and JSON.")
+@click.option(
+    "--split",
+    default=None,
+    help="Held-out protocol: seq:N (the first N sequences) or frac:F (the first F share of the token steps) "
+    "profile/train; every policy is scored on the rest only.",
+)
+@click.option(
+    "--cluster", default=None, metavar="ADDRESS|auto", help="Replay the cells as Ray tasks (needs harness[cluster])."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and result rows as JSON instead of tables.")
 def simulate_cmd(
     trace_path: Path,
@@ -65,6 +75,8 @@ def simulate_cmd(
     seed: int,
     expert_bytes: str | None,
     out: Path | None,
+    split: str | None,
+    cluster: str | None,
     as_json: bool,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
@@ -73,6 +85,12 @@ def simulate_cmd(
 
     if out is not None:
         check_output_dir(out, "--out")
+    grid = None
+    if cluster is not None:
+        from harness.cluster.simulate import ray_grid
+
+        grid = ray_grid(cluster)
+
     run = run_simulation(
         trace_path,
         policies.split(","),
@@ -82,6 +100,8 @@ def simulate_cmd(
         reset,  # type: ignore[arg-type]
         seed,
         None if expert_bytes is None else parse_size(expert_bytes),
+        split,
+        grid,
     )
     written = write_outputs(run, out) if out is not None else []
     if as_json:
@@ -98,6 +118,8 @@ def _print_run(run: SimulationRun) -> None:
     by = {(r.policy, r.capacity_slots): r for r in run.results}
     whole = run.meta.num_experts * (len(run.meta.moe_layers) if run.scope == "global" else 1)
     heading = f"{run.meta.model}: scope {run.scope}, phase {run.phase}, reset {run.reset}, sequences {run.seq_ids}"
+    if run.split is not None:
+        heading += f", held-out part of split {run.split}"
     table = Table(title=f"hit rate ({heading})")
     table.add_column("policy")
     for c in capacities:
@@ -131,25 +153,35 @@ def _print_run(run: SimulationRun) -> None:
 
 
 def _label(spec: str) -> str:
-    """A policy spec for a table cell: a model path argument is shortened to its file name."""
+    """A policy spec for a table cell: a model path argument is shortened to its file name; bounds say so."""
+    from harness.trace.simulate import ORACLES
+
     name, _, argument = spec.partition(":")
-    return f"{name}:{Path(argument).name}" if "/" in argument else spec
+    label = f"{name}:{Path(argument).name}" if "/" in argument else spec
+    return f"{label} (bound)" if spec in ORACLES else label
 
 
 @click.group("trace")
 def trace_group() -> None:
-    """Routing traces: import public formats, describe a trace."""
+    """Routing traces: import public formats, export to libCacheSim, describe a trace."""
 
 
 @trace_group.command("import")
-@click.option("--format", "fmt", type=click.Choice(["flame", "vllm-jsonl"]), required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["flame", "vllm-jsonl", "route-jsonl", "vllm-routed", "prompt-csv", "megatron-jsonl"]),
+    required=True,
+    help="flame (.pt/.csv per layer), vllm-jsonl (MoE-logger), route-jsonl (route simulators), vllm-routed "
+    "(.npy/.npz [tokens, moe_layers, top_k]), prompt-csv (files or folders), megatron-jsonl (router_trace_rank*).",
+)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace Parquet file to write.")
 @click.option(
     "--sequence-length", type=click.IntRange(1), default=None, help="flame: tokens per sequence (default: the file's)."
 )
 @click.option(
-    "--num-experts", type=click.IntRange(1), default=None, help="flame: experts per layer (default: inferred)."
+    "--num-experts", type=click.IntRange(1), default=None, help="Experts per layer (default: inferred; not vllm-jsonl)."
 )
 @click.option("--expert-bytes", default="0", show_default=True, help="Size of one expert, if known (e.g. 3MiB).")
 def trace_import(
@@ -160,7 +192,7 @@ def trace_import(
     num_experts: int | None,
     expert_bytes: str,
 ) -> None:
-    """Import FLAME-MoE-Traces (.pt/.csv per layer) or vLLM MoE-logger JSONL files into one trace."""
+    """Import a public routing-trace format into one harness trace (TRACES.md, README)."""
     from harness.errors import HarnessError
     from harness.trace.importers import import_trace
 
@@ -168,8 +200,12 @@ def trace_import(
     options: dict[str, object] = {"expert_bytes": parse_size(expert_bytes)}
     if fmt == "flame":
         options.update(sequence_length=sequence_length, num_experts=num_experts)
-    elif sequence_length is not None or num_experts is not None:
-        raise HarnessError("--sequence-length and --num-experts apply to --format flame only")
+    elif sequence_length is not None:
+        raise HarnessError("--sequence-length applies to --format flame only")
+    elif fmt == "vllm-jsonl" and num_experts is not None:
+        raise HarnessError("--num-experts does not apply to vllm-jsonl (its meta line gives num_experts)")
+    elif num_experts is not None:
+        options["num_experts"] = num_experts
     report = import_trace(fmt, list(files), out, **options)
     _console.print(
         f"wrote {out}: {report.rows} token rows, {report.sequences} sequences, layers {report.layers}"
@@ -177,6 +213,29 @@ def trace_import(
     )
     for note in report.notes:
         _console.print(f"note: {note}")
+
+
+@trace_group.command("export")
+@click.argument("trace_path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["libcachesim-csv", "oraclegeneral"]), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Request-stream file to write.")
+@click.option(
+    "--layer",
+    type=int,
+    default=None,
+    help="Only this MoE layer's accesses (its own cache in per-layer scope); default all layers (global scope).",
+)
+@click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="all", show_default=True)
+def trace_export(trace_path: Path, fmt: str, out: Path, layer: int | None, phase: str) -> None:
+    """Write a trace as libCacheSim requests: one per access, in the harness's replay order."""
+    from harness.trace.export import export_libcachesim
+    from harness.trace.schema import read_trace
+
+    report = export_libcachesim(read_trace(trace_path), out, fmt, layer, phase)  # type: ignore[arg-type]
+    _console.print(
+        f"wrote {out}: {report.requests} requests to {report.objects} objects (layer x num_experts + expert), "
+        f"layers {report.layers}, object size 1 (libCacheSim cache sizes are slots)"
+    )
 
 
 @trace_group.command("info")
@@ -244,8 +303,21 @@ def policy_list() -> None:
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="Share of sequences never trained on.",
 )
+@click.option(
+    "--split",
+    default=None,
+    help="Held-out protocol as in `simulate --split` (seq:N or frac:F); default: the last --heldout-fraction of "
+    "the sequences, or of the token steps for a single-stream trace.",
+)
 def policy_train(
-    trace_path: Path, out: Path, capacity: str, seed: int, phase: str, max_epochs: int, heldout_fraction: float
+    trace_path: Path,
+    out: Path,
+    capacity: str,
+    seed: int,
+    phase: str,
+    max_epochs: int,
+    heldout_fraction: float,
+    split: str | None,
 ) -> None:
     """Train FlashMoE per-layer networks on Belady labels; report held-out hit rates beside LRU, LFU, Belady."""
     from harness.cache.learned import TrainSettings
@@ -253,10 +325,10 @@ def policy_train(
 
     check_output_file(out, "--out")
     settings = TrainSettings(seed=seed, max_epochs=max_epochs, heldout_fraction=heldout_fraction)
-    report = train_flashmoe(trace_path, out, capacity, seed, phase, settings)  # type: ignore[arg-type]
+    report = train_flashmoe(trace_path, out, capacity, seed, phase, settings, split)  # type: ignore[arg-type]
     _console.print(
-        f"wrote {report.model_path}: trained on sequences {report.train_sequences}, "
-        f"evaluated on held-out sequences {report.heldout_sequences} only"
+        f"wrote {report.model_path}: split {report.split}, trained on sequences {report.train_sequences}, "
+        f"evaluated on the held-out part (sequences {report.heldout_sequences}) only"
     )
     table = Table(title="held-out hit rate (per-layer scope, fresh cache per sequence)")
     table.add_column("policy")

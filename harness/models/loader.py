@@ -44,7 +44,14 @@ def load_skeleton_with_experts_replaced(
         raise HarnessError(f"{dense_file} not found: run `harness model pack` first") from None
     except Exception as exc:  # safetensors raises its own error type for a corrupt file
         raise HarnessError(f"{dense_file} is corrupt ({exc}); re-run `harness model pack --force`") from None
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes of the packed weights differ from the model config.json builds
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise HarnessError(
+            f"{model_dir}/config.json does not describe the checkpoint's non-expert weights "
+            f"({first.rstrip('.')}): was config.json edited, or does it belong to another checkpoint?"
+        ) from None
     if result.unexpected_keys:
         raise HarnessError(f"non-expert weights not in the model: {result.unexpected_keys[:3]}...")
     if getattr(config, "tie_word_embeddings", False):

@@ -2,14 +2,16 @@
 
 Reads the checkpoint's safetensors lazily (one tensor at a time), so a model larger than RAM packs.
 Every (layer, expert) becomes one contiguous blob [gate_up_proj | down_proj] at a 4 KiB-aligned
-offset of `packed/experts.bin`; `packed/index.json` is written last, so its presence means complete.
+offset of `experts.bin`; `index.json` is written last, so its presence means complete. The pack's folder
+is `harness.models.locate.pack_dir` (beside a writable model folder, else the harness cache: never
+inside the Hugging Face cache). The index records each blob's checksum and the pack's provenance
+(`harness.models.provenance`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,19 +22,14 @@ from safetensors.torch import save_file
 
 from harness.errors import HarnessError
 from harness.models.adapters import ArchAdapter, adapter_for_model_type, load_config
-from harness.store.layout import (
-    DENSE_FILE,
-    EXPERTS_FILE,
-    INDEX_FILE,
-    PACK_DIR,
-    ExpertEntry,
-    PackIndex,
-    TensorSlot,
-    align_up,
-)
+from harness.models.locate import pack_paths
+from harness.models.provenance import check_config_unchanged, file_digest, shaping_config
+from harness.models.provenance import pack_content_hashes as pack_content_hashes  # run ids: light home is provenance
+from harness.store.checksum import expert_checksum
+from harness.store.layout import EXPERTS_FILE, ExpertEntry, PackIndex, TensorSlot, align_up
+from harness.store.reader import verify_expert_file
 
 log = logging.getLogger(__name__)
-_VERIFY_CHUNK_BYTES = 64 << 20
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -64,22 +61,27 @@ def _get(handles: dict[Path, object], where: tuple[Path, str], index: int | None
 
 
 def pack_model(
-    model_dir: str | Path, force: bool = False, progress: Callable[[int, int], None] | None = None
+    model_dir: str | Path,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    verify: bool = True,
+    repair: bool = False,
 ) -> tuple[PackIndex, bool]:
-    """Pack `model_dir`; returns (index, whether anything was written). Idempotent: an up-to-date,
-    complete pack is kept as it is."""
+    """Pack `model_dir`; returns (index, whether anything was written). Idempotent: a complete pack of the
+    same checkpoint files, whose every blob passes its checksum (`verify`), is kept as it is. A pack of
+    an older format or of changed checkpoint files is re-packed. A pack whose bytes fail verification is
+    re-packed with `repair` (`harness model pack`), else refused (a run). A config.json changed since
+    packing is refused unless `force`."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     adapter = adapter_for_model_type(config.model_type)
     files = checkpoint_files(model_dir)
-    out = model_dir / PACK_DIR
-    index_path = out / INDEX_FILE
+    paths = pack_paths(model_dir)
     fingerprint = _fingerprint(files)
-    if index_path.exists() and not force:
-        existing = PackIndex.load(index_path)
-        expected = existing.stride_bytes * len(existing.entries)
-        experts = out / EXPERTS_FILE
-        if existing.source_fingerprint == fingerprint and experts.exists() and experts.stat().st_size == expected:
+    shape = shaping_config(config, adapter)
+    if paths["index"].exists() and not force:
+        existing = _current_pack(model_dir, paths, fingerprint, shape, verify, repair)
+        if existing is not None:
             return existing, False
     handles = {f: _open(f) for f in files}
     per_expert: dict[tuple[int, int], dict[str, tuple[Path, str]]] = defaultdict(dict)
@@ -109,8 +111,14 @@ def pack_model(
         tensors.append(TensorSlot(name, shapes[name], offset, nbytes))
         offset += nbytes
     expert_bytes, stride = offset, align_up(offset)
-    out.mkdir(parents=True, exist_ok=True)
-    index_path.unlink(missing_ok=True)
+    out = paths["dir"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths["index"].unlink(missing_ok=True)
+    except OSError as exc:
+        raise HarnessError(
+            f"cannot write the pack of {model_dir} to {out} ({exc.strerror}); set HARNESS_CACHE to a writable folder"
+        ) from None
     partial = out / (EXPERTS_FILE + ".partial")
     entries: list[ExpertEntry] = []
     total = len(layers) * num_experts
@@ -120,7 +128,7 @@ def pack_model(
             for expert in range(num_experts):
                 blob = _expert_tensors(adapter, handles, per_expert, fused, layer, expert, shapes)
                 payload = b"".join(_raw_bytes(blob[t.name], dtype, f"layer {layer} expert {expert}") for t in tensors)
-                entries.append(ExpertEntry(layer, expert, sink.tell(), zlib.crc32(payload)))
+                entries.append(ExpertEntry(layer, expert, sink.tell(), expert_checksum(layer, expert, payload)))
                 sink.write(payload)
                 sink.write(padding)
                 if progress:
@@ -128,7 +136,7 @@ def pack_model(
         sink.flush()
         os.fsync(sink.fileno())
     dense_tensors = {name: _get(handles, where).contiguous() for name, where in sorted(dense.items())}
-    save_file(dense_tensors, str(out / DENSE_FILE))
+    save_file(dense_tensors, str(paths["dense"]))
     index = PackIndex(
         model_type=config.model_type,
         dtype=str(dtype).removeprefix("torch."),
@@ -141,11 +149,45 @@ def pack_model(
         entries=entries,
         dense_bytes=sum(t.numel() * t.element_size() for t in dense_tensors.values()),
         source_fingerprint=fingerprint,
+        source_config=shape,
+        dense_xxh3=file_digest(paths["dense"]),
     )
-    verify_pack(partial, index)
-    partial.replace(out / EXPERTS_FILE)
-    index.save(index_path)
+    verify_expert_file(partial, index)
+    partial.replace(paths["experts"])
+    index.save(paths["index"])
     return index, True
+
+
+def _current_pack(
+    model_dir: Path,
+    paths: dict[str, Path],
+    fingerprint: dict[str, list[int]],
+    shape: dict[str, object],
+    verify: bool,
+    repair: bool,
+) -> PackIndex | None:
+    """The existing pack when it is current, None when it must be re-packed; raises when it must be refused."""
+    try:
+        existing = PackIndex.load(paths["index"])
+    except HarnessError as exc:
+        log.warning("re-packing: %s", exc)
+        return None
+    if existing.source_fingerprint != fingerprint:
+        log.info("re-packing %s: its checkpoint files changed since the pack was made", model_dir)
+        return None
+    check_config_unchanged(model_dir, existing.source_config, shape)
+    if not paths["experts"].is_file():
+        log.warning("re-packing %s: %s is missing", model_dir, paths["experts"])
+        return None
+    if verify:
+        try:
+            verify_expert_file(paths["experts"], existing)
+        except HarnessError as exc:
+            if not repair:
+                raise
+            log.warning("re-packing: the existing pack fails verification: %s", exc)
+            return None
+    return existing
 
 
 def _expert_tensors(
@@ -183,25 +225,3 @@ def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> bytes:
     if tensor.dtype != dtype:
         raise HarnessError(f"{what}: dtype {tensor.dtype} differs from the other experts' {dtype}")
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def verify_pack(experts_file: Path, index: PackIndex) -> None:
-    """Re-read every blob and compare its checksum with the index (raises HarnessError on mismatch)."""
-    size = experts_file.stat().st_size
-    if size != index.stride_bytes * len(index.entries):
-        raise HarnessError(f"{experts_file}: size {size} does not match its index; re-run `harness model pack`")
-    by_offset = sorted(index.entries, key=lambda e: e.offset)
-    with open(experts_file, "rb", buffering=0) as source:
-        for entry in by_offset:
-            source.seek(entry.offset)
-            payload = source.read(index.expert_bytes)
-            if zlib.crc32(payload) != entry.crc32:
-                raise HarnessError(
-                    f"{experts_file}: layer {entry.layer} expert {entry.expert} fails its checksum; "
-                    "re-run `harness model pack --force`"
-                )
-
-
-def pack_paths(model_dir: Path) -> dict[str, Path]:
-    out = Path(model_dir) / PACK_DIR
-    return {"dir": out, "experts": out / EXPERTS_FILE, "index": out / INDEX_FILE, "dense": out / DENSE_FILE}

@@ -11,10 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.budget import budget_status
+from harness.budget import budget_status, current_enforcement
+from harness.identity import RunIdentity
 from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
-from harness.results import Validity, environment, result_envelope, write_json_atomic
+from harness.models.locate import model_name
+from harness.result_model import RunResult
+from harness.results import Validity, environment
 from harness.runtime.generation import SequenceLog
 from harness.runtime.timing import timing_metrics
 from harness.spec import RunSpec
@@ -73,8 +76,7 @@ def peer_result(
     load_s: float,
     mode: str,
 ) -> dict[str, Any]:
-    from harness.run import current_enforcement
-
+    """A peer's result fields after the head every result shares (`run_peer` adds the head)."""
     enforcement = current_enforcement(spec.ram_budget_bytes)
     validity.note(
         f"{name}: no expert cache of its own, so hit rate is null; SSD bytes are the device reads this process "
@@ -98,10 +100,9 @@ def peer_result(
         "cgroup": budget_status(enforcement),
     }
     return {
-        **result_envelope(spec),
         "resolved": {
             "model_dir": str(model_dir),
-            "model_name": model_dir.name,
+            "model_name": model_name(model_dir),
             "decode_mode": mode,
             "strategy": name,
             "policy": None,
@@ -123,20 +124,18 @@ def peer_result(
     }
 
 
-def run_peer(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """Run the peer named by `spec.strategy`; write and return its result (status ok or skipped)."""
+def run_peer(spec: RunSpec, identity: RunIdentity, run_dir: Path, model_dir: Path) -> RunResult:
+    """Run the peer named by `spec.strategy`; return its typed result (status ok, or skipped with the reason).
+    The caller (harness.run.run_cell, which chooses peers) writes it."""
     from harness.peers import accelerate_peer, llamacpp
-    from harness.run import resolve_model_dir
     from harness.runtime.strategies.base import split_spec
 
     name, argument = split_spec(spec.strategy)
     runner = {"accelerate": accelerate_peer.run, "llama.cpp": llamacpp.run}[name]
-    model_dir = resolve_model_dir(spec.model)
     phases = PhaseReadBytes()
     try:
-        result = runner(spec, model_dir, run_dir, argument, phases)
+        fields = runner(spec, model_dir, run_dir, argument, phases)
     except PeerUnavailable as exc:
         log.warning("peer %s skipped: %s", name, exc)
-        result = {**result_envelope(spec, "skipped", f"peer {name} skipped: {exc}"), "environment": environment()}
-    write_json_atomic(run_dir / "result.json", result)
-    return result
+        return RunResult.envelope(spec, identity, "skipped", f"peer {name} skipped: {exc}", environment=environment())
+    return RunResult.envelope(spec, identity, **fields)

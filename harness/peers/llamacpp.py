@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 
 from harness.errors import HarnessError
+from harness.models.locate import artifact_dir
 from harness.peers.common import PeerUnavailable, decode_loop, peer_result, workload
 from harness.results import Validity
 from harness.spec import RunSpec
@@ -32,8 +33,9 @@ GGUF_OUTTYPE = "bf16"
 
 
 def _gguf(model_dir: Path) -> Path:
-    """The model as GGUF, converted once and kept beside the checkpoint."""
-    out = model_dir / "gguf" / f"model-{GGUF_OUTTYPE}.gguf"
+    """The model as GGUF, converted once and kept beside the checkpoint (the harness cache for a model in
+    the Hugging Face cache or a read-only folder)."""
+    out = artifact_dir(model_dir, "gguf") / f"model-{GGUF_OUTTYPE}.gguf"
     if out.is_file():
         return out
     converter = os.environ.get(CONVERTER_ENV)
@@ -42,7 +44,7 @@ def _gguf(model_dir: Path) -> Path:
             f"llama.cpp's convert_hf_to_gguf.py not found: set {CONVERTER_ENV} to it (llama-cpp-python sdist, "
             "vendor/llama.cpp/convert_hf_to_gguf.py)"
         )
-    out.parent.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     argv = [
         sys.executable,

@@ -6,13 +6,17 @@ The page opens from disk without a server: images sit beside it and are referenc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness.report.load import Run, belady_bounds, find_runs, runs_frame
+from harness.errors import HarnessError
+from harness.predict import Check, reference_compute, validate_runs
+from harness.report.load import Run, belady_bounds, find_runs, format_x, mark_eligible, runs_frame
 from harness.report.plots import (
     MB,
     Figure,
@@ -23,6 +27,7 @@ from harness.report.plots import (
     ssd_profiles,
     timeline,
 )
+from harness.report.rank import CONFIDENCE, RankRow, rank
 from harness.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,8 @@ TEMPLATES = Path(__file__).with_name("templates")
 DEFAULT_DETAIL_RUNS = 4
 _SUMMARY_COLUMNS = [
     "run_id",
+    "machine",
+    "machine_fingerprint",
     "status",
     "model",
     "device",
@@ -41,7 +48,11 @@ _SUMMARY_COLUMNS = [
     "ram_budget_bytes",
     "cache_slots",
     "repeat",
+    "x",
+    "x_unit",
     "decode_tokens_per_s",
+    "decode_floor_ratio",
+    "decode_steady_tokens",
     "prefill_tokens_per_s",
     "hit_rate_decode",
     "belady_hit_rate_decode",
@@ -53,6 +64,7 @@ _SUMMARY_COLUMNS = [
     "budget_enforcement",
     "io_engine",
     "valid",
+    "eligible",
     "validity_reasons",
     "error",
     "git_sha",
@@ -62,39 +74,81 @@ _SUMMARY_COLUMNS = [
 
 
 def pick_detail_runs(frame: pd.DataFrame, wanted: list[str]) -> list[str]:
-    """The runs named by the user (prefixes allowed); else per policy the ok run with the smallest budget."""
+    """Uids of the runs named by the user (run_id prefixes allowed); else per policy the ranked run with the
+    smallest budget."""
     if wanted:
         chosen = []
         for prefix in wanted:
-            matches = [r for r in frame["run_id"] if str(r).startswith(prefix)]
+            matches = [u for r, u in zip(frame["run_id"], frame["uid"], strict=True) if str(r).startswith(prefix)]
             if not matches:
                 log.warning("--timeline %s matches no run", prefix)
             chosen.extend(m for m in matches if m not in chosen)
         return chosen
-    ok = frame[frame["status"] == "ok"].sort_values(["budget_bytes", "repeat"], na_position="last")
+    ok = frame[frame["eligible"]].sort_values(["x", "repeat"], na_position="last")
     firsts = ok.groupby("label", sort=True).head(1)
-    return list(firsts["run_id"])[:DEFAULT_DETAIL_RUNS]
+    return list(firsts["uid"])[:DEFAULT_DETAIL_RUNS]
 
 
 def spread_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration: number of ok runs and the mean, min, max and CV of decode tokens/s."""
-    ok = frame[(frame["status"] == "ok") & frame["decode_tokens_per_s"].notna()]
+    """Per configuration: number of ranked runs and the mean, min, max and CV of decode tokens/s."""
+    ok = frame[frame["eligible"]]
     if ok.empty:
         return pd.DataFrame()
-    grouped = ok.groupby(["model", "device", "label", "budget_bytes"], dropna=False, sort=True)["decode_tokens_per_s"]
+    keys = ["machine", "model", "device", "label", "x_unit", "x"]
+    grouped = ok.groupby(keys, dropna=False, sort=True)["decode_tokens_per_s"]
     table = grouped.agg(["count", "mean", "min", "max", "std"]).reset_index()
     table["cv_pct"] = 100 * table["std"].fillna(0) / table["mean"]
     return table
 
 
-def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None = None) -> Path:
-    """Write index.html, the PNGs and summary.csv for every run under `results`; return the index path."""
+@dataclass
+class PredictionRow:
+    """A live run beside the what-if model's prediction for its own trace, capacity and SSD profile."""
+
+    machine: str
+    check: Check
+    compute_source: str
+
+
+def predictions(runs: list[Run]) -> tuple[list[PredictionRow], str]:
+    """`harness predict --validate` over the report's runs, per machine and model; and a note on what was left out."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.result.get("status") == "ok" and run.result.get("hardware_profile"):
+            model = (run.result.get("resolved") or {}).get("model_name") or ""
+            groups.setdefault((run.machine, str(model)), []).append(run)
+    if not groups:
+        return [], "no run names an SSD profile (profile the SSD with `harness profile-ssd` before the sweep)"
+    rows: list[PredictionRow] = []
+    notes: list[str] = []
+    for (machine, _), group in sorted(groups.items()):
+        pairs = [(r.folder, r.result) for r in group]
+        try:
+            compute = reference_compute(pairs)
+            checks, skipped = validate_runs(pairs, compute)
+        except HarnessError as exc:
+            notes.append(f"{machine}: {exc}")
+            continue
+        rows.extend(PredictionRow(machine, c, compute.source) for c in checks)
+        notes.extend(f"{machine}: skipped {line}" for line in skipped[:3])
+        if len(skipped) > 3:
+            notes.append(f"{machine}: and {len(skipped) - 3} more skipped")
+    return rows, "; ".join(notes)
+
+
+def build_report(
+    results: list[Path], out: Path, timeline_runs: list[str] | None = None, include_invalid: bool = False
+) -> Path:
+    """Write index.html, the PNGs and summary.csv for every run under `results`; return the index path.
+
+    INVALID runs are listed apart and left out of the ranking and the plots unless `include_invalid`.
+    """
     runs = find_runs(results)
-    by_id: dict[str, Run] = {r.run_id: r for r in runs}
-    frame = runs_frame(runs)
+    by_id: dict[str, Run] = {r.uid: r for r in runs}
+    frame = mark_eligible(runs_frame(runs), include_invalid)
     out.mkdir(parents=True, exist_ok=True)
     bounds, bound_note = belady_bounds(runs)
-    frame["belady_hit_rate_decode"] = frame["run_id"].map(bounds)
+    frame["belady_hit_rate_decode"] = frame["uid"].map(bounds)
     frame[[c for c in _SUMMARY_COLUMNS if c in frame]].to_csv(out / "summary.csv", index=False)
 
     figures: list[Figure] = [
@@ -114,28 +168,45 @@ def build_report(results: list[Path], out: Path, timeline_runs: list[str] | None
         latency(frame, by_id, out),
     ]
     detail = pick_detail_runs(frame, timeline_runs or [])
-    detail_figures = [fig for run_id in detail for fig in (timeline(by_id[run_id], out), heatmap(by_id[run_id], out))]
+    detail_figures = [fig for uid in detail for fig in (timeline(by_id[uid], out), heatmap(by_id[uid], out))]
     profiles = sorted({Path(p) for p in frame["hardware_profile"].dropna() if Path(p).is_file()}, key=lambda p: str(p))
     profile_figures = ssd_profiles(profiles, out)
+
+    prediction_rows, prediction_note = predictions(runs)
 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     env.filters["bytes"] = lambda v: "" if v is None or pd.isna(v) else format_bytes(float(v))
     env.filters["num"] = _num
+    env.filters["x"] = _x
     html = env.get_template("index.html").render(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         sources=[str(p) for p in results],
         frame=frame,
         rows=frame.to_dict("records"),
+        invalid=frame[frame["invalid"]].to_dict("records"),
+        include_invalid=include_invalid,
+        ranking=rank(frame),
+        confidence=f"{CONFIDENCE:.0%}",
+        machines=sorted(frame["machine"].unique()),
+        has_floor=bool(frame["decode_floor_ratio"].notna().any()),
         counts=frame["status"].value_counts().to_dict(),
         figures=figures,
         detail_figures=detail_figures,
         profile_figures=profile_figures,
         spread=spread_table(frame).to_dict("records"),
         bound_note=bound_note,
+        predictions=prediction_rows,
+        prediction_note=prediction_note,
     )
     index = out / "index.html"
     index.write_text(html)
     return index
+
+
+def _x(row: dict[str, Any] | RankRow) -> str:
+    """A table row's position on the sweep's axis, in words."""
+    x, unit = (row["x"], row["x_unit"]) if isinstance(row, dict) else (row.x, row.x_unit)
+    return "" if x is None or pd.isna(x) else format_x(float(x), str(unit))
 
 
 def _num(value: object, digits: int = 3) -> str:

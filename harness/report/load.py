@@ -7,6 +7,7 @@ trace through `harness.trace.simulate` at the run's cache capacity.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,20 @@ from typing import Any
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.result_model import parse_result
 from harness.results import read_json
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+GIB = 2**30
+BUDGET_UNIT = "RAM budget (GiB)"
+SHARE_UNIT = "experts cached (%)"
+
+
+def format_x(x: float, unit: str) -> str:
+    """A position on the sweep's axis as a reader says it: '1.5 GiB RAM' or '25% of experts cached'."""
+    return f"{x:g} GiB RAM" if unit == BUDGET_UNIT else f"{x:.3g}% of experts cached"
 
 
 @dataclass
@@ -33,26 +43,43 @@ class Run:
     def run_id(self) -> str:
         return str(self.result.get("run_id") or self.folder.name)
 
+    @property
+    def machine(self) -> str:
+        """The machine the run measured: result.machine.host (harness.identity), else the environment's host."""
+        named = _get(self.result, "machine", "host") or _get(self.result, "environment", "host")
+        return str(named or "unknown machine")
+
+    @property
+    def machine_fingerprint(self) -> str:
+        """The hardware fingerprint the result names, else the host name: two machines never share one."""
+        return str(_get(self.result, "machine", "fingerprint") or self.machine)
+
+    @property
+    def uid(self) -> str:
+        """The run_id made unique across machines (the same spec run on two machines has one run_id)."""
+        return f"{self.run_id}-{hashlib.sha256(self.machine_fingerprint.encode()).hexdigest()[:6]}"
+
     def file(self, key: str, default: str) -> Path:
         name = (self.result.get("files") or {}).get(key) or default
         return self.folder / name
 
 
 def find_runs(folders: list[Path]) -> list[Run]:
-    """Every run under `folders`, each run_id once (the first folder given wins)."""
+    """Every run under `folders`, each (run_id, machine) once (the first folder given wins)."""
     runs: dict[str, Run] = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob(RESULT_FILE)):
             try:
-                result = read_json(path)
+                data = read_json(path)
             except (OSError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue
-            if not isinstance(result, dict) or "run_id" not in result:
+            if not isinstance(data, dict) or "run_id" not in data:
                 log.warning("skipping %s: not a harness result", path)
                 continue
-            run = Run(path.parent, result)
-            runs.setdefault(run.run_id, run)
+            # A result of an unknown schema version is refused (HarnessError), not guessed at.
+            run = Run(path.parent, parse_result(data, path).to_dict())
+            runs.setdefault(run.uid, run)
     if not runs:
         raise HarnessError(f"no result.json under {', '.join(str(f) for f in folders)}")
     return list(runs.values())
@@ -88,7 +115,10 @@ def _row(run: Run) -> dict[str, Any]:
     policy = resolved.get("policy") or spec.get("policy")
     strategy = resolved.get("strategy") or spec.get("strategy") or "cache"
     return {
+        "uid": run.uid,
         "run_id": run.run_id,
+        "machine": run.machine,
+        "machine_fingerprint": run.machine_fingerprint,
         "status": r.get("status"),
         "error": r.get("error"),
         "model": resolved.get("model_name") or Path(str(spec.get("model", "?"))).name,
@@ -100,11 +130,14 @@ def _row(run: Run) -> dict[str, Any]:
         "ram_budget_bytes": budget,
         "cache_slots": resolved.get("cache_slots"),
         "cache_bytes": resolved.get("cache_bytes"),
+        "cache_fraction": _cache_fraction(resolved),
         "workload": spec.get("workload"),
         "max_new_tokens": spec.get("max_new_tokens"),
         "seed": spec.get("seed"),
         "repeat": spec.get("repeat", 0),
         "decode_tokens_per_s": metrics.get("decode_tokens_per_s"),
+        "decode_floor_ratio": metrics.get("decode_floor_ratio"),
+        "decode_steady_tokens": metrics.get("decode_steady_tokens"),
         "prefill_tokens_per_s": metrics.get("prefill_tokens_per_s"),
         "hit_rate_decode": metrics.get("hit_rate_decode"),
         "hit_rate_prefill": metrics.get("hit_rate_prefill"),
@@ -132,28 +165,52 @@ def _row(run: Run) -> dict[str, Any]:
     }
 
 
+def _cache_fraction(resolved: dict[str, Any]) -> float | None:
+    """Share of all (layer, expert) blocks the cache holds: the sweep's unit when it sets no RAM budget."""
+    if resolved.get("cache_fraction") is not None:
+        return float(resolved["cache_fraction"])
+    total = resolved.get("cache_slots_total")
+    blocks = (resolved.get("num_experts") or 0) * len(resolved.get("moe_layers") or [])
+    return total / blocks if total and blocks else None
+
+
 def _gpu_name(env: dict[str, Any]) -> str | None:
     gpus = _get(env, "gpu", "gpus") or []
     return ", ".join(str(g.get("name")) for g in gpus) or None
 
 
 def runs_frame(runs: list[Run]) -> pd.DataFrame:
-    """One row per run, sorted by model, device, policy, budget, repeat."""
+    """One row per run, sorted by machine, model, device, policy, budget, repeat.
+
+    `x` is the run's position on the sweep's axis in the sweep's own unit (`x_unit`): its RAM budget
+    in GiB when it has one, else the share of the experts its cache holds, in percent. `eligible`
+    says whether the run may be ranked and plotted: ok, and valid unless `include_invalid`.
+    """
     frame = pd.DataFrame([_row(r) for r in runs])
     frame["budget_bytes"] = frame["ram_budget_bytes"].where(frame["ram_budget_bytes"].notna(), frame["cache_bytes"])
-    return frame.sort_values(["model", "device", "label", "budget_bytes", "repeat"], na_position="last").reset_index(
-        drop=True
-    )
+    has_budget = frame["ram_budget_bytes"].notna()
+    frame["x"] = (frame["ram_budget_bytes"] / GIB).where(has_budget, frame["cache_fraction"] * 100)
+    frame["x_unit"] = [BUDGET_UNIT if b else SHARE_UNIT for b in has_budget]
+    frame["invalid"] = (frame["status"] == "ok") & (frame["valid"] == False)  # noqa: E712 (None is not invalid)
+    columns = ["machine", "model", "device", "label", "x_unit", "x", "repeat"]
+    return frame.sort_values(columns, na_position="last").reset_index(drop=True)
+
+
+def mark_eligible(frame: pd.DataFrame, include_invalid: bool = False) -> pd.DataFrame:
+    """Adds `eligible`: ok runs with a decode rate, INVALID ones only when asked for."""
+    ok = (frame["status"] == "ok") & frame["decode_tokens_per_s"].notna()
+    frame["eligible"] = ok if include_invalid else ok & ~frame["invalid"]
+    return frame
 
 
 def belady_bounds(runs: list[Run]) -> tuple[dict[str, float], str | None]:
-    """Decode hit rate of Belady's optimum at each run's capacity, by run_id; and why it is missing, if it is."""
+    """Decode hit rate of Belady's optimum at each run's capacity, by Run.uid; and why it is missing, if it is."""
     try:
         from harness.trace.schema import read_trace
         from harness.trace.simulate import simulate
     except ImportError as exc:
         return {}, f"bound unavailable: trace simulator missing ({exc})"
-    bounds: dict[str, float] = {}
+    bounds: dict[str, float] = {}  # by Run.uid
     problems: list[str] = []
     for run in runs:
         resolved = run.result.get("resolved") or {}
@@ -163,7 +220,7 @@ def belady_bounds(runs: list[Run]) -> tuple[dict[str, float], str | None]:
             continue
         try:
             replay = simulate(read_trace(trace_path), "belady", int(slots), resolved.get("scope") or "per-layer")
-            bounds[run.run_id] = replay.total("decode").hit_rate
+            bounds[run.uid] = replay.total("decode").hit_rate
         except (HarnessError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{run.run_id}: {exc}")
     if problems:

@@ -19,7 +19,7 @@ import pandas as pd
 from cycler import cycler
 
 from harness.report.load import Run
-from harness.units import format_bytes
+from harness.report.rank import Estimate
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +41,43 @@ class Figure:
     caption: str = ""
 
 
-def _panels(ok: pd.DataFrame) -> list[tuple[str, str]]:
-    return sorted({(str(m), str(d)) for m, d in zip(ok["model"], ok["device"], strict=True)})
+Panel = tuple[str, str, str, str]  # machine, model, SSD, unit of the x axis
 
 
-def _budget_axis_label(frame: pd.DataFrame) -> str:
-    if frame["ram_budget_bytes"].notna().all():
-        return "RAM budget (GiB)"
-    return "RAM budget, or expert-cache size where none (GiB)"
+def _panels(ok: pd.DataFrame) -> list[Panel]:
+    """One panel per machine x model x SSD (and x unit: a budget sweep and a cache-share sweep never share axes)."""
+    keys = zip(ok["machine"], ok["model"], ok["device"], ok["x_unit"], strict=True)
+    return sorted({(str(h), str(m), str(d), str(u)) for h, m, d, u in keys})
+
+
+def _in_panel(frame: pd.DataFrame, panel: Panel) -> pd.DataFrame:
+    machine, model, device, unit = panel
+    same = (frame["machine"] == machine) & (frame["model"] == model) & (frame["device"] == device)
+    return frame[same & (frame["x_unit"] == unit)]
+
+
+def _panel_title(panel: Panel, frame: pd.DataFrame) -> str:
+    machine, model, device, _ = panel
+    return f"{model} on {device} ({machine})" if frame["machine"].nunique() > 1 else f"{model} on {device}"
 
 
 def _spread_lines(ax: plt.Axes, frame: pd.DataFrame, column: str, scale: float = 1.0) -> None:
-    """Mean per (policy, budget) as a line, min..max over repeats as error bars, every run as a dot."""
+    """Mean per (policy, x) as a line, its 95% t-interval over repeats as error bars, every run as a dot."""
     for label, group in frame.groupby("label", sort=True):
-        data = group.dropna(subset=["budget_bytes", column])
+        data = group.dropna(subset=["x", column])
         if data.empty:
             continue
-        x = data["budget_bytes"] / GIB
-        y = data[column] * scale
-        stats = pd.DataFrame({"x": x, "y": y}).groupby("x")["y"].agg(["mean", "min", "max"]).sort_index()
+        points = sorted((float(x), Estimate.of(g[column] * scale)) for x, g in data.groupby("x"))
+        xs = [x for x, _ in points]
         line = ax.errorbar(
-            stats.index,
-            stats["mean"],
-            yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+            xs,
+            [e.mean for _, e in points],
+            yerr=[e.half_width or 0.0 for _, e in points],
             marker="o",
             capsize=3,
             label=str(label),
         )
-        ax.scatter(x, y, s=10, alpha=0.35, color=line[0].get_color())
+        ax.scatter(data["x"], data[column] * scale, s=10, alpha=0.35, color=line[0].get_color())
 
 
 def _grid(n: int, width: float = 8.5, height: float = 4.5) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -91,41 +100,41 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
 def metric_vs_budget(
     frame: pd.DataFrame, out: Path, key: str, column: str, ylabel: str, title: str, scale: float = 1.0
 ) -> Figure:
-    """One panel per model x device: `column` against the budget, one line per policy."""
-    ok = frame[(frame["status"] == "ok") & frame[column].notna() & frame["budget_bytes"].notna()]
+    """One panel per machine x model x SSD: `column` against the sweep's axis, one line per policy."""
+    ok = frame[frame["eligible"] & frame[column].notna() & frame["x"].notna()]
     if ok.empty:
-        return Figure(key, title, None, f"no successful run has {column}")
+        return Figure(key, title, None, f"no ranked run has {column}")
     panels = _panels(ok)
     fig, axes = _grid(len(panels))
-    for ax, (model, device) in zip(axes, panels, strict=True):
-        _spread_lines(ax, ok[(ok["model"] == model) & (ok["device"] == device)], column, scale)
-        ax.set_title(f"{model} on {device}")
-        ax.set_xlabel(_budget_axis_label(ok))
+    for ax, panel in zip(axes, panels, strict=True):
+        _spread_lines(ax, _in_panel(ok, panel), column, scale)
+        ax.set_title(_panel_title(panel, ok))
+        ax.set_xlabel(panel[3])
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    caption = "Mean per policy and budget; bars span min..max over repeats; dots are single runs."
+    caption = "Mean per policy; bars: 95% t-interval over repeats (none for a single run); dots: single runs."
     return Figure(key, title, _save(fig, out, f"{key}.png"), caption)
 
 
 def hit_rate_vs_budget(frame: pd.DataFrame, out: Path, bounds: dict[str, float], bound_note: str | None) -> Figure:
-    """Decode hit rate against the budget per policy, with Belady's optimum replayed from the runs' traces."""
+    """Decode hit rate against the sweep's axis per policy, with Belady's optimum replayed from the runs' traces."""
     title = "Decode hit rate vs RAM budget"
-    ok = frame[(frame["status"] == "ok") & frame["hit_rate_decode"].notna() & frame["budget_bytes"].notna()]
+    ok = frame[frame["eligible"] & frame["hit_rate_decode"].notna() & frame["x"].notna()]
     if ok.empty:
-        return Figure("hit_rate", title, None, "no successful run has a decode hit rate")
-    ok = ok.assign(belady=ok["run_id"].map(bounds))
+        return Figure("hit_rate", title, None, "no ranked run has a decode hit rate")
+    ok = ok.assign(belady=ok["uid"].map(bounds))
     panels = _panels(ok)
     fig, axes = _grid(len(panels))
-    for ax, (model, device) in zip(axes, panels, strict=True):
-        panel = ok[(ok["model"] == model) & (ok["device"] == device)]
-        _spread_lines(ax, panel, "hit_rate_decode")
-        bound = panel.dropna(subset=["belady"]).groupby("budget_bytes")["belady"].mean().sort_index()
+    for ax, panel in zip(axes, panels, strict=True):
+        data = _in_panel(ok, panel)
+        _spread_lines(ax, data, "hit_rate_decode")
+        bound = data.dropna(subset=["belady"]).groupby("x")["belady"].mean().sort_index()
         if not bound.empty:
-            ax.plot(bound.index / GIB, bound.values, "k--", label="Belady (optimum)")
+            ax.plot(bound.index, bound.values, "k--", label="Belady (optimum)")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{model} on {device}")
-        ax.set_xlabel(_budget_axis_label(ok))
+        ax.set_title(_panel_title(panel, ok))
+        ax.set_xlabel(panel[3])
         ax.set_ylabel("decode hit rate")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
@@ -159,40 +168,68 @@ def _decode_intervals(run: Run) -> np.ndarray:
 
 
 def latency(frame: pd.DataFrame, runs: dict[str, Run], out: Path) -> Figure:
-    """Time to first token per configuration, and the distribution of per-token decode latency."""
+    """Time to first token and per-token decode latency, one pair of panels per machine x model x SSD.
+
+    Inside a panel, boxes are grouped by the sweep's x value (one tick each) and coloured by policy
+    (one legend), so a sweep of a dozen policies at three budgets has three tick labels, not 36.
+    """
     title = "Time to first token and per-token latency"
-    ok = frame[frame["status"] == "ok"]
+    ok = frame[frame["eligible"] & frame["x"].notna()]
     if ok.empty:
-        return Figure("latency", title, None, "no successful run")
-    configs = ok.groupby(["model", "device", "label", "budget_bytes"], dropna=False, sort=True)
-    names, ttft, dists = [], [], []
-    for (model, device, label, budget), group in configs:
-        shown = "no budget" if pd.isna(budget) else format_bytes(budget)
-        names.append(f"{model}/{device}\n{label} @ {shown}")
-        ttft.append(group["ttft_p50_s"].dropna().to_numpy())
-        samples = [_decode_intervals(runs[r]) for r in group["run_id"]]
-        dists.append(np.concatenate(samples) if samples else np.array([]))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(names) + 2), 8), sharex=True)
-    positions = np.arange(len(names))
-    for i, values in enumerate(ttft):
-        if len(values):
-            top.scatter([i] * len(values), values, color="C0", s=18)
-    top.set_ylabel("time to first token,\np50 per run (s)")
-    top.grid(True, alpha=0.3)
-    drawn = [(i, d) for i, d in enumerate(dists) if len(d)]
-    if drawn:
-        bottom.boxplot([d * 1e3 for _, d in drawn], positions=[i for i, _ in drawn], showfliers=True)
+        return Figure("latency", title, None, "no ranked run")
+    panels = _panels(ok)
+    labels = sorted(ok["label"].astype(str).unique())
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    cols = min(len(panels), 2)
+    rows = (len(panels) + cols - 1) // cols
+    width = max(7.0, 0.35 * len(labels) * ok["x"].nunique() + 2)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(width * cols, 7 * rows), squeeze=False)
+    for i in range(len(panels), rows * cols):
+        axes[2 * (i // cols), i % cols].set_visible(False)
+        axes[2 * (i // cols) + 1, i % cols].set_visible(False)
+    slot = 0.8 / len(labels)
+    for i, panel in enumerate(panels):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        data = _in_panel(ok, panel)
+        xs = sorted(data["x"].unique())
+        for j, label in enumerate(labels):
+            mine = data[data["label"] == label]
+            for k, x in enumerate(xs):
+                group = mine[mine["x"] == x]
+                if group.empty:
+                    continue
+                pos = k - 0.4 + slot * (j + 0.5)
+                ttft = group["ttft_p50_s"].dropna().to_numpy()
+                top.scatter([pos] * len(ttft), ttft, color=colours[label], s=18)
+                samples = np.concatenate([_decode_intervals(runs[u]) for u in group["uid"]] or [np.array([])])
+                if len(samples):
+                    box = bottom.boxplot(
+                        [samples * 1e3],
+                        positions=[pos],
+                        widths=slot * 0.8,
+                        patch_artist=True,
+                        showfliers=True,
+                        medianprops={"color": "black"},
+                    )
+                    box["boxes"][0].set_facecolor(colours[label])
+                else:
+                    bottom.scatter([pos], group["token_latency_p50_s"].mean() * 1e3, marker="_", s=200, color="k")
+        ticks = [f"{x:g}" for x in xs]
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(xs)), ticks)
+            ax.set_xlim(-0.5, len(xs) - 0.5)
+            ax.grid(True, alpha=0.3)
+        top.set_title(_panel_title(panel, ok))
+        top.set_ylabel("time to first token,\np50 per run (s)")
         bottom.set_yscale("log")
-    else:
-        p50 = ok.groupby(["model", "device", "label", "budget_bytes"], dropna=False, sort=True)[
-            "token_latency_p50_s"
-        ].mean()
-        bottom.scatter(positions, p50.to_numpy() * 1e3, marker="_", s=200, label="p50 (no token events)")
-        bottom.legend(fontsize=8)
-    bottom.set_xticks(positions, names, fontsize=7, rotation=30, ha="right")
-    bottom.set_ylabel("decode token latency (ms)")
-    bottom.grid(True, alpha=0.3)
-    caption = "Top: one dot per run. Bottom: every decode token of every run of the configuration (from events)."
+        bottom.set_ylabel("decode token latency (ms)")
+        bottom.set_xlabel(panel[3])
+    handles = [plt.Line2D([], [], color=colours[label], marker="s", ls="", label=label) for label in labels]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="policy / strategy")
+    caption = (
+        "Top: one dot per run. Bottom: every decode token of every run of the configuration (from events); "
+        "a black bar is a run's p50 where it recorded no token events."
+    )
     return Figure("latency", title, _save(fig, out, "latency.png"), caption)
 
 
@@ -222,10 +259,10 @@ def _phase_spans(events: pd.DataFrame) -> list[tuple[float, float, str]]:
 
 def timeline(run: Run, out: Path) -> Figure:
     """Disk MB/s, memory, CPU and GPU over the run's wall time, prefill and decode shaded."""
-    title = f"Telemetry of {run.run_id}"
+    title = f"Telemetry of {run.run_id} ({run.machine})"
     path = run.file("timeline", "timeline.parquet")
     if not path.is_file():
-        return Figure(f"timeline-{run.run_id}", title, None, "the run has no timeline.parquet")
+        return Figure(f"timeline-{run.uid}", title, None, "the run has no timeline.parquet")
     tl = pd.read_parquet(path)
     events_path = run.file("events", "events.parquet")
     events = pd.read_parquet(events_path) if events_path.is_file() else None
@@ -278,7 +315,7 @@ def timeline(run: Run, out: Path) -> Figure:
     if not gpu_cols:
         reason = ((run.result.get("telemetry") or {}).get("gpu") or {}).get("reason")
         caption += f" No GPU columns: {reason or 'no GPU telemetry'}."
-    return Figure(f"timeline-{run.run_id}", title, _save(fig, out, f"timeline-{run.run_id}.png"), caption.strip())
+    return Figure(f"timeline-{run.uid}", title, _save(fig, out, f"timeline-{run.uid}.png"), caption.strip())
 
 
 def heatmap(run: Run, out: Path) -> Figure:
@@ -286,14 +323,14 @@ def heatmap(run: Run, out: Path) -> Figure:
     from harness.errors import HarnessError
     from harness.trace.schema import read_trace
 
-    title = f"Expert accesses of {run.run_id}"
+    title = f"Expert accesses of {run.run_id} ({run.machine})"
     path = run.file("trace", "trace.parquet")
     if not path.is_file():
-        return Figure(f"heatmap-{run.run_id}", title, None, "the run has no trace.parquet")
+        return Figure(f"heatmap-{run.uid}", title, None, "the run has no trace.parquet")
     try:
         trace = read_trace(path)
     except HarnessError as exc:
-        return Figure(f"heatmap-{run.run_id}", title, None, str(exc))
+        return Figure(f"heatmap-{run.uid}", title, None, str(exc))
     counts = np.zeros((len(trace.meta.moe_layers), trace.meta.num_experts), dtype=np.int64)
     for seq in trace.sequences:
         for li in range(counts.shape[0]):
@@ -305,7 +342,7 @@ def heatmap(run: Run, out: Path) -> Figure:
     ax.set_yticks(range(len(trace.meta.moe_layers)), [str(x) for x in trace.meta.moe_layers], fontsize=7)
     fig.colorbar(image, ax=ax, label="accesses (token x top-k selections)")
     ax.set_title(f"{trace.meta.model}: {trace.num_rows} rows, top-{trace.meta.top_k} of {trace.meta.num_experts}")
-    return Figure(f"heatmap-{run.run_id}", title, _save(fig, out, f"heatmap-{run.run_id}.png"))
+    return Figure(f"heatmap-{run.uid}", title, _save(fig, out, f"heatmap-{run.uid}.png"))
 
 
 def ssd_profiles(profile_paths: list[Path], out: Path) -> list[Figure]:

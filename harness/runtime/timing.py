@@ -10,8 +10,15 @@ import numpy as np
 from harness.results import Validity
 from harness.runtime.generation import SequenceLog
 
+# A run needs both a minimum count and a minimum duration, as MLPerf loadgen (min_query_count and min_duration,
+# mlperf.conf: 1024 queries and 600 s for SingleStream) and optimum-benchmark (InferenceConfig `iterations` and
+# `duration`: at least 10 iterations and 10 s by default) require before a result counts. The values below are
+# scaled to a desktop sweep of dozens of cells x 3 repeats, where repeats, not one long run, bound the noise.
 MIN_STEADY_DECODE_STEPS = 16
 """Fewer steady-state decode steps than this make tokens/s and latency percentiles unreliable."""
+MIN_STEADY_DECODE_S = 5.0
+"""Steady-state decode shorter than this (seconds) is INVALID: at the default 10 Hz telemetry it spans 50 samples,
+and a disk or CPU frequency hiccup of a few hundred ms moves tokens/s by under 10%."""
 
 
 def percentiles(values: list[float] | np.ndarray, qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
@@ -29,6 +36,11 @@ def timing_metrics(logs: list[SequenceLog], warmup_steps: int, load_s: float, va
     if len(steady) < MIN_STEADY_DECODE_STEPS:
         validity.fail(
             f"only {len(steady)} steady-state decode steps (< {MIN_STEADY_DECODE_STEPS})",
+            "raise --max-new-tokens or use more prompts",
+        )
+    if steady and sum(steady) < MIN_STEADY_DECODE_S:
+        validity.fail(
+            f"steady-state decode lasted {sum(steady):.2f} s (< {MIN_STEADY_DECODE_S:g} s)",
             "raise --max-new-tokens or use more prompts",
         )
     return {

@@ -24,6 +24,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.iomem import base_page_note, thp_mode
+from harness.models.locate import pack_paths
 from harness.paths import check_output_file
 from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
@@ -38,7 +39,7 @@ from harness.ssd.target import (
     remove_test_file,
     scratch_path,
 )
-from harness.store.layout import ALIGN_BYTES, INDEX_FILE, PACK_DIR, align_up
+from harness.store.layout import ALIGN_BYTES, align_up
 from harness.units import format_bytes, parse_size
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,11 @@ class ProfileRequest:
 def expert_bytes_from_model(model_dir: str | Path) -> int:
     """Bytes the store reads for one expert of the model in `model_dir`, 4 KiB aligned.
 
-    From the packed index (`packed/index.json`, stride_bytes) when the model is packed; else from
+    From the packed index (`index.json` of the pack, stride_bytes) when the model is packed; else from
     config.json: hidden_size x (moe_intermediate_size or intermediate_size) x 3 matrices (gate,
     up, down) x the dtype's bytes, rounded up to the packer's alignment.
     """
-    index_path = Path(model_dir) / PACK_DIR / INDEX_FILE
+    index_path = pack_paths(Path(model_dir))["index"]
     if index_path.is_file():
         return int(json.loads(index_path.read_text())["stride_bytes"])
     config_path = Path(model_dir) / "config.json"

@@ -1,5 +1,10 @@
 """Format of the packed expert store: `experts.bin` (each (layer, expert) one contiguous, 4 KiB-aligned
 blob holding gate_up_proj then down_proj in the in-memory layout of transformers) and `index.json`.
+
+Format 2: each entry carries the xxh3-64 of its blob's payload, seeded with its (layer, expert) so that
+an index whose entries were relabelled fails too (`harness.store.checksum`); the index records where
+the pack came from (checkpoint files, the config fields that shape experts, the non-expert weights'
+hash). Format 1 (CRC32, never checked on read) is re-packed.
 """
 
 from __future__ import annotations
@@ -8,9 +13,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from harness.errors import HarnessError
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 ALIGN_BYTES = 4096
 """Blob alignment and stride granularity: the largest logical block size of common SSDs, as O_DIRECT needs."""
 PACK_DIR = "packed"
@@ -38,7 +45,8 @@ class ExpertEntry:
     expert: int
     offset: int
     """Byte offset of the blob in experts.bin (a multiple of ALIGN_BYTES)."""
-    crc32: int
+    xxh3: str
+    """xxh3-64 of the blob's payload (padding excluded) seeded with (layer, expert), 16 hex digits."""
 
 
 @dataclass
@@ -58,6 +66,10 @@ class PackIndex:
     dense_bytes: int
     source_fingerprint: dict[str, list[int]]
     """checkpoint file name -> [size, mtime_ns]: a re-pack is needed when it changes."""
+    source_config: dict[str, object]
+    """The config.json fields that shape experts and weights, as packed: a run refuses a config changed since."""
+    dense_xxh3: str
+    """xxh3-128 of dense.safetensors (the non-expert weights), 32 hex digits."""
     format_version: int = STORE_FORMAT_VERSION
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -66,6 +78,13 @@ class PackIndex:
 
     def __post_init__(self) -> None:
         self._by_key = {(e.layer, e.expert): e for e in self.entries}
+
+    def experts_digest(self) -> str:
+        """Content identity of all expert bytes: xxh3-128 over every entry's key and checksum, in key order
+        (derived from the index, so cheap; the checksums were computed from the bytes when packing)."""
+        ordered = sorted(self.entries, key=lambda e: (e.layer, e.expert))
+        lines = "".join(f"{e.layer}:{e.expert}:{e.xxh3}\n" for e in ordered)
+        return xxhash.xxh3_128_hexdigest(lines.encode())
 
     @property
     def total_expert_bytes(self) -> int:
@@ -81,6 +100,12 @@ class PackIndex:
     def load(cls, path: Path) -> PackIndex:
         try:
             data = json.loads(Path(path).read_text())
+            version = data.get("format_version") if isinstance(data, dict) else None
+            if version != STORE_FORMAT_VERSION:
+                raise HarnessError(
+                    f"{path} has store format {version}, this harness reads {STORE_FORMAT_VERSION} (per-read "
+                    "xxh3 checksums and provenance); re-run `harness model pack` to re-pack it"
+                )
             data["tensors"] = [TensorSlot(**t) for t in data["tensors"]]
             data["entries"] = [ExpertEntry(**e) for e in data["entries"]]
             index = cls(**data)
@@ -88,6 +113,4 @@ class PackIndex:
             raise HarnessError(f"{path} not found: run `harness model pack` on the model first") from None
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HarnessError(f"{path} is not a valid expert index ({exc}); re-run `harness model pack`") from None
-        if index.format_version != STORE_FORMAT_VERSION:
-            raise HarnessError(f"{path} has store format {index.format_version}; re-run `harness model pack`")
         return index

@@ -1,6 +1,8 @@
 """Reads expert blobs from the packed file into aligned memory: O_DIRECT, or buffered with the file
 dropped from the page cache where O_DIRECT is impossible (tmpfs, some filesystems), so that a read
-counted as an SSD read never comes from the page cache."""
+counted as an SSD read never comes from the page cache. Every read is verified against the index's
+checksum before it returns (`harness.store.checksum.verify_expert`); `verify_expert_file` checks a
+whole file once per process."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Literal
 from harness.errors import HarnessError
 from harness.iomem import IoBuffer
 from harness.keys import ExpertKey
+from harness.store.checksum import REPACK, check_extent, verify_expert
 from harness.store.layout import PackIndex
 
 log = logging.getLogger(__name__)
@@ -50,10 +53,18 @@ class AlignedPool:
 
 
 class ExpertReader:
-    """One open descriptor on experts.bin; `read_into` is thread-safe (positional reads)."""
+    """One open descriptor on experts.bin; `read_into` is thread-safe (positional reads). The file's size
+    and the index's entries are checked when it opens; each read's bytes when they arrive. `remedy` ends
+    the error message of a failed check."""
 
-    def __init__(self, path: Path, index: PackIndex, engine: Literal["auto", "direct", "buffered"] = "auto") -> None:
-        self.path, self.index = Path(path), index
+    def __init__(
+        self,
+        path: Path,
+        index: PackIndex,
+        engine: Literal["auto", "direct", "buffered"] = "auto",
+        remedy: str = REPACK,
+    ) -> None:
+        self.path, self.index, self.remedy = Path(path), index, remedy
         if not self.path.is_file():
             raise HarnessError(f"expert file {self.path} does not exist; run `harness model pack` first")
         self.fd = -1
@@ -74,6 +85,11 @@ class ExpertReader:
             self.engine = "buffered-dropped"
             self.fallback_reason = self.fallback_reason or "buffered reads requested"
             self.drop_cache()
+        try:
+            check_extent(self.path, index, os.fstat(self.fd).st_size, remedy)
+        except HarnessError:
+            self.close()
+            raise
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> None:
         """Evict (part of) the file from the page cache so the next read goes to the device."""
@@ -86,14 +102,38 @@ class ExpertReader:
         end = time.perf_counter_ns()
         if got != len(buffer):
             raise HarnessError(
-                f"short read of layer {key[0]} expert {key[1]} from {self.path}: {got} bytes of "
-                f"{len(buffer)}; the expert file is truncated, re-run `harness model pack`"
+                f"{self.path}: short read of layer {key[0]} expert {key[1]} at offset {entry.offset}: {got} bytes "
+                f"of {len(buffer)}; the expert file was truncated, {self.remedy}"
             )
         if self.engine == "buffered-dropped":
             self.drop_cache(entry.offset, len(buffer))
+        verify_expert(self.path, self.index, entry, buffer, self.remedy)
         return IoRecord(key, got, start, end)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_verified: set[tuple[object, ...]] = set()
+"""Files this process verified in full, by identity: device, inode, size, mtime and ctime (any write
+through the filesystem changes ctime, so a file changed since is checked again) and its index."""
+
+
+def verify_expert_file(path: Path, index: PackIndex, remedy: str = REPACK) -> None:
+    """Read every blob of `path` (in file order, O_DIRECT where allowed, so the page cache is not filled)
+    and verify it; once per process for an unchanged file. Raises the one-line HarnessError of the first
+    entry that fails."""
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, index.experts_digest())
+    if identity in _verified:
+        return
+    reader = ExpertReader(path, index, "auto", remedy)
+    try:
+        buffer = IoBuffer(index.stride_bytes)
+        for entry in sorted(index.entries, key=lambda e: e.offset):
+            reader.read_into((entry.layer, entry.expert), buffer.view)
+    finally:
+        reader.close()
+    _verified.add(identity)

@@ -45,6 +45,8 @@ def result_rows(run: SimulationRun) -> list[dict[str, object]]:
                         "misses_per_token": result.misses_per_token(counted) if per_token else None,
                         "bytes_read_per_token": result.bytes_read_per_token(counted) if per_token else None,
                         "heldout_only": run.heldout_only,
+                        "split": run.split,
+                        "bound": result.policy in ORACLES,
                         "replay_s": result.elapsed_s,
                     }
                 )
@@ -78,6 +80,8 @@ def summary(run: SimulationRun) -> dict[str, object]:
         "reset": run.reset,
         "sequences": run.seq_ids,
         "heldout_only": run.heldout_only,
+        "split": run.split,
+        "bounds": [p for p in ORACLES if any(r.policy == p for r in run.results)],
         "notes": run.notes,
         "policies": {r.policy: r.description for r in run.results},
     }
@@ -97,7 +101,7 @@ def plot_hit_rates(run: SimulationRun, frame: pd.DataFrame, path: Path) -> Path:
         ax.plot(
             group["capacity_pct"],
             group["hit_rate"],
-            linestyle="--" if oracle else "-",
+            linestyle=":" if policy == "static-oracle" else "--" if oracle else "-",
             color="black" if policy == "belady" else "grey" if oracle else None,
             marker="o",
             label=f"{policy} (bound)" if oracle else policy,
@@ -105,7 +109,9 @@ def plot_hit_rates(run: SimulationRun, frame: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("capacity (% of the experts a cache group holds)")
     ax.set_ylabel("hit rate")
     title = f"{run.meta.model}: {run.scope}, phase {run.phase}, reset {run.reset}"
-    if run.heldout_only:
+    if run.split is not None:
+        title += f", held-out part of split {run.split}"
+    elif run.heldout_only:
         title += ", held-out sequences"
     ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,10 +26,12 @@ from harness import units
 from harness.cache.book import AccessCounts, ExpertCacheBook
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.flashmoe import load_model
+from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
 from harness.keys import PHASES, ExpertKey, Phase, Scope
 from harness.trace.schema import PHASE_NAMES, Trace, TraceMeta, read_trace
+from harness.trace.split import parse_split, split_trace
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +210,7 @@ def run_replay(
         if cls.needs_future:
             extra["future"] = stream.future()
         book = ExpertCacheBook(replay.layers, capacity_slots, scope, policy_factory(policy_spec, seed, **extra))
-        account = book.account
-        for layer, keys, now, phase in stream.calls:
-            account(layer, keys, now, phase)
+        book.account_stream(stream.calls)
         for p in PHASES:
             tokens[p] += stream.tokens[p]
             for layer, c in book.counts[p].items():
@@ -261,8 +261,31 @@ def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope)
     return slots
 
 
-ORACLES = ("belady", "belady-bypass")
-"""Always replayed beside the requested policies: the bounds every comparison is drawn against."""
+Grid = Callable[[Replay, list[tuple[str, int]], Scope, int, FrequencyProfile | None], list[SimulationResult]]
+"""Replays (policy, capacity) cells of one prepared trace; results in the order of the cells."""
+
+
+def serial_grid(
+    replay: Replay, cells: list[tuple[str, int]], scope: Scope, seed: int, profile: FrequencyProfile | None
+) -> list[SimulationResult]:
+    return [run_replay(replay, spec, capacity, scope, seed, profile=profile) for spec, capacity in cells]
+
+
+ORACLES = ("belady", "belady-bypass", "static-oracle")
+"""Always replayed beside the requested policies: the bounds every comparison is drawn against (Belady: the
+optimum with the future; the static-frequency oracle: the best fixed set of experts)."""
+
+
+def profile_of(replay: Replay, source: str = "") -> FrequencyProfile:
+    """Accesses per key and token steps per layer over every stream of a prepared replay."""
+    return FrequencyProfile.from_calls(
+        ((layer, keys) for stream in replay.streams for layer, keys, _, _ in stream.calls), source
+    )
+
+
+def trace_profile(path: str | Path) -> FrequencyProfile:
+    """The frequency profile of a whole trace file (all phases, one stream): `static:PATH` and the like."""
+    return profile_of(build_replay(read_trace(path)), str(path))
 
 
 @dataclass
@@ -278,6 +301,8 @@ class SimulationRun:
     heldout_only: bool
     results: list[SimulationResult]
     notes: list[str]
+    split: str | None = None
+    """The held-out protocol (`seq:N`, `frac:F`) when the scores are of the held-out part only."""
 
 
 def run_simulation(
@@ -289,34 +314,59 @@ def run_simulation(
     reset: Reset = "never",
     seed: int = 0,
     expert_bytes: int | None = None,
+    split: str | None = None,
+    grid: Grid | None = None,
 ) -> SimulationRun:
     """The `harness simulate` matrix. A FlashMoE model trained on this very trace restricts every
-    policy to the sequences it held out, so the comparison never uses what the network has seen."""
+    policy to the sequences it held out, so the comparison never uses what the network has seen.
+    With `split` (`harness.trace.split`), profile-based policies profile the training part and every
+    policy, the bounds included, is scored on the held-out part only. `grid` replays the (policy,
+    capacity) cells (default: one after the other here; harness.cluster: on Ray)."""
     if scope not in SCOPES:
         raise HarnessError(f"unknown cache scope {scope!r}: use per-layer or global")
     trace = read_trace(trace_path)
+    parsed = parse_split(split) if split is not None else None
     specs = list(dict.fromkeys(p.strip() for p in policies if p.strip()))
     if not specs:
         raise HarnessError("no policy given: e.g. --policy lru,lfu")
     specs += [o for o in ORACLES if o not in specs]
+    fingerprint = trace_fingerprint(trace)  # of the whole trace, as `harness policy train` records it
+    profile: FrequencyProfile | None = None
+    notes: list[str] = []
+    if parsed is not None:
+        train_part, trace = split_trace(trace, parsed)
+        profile = profile_of(build_replay(train_part, phase), f"{trace_path} ({parsed}, training part)")
+        notes.append(
+            f"held-out protocol {parsed}: scores are of the held-out part only, replayed into an empty cache; "
+            "profile-based policies were profiled on the training part"
+        )
     for spec in specs:
         if not policy_class(spec).needs_future:
-            policy_factory(spec, seed)(1)  # a bad argument (lfu-window:x, lru:3) fails now, not after a replay
-    fingerprint = trace_fingerprint(trace)
+            # A bad argument (lfu-window:x, lru:3) or a missing profile fails now, not after a replay.
+            policy_factory(spec, seed, profile=profile)(1)
+        if policy_class(spec).profiled and ":" in spec and parsed is None:
+            notes.append(f"{spec}: profiled on {spec.split(':', 1)[1]}; honest only where that is another trace")
     sequences: set[int] | None = None
-    notes: list[str] = []
     for spec in specs:
         if policy_class(spec).name != "flashmoe":
             continue
         model = load_model(spec.split(":", 1)[1]) if ":" in spec else None
         if model is None:
             raise HarnessError("flashmoe needs a model file: flashmoe:PATH (train one with `harness policy train`)")
-        if model.meta.get("trace_fingerprint") == fingerprint:
+        if model.meta.get("trace_fingerprint") == fingerprint and "heldout_sequences" not in model.meta:
+            trained_split = model.meta.get("split")
+            if parsed is None or str(parsed) != trained_split:
+                raise HarnessError(
+                    f"{spec} was trained on the training part of split {trained_split} of this trace: "
+                    f"replay with --split {trained_split} so that it is scored on held-out steps only"
+                )
+        elif model.meta.get("trace_fingerprint") == fingerprint:
             heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[attr-defined]
             sequences = heldout if sequences is None else sequences & heldout
         else:
             notes.append(f"{spec}: trained on another trace ({model.meta.get('trace')}); all sequences replayed")
     if sequences is not None:
+        sequences &= {s.seq_id for s in trace.sequences}  # with --split, of the held-out part only
         if not sequences:
             raise HarnessError("the FlashMoE models share no held-out sequence of this trace: nothing honest to replay")
         notes.append(
@@ -329,12 +379,17 @@ def run_simulation(
     if not replay.expert_bytes:
         notes.append("expert size unknown (trace expert_bytes = 0): bytes per token not reported; use --expert-bytes")
     slots = parse_capacities(capacities, trace.meta.num_experts, len(replay.layers), scope)
-    results = []
-    for spec in specs:
-        for capacity in slots:
-            result = run_replay(replay, spec, capacity, scope, seed)
-            log.info("%s @ %d slots: hit rate %.4f (%.2fs)", spec, capacity, result.hit_rate, result.elapsed_s)
-            results.append(result)
+    results = (grid or serial_grid)(
+        replay, [(spec, capacity) for spec in specs for capacity in slots], scope, seed, profile
+    )
+    for result in results:
+        log.info(
+            "%s @ %d slots: hit rate %.4f (%.2fs)",
+            result.policy,
+            result.capacity_slots,
+            result.hit_rate,
+            result.elapsed_s,
+        )
     return SimulationRun(
         trace_path=str(trace_path),
         meta=trace.meta,
@@ -342,7 +397,8 @@ def run_simulation(
         phase=phase,
         reset=reset,
         seq_ids=replay.seq_ids,
-        heldout_only=sequences is not None,
+        heldout_only=sequences is not None or parsed is not None,
         results=results,
         notes=notes,
+        split=None if parsed is None else str(parsed),
     )

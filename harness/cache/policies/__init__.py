@@ -1,3 +1,19 @@
 """Built-in policies, one per module; importing this package registers them all."""
 
-from harness.cache.policies import arc, belady, flashmoe, lecar, lfu, lru, random_policy  # noqa: F401
+from harness.cache.policies import (  # noqa: F401
+    arc,
+    belady,
+    flashmoe,
+    fwlru,
+    layered,
+    lecar,
+    lfu,
+    lrfu,
+    lrfu_admit,
+    lru,
+    random_policy,
+    reuse_logit,
+    s3fifo,
+    sieve,
+    static,
+)

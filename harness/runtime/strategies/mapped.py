@@ -6,6 +6,10 @@ from the SSD on first touch or after reclaim. Tensors over the map are views (no
 from the SSD for mapped access are this process's device reads (/proc/self/io), sampled at every
 prefill/decode boundary, never inferred from accesses. Pinned slots are filled with O_DIRECT reads,
 counted like the expert cache's.
+
+Verified bytes: pinned reads are checked like every reader read; a mapped expert is checked on its
+first touch in the run (the checksum reads it whole, as the compute would), once per run: pages the
+kernel drops and reads again later are not checked again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from harness.keys import PHASES, ExpertKey, Phase, Scope
 from harness.runtime.expert_cache import IoStats, slot_views
 from harness.runtime.offloaded import ExpertWeights
 from harness.runtime.strategies.base import Strategy
+from harness.store.checksum import verify_expert
 from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader
 from harness.telemetry.phase_io import PhaseReadBytes
@@ -73,6 +78,9 @@ class MappedExperts:
         # neighbouring experts); each needed expert is asked for whole with MADV_WILLNEED instead.
         self._map.madvise(mmap.MADV_RANDOM)
         self._mapped = slot_views(self._map, index, len(index.entries))
+        self._bytes = memoryview(self._map)
+        self._verified: set[ExpertKey] = set()
+        self.experts_file = Path(experts_file)
         self._position = {(e.layer, e.expert): e.offset // index.stride_bytes for e in index.entries}
         self.mapped_accesses = dict.fromkeys(PHASES, 0)
         # Device reads through the map, per phase; the pinned tier's own O_DIRECT reads are excluded
@@ -84,9 +92,14 @@ class MappedExperts:
         return self.book.total_slots * self.index.stride_bytes
 
     def mapped(self, key: ExpertKey) -> ExpertWeights:
-        """Views of `key` in the mapped file; asks the kernel to read the whole expert now."""
+        """Views of `key` in the mapped file; asks the kernel to read the whole expert now, and verifies
+        it on its first touch."""
         entry = self.index.entry(*key)
         self._map.madvise(mmap.MADV_WILLNEED, entry.offset, self.index.stride_bytes)
+        if key not in self._verified:
+            end = entry.offset + self.index.stride_bytes
+            verify_expert(self.experts_file, self.index, entry, self._bytes[entry.offset : end], self.reader.remedy)
+            self._verified.add(key)
         return self._mapped[self._position[key]]
 
     def pin(self, key: ExpertKey, now: int, phase: Phase) -> bool:
@@ -143,6 +156,7 @@ class MappedExperts:
 
     def close(self) -> None:
         self._mapped.clear()
+        self._bytes.release()
         # The map closes when the last tensor view of it is gone; closing it now would fail while the
         # model's autograd-free graph may still hold a view.
 

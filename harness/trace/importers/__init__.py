@@ -5,6 +5,9 @@
   probability in the k selected columns, 0 elsewhere). Rows are tokens in stream order.
 - vLLM MoE-logger JSONL: a `meta` line, then one `route` line per (token row, layer); one file per layer or
   all layers in one. The warm-up profiling block is dropped (and counted), step boundaries are rebuilt.
+
+Further formats live in one module each (route_jsonl, vllm_routed, prompt_csv, megatron); `import_trace`
+dispatches to all of them by name.
 """
 
 from __future__ import annotations
@@ -13,20 +16,20 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.trace.schema import MAX_EXPERTS, TraceMeta, TraceWriter
+from harness.trace.importers.common import check_ids, check_num_experts, read_lines
+from harness.trace.schema import TraceMeta, TraceWriter
 
 log = logging.getLogger(__name__)
 _LAYER_IN_NAME = re.compile(r"layer_?(\d+)$")
 
-FORMATS = ("flame", "vllm-jsonl")
+FORMATS = ("flame", "vllm-jsonl", "route-jsonl", "vllm-routed", "prompt-csv", "megatron-jsonl")
 UNIFORM_WEIGHT_TOLERANCE = 1e-6
 """Router weights that differ by less than this are 'uniform' (vLLM's warm-up rows); a trained router
 never produces k exactly equal weights on real text."""
@@ -185,44 +188,28 @@ class _Route:
 def _read_vllm_lines(path: Path) -> tuple[dict, dict[int, list[_Route]]]:
     meta: dict | None = None
     by_layer: dict[int, list[_Route]] = {}
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        for number, line in _text_lines(path, handle):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                kind = obj.get("type")
-                if kind == "meta":
-                    meta = obj
-                elif kind == "route":
-                    weights = obj.get("topk_weights")
-                    route = _Route(
-                        str(obj["req_id"]),
-                        int(obj["token_idx"]),
-                        [int(e) for e in obj["topk_ids"]],
-                        None if weights is None else [float(w) for w in weights],
-                    )
-                    by_layer.setdefault(int(obj["layer"]), []).append(route)
-                else:
-                    raise HarnessError(f"{path}:{number}: unknown line type {kind!r} (meta or route expected)")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise HarnessError(f"{path}:{number}: malformed MoE-logger line ({exc.__class__.__name__})") from None
+    for number, line in read_lines(path):
+        try:
+            obj = json.loads(line)
+            kind = obj.get("type")
+            if kind == "meta":
+                meta = obj
+            elif kind == "route":
+                weights = obj.get("topk_weights")
+                route = _Route(
+                    str(obj["req_id"]),
+                    int(obj["token_idx"]),
+                    [int(e) for e in obj["topk_ids"]],
+                    None if weights is None else [float(w) for w in weights],
+                )
+                by_layer.setdefault(int(obj["layer"]), []).append(route)
+            else:
+                raise HarnessError(f"{path}:{number}: unknown line type {kind!r} (meta or route expected)")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise HarnessError(f"{path}:{number}: malformed MoE-logger line ({exc.__class__.__name__})") from None
     if meta is None:
         raise HarnessError(f"{path}: no meta line (the first line of a vLLM MoE-logger file is type 'meta')")
     return meta, by_layer
-
-
-def _text_lines(path: Path, handle: TextIO) -> Iterator[tuple[int, str]]:
-    """Numbered lines of a text file; a binary file (a Parquet trace given by mistake) is one clear error."""
-    number = 0
-    try:
-        for number, line in enumerate(handle, 1):
-            yield number, line
-    except UnicodeDecodeError:
-        raise HarnessError(
-            f"{path}:{number + 1}: not UTF-8 text, so not a vLLM MoE-logger JSONL file (a Parquet trace needs no"
-            " import)"
-        ) from None
 
 
 def _meta_int(meta: dict, key: str) -> int | None:
@@ -237,10 +224,8 @@ def _meta_int(meta: dict, key: str) -> int | None:
 
 def _check_expert_ids(lowest: int, highest: int, num_experts: int, where: str) -> None:
     """Expert ids must lie in 0..num_experts-1, and num_experts must fit the trace's int16 column."""
-    if num_experts > MAX_EXPERTS:
-        raise HarnessError(f"{where}: {num_experts} experts per layer; a trace holds at most {MAX_EXPERTS} (int16 ids)")
-    if lowest < 0 or highest >= num_experts:
-        raise HarnessError(f"{where}: expert ids run from {lowest} to {highest}, outside 0..{num_experts - 1}")
+    check_num_experts(num_experts)
+    check_ids(sorted({lowest, highest}), where, num_experts)
 
 
 def _is_uniform(weights: list[float] | None) -> bool:
@@ -373,4 +358,21 @@ def import_trace(fmt: str, paths: Sequence[Path], out: Path, **options: object) 
         return import_flame(paths, out, **options)  # type: ignore[arg-type]
     if fmt == "vllm-jsonl":
         return import_vllm_jsonl(paths, out, **options)  # type: ignore[arg-type]
+    # One module per further format, imported on use (they import ImportReport from here).
+    if fmt == "route-jsonl":
+        from harness.trace.importers.route_jsonl import import_route_jsonl
+
+        return import_route_jsonl(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "vllm-routed":
+        from harness.trace.importers.vllm_routed import import_vllm_routed
+
+        return import_vllm_routed(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "prompt-csv":
+        from harness.trace.importers.prompt_csv import import_prompt_csv
+
+        return import_prompt_csv(paths, out, **options)  # type: ignore[arg-type]
+    if fmt == "megatron-jsonl":
+        from harness.trace.importers.megatron import import_megatron_jsonl
+
+        return import_megatron_jsonl(paths, out, **options)  # type: ignore[arg-type]
     raise HarnessError(f"unknown trace format {fmt!r}; known formats: {', '.join(FORMATS)}")

@@ -1,0 +1,37 @@
+"""LRFU with admission (`lrfu-admit`, `lrfu-admit:LAMBDA`): admission alone, the simpler of the two policies
+tried for the held-out goal (the other is `reuse-logit`).
+
+Eviction is LRFU's (`harness.cache.policies.lrfu`, same lambda default): the candidate with the smallest
+combined recency-frequency value (CRF, lifetime, kept after eviction) leaves. The addition is admission, in
+the spirit of TinyLFU (Einziger et al., 2017) and of Belady's bypass variant: a miss is inserted only when
+its own CRF, which already counts the current access, is at least the would-be victim's; otherwise it
+streams through a scratch slot and the resident expert stays. In a cache of a quarter of a layer's experts
+with near-uniform routing, forced admission lets one-off experts push out the ones that keep coming back;
+the admission test keeps them out. It reads nothing from the future or from a training part, so it runs
+live as well as in replay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Set
+
+from harness.cache.policies.lrfu import LRFU
+from harness.cache.registry import register_policy
+from harness.keys import ExpertKey
+
+
+@register_policy
+class AdmittingLRFU(LRFU):
+    name = "lrfu-admit"
+
+    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
+        score, last = self._score, self._last
+        victim = self.victim(candidates, incoming, now)
+        # The same ranking as the victim's, ties included: the incoming key was used at `now`, so on equal
+        # CRF it ranks above every candidate (used before `now`) and is admitted.
+        rank = (score.get(incoming, -math.inf), last.get(incoming, -1), incoming)
+        return rank > (score.get(victim, -math.inf), last.get(victim, -1), victim)
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "admission": "incoming CRF >= victim CRF"}

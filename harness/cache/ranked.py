@@ -1,0 +1,192 @@
+"""Ranked policies with a compiled step: the victim is the candidate of lowest rank (count, stamp).
+
+A `RankedPolicy` keeps, per key it has seen, a lifetime access count and a stamp (the value of a clock
+that ticks at every touch: a hit's access, an insert), in one numpy array. LRU ranks by stamp alone, LFU
+by (count, stamp). The decisions are the jitted functions below (`touch`, `lowest`), called by the
+policy's per-key hooks (the live engine, and any step the compiled loop does not take) and by
+`replay_group`, the compiled replay of a whole stream of one cache group's steps, which the simulator
+uses: one implementation of each policy, whichever path runs it.
+
+numba, not a C extension: the functions stay Python source (readable beside the other policies, and
+they run as plain Python where numba is missing), need no compiler at install (wheels on every
+platform torch has), and are called alike from Python and from other compiled functions. They are
+compiled for their one signature when this module is imported (cached on disk after the first time),
+so that no compilation pause falls inside a measured run.
+
+Any other policy keeps working through the Python hooks: the compiled replay is opt-in, taken only
+where every group's policy is a `RankedPolicy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import ClassVar
+
+import numpy as np
+
+from harness.cache.base import CachePolicy
+from harness.keys import ExpertKey
+
+try:
+    from numba import njit
+except ImportError:  # the same functions, interpreted: correct, only slower
+
+    def njit(*args, **kwargs):  # type: ignore[no-redef]
+        return args[0] if args and callable(args[0]) else (lambda fn: fn)
+
+
+COUNT, STAMP = 1, 2
+"""What `touch` does to a key: bump its lifetime count, renew its stamp (flags, combined with |)."""
+
+
+@njit("void(int64[:], int64, int64)", cache=True)
+def touch(state: np.ndarray, key: int, how: int) -> None:
+    """`state` is [clock, stamp_0, count_0, stamp_1, count_1, ...]. An access bumps the count where the
+    policy counts (COUNT); a hit's access or an insert renews the stamp to the clock, which then ticks."""
+    if how & COUNT:
+        state[2 + 2 * key] += 1
+    if how & STAMP:
+        state[1 + 2 * key] = state[0]
+        state[0] += 1
+
+
+@njit("int64(int64[:], boolean, int64[:], int64[:], int64)", cache=True)
+def lowest(state: np.ndarray, counted: bool, keys: np.ndarray, skip: np.ndarray, tag: int) -> int:
+    """The key of lowest rank, (count, stamp) or stamp alone, among `keys` (those >= 0 whose `skip` mark
+    is not `tag`); -1 if none."""
+    best, best_count, best_stamp = -1, 0, 0
+    for key in keys:
+        if key < 0 or skip[key] == tag:
+            continue
+        c = state[2 + 2 * key] if counted else 0
+        stamp = state[1 + 2 * key]
+        if best < 0 or c < best_count or (c == best_count and stamp < best_stamp):
+            best, best_count, best_stamp = key, c, stamp
+    return best
+
+
+@njit(
+    "int64(int64[:], int64[:], int64[:], int64, int64[:], boolean, boolean, int64[:], int64[:], int64,"
+    " int64[:], int64[:], int64[:], int64[:], int64[:])",
+    cache=True,
+)
+def replay_group(
+    keys: np.ndarray,
+    bounds: np.ndarray,
+    calls: np.ndarray,
+    start: int,
+    state: np.ndarray,
+    counted: bool,
+    observes_misses: bool,
+    slot_of: np.ndarray,
+    key_of_slot: np.ndarray,
+    first_slot: int,
+    free: np.ndarray,
+    n_free: np.ndarray,
+    mark: np.ndarray,
+    hits: np.ndarray,
+    misses: np.ndarray,
+) -> int:
+    """Replay calls[start:] of one cache group with nothing staged and every miss admitted, as
+    `ExpertCacheBook.account` would: each call's keys (keys[bounds[c]:bounds[c+1]], distinct) are touched
+    in order, hits before misses are placed; each miss then takes a free slot (free[:n_free[0]], the last
+    first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped.
+    Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
+    group: the book streams what finds no slot), or len(calls)."""
+    width_max = 0
+    for c in calls:
+        width_max = max(width_max, bounds[c + 1] - bounds[c])
+    missed = np.empty(width_max, dtype=np.int64)
+    capacity = len(key_of_slot)
+    on_hit = STAMP | (COUNT if counted else 0)
+    on_miss = COUNT if counted and observes_misses else 0
+    for i in range(start, len(calls)):
+        c = calls[i]
+        a, b = bounds[c], bounds[c + 1]
+        if b - a > capacity:
+            return i
+        tag = c + 1
+        m = 0
+        for j in range(a, b):
+            key = keys[j]
+            mark[key] = tag
+            if slot_of[key] >= 0:
+                touch(state, key, on_hit)
+            else:
+                missed[m] = key
+                m += 1
+                touch(state, key, on_miss)
+        for j in range(m):
+            key = missed[j]
+            if n_free[0]:
+                n_free[0] -= 1
+                slot = free[n_free[0]]
+            else:
+                victim = lowest(state, counted, key_of_slot, mark, tag)
+                slot = slot_of[victim]
+                slot_of[victim] = -1
+            slot_of[key] = slot
+            key_of_slot[slot - first_slot] = key
+            touch(state, key, STAMP)
+        hits[c] = b - a - m
+        misses[c] = m
+    return len(calls)
+
+
+class RankedPolicy(CachePolicy):
+    """Evict the candidate of lowest (count, stamp) (`counted`) or lowest stamp; see the module docstring."""
+
+    counted: ClassVar[bool] = False
+    """Rank by lifetime access count first (LFU); False: by stamp alone (LRU)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        self.index: dict[ExpertKey, int] = {}
+        """Key -> position in the state, in first-seen order (or the order `bind` gave)."""
+        self.keys: list[ExpertKey] = []
+        """Position -> key."""
+        self.state = np.zeros(1 + 2 * 64, dtype=np.int64)
+        """[clock, stamp_0, count_0, ...]: the compiled functions' view of the policy."""
+        self._unmarked = np.zeros(64, dtype=np.int64)
+        self._on_hit = STAMP | (COUNT if self.counted else 0)
+        self._on_miss = COUNT if self.counted and self.observes_misses else 0
+
+    @property
+    def slots(self) -> int:
+        """Keys the state has room for."""
+        return len(self._unmarked)
+
+    def bind(self, keys: list[ExpertKey]) -> np.ndarray:
+        """Positions of `keys` (new ones appended, the state grown), for the compiled replay."""
+        index = self.index
+        for key in keys:
+            if key not in index:
+                index[key] = len(index)
+                self.keys.append(key)
+        if len(index) > self.slots:
+            size = max(len(index), 2 * self.slots)
+            self.state = np.concatenate([self.state, np.zeros(2 * (size - self.slots), np.int64)])
+            self._unmarked = np.zeros(size, dtype=np.int64)
+        return np.array([index[key] for key in keys], dtype=np.int64)
+
+    def _at(self, key: ExpertKey) -> int:
+        i = self.index.get(key)
+        return int(self.bind([key])[0]) if i is None else i
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        how = self._on_hit if hit else self._on_miss
+        if how:  # LRU ignores misses: no call (LeCaR reports them to its LRU part)
+            touch(self.state, self._at(key), how)
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        touch(self.state, self._at(key), STAMP)
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        try:  # candidates are resident, so known; bind would also take new keys, at a Python loop's cost
+            at = np.fromiter(map(self.index.__getitem__, candidates), np.int64, len(candidates))
+        except KeyError:
+            at = self.bind(list(candidates))
+        chosen = lowest(self.state, self.counted, at, self._unmarked, 1)
+        if chosen < 0:
+            raise AssertionError("victim() called without a resident candidate")
+        return self.keys[chosen]
