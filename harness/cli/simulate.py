@@ -192,7 +192,7 @@ def trace_import(
     num_experts: int | None,
     expert_bytes: str,
 ) -> None:
-    """Import a public routing-trace format into one harness trace (TRACES.md, README)."""
+    """Import a public routing-trace format into one harness trace (format in the README, "Routing traces")."""
     from harness.errors import HarnessError
     from harness.trace.importers import import_trace
 
