@@ -28,12 +28,14 @@ system-deps:
 			|| echo "could not install$$missing: the tests that need them will skip"; \
 	fi
 
-test: install system-deps
+# The linters and the type checker first (configured in pyproject.toml), then the tests.
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 
 bench: install system-deps
 	$(BIN)/python -m harness.bench --model $(MODEL)

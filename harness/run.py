@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import resource
 import time
 import traceback
@@ -24,6 +23,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness import paths
 from harness.budget import BudgetEnforcement, budget_status, current_enforcement
 from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
@@ -40,18 +40,18 @@ from harness.results import Validity, environment
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.floor import run_floor_metrics
 from harness.runtime.generation import DecodeMode, SequenceLog, generate
+from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
 from harness.spec import RunSpec, cache_experts_slots
-from harness.ssd.devices import block_device_for_path, describe_path
+from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
 from harness.ssd.readtime import load_profile_for_path, profile_for_path
 from harness.store.layout import PackIndex
 from harness.store.placement import place_expert_file
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
-from harness.trace.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.stats import routing_stats
 from harness.workloads import PromptItem, select_prompts
@@ -62,8 +62,6 @@ WORKSPACE_RESERVE_BYTES = 256 << 20
 """Memory kept free of expert slots for activations, allocator slack and the Python heap (bytes).
 A documented default; the run records it and the measured peak RSS so it can be checked."""
 READS_FILE = "expert_reads.parquet"
-VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
-"""Filesystems in memory: an expert file there measures RAM, not an SSD."""
 
 
 @dataclass
@@ -260,14 +258,9 @@ class Measurement:
 
 
 def check_output_dir(run_dir: Path) -> Path:
-    """Create the run folder now and prove it is writable, so no measurement is thrown away at the end."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise HarnessError(f"results folder {run_dir} is not writable ({exc.strerror or exc})") from None
+    """Prove the run folder writable and create it now, so no measurement is thrown away at the end."""
+    paths.check_output_dir(run_dir, "results folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

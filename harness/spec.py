@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
-from harness.units import parse_size
+from harness.units import parse_capacity, parse_size
 
 if TYPE_CHECKING:
     from harness.cache.tiers import TierSpec
@@ -123,11 +123,7 @@ class RunSpec(BaseModel):
 
 def cache_experts_slots(text: str, maximum: int) -> int:
     """Slots for a `cache_experts` value: a count ('16') or a share of `maximum` ('25%')."""
-    text = text.strip()
-    try:
-        return round(float(text[:-1]) / 100 * maximum) if text.endswith("%") else int(text)
-    except ValueError:
-        raise HarnessError(f"cache_experts must be a count or a share, e.g. 16 or 25% (got {text!r})") from None
+    return parse_capacity(text, maximum, "cache_experts")
 
 
 def check_tiers(tiers: str, top_k: int, expert_file: str | Path) -> list[TierSpec]:

@@ -135,6 +135,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise HarnessError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise HarnessError(f"sweep file {path} is not UTF-8 text, so not a YAML sweep file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

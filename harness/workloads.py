@@ -1,15 +1,23 @@
-"""Prompt sets (JSONL in workloads/prompts): {"id", "prompt", "reference"?} per line."""
+"""Prompt sets (JSONL): {"id", "prompt", "reference"?} per line; sweep files (YAML) that ship beside them.
+
+The shipped sets live in the package (`harness/data/workloads/prompts`, `.../sweeps`), so a plain
+`pip install` finds `default`; the repository's top-level `workloads/` is a link to that folder. A
+`workloads/prompts/NAME.jsonl` in the current folder is looked up first, so a user's own sets work too.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.spec import RunSpec
 
 PROMPTS_DIR = Path("workloads") / "prompts"
+PACKAGED_WORKLOADS = Path(str(resources.files("harness") / "data" / "workloads"))
+"""The prompt sets and sweep files installed with the package."""
 
 
 @dataclass(frozen=True)
@@ -21,10 +29,9 @@ class PromptItem:
 
 
 def _candidates(name: str) -> list[Path]:
-    repo_root = Path(__file__).resolve().parents[1]
     if name.endswith(".jsonl") or "/" in name:
         return [Path(name)]
-    return [PROMPTS_DIR / f"{name}.jsonl", repo_root / PROMPTS_DIR / f"{name}.jsonl"]
+    return [PROMPTS_DIR / f"{name}.jsonl", PACKAGED_WORKLOADS / "prompts" / f"{name}.jsonl"]
 
 
 def workload_path(name: str) -> Path | None:
@@ -41,14 +48,18 @@ def load_workload(name: str) -> list[PromptItem]:
     path = workload_path(name)
     if path is None:
         raise HarnessError(f"workload {name!r} not found (looked for {', '.join(map(str, _candidates(name)))})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HarnessError(f"{path}: not UTF-8 text, so not a JSONL prompt set") from None
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
             items.append(PromptItem(str(data.get("id", number)), str(data["prompt"]), data.get("reference")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise HarnessError(f"{path}:{number}: not a prompt line ({exc.__class__.__name__}: {exc})") from None
     if not items:
         raise HarnessError(f"{path} holds no prompts")

@@ -237,7 +237,8 @@ def test_cli_refusals_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["profile-ssd", "--path", str(tmp_path / "missing"), "--size", "1MiB"], "does not exist"),
         (["profile-ssd", "--device", str(tmp_path), "--size", "1MiB"], "not a block device"),
-        (["profile-ssd", "--path", str(tmp_path), "--size", "1PiB"], "cannot read size"),
+        (["profile-ssd", "--path", str(tmp_path), "--size", "1 furlong"], "cannot read size"),
+        (["profile-ssd", "--path", str(tmp_path), "--size", "2EiB"], "beyond 1 EiB"),
         (["profile-ssd", "--path", str(tmp_path), "--size", "1024TiB"], "too little free space"),
         (["profile-ssd", "--path", str(tmp_path), "--block-size", "expert"], "needs --model"),
     ]

@@ -19,8 +19,8 @@ from harness.trace.schema import TraceMeta, TraceWriter, read_trace
 from harness.trace.simulate import build_replay, run_replay, simulate
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FLAME = Path(__file__).parents[2] / "shared" / "traces" / "flame-moe-290m"
-needs_flame = pytest.mark.skipif(not FLAME.is_dir(), reason=f"FLAME trace slice not found at {FLAME}")
+FLAME = Path(__file__).with_name("data") / "flame-moe-290m"
+"""Two real layers of the FLAME-MoE-290M slice (PROVENANCE.md there)."""
 
 
 def _import(fmt, paths, tmp_path, **options):
@@ -326,7 +326,6 @@ def test_oraclegeneral_records_and_libcachesim_belady(tmp_path):
         assert round(ratio * len(ids)) == misses
 
 
-@needs_flame
 @pytest.mark.parametrize("capacity", [8, 16])
 def test_flame_export_replayed_by_libcachesim_lru_step_by_step(tmp_path, capacity):
     """Top-6 routing: the csv's time column gives the steps back, and libCacheSim's LRU, served each step's
@@ -335,7 +334,7 @@ def test_flame_export_replayed_by_libcachesim_lru_step_by_step(tmp_path, capacit
     import_flame(sorted(FLAME.glob("*.pt")), tmp_path / "f.parquet", sequence_length=512)
     trace = read_trace(tmp_path / "f.parquet")
     result = simulate(trace, "lru", capacity)
-    layer = trace.meta.moe_layers[3]
+    layer = trace.meta.moe_layers[1]
     export_libcachesim(trace, tmp_path / "f.csv", "libcachesim-csv", layer=layer)
     rows = np.loadtxt(tmp_path / "f.csv", delimiter=",", skiprows=1, dtype=np.int64)
     assert len(rows) == result.total(layer=layer).accesses

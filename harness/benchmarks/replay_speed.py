@@ -2,7 +2,7 @@
 
     python -m harness.benchmarks.replay_speed [--trace T | --flame-dir DIR] [--capacity 12.5%,25%,50%] [--repeat 5]
 
-By default it imports the FLAME slice (`../shared/traces/flame-moe-290m` next to the repository) with
+By default it imports the FLAME slice in the repository (`tests/data/flame-moe-290m`, two layers) with
 512-token sequences. An access is one (step, layer, distinct expert). Speed is accesses / CPU seconds of
 this process (one core; `time.process_time`, steadier than wall time on a shared machine), best of
 `--repeat` runs; the trace preparation (`build_replay`, once per trace) is timed on its own. The row
@@ -24,7 +24,7 @@ from harness.trace.importers import import_flame
 from harness.trace.schema import read_trace
 from harness.trace.simulate import Replay, build_replay, parse_capacities, run_replay
 
-DEFAULT_FLAME = Path(__file__).resolve().parents[3] / "shared" / "traces" / "flame-moe-290m"
+DEFAULT_FLAME = Path(__file__).resolve().parents[2] / "tests" / "data" / "flame-moe-290m"
 POLICIES = ("lru", "lfu", "lfu-window:128", "arc", "lecar", "random", "belady", "belady-bypass")
 
 

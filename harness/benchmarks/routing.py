@@ -1,6 +1,6 @@
 """Benchmark: is a model's routing realistic? Teacher-forced over real English text, it prints the
 routing statistics and the LRU / LFU / Belady hit rates at 25% and 50% per-layer capacity beside the
-range of real traces (ROUTING.md).
+range of real traces (README, "Routing of random-init models").
 
     python -m harness.benchmarks.routing --model models/olmoe-small [--tokens 2000] [--out trace.parquet]
 
@@ -20,7 +20,7 @@ import torch
 from harness.models.adapters import load_config
 from harness.models.packer import pack_model, pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.trace.recorder import RoutingRecorder, trace_meta
+from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.trace.schema import read_trace
 from harness.trace.simulate import simulate
 from harness.trace.stats import REAL_RANGE, routing_stats

@@ -111,16 +111,55 @@ class FlashMoEModel:
             raise HarnessError(f"{path}: not a FlashMoE model file ({exc.__class__.__name__})") from None
         if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
             raise HarnessError(f"{path}: not a FlashMoE model file (format tag {MODEL_FORMAT!r} missing)")
-        if blob.get("version", 0) > MODEL_VERSION:
-            raise HarnessError(f"{path}: model file version {blob['version']} is newer than this harness")
+        version = blob.get("version", 0)
+        if not isinstance(version, int) or version > MODEL_VERSION:
+            raise HarnessError(f"{path}: model file version {version!r} is not one this harness reads")
+        meta = blob.get("meta")
+        if not isinstance(meta, dict) or not isinstance(meta.get("num_experts"), int) or meta["num_experts"] < 1:
+            raise HarnessError(f"{path}: FlashMoE model file without a valid meta.num_experts")
+        num_experts = meta["num_experts"]
+        layers = blob.get("layers")
+        if not isinstance(layers, dict) or not layers:
+            raise HarnessError(f"{path}: FlashMoE model file holds no layers")
         nets = {
-            int(layer): LayerNet(**{name: params[name].numpy().astype(np.float64) for name in _PARAMS})
-            for layer, params in blob["layers"].items()
+            _layer_number(layer, path): _layer_net(params, num_experts, f"{path}: layer {layer}")
+            for layer, params in layers.items()
         }
-        return cls(meta=dict(blob["meta"]), nets=nets)
+        return cls(meta=dict(meta), nets=nets)
 
 
 _PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+
+def _layer_number(layer: object, path: Path) -> int:
+    try:
+        return int(layer)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise HarnessError(f"{path}: layer key {layer!r} is not a layer number") from None
+
+
+def _layer_net(params: object, num_experts: int, where: str) -> LayerNet:
+    """One layer's parameters, checked: every array present, finite, of the MLP's shapes for E experts."""
+    import torch
+
+    if not isinstance(params, dict) or any(not isinstance(params.get(n), torch.Tensor) for n in _PARAMS):
+        raise HarnessError(f"{where}: parameters {', '.join(_PARAMS)} expected as tensors")
+    arrays = {name: params[name].numpy().astype(np.float64) for name in _PARAMS}
+    hidden = arrays["w1"].shape[0] if arrays["w1"].ndim == 2 else -1
+    expected = {
+        "w1": (hidden, 2 * num_experts),
+        "b1": (hidden,),
+        "w2": (hidden, hidden),
+        "b2": (hidden,),
+        "w3": (num_experts, hidden),
+        "b3": (num_experts,),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise HarnessError(f"{where}: {name} has shape {list(arrays[name].shape)}, expected {list(shape)}")
+        if not np.isfinite(arrays[name]).all():
+            raise HarnessError(f"{where}: {name} holds NaN or infinite values")
+    return LayerNet(**arrays)
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import Progress
 
-from harness.models.adapters import ADAPTERS
-from harness.models.factory import PRESETS, create_model
-from harness.models.packer import pack_model, pack_paths
+from harness.paths import check_output_dir
 from harness.units import format_bytes
 
 
@@ -20,16 +16,16 @@ def model_group() -> None:
 
 
 @model_group.command("create")
+# --arch and --preset are checked by create_model (an unknown name lists the choices): a click.Choice
+# here would import torch and transformers for every `--help`.
 @click.option(
     "--arch",
-    type=click.Choice([a.name for a in ADAPTERS]),
     default="olmoe",
     show_default=True,
-    help="transformers architecture to instantiate.",
+    help="transformers MoE architecture (model_type) to instantiate, e.g. olmoe, mixtral, qwen3_moe.",
 )
 @click.option(
     "--preset",
-    type=click.Choice(sorted(PRESETS)),
     default="small",
     show_default=True,
     help="tiny: a few MB, for tests; small: the default bench model (2.25 GiB of experts).",
@@ -39,8 +35,12 @@ def model_group() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing folder.")
 def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
     """Build a random-init checkpoint of a real MoE architecture (saved with save_pretrained)."""
+    from rich.console import Console
     from transformers.utils import logging as hf_logging
 
+    from harness.models.factory import create_model
+
+    check_output_dir(out, "--out")
     hf_logging.disable_progress_bar()
     with Console(stderr=True).status(f"creating {arch} ({preset}) in {out}"):
         create_model(arch, preset, out, seed=seed, force=force)
@@ -54,6 +54,10 @@ def pack(model_dir: Path, force: bool) -> None:
     """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified).
 
     An existing pack is verified in full before it is called current; one that fails is re-packed."""
+    from rich.progress import Progress
+
+    from harness.models.packer import pack_model, pack_paths
+
     with Progress(transient=True) as bar:
         task = bar.add_task("packing experts", total=None)
         index, wrote = pack_model(

@@ -11,6 +11,8 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
+from harness.cli.output import echo_json
+from harness.paths import check_output_dir, check_output_file
 from harness.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ _console = Console()
     help="Replay through a tier stack instead of --policy/--capacity, top to bottom, e.g. "
     "device:lru:48,host:lfu:256,pagecache:4096 (pagecache is an LRU model); repeat to compare stacks.",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and result rows as JSON instead of tables.")
 def simulate_cmd(
     trace_path: Path,
     policies: str,
@@ -83,12 +86,15 @@ def simulate_cmd(
     split: str | None,
     cluster: str | None,
     tier_stacks: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Replay a routing trace through cache policies; hit rates beside the Belady bounds."""
+    if out is not None:
+        check_output_dir(out, "--out")
     if tier_stacks:
         _simulate_tiers(tier_stacks, trace_path, scope, phase, reset, seed, expert_bytes, out)
         return
-    from harness.trace.sim_output import write_outputs
+    from harness.trace.sim_output import result_rows, summary, write_outputs
     from harness.trace.simulate import run_simulation
 
     grid = None
@@ -109,10 +115,13 @@ def simulate_cmd(
         split,
         grid,
     )
+    written = write_outputs(run, out) if out is not None else []
+    if as_json:
+        echo_json({**summary(run), "results": result_rows(run), "written": written})
+        return
     _print_run(run)
-    if out is not None:
-        for path in write_outputs(run, out):
-            _console.print(f"wrote {path}")
+    for path in written:
+        _console.print(f"wrote {path}")
 
 
 def _print_run(run: SimulationRun) -> None:
@@ -234,8 +243,12 @@ def trace_group() -> None:
 )
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace Parquet file to write.")
-@click.option("--sequence-length", type=int, default=None, help="flame: tokens per sequence (default: the file's).")
-@click.option("--num-experts", type=int, default=None, help="Experts per layer (default: inferred; not vllm-jsonl).")
+@click.option(
+    "--sequence-length", type=click.IntRange(1), default=None, help="flame: tokens per sequence (default: the file's)."
+)
+@click.option(
+    "--num-experts", type=click.IntRange(1), default=None, help="Experts per layer (default: inferred; not vllm-jsonl)."
+)
 @click.option("--expert-bytes", default="0", show_default=True, help="Size of one expert, if known (e.g. 3MiB).")
 def trace_import(
     fmt: str,
@@ -245,10 +258,11 @@ def trace_import(
     num_experts: int | None,
     expert_bytes: str,
 ) -> None:
-    """Import a public routing-trace format into one harness trace (TRACES.md, README)."""
+    """Import a public routing-trace format into one harness trace (format in the README, "Routing traces")."""
     from harness.errors import HarnessError
     from harness.trace.importers import import_trace
 
+    check_output_file(out, "--out")
     options: dict[str, object] = {"expert_bytes": parse_size(expert_bytes)}
     if fmt == "flame":
         options.update(sequence_length=sequence_length, num_experts=num_experts)
@@ -292,12 +306,16 @@ def trace_export(trace_path: Path, fmt: str, out: Path, layer: int | None, phase
 
 @trace_group.command("info")
 @click.argument("trace_path", type=click.Path(path_type=Path))
-def trace_info_cmd(trace_path: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of tables.")
+def trace_info_cmd(trace_path: Path, as_json: bool) -> None:
     """Shape, phases, per-layer popularity skew and reuse distances of a trace."""
     from harness.trace.info import trace_info
     from harness.trace.schema import read_trace
 
     info = trace_info(read_trace(trace_path))
+    if as_json:
+        echo_json(info)
+        return
     _console.print(f"model {info.model}; source: {info.source}")
     _console.print(
         f"{info.sequences} sequences, {info.rows} token rows, {info.steps} steps; layers {info.layers}; "
@@ -343,8 +361,14 @@ def policy_list() -> None:
 @click.option("--capacity", default="12.5%,25%,50%", show_default=True, help="Capacities of the held-out evaluation.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--phase", type=click.Choice(["all", "prefill", "decode"]), default="decode", show_default=True)
-@click.option("--max-epochs", default=200, show_default=True)
-@click.option("--heldout-fraction", default=0.25, show_default=True, help="Share of sequences never trained on.")
+@click.option("--max-epochs", default=200, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--heldout-fraction",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of sequences never trained on.",
+)
 @click.option(
     "--split",
     default=None,
@@ -365,6 +389,7 @@ def policy_train(
     from harness.cache.learned import TrainSettings
     from harness.trace.train import train_flashmoe
 
+    check_output_file(out, "--out")
     settings = TrainSettings(seed=seed, max_epochs=max_epochs, heldout_fraction=heldout_fraction)
     report = train_flashmoe(trace_path, out, capacity, seed, phase, settings, split)  # type: ignore[arg-type]
     _console.print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.cli.output import echo_json
 from harness.ssd.devices import describe_path, list_devices
-from harness.ssd.profiler import (
-    DEFAULT_PROFILES_DIR,
-    ProfileRequest,
-    expert_bytes_from_model,
-    parse_block_sizes,
-    parse_queue_depths,
-    run_profile,
-)
 from harness.units import format_bytes, parse_duration, parse_size
 
 DEFAULT_BLOCK_SIZES = "4KiB,128KiB,1MiB,expert"
@@ -49,7 +41,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     if path is not None:
         info = describe_path(path)
         if as_json:
-            click.echo(json.dumps(info, indent=2))
+            echo_json(info)
             return
         table = Table(title=f"{info['path']}", show_header=False)
         for key, value in info.items():
@@ -58,7 +50,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
         return
     devices = list_devices(include_empty=include_empty)
     if as_json:
-        click.echo(json.dumps(devices, indent=2))
+        echo_json(devices)
         return
     table = Table(title="block devices")
     for column in ("name", "model", "serial", "transport", "rotational", "media", "size", "lbs/pbs", "sched", "mounts"):
@@ -105,7 +97,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     type=click.IntRange(1),
     help="Run each job N times (each --runtime long), alternating with fio, and merge the slices.",
 )
-@click.option("--min-ios", default=64, show_default=True, help="Minimum measured I/Os per job.")
+@click.option("--min-ios", default=64, show_default=True, type=click.IntRange(0), help="Minimum measured I/Os per job.")
 @click.option("--model", type=click.Path(path_type=Path), help="Checkpoint folder whose expert size 'expert' means.")
 @click.option("--expert-size", help="Expert size for 'expert' when no --model is given, e.g. 3MiB.")
 @click.option("--write", is_flag=True, help="Also measure writes (to the test file only).")
@@ -128,6 +120,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Profile file (default hardware_profiles/<host>/<dev>.json)."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the whole profile as JSON instead of tables.")
 def profile_ssd_command(
     path: Path | None,
     device: str | None,
@@ -146,8 +139,18 @@ def profile_ssd_command(
     direct: str,
     io_backend: str,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Measure read bandwidth, IOPS and latency percentiles per block size x queue depth (O_DIRECT)."""
+    from harness.ssd.profiler import (
+        DEFAULT_PROFILES_DIR,
+        ProfileRequest,
+        expert_bytes_from_model,
+        parse_block_sizes,
+        parse_queue_depths,
+        run_profile,
+    )
+
     if (path is None) == (device is None):
         raise click.UsageError("give exactly one of --path DIR or --device /dev/X")
     if device is not None and write:
@@ -185,6 +188,9 @@ def profile_ssd_command(
             progress.update(task, completed=done, total=total, description=label)
 
         doc = run_profile(request, on_progress)
+    if as_json:
+        echo_json(doc)
+        return
     _print_summary(doc)
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -92,8 +93,10 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     adapter_for_model_type(raw.get("model_type", "?"))
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise HarnessError(f"{model_dir}/config.json cannot be read by transformers ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        # StrictDataclassError: a field of the wrong type (e.g. "hidden_size": "x"); one line of its message.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"{model_dir}/config.json cannot be read by transformers ({first})") from None
 
 
 def read_config(model_dir: Path) -> dict:
@@ -104,9 +107,12 @@ def read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise HarnessError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HarnessError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise HarnessError(f"{path} holds a JSON {type(config).__name__}, not an object: not a model config")
+    return config
 
 
 def experts_modules(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:

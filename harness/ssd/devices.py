@@ -25,6 +25,8 @@ SYS_DEV_BLOCK = Path("/sys/dev/block")
 MOUNTINFO = Path("/proc/self/mountinfo")
 # The sysfs `size` attribute counts 512-byte sectors whatever the device's logical block size.
 SYSFS_SECTOR_BYTES = 512
+VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
+"""Filesystems in memory: a read from them is not an SSD read (a run there is INVALID, a profile refused)."""
 # O_DIRECT alignment used by the probe: one page covers every logical block size in use (512 B, 4 KiB).
 _PROBE_BYTES = 4096
 

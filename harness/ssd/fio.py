@@ -146,14 +146,9 @@ def parse_fio_json(doc: dict[str, Any], spec: JobSpec | None = None) -> list[Job
 
 
 def _spec_from_options(opts: dict[str, str]) -> JobSpec:
-    def size(text: str) -> int:
-        # fio's k/m/g suffixes are binary (kb_base=1024 by default).
-        text = text.strip()
-        return parse_size(text + "iB") if text[-1:].lower() in "kmgt" else parse_size(text)
-
     return JobSpec(
         rw=opts.get("rw", opts.get("readwrite", "read")),
-        bs_bytes=size(opts.get("bs", "4k")),
+        bs_bytes=parse_size(opts.get("bs", "4k")),
         iodepth=int(opts.get("iodepth", "1")),
         direct=opts.get("direct", "0") in ("1", "true"),
         runtime_s=parse_duration(opts["runtime"]) if "runtime" in opts else 0.0,

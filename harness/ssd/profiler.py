@@ -25,9 +25,10 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.iomem import base_page_note, thp_mode
 from harness.models.locate import pack_paths
+from harness.paths import check_output_file
 from harness.results import Validity, environment, write_json_atomic
 from harness.ssd import engine, fio
-from harness.ssd.devices import describe_block_device, describe_path
+from harness.ssd.devices import VOLATILE_FILESYSTEMS, describe_block_device, describe_path
 from harness.ssd.jobs import JobResult, JobSpec, merge_results
 from harness.ssd.plots import write_plots
 from harness.ssd.target import (
@@ -111,8 +112,13 @@ def expert_bytes_from_model(model_dir: str | Path) -> int:
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise HarnessError(f"--model {model_dir} has no config.json: give a checkpoint folder or --expert-size")
-    config = json.loads(config_path.read_text())
-    config = config.get("text_config", config)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    config = config.get("text_config", config) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise HarnessError(f"{config_path} is not a JSON object: give a checkpoint folder or --expert-size")
     hidden = config.get("hidden_size")
     inter = (
         config.get("moe_intermediate_size")
@@ -121,9 +127,15 @@ def expert_bytes_from_model(model_dir: str | Path) -> int:
         or config.get("intermediate_size")
     )
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    if not hidden or not inter or dtype not in _DTYPE_BYTES:
+    if (
+        not isinstance(hidden, int)
+        or not isinstance(inter, int)
+        or hidden < 1
+        or inter < 1
+        or dtype not in _DTYPE_BYTES
+    ):
         raise HarnessError(f"cannot derive the expert size from {config_path}; give --expert-size instead")
-    return align_up(3 * int(hidden) * int(inter) * _DTYPE_BYTES[dtype])
+    return align_up(3 * hidden * inter * _DTYPE_BYTES[dtype])
 
 
 def parse_block_sizes(text: str, expert_bytes: int | None) -> tuple[list[int], dict[int, str]]:
@@ -226,7 +238,13 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
         direct_ok = check_folder(folder, req.size_bytes, direct_required=req.direct == "required")
         direct = direct_ok
         identity = describe_path(folder)
+        if identity.get("filesystem") in VOLATILE_FILESYSTEMS:
+            raise HarnessError(
+                f"--path {folder} is on {identity['filesystem']}, which is memory: a profile of it would not "
+                "describe an SSD; name a folder on the SSD"
+            )
         remove_stale_test_files(folder)
+    out = check_output_file(profile_path_for(req, identity), "profile")
     jobs, skipped = build_jobs(req, direct, raw)
     if not jobs:
         raise HarnessError("no job left to run: every block size is larger than --size or too large for its depth")
@@ -251,7 +269,6 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
             if test_file is not None:
                 remove_test_file(test_file)
     doc = _profile_document(req, identity, direct, raw, backend, results, pairs, skipped, fio_version, ioengine)
-    out = profile_path_for(req, identity)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fio_docs:
         doc["fio_output"] = str(write_json_atomic(out.with_suffix(".fio.json"), fio_docs))

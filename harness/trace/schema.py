@@ -2,7 +2,7 @@
 
 Columns: seq_id int32, pos int32, step int32, phase dictionary<string>, layer int16,
 experts list<int16> (top-k ids by descending weight), weights list<float32> (nullable).
-Key-value metadata describes the model (see TRACES.md). The loader turns a file into dense
+Key-value metadata describes the model (see the README, "Routing traces"). The loader turns a file into dense
 per-sequence arrays `[rows, layers, k]` for fast replay.
 """
 
@@ -21,6 +21,8 @@ from harness.errors import HarnessError
 
 TRACE_SCHEMA_VERSION = 1
 PHASE_NAMES = ("prefill", "decode")
+MAX_EXPERTS = 2**15
+"""Experts per layer a trace can name: expert ids are int16."""
 
 ARROW_SCHEMA = pa.schema(
     [
@@ -59,10 +61,31 @@ class TraceMeta:
             blob = raw.get(name.encode())
             if blob is None:
                 raise HarnessError(f"{path}: not a harness trace (metadata key {name!r} missing)")
-            values[name] = json.loads(blob)
+            try:
+                values[name] = json.loads(blob)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise HarnessError(f"{path}: trace metadata {name!r} is not JSON: {blob[:60]!r}") from None
+        _check_meta_types(values, path)
         if values["schema_version"] > TRACE_SCHEMA_VERSION:
             raise HarnessError(f"{path}: trace schema {values['schema_version']} is newer than this harness")
         return cls(**values)
+
+
+def _check_meta_types(values: dict[str, object], path: Path) -> None:
+    """The metadata a replay relies on has the right JSON types and sane values, else one clear error."""
+    ints = ("num_layers", "num_experts", "top_k", "expert_bytes", "schema_version")
+    layers = values["moe_layers"]
+    wrong = [n for n in ints if not isinstance(values[n], int) or isinstance(values[n], bool)]
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+        wrong.append("moe_layers")
+    if wrong:
+        raise HarnessError(f"{path}: trace metadata {', '.join(wrong)} of the wrong type (integers expected)")
+    num_experts, top_k = values["num_experts"], values["top_k"]
+    assert isinstance(num_experts, int) and isinstance(top_k, int)
+    if not 1 <= top_k <= num_experts <= MAX_EXPERTS:
+        raise HarnessError(
+            f"{path}: trace metadata needs 1 <= top_k ({top_k}) <= num_experts ({num_experts}) <= {MAX_EXPERTS}"
+        )
 
 
 @dataclass
@@ -139,7 +162,11 @@ def read_trace(path: str | Path) -> Trace:
     step = table.column("step").to_numpy()
     pos = table.column("pos").to_numpy()
     layer = table.column("layer").to_numpy()
-    phase = np.array([PHASE_NAMES.index(p) for p in table.column("phase").to_pylist()], dtype=np.int8)
+    phases = table.column("phase").to_pylist()
+    unknown = sorted({str(p) for p in phases} - set(PHASE_NAMES))
+    if unknown:
+        raise HarnessError(f"{path}: unknown phase {', '.join(unknown)} (a row is {' or '.join(PHASE_NAMES)})")
+    phase = np.array([PHASE_NAMES.index(p) for p in phases], dtype=np.int8)
     flat = table.column("experts").combine_chunks()
     if len(flat.flatten()) != len(table) * k:
         raise HarnessError(f"{path}: every row must list exactly top_k={k} experts")

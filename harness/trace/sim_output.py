@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 
-from harness.keys import PHASES
+from harness.keys import PHASES, Phase
 from harness.results import write_json_atomic
 from harness.trace.simulate import ORACLES, SimulationRun
 
@@ -23,7 +24,7 @@ def result_rows(run: SimulationRun) -> list[dict[str, object]]:
     for result in run.results:
         phases = ["all"] + [p for p in PHASES if result.total(p).accesses]
         for phase in phases:
-            counted = None if phase == "all" else phase
+            counted = None if phase == "all" else cast(Phase, phase)
             for layer in ["all", *run.meta.moe_layers]:
                 total = result.total(counted, None if layer == "all" else layer)  # type: ignore[arg-type]
                 per_token = layer == "all"
@@ -65,7 +66,13 @@ def write_outputs(run: SimulationRun, out: Path) -> list[Path]:
     frame.to_parquet(parquet_path, index=False)
     written.append(parquet_path)
     written.append(plot_hit_rates(run, frame, out / "hit_rate_vs_capacity.png"))
-    summary = {
+    written.append(write_json_atomic(out / "simulation.json", summary(run)))
+    return written
+
+
+def summary(run: SimulationRun) -> dict[str, object]:
+    """What was replayed, how, and each policy's description (simulation.json; `simulate --json` adds the rows)."""
+    return {
         "trace": run.trace_path,
         "trace_meta": asdict(run.meta),
         "scope": run.scope,
@@ -78,8 +85,6 @@ def write_outputs(run: SimulationRun, out: Path) -> list[Path]:
         "notes": run.notes,
         "policies": {r.policy: r.description for r in run.results},
     }
-    written.append(write_json_atomic(out / "simulation.json", summary))
-    return written
 
 
 def plot_hit_rates(run: SimulationRun, frame: pd.DataFrame, path: Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from harness import units
 from harness.cache.book import AccessCounts, ExpertCacheBook
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.flashmoe import load_model
@@ -172,7 +173,7 @@ def _stream(seqs: Sequence, layers: list[int], phase_filter: PhaseFilter) -> Str
         return Stream([int(s.seq_id) for s in seqs], [], dict.fromkeys(PHASES, 0))
     order = np.argsort(step, kind="stable")
     step, phase, experts = step[order], phase[order], experts[order]
-    tokens = {p: int((phase == i).sum()) for i, p in enumerate(PHASE_NAMES)}
+    tokens: dict[Phase, int] = {p: int((phase == PHASE_NAMES.index(p)).sum()) for p in PHASES}
     starts = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
     ends = np.r_[starts[1:], len(step)]
     keycache = [{e: (layer, e) for e in range(int(experts.max()) + 1)} for layer in layers]
@@ -253,34 +254,11 @@ def parse_capacities(text: str, num_experts: int, num_layers: int, scope: Scope)
     A percentage is of one layer's experts in per-layer scope and of all layers' experts in global scope.
     """
     whole = num_experts * (num_layers if scope == "global" else 1)
-    slots: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            if ":" in part:
-                lo, hi, by = (float(x.rstrip("%")) for x in part.split(":"))
-                if by <= 0 or not part.split(":")[0].endswith("%"):
-                    raise ValueError
-                values = [lo + i * by for i in range(int((hi - lo) / by + 1e-9) + 1)]
-                slots += [round(v / 100 * whole) for v in values]
-            elif part.endswith("%"):
-                slots.append(round(float(part[:-1]) / 100 * whole))
-            else:
-                slots.append(int(part))
-        except ValueError:
-            raise HarnessError(
-                f"cannot read capacity {part!r}: use slots (16), a percentage (25%) or a range (10%:90%:10%)"
-            ) from None
-    if not slots:
-        raise HarnessError("no capacity given")
-    small = [s for s in slots if s < 1]
-    if small:
-        raise HarnessError(f"capacity {text!r} gives fewer than 1 slot; the cache needs at least one slot")
+    slots = units.parse_capacities(text, whole)
     too_big = [s for s in slots if s > whole]
     if too_big:
         log.warning("capacities %s exceed the %d experts a cache group holds: only first uses miss", too_big, whole)
-    return sorted(set(slots))
+    return slots
 
 
 Grid = Callable[[Replay, list[tuple[str, int]], Scope, int, FrequencyProfile | None], list[SimulationResult]]
@@ -383,7 +361,7 @@ def run_simulation(
                     f"replay with --split {trained_split} so that it is scored on held-out steps only"
                 )
         elif model.meta.get("trace_fingerprint") == fingerprint:
-            heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[union-attr]
+            heldout = {int(s) for s in model.meta.get("heldout_sequences", [])}  # type: ignore[attr-defined]
             sequences = heldout if sequences is None else sequences & heldout
         else:
             notes.append(f"{spec}: trained on another trace ({model.meta.get('trace')}); all sequences replayed")
@@ -393,7 +371,7 @@ def run_simulation(
             raise HarnessError("the FlashMoE models share no held-out sequence of this trace: nothing honest to replay")
         notes.append(
             f"held-out sequences only ({sorted(sequences)}): a FlashMoE model was trained on the others of this "
-            "trace, and scores on its training sequences are not honest (ROUTING.md)"
+            "trace, and scores on its training sequences are not honest (README)"
         )
     replay = build_replay(trace, phase, reset, sequences)
     if expert_bytes is not None:

@@ -4,10 +4,10 @@
 - `frac:F` (0 < F < 1): the first F share of the token steps (all sequences together, in step order)
   train, the rest are scored; a sequence may be cut, which is how a single-stream trace (an imported
   vLLM log) is split.
-Traces carry no session field (TRACES.md), so a session split is a sequence split.
+Traces carry no session field (README, "Routing traces"), so a session split is a sequence split.
 
 Profile-based and learned policies profile or train on the training part only, and every policy is
-scored on the held-out part only (ROUTING.md: on the data it has seen, a learned policy memorises).
+scored on the held-out part only (README: on the data it has seen, a learned policy memorises).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ default the last ones by seq_id are held out, or the last share of the token ste
 trace such as an imported vLLM log); each training sequence (part) is replayed from an empty state to
 produce features and Belady labels (`harness.cache.learned`); the model is then replayed on the held-out
 part beside LRU, LFU and Belady, at each requested capacity, per-layer scope, a fresh cache per sequence
-(part). ROUTING.md explains why
+(part). The README explains why
 only held-out numbers are honest: with recency and frequency inputs the network memorises positions.
 """
 

@@ -1,4 +1,4 @@
-"""Importers of public routing-trace formats into the harness's Parquet trace (see TRACES.md).
+"""Importers of public routing-trace formats into the harness's Parquet trace (see the README, "Routing traces").
 
 - FLAME-MoE-Traces: one file per MoE layer, torch-saved dicts (`.pt`: `indices` [N, k], `scores` [N, k],
   `layer`, `model`, `sequence_length`, ...) or CSV (`layer_id,token_id,expert_0..expert_{E-1}`, the router
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.trace.importers.common import check_ids, check_num_experts, read_lines
 from harness.trace.schema import TraceMeta, TraceWriter
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,7 @@ def import_flame(
     weights = np.stack([layers[layer].scores for layer in order], axis=1)
     inferred = int(stacked.max()) + 1
     experts_n = num_experts or first.num_experts or inferred
-    if inferred > experts_n or stacked.min() < 0:
-        raise HarnessError(f"expert ids run from {int(stacked.min())} to {inferred - 1}, outside 0..{experts_n - 1}")
+    _check_expert_ids(int(stacked.min()), inferred - 1, experts_n, "FLAME trace")
     meta = TraceMeta(
         model=first.model or "flame-moe",
         architecture="flame-moe",
@@ -188,31 +188,44 @@ class _Route:
 def _read_vllm_lines(path: Path) -> tuple[dict, dict[int, list[_Route]]]:
     meta: dict | None = None
     by_layer: dict[int, list[_Route]] = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                kind = obj.get("type")
-                if kind == "meta":
-                    meta = obj
-                elif kind == "route":
-                    weights = obj.get("topk_weights")
-                    route = _Route(
-                        str(obj["req_id"]),
-                        int(obj["token_idx"]),
-                        [int(e) for e in obj["topk_ids"]],
-                        None if weights is None else [float(w) for w in weights],
-                    )
-                    by_layer.setdefault(int(obj["layer"]), []).append(route)
-                else:
-                    raise HarnessError(f"{path}:{number}: unknown line type {kind!r} (meta or route expected)")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise HarnessError(f"{path}:{number}: malformed MoE-logger line ({exc.__class__.__name__})") from None
+    for number, line in read_lines(path):
+        try:
+            obj = json.loads(line)
+            kind = obj.get("type")
+            if kind == "meta":
+                meta = obj
+            elif kind == "route":
+                weights = obj.get("topk_weights")
+                route = _Route(
+                    str(obj["req_id"]),
+                    int(obj["token_idx"]),
+                    [int(e) for e in obj["topk_ids"]],
+                    None if weights is None else [float(w) for w in weights],
+                )
+                by_layer.setdefault(int(obj["layer"]), []).append(route)
+            else:
+                raise HarnessError(f"{path}:{number}: unknown line type {kind!r} (meta or route expected)")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise HarnessError(f"{path}:{number}: malformed MoE-logger line ({exc.__class__.__name__})") from None
     if meta is None:
         raise HarnessError(f"{path}: no meta line (the first line of a vLLM MoE-logger file is type 'meta')")
     return meta, by_layer
+
+
+def _meta_int(meta: dict, key: str) -> int | None:
+    """An optional positive integer of the meta line, or one clear error."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HarnessError(f"vLLM meta line: {key} must be a positive integer (got {value!r})")
+    return value
+
+
+def _check_expert_ids(lowest: int, highest: int, num_experts: int, where: str) -> None:
+    """Expert ids must lie in 0..num_experts-1, and num_experts must fit the trace's int16 column."""
+    check_num_experts(num_experts)
+    check_ids(sorted({lowest, highest}), where, num_experts)
 
 
 def _is_uniform(weights: list[float] | None) -> bool:
@@ -258,8 +271,8 @@ def import_vllm_jsonl(paths: Sequence[Path], out: Path, expert_bytes: int = 0) -
         path = Path(path)
         if not path.is_file():
             raise HarnessError(f"trace file {path} does not exist")
-        meta, routes = _read_vllm_lines(path)
-        metas.append(meta)
+        file_meta, routes = _read_vllm_lines(path)
+        metas.append(file_meta)
         for layer, rows in routes.items():
             if layer in by_layer:
                 raise HarnessError(f"{path}: layer {layer} also appears in another input file")
@@ -280,13 +293,13 @@ def import_vllm_jsonl(paths: Sequence[Path], out: Path, expert_bytes: int = 0) -
         if any(a.token_idx != b.token_idx or a.req != b.req for a, b in zip(ref, routes[layer], strict=True)):
             raise HarnessError(f"layer {layer}'s rows do not line up with layer {order[0]}'s (req_id, token_idx)")
     k_values = {len(r.experts) for rows in routes.values() for r in rows}
-    top_k = int(metas[0].get("top_k") or max(k_values))
+    top_k = _meta_int(metas[0], "top_k") or max(k_values)
     if k_values != {top_k}:
         raise HarnessError(f"rows select {sorted(k_values)} experts, top_k is {top_k}")
     max_id = max(max(r.experts) for rows in routes.values() for r in rows)
-    num_experts = int(metas[0].get("num_experts") or max_id + 1)
-    if max_id >= num_experts:
-        raise HarnessError(f"expert id {max_id} is outside num_experts={num_experts}")
+    min_id = min(min(r.experts) for rows in routes.values() for r in rows)
+    num_experts = _meta_int(metas[0], "num_experts") or max_id + 1
+    _check_expert_ids(min_id, max_id, num_experts, "vLLM trace")
     steps, step_note = _steps_of(ref)
     seq_ids: dict[str, int] = {}
     positions: dict[str, int] = {}

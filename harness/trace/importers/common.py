@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.trace.schema import PHASE_NAMES, TraceMeta, TraceWriter
+from harness.trace.schema import MAX_EXPERTS, PHASE_NAMES, TraceMeta, TraceWriter
 
-MAX_EXPERT_ID = int(np.iinfo(np.int16).max)
-"""The trace stores expert ids as int16 (TRACES.md): larger ids cannot be represented."""
+MAX_EXPERT_ID = MAX_EXPERTS - 1
+"""The trace stores expert ids as int16: larger ids cannot be represented."""
 
 
 def expert_list(value: object, where: str, num_experts: int | None) -> list[int]:

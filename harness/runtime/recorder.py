@@ -1,4 +1,8 @@
-"""Records the routing of a live run, one row per (token, MoE layer), into the trace format."""
+"""Records the routing of a live run, one row per (token, MoE layer), into the trace format.
+
+Part of the runtime (it is a `RoutingSink` of the offloaded-experts modules): the trace package
+describes and replays traces and never imports the runtime.
+"""
 
 from __future__ import annotations
 
@@ -35,10 +39,10 @@ class RoutingRecorder:
         self.token_steps = token_steps
 
     def record(self, ctx: StepContext, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        weights = top_k_weights.detach().float()
-        order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+        scores = top_k_weights.detach().float()
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         experts = torch.gather(top_k_index, -1, order).tolist()
-        weights = torch.gather(weights, -1, order).tolist()
+        weights = torch.gather(scores, -1, order).tolist()
         for t, (ids, ws) in enumerate(zip(experts, weights, strict=True)):
             step = ctx.now + t if self.token_steps else ctx.now
             self.writer.add(ctx.seq_id, ctx.first_pos + t, step, ctx.phase, layer, ids, ws)
