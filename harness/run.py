@@ -503,7 +503,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
 
 def _io_and_floor(plan: RunPlan, m: Measurement, metrics: dict[str, Any]) -> dict[str, Any]:
     """The read backend and queue depth, and the decode floor (`harness.runtime.floor`) of the measured run."""
-    io_info = m.loaded.engine.io_info  # read backend and queue depth (None: no reads through it)
+    io_info: dict[str, Any] | None = m.loaded.engine.io_info  # read backend and queue depth (None: no reads)
     settings = {
         "device": plan.device,
         "decode_mode": plan.decode_mode,

@@ -92,7 +92,7 @@ class ThreadReads:
         return read.record
 
     def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
-        by_future = {read.future: read for read in reads}
+        by_future = {read.future: read for read in reads if read.future is not None}
         for future in futures_completed(list(by_future)):
             read = by_future[future]
             self.result(read)
