@@ -21,7 +21,7 @@ from harness.trace.schema import read_trace
 from harness.trace.simulate import build_replay, run_replay
 from harness.trace.simulate_tiers import run_tier_replay
 from tests import test_simulate as sim
-from tests.test_simulate import GOLDEN, flame_steps, needs_flame
+from tests.test_simulate import GOLDEN, flame_steps
 
 toy = sim.toy  # fixtures of the simulator's tests: the hand-made two-layer trace, the FLAME slice
 flame = sim.flame
@@ -189,14 +189,13 @@ def two_level_lru(steps: list[list[int]], device: int, host: int) -> tuple[int, 
     return hits[0], hits[1]
 
 
-@needs_flame
 def test_flame_one_tier_golden_and_two_tiers_against_reference(flame):
     replay = build_replay(flame)
     for (policy, capacity), hits in GOLDEN.items():
         assert run_tier_replay(replay, [TierSpec("device", policy, capacity)]).total(0).hits == hits
-    # The page cache is one LRU over all 8 layers' 512 experts; as the top tier it goes through `step`.
-    pagecache = run_tier_replay(replay, parse_tiers("device:lru:256,pagecache:64"), scope="global")
-    assert counts_of(pagecache.counts[0]) == counts_of(run_replay(replay, "lru", 256, "global").counts)
+    # The page cache is one LRU over both layers' 128 experts; as the top tier it goes through `step`.
+    pagecache = run_tier_replay(replay, parse_tiers("device:lru:64,pagecache:32"), scope="global")
+    assert counts_of(pagecache.counts[0]) == counts_of(run_replay(replay, "lru", 64, "global").counts)
     result = run_tier_replay(replay, parse_tiers("device:lru:8,host:lru:32"))
     assert result.total(0).hits == GOLDEN["lru", 8]  # the top tier does not see the tiers below it
     for i, layer in enumerate(flame.meta.moe_layers):
