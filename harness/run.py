@@ -27,7 +27,7 @@ from harness.cache.book import ExpertCacheBook
 from harness.errors import HarnessError
 from harness.iomem import base_page_note
 from harness.keys import PHASES
-from harness.models.adapters import adapter_for_model_type, load_config
+from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.packer import pack_model, pack_paths, verify_pack
 from harness.results import Validity, environment, result_envelope, write_json_atomic
@@ -190,7 +190,7 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     check_live_policy(spec.policy)
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
-    adapter_for_model_type(load_config(model_dir).model_type)
+    load_config(model_dir)  # refuses an unsupported architecture with the reason
     index, _ = pack_model(model_dir)
     if spec.ram_budget_bytes is not None:
         groups = len(index.moe_layers) if spec.scope == "per-layer" else 1

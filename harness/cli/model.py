@@ -8,8 +8,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
-from harness.models.adapters import ADAPTERS
-from harness.models.factory import PRESETS, create_model
+from harness.models.factory import ARCHITECTURES, PRESETS, create_model
 from harness.models.packer import pack_model, pack_paths
 from harness.units import format_bytes
 
@@ -22,7 +21,7 @@ def model_group() -> None:
 @model_group.command("create")
 @click.option(
     "--arch",
-    type=click.Choice([a.name for a in ADAPTERS]),
+    type=click.Choice(list(ARCHITECTURES)),
     default="olmoe",
     show_default=True,
     help="transformers architecture to instantiate.",

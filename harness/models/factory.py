@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from harness.errors import HarnessError
-from harness.models.adapters import ADAPTERS, ArchAdapter, adapter_for_model_type
+from harness.models.adapters import check_model_type
 from harness.models.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,73 +77,90 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _config(adapter: ArchAdapter, preset: Preset, seed: int) -> object:
-    common = dict(
-        vocab_size=preset.vocab,
-        hidden_size=preset.hidden,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        num_experts_per_tok=preset.top_k,
-        max_position_embeddings=preset.max_positions,
+_SIZES: dict[str, tuple[str, ...]] = {
+    "vocab": ("vocab_size",),
+    "hidden": ("hidden_size",),
+    "layers": ("num_hidden_layers",),
+    "heads": ("num_attention_heads",),
+    "kv_heads": ("num_key_value_heads",),
+    "experts": ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"),
+    "top_k": ("num_experts_per_tok", "moe_k", "moe_topk"),
+    "max_positions": ("max_position_embeddings",),
+}
+"""Preset field -> the config attributes that carry it (each architecture names them its own way)."""
+
+ARCHITECTURES: dict[str, dict[str, object]] = {
+    # Per-architecture config settings on top of the preset's sizes: values that are a preset field name are
+    # replaced by that field's value, "2*expert_intermediate" by twice it, and so on.
+    "mixtral": {"intermediate_size": "expert_intermediate"},
+    "olmoe": {"intermediate_size": "expert_intermediate"},
+    "qwen2_moe": {"shared_expert_intermediate_size": "2*expert_intermediate", "norm_topk_prob": False},
+    "qwen3_moe": {"norm_topk_prob": True},
+    "deepseek_v2": {
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,
+        "kv_lora_rank": "hidden/4",
+        "q_lora_rank": None,
+        "qk_rope_head_dim": "head_dim/2",
+        "qk_nope_head_dim": "head_dim/2",
+        "v_head_dim": "head_dim",
+        "n_group": 1,
+        "topk_group": 1,
+        "topk_method": "greedy",
+    },
+}
+
+
+def _resolve(value: object, preset: Preset) -> object:
+    if not isinstance(value, str) or value.split("*")[-1].split("/")[0] not in {*vars(preset), "head_dim"}:
+        return value
+    fields = {**vars(preset), "head_dim": preset.hidden // preset.heads}
+    if "*" in value:
+        factor, name = value.split("*")
+        return int(factor) * fields[name]
+    if "/" in value:
+        name, divisor = value.split("/")
+        return fields[name] // int(divisor)
+    return fields[value]
+
+
+def _config(arch: str, preset: Preset, seed: int) -> PretrainedConfig:
+    defaults = AutoConfig.for_model(arch).to_dict()
+    settings: dict[str, object] = {}
+    for field_name, attrs in _SIZES.items():
+        settings.update({a: getattr(preset, field_name) for a in attrs if a in defaults})
+    if "moe_intermediate_size" in defaults:
+        settings["moe_intermediate_size"] = preset.expert_intermediate
+        settings["intermediate_size"] = 4 * preset.expert_intermediate
+    if "head_dim" in defaults:
+        settings["head_dim"] = preset.hidden // preset.heads
+    settings.update({k: _resolve(v, preset) for k, v in ARCHITECTURES[arch].items()})
+    config = AutoConfig.for_model(
+        arch,
+        **settings,
         initializer_range=INIT_STD,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=0,
         pad_token_id=1,
     )
-    per_arch: dict[str, dict] = {
-        "mixtral": dict(num_local_experts=preset.experts, intermediate_size=preset.expert_intermediate),
-        "qwen2_moe": dict(
-            num_experts=preset.experts,
-            moe_intermediate_size=preset.expert_intermediate,
-            intermediate_size=4 * preset.expert_intermediate,
-            shared_expert_intermediate_size=2 * preset.expert_intermediate,
-            norm_topk_prob=False,
-        ),
-        "qwen3_moe": dict(
-            num_experts=preset.experts,
-            moe_intermediate_size=preset.expert_intermediate,
-            intermediate_size=4 * preset.expert_intermediate,
-            norm_topk_prob=True,
-            head_dim=preset.hidden // preset.heads,
-        ),
-        "olmoe": dict(num_experts=preset.experts, intermediate_size=preset.expert_intermediate),
-        "deepseek_v2": dict(
-            n_routed_experts=preset.experts,
-            moe_intermediate_size=preset.expert_intermediate,
-            intermediate_size=4 * preset.expert_intermediate,
-            n_shared_experts=1,
-            first_k_dense_replace=0,
-            kv_lora_rank=preset.hidden // 4,
-            q_lora_rank=None,
-            qk_rope_head_dim=preset.hidden // preset.heads // 2,
-            qk_nope_head_dim=preset.hidden // preset.heads // 2,
-            v_head_dim=preset.hidden // preset.heads,
-            n_group=1,
-            topk_group=1,
-            topk_method="greedy",
-        ),
-    }
-    config = AutoConfig.for_model(adapter.model_types[0], **common, **per_arch[adapter.name])
     setattr(config, HARNESS_MARKER, {"seed": seed, "attention_gain": ATTENTION_GAIN})
     return config
 
 
 @torch.no_grad()
-def _sharpen_attention(model: torch.nn.Module, adapter: ArchAdapter, hidden: int) -> int:
+def _sharpen_attention(model: torch.nn.Module, hidden: int) -> int:
     """Apply the ROUTING.md fix; returns how many tensors were changed (0 means the rule did not apply)."""
+    names = [name for name, _ in model.named_parameters()]
+    has_qk_norm = any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in names)
     changed = 0
     scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(hidden))
     for name, param in model.named_parameters():
-        if adapter.has_qk_norm and (name.endswith("q_norm.weight") or name.endswith("k_norm.weight")):
+        if has_qk_norm and name.endswith(("q_norm.weight", "k_norm.weight")):
             param.fill_(ATTENTION_GAIN)
             changed += 1
-        elif not adapter.has_qk_norm and (
-            name.endswith("q_proj.weight")
-            or name.endswith("k_proj.weight")
-            or name.endswith("q_b_proj.weight")
-            or name.endswith("kv_b_proj.weight")
+        elif not has_qk_norm and name.endswith(
+            ("q_proj.weight", "k_proj.weight", "q_b_proj.weight", "kv_b_proj.weight")
         ):
             param.mul_(scale)
             changed += 1
@@ -152,9 +169,9 @@ def _sharpen_attention(model: torch.nn.Module, adapter: ArchAdapter, hidden: int
 
 def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Build, initialise and save a random-init checkpoint (config, safetensors, tokenizer) to `out`."""
-    names = [a.name for a in ADAPTERS]
-    if arch not in names:
-        raise HarnessError(f"unknown architecture {arch!r}; choose one of: {', '.join(names)}")
+    if arch not in ARCHITECTURES:
+        check_model_type(arch)  # says why a known architecture is refused
+        raise HarnessError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if preset_name not in PRESETS:
         raise HarnessError(f"unknown preset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
     out = Path(out)
@@ -162,12 +179,11 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
         if not force:
             raise HarnessError(f"{out} exists and is not empty; pass --force to replace it")
         shutil.rmtree(out)
-    adapter = adapter_for_model_type(arch)
     preset = PRESETS[preset_name]
-    config = _config(adapter, preset, seed)
+    config = _config(arch, preset, seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    changed = _sharpen_attention(model, adapter, preset.hidden)
+    changed = _sharpen_attention(model, preset.hidden)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")
     model = model.to(preset.dtype)
@@ -183,5 +199,5 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
         + "\n"
     )
     tmp.replace(out)
-    log.info("created %s (%s, %s preset) in %s", arch, adapter.model_types[0], preset_name, out)
+    log.info("created %s (%s preset) in %s", arch, preset_name, out)
     return out

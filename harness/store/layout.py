@@ -1,5 +1,9 @@
 """Format of the packed expert store: `experts.bin` (each (layer, expert) one contiguous, 4 KiB-aligned
-blob holding gate_up_proj then down_proj in the in-memory layout of transformers) and `index.json`.
+blob holding that expert's slice of every stacked parameter of the model's experts module, e.g.
+gate_up_proj then down_proj, in the in-memory layout of transformers) and `index.json`.
+
+Quantized packs (`expert_dtype` int8 or int4) store each 2D weight as its integer values followed by a
+`NAME@scale` tensor of float16 group scales (harness.models.quant); 1D tensors (biases) stay in `dtype`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ PACK_DIR = "packed"
 EXPERTS_FILE = "experts.bin"
 INDEX_FILE = "index.json"
 DENSE_FILE = "dense.safetensors"
+SCALE_SUFFIX = "@scale"
+"""Name suffix of a quantized tensor's group scales inside a blob."""
 
 
 def align_up(n: int, to: int = ALIGN_BYTES) -> int:
@@ -30,6 +36,8 @@ class TensorSlot:
     offset: int
     """Byte offset inside the blob."""
     nbytes: int
+    dtype: str | None = None
+    """torch dtype name of the stored values when it differs from the index's `dtype` (quantized packs)."""
 
 
 @dataclass
@@ -60,6 +68,17 @@ class PackIndex:
     """checkpoint file name -> [size, mtime_ns]: a re-pack is needed when it changes."""
     format_version: int = STORE_FORMAT_VERSION
     extra: dict[str, object] = field(default_factory=dict)
+    expert_dtype: str = ""
+    """How expert weights are stored: `dtype` itself (or "" in packs older than quantization), int8 or int4."""
+    group_size: int | None = None
+    """Weights per float16 scale of a quantized pack."""
+    bits_per_weight: float = 0.0
+    """Stored bits per expert weight (scales included): 16 for bfloat16, 8.5 for int8 and 4.5 for int4 at group 32."""
+
+    @property
+    def expert_params(self) -> list[str]:
+        """The experts module's parameter names, in blob order."""
+        return [t.name for t in self.tensors if SCALE_SUFFIX not in t.name]
 
     def entry(self, layer: int, expert: int) -> ExpertEntry:
         return self._by_key[(layer, expert)]
