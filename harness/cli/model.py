@@ -8,7 +8,8 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
-from harness.models.factory import ARCHITECTURES, PRESETS, create_model
+from harness.models.archs import SUPPORTED
+from harness.models.factory import PRESETS, create_model
 from harness.models.packer import pack_model, pack_paths
 from harness.units import format_bytes
 
@@ -21,7 +22,7 @@ def model_group() -> None:
 @model_group.command("create")
 @click.option(
     "--arch",
-    type=click.Choice(list(ARCHITECTURES)),
+    type=click.Choice(SUPPORTED),
     default="olmoe",
     show_default=True,
     help="transformers architecture to instantiate.",

@@ -5,8 +5,8 @@ block) whose parameters are stacked per expert (`gate_up_proj` [E, 2I, H], `down
 architectures add biases or store them transposed or interleaved) and whose forward takes
 (hidden_states, top_k_index, top_k_weights). The harness finds those modules in the model's own module
 tree and runs the class's own eager forward one expert at a time (harness.runtime.offloaded), so it needs
-no per-architecture code: an architecture is an entry in SUPPORTED (and a tiny/small configuration in
-factory.py), or in REFUSED with what is missing.
+no per-architecture code: an architecture is an entry in harness.models.archs.SUPPORTED (and a tiny/small
+configuration in factory.py), or in its REFUSED with what is missing.
 
 On disk, transformers' `save_pretrained` writes either those stacked tensors or per-expert 2D keys
 (`...experts.{e}.w1.weight` for Mixtral, `...experts.{e}.gate_proj.weight` for the Qwen family...).
@@ -27,18 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from harness.errors import HarnessError
-
-SUPPORTED: tuple[str, ...] = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v2",
-)
-"""model_type values with a factory configuration and an equivalence test (tests/test_offload_equivalence.py)."""
-
-REFUSED: dict[str, str] = {}
-"""model_type -> what the harness lacks to run it offloaded (listed in the README)."""
+from harness.models.archs import REFUSED, SUPPORTED
 
 _EXPERTS_ATTR = "experts"
 _ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,39 +90,68 @@ _SIZES: dict[str, tuple[str, ...]] = {
 }
 """Preset field -> the config attributes that carry it (each architecture names them its own way)."""
 
-ARCHITECTURES: dict[str, dict[str, object]] = {
-    # Per-architecture config settings on top of the preset's sizes: values that are a preset field name are
-    # replaced by that field's value, "2*expert_intermediate" by twice it, and so on.
-    "mixtral": {"intermediate_size": "expert_intermediate"},
-    "olmoe": {"intermediate_size": "expert_intermediate"},
-    "qwen2_moe": {"shared_expert_intermediate_size": "2*expert_intermediate", "norm_topk_prob": False},
+Setting = object | Callable[["Preset"], object]
+
+ARCHITECTURES: dict[str, dict[str, Setting]] = {
+    # Per-architecture config settings on top of the preset's sizes (a callable receives the preset). Where
+    # an architecture has dense first layers, linear attention or a MoE step, the tiny preset keeps at least
+    # one layer of each kind so the test covers it.
+    "mixtral": {"intermediate_size": lambda p: p.expert_intermediate},
+    "olmoe": {"intermediate_size": lambda p: p.expert_intermediate},
+    "qwen2_moe": {"shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate, "norm_topk_prob": False},
     "qwen3_moe": {"norm_topk_prob": True},
     "deepseek_v2": {
         "n_shared_experts": 1,
         "first_k_dense_replace": 0,
-        "kv_lora_rank": "hidden/4",
+        "kv_lora_rank": lambda p: p.hidden // 4,
         "q_lora_rank": None,
-        "qk_rope_head_dim": "head_dim/2",
-        "qk_nope_head_dim": "head_dim/2",
-        "v_head_dim": "head_dim",
+        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "v_head_dim": lambda p: p.hidden // p.heads,
         "n_group": 1,
         "topk_group": 1,
         "topk_method": "greedy",
     },
+    # Group-limited routing (4 groups of experts, the best 2 kept), routed scaling factor, a dense first layer.
+    "deepseek_v3": {
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": lambda p: p.hidden // 4,
+        "q_lora_rank": lambda p: p.hidden // 2,
+        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "head_dim": lambda p: p.hidden // p.heads // 2,  # the rotary part, as DeepseekV3Config derives it
+        "v_head_dim": lambda p: p.hidden // p.heads,
+        "n_group": 4,
+        "topk_group": 2,
+    },
+    # Biased experts, clamped SwiGLU, alternating sliding-window and full attention, attention sinks.
+    "gpt_oss": {"intermediate_size": lambda p: p.expert_intermediate},
+    # Linear attention (gated DeltaNet) with one full-attention layer in four (in two for the tiny preset).
+    "qwen3_next": {
+        "layer_types": lambda p: [
+            "full_attention" if i % (2 if p.layers < 4 else 4) == (1 if p.layers < 4 else 3) else "linear_attention"
+            for i in range(p.layers)
+        ],
+        "linear_key_head_dim": lambda p: p.hidden // p.heads,
+        "linear_value_head_dim": lambda p: p.hidden // p.heads,
+        "linear_num_key_heads": lambda p: p.heads // 2,
+        "linear_num_value_heads": lambda p: p.heads,
+        "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
+    },
+    "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1},
+    "phimoe": {"intermediate_size": lambda p: p.expert_intermediate},
+    "granitemoe": {"intermediate_size": lambda p: p.expert_intermediate},
+    "ernie4_5_moe": {"moe_layer_start_index": 1, "moe_num_shared_experts": 1},
+    "hunyuan_v1_moe": {"intermediate_size": lambda p: p.expert_intermediate},
+    "dots1": {"n_shared_experts": 1, "first_k_dense_replace": 1},
+    "minimax": {"intermediate_size": lambda p: p.expert_intermediate},
+    # Short convolutions in every other layer, a dense first layer.
+    "lfm2_moe": {
+        "num_dense_layers": 1,
+        "layer_types": lambda p: ["conv" if i % 2 == 0 else "full_attention" for i in range(p.layers)],
+    },
 }
-
-
-def _resolve(value: object, preset: Preset) -> object:
-    if not isinstance(value, str) or value.split("*")[-1].split("/")[0] not in {*vars(preset), "head_dim"}:
-        return value
-    fields = {**vars(preset), "head_dim": preset.hidden // preset.heads}
-    if "*" in value:
-        factor, name = value.split("*")
-        return int(factor) * fields[name]
-    if "/" in value:
-        name, divisor = value.split("/")
-        return fields[name] // int(divisor)
-    return fields[value]
 
 
 def _config(arch: str, preset: Preset, seed: int) -> PretrainedConfig:
@@ -134,7 +164,7 @@ def _config(arch: str, preset: Preset, seed: int) -> PretrainedConfig:
         settings["intermediate_size"] = 4 * preset.expert_intermediate
     if "head_dim" in defaults:
         settings["head_dim"] = preset.hidden // preset.heads
-    settings.update({k: _resolve(v, preset) for k, v in ARCHITECTURES[arch].items()})
+    settings.update({k: v(preset) if callable(v) else v for k, v in ARCHITECTURES[arch].items()})
     config = AutoConfig.for_model(
         arch,
         **settings,
