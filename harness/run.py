@@ -433,6 +433,8 @@ def execute(spec: RunSpec, results_dir: Path, progress: Progress | None = None) 
             "cache_bytes": cache.slot_bytes,
             "cache_fraction": book.total_slots / (index.num_experts * len(index.moe_layers)),
             "expert_bytes": index.expert_bytes,
+            "expert_dtype": index.expert_dtype,
+            "bits_per_weight": index.bits_per_weight,
             "expert_stride_bytes": index.stride_bytes,
             "num_experts": index.num_experts,
             "top_k": index.top_k,

@@ -50,19 +50,34 @@ def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
 @model_group.command("pack")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Re-pack even when an up-to-date pack exists.")
-def pack(model_dir: Path, force: bool) -> None:
+@click.option(
+    "--expert-dtype",
+    type=click.Choice(["checkpoint", "int8", "int4"]),
+    default=None,
+    help="Store expert weights as in the checkpoint, or group-wise symmetric int8 / int4 with a float16 scale per "
+    "group (dequantized in the forward). Default: keep an existing pack's format, else the checkpoint's.",
+)
+@click.option(
+    "--group-size", type=click.IntRange(min=2), default=32, show_default=True, help="Weights per scale (int8/int4)."
+)
+def pack(model_dir: Path, force: bool, expert_dtype: str | None, group_size: int) -> None:
     """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified)."""
     with Progress(transient=True) as bar:
         task = bar.add_task("packing experts", total=None)
         index, wrote = pack_model(
-            model_dir, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            model_dir,
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            expert_dtype=expert_dtype,
+            group_size=group_size,
         )
     paths = pack_paths(model_dir)
     state = "packed and verified" if wrote else "already packed (up to date)"
     click.echo(
         f"{state}: {paths['experts']} ({len(index.entries)} experts of {format_bytes(index.expert_bytes)}, "
         f"{format_bytes(index.total_expert_bytes)} in all; layers {index.moe_layers[0]}..{index.moe_layers[-1]},"
-        f" top-{index.top_k} of {index.num_experts}; non-expert weights {format_bytes(index.dense_bytes)})"
+        f" top-{index.top_k} of {index.num_experts}; experts stored as {index.expert_dtype},"
+        f" {index.bits_per_weight:g} bits per weight; non-expert weights {format_bytes(index.dense_bytes)})"
     )
 
 

@@ -119,7 +119,7 @@ def experts_sites(model: nn.Module) -> dict[int, ExpertsSite]:
     """Decoder layer index -> its routed experts module (layers without one are dense)."""
     names = {id(m): n for n, m in model.named_modules()}
     found: dict[int, ExpertsSite] = {}
-    for index, layer in enumerate(model.get_decoder().layers):
+    for index, layer in enumerate(decoder_layers(model)):
         for parent in layer.modules():
             child = getattr(parent, _EXPERTS_ATTR, None)
             if not isinstance(child, nn.Module) or isinstance(child, nn.ModuleList):
@@ -134,6 +134,17 @@ def experts_sites(model: nn.Module) -> dict[int, ExpertsSite]:
             found[index] = ExpertsSite(index, names[id(child)], parent, child, int(count), params)
             break
     return found
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (a causal LM's `get_decoder()`, else its first `layers` ModuleList)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList):
+            return module
+    raise HarnessError(f"{type(model).__name__} has no decoder layer list")
 
 
 def unsupported_reason(model: nn.Module) -> str | None:

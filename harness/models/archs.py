@@ -27,5 +27,25 @@ SUPPORTED: tuple[str, ...] = (
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 
-REFUSED: dict[str, str] = {}
+_MULTIMODAL = (
+    "a multimodal wrapper whose text model has no causal-LM class in transformers (AutoModelForCausalLM); "
+    "loading its text model alone from the wrapper's checkpoint is not implemented"
+)
+
+REFUSED: dict[str, str] = {
+    "llama4": "Llama4TextExperts.forward(hidden_states) takes no top-k expert index: every expert runs on every "
+    "token, with the router scores applied to the input beforehand",
+    "llama4_text": "Llama4TextExperts.forward(hidden_states) takes no top-k expert index: every expert runs on "
+    "every token, with the router scores applied to the input beforehand",
+    "jetmoe": "its experts (JetMoeParallelExperts, also in attention) are not one stacked `experts` module "
+    "with a top-k forward",
+    "longcat_flash": "zero-computation (identity) experts: its stacked expert tensors hold different expert counts",
+    "switch_transformers": "an encoder-decoder model, not a causal LM",
+    "nllb-moe": "an encoder-decoder model, not a causal LM",
+    "qwen3_vl_moe": _MULTIMODAL,
+    "qwen3_omni_moe": _MULTIMODAL,
+    "glm4v_moe": _MULTIMODAL,
+    "ernie4_5_vl_moe": _MULTIMODAL,
+    "deepseek_ocr2": _MULTIMODAL,
+}
 """model_type -> what the harness lacks to run it offloaded (also in the README)."""

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -76,6 +76,21 @@ PRESETS: dict[str, Preset] = {
         dtype=torch.bfloat16,
     ),
 }
+
+SMALL_SHAPES: dict[str, dict[str, int]] = {
+    # The `small` preset keeps each architecture's own balance of expert count, size and top-k, at the same
+    # 2.25 GiB of experts: Mixtral-8x7B's 8 large experts top-2 (24 MiB each), Qwen3-30B-A3B's 128 small
+    # experts top-8 (1.5 MiB), gpt-oss-20b's 32 experts top-4 (6 MiB).
+    "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
+    "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
+    "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
+}
+
+
+def preset_for(arch: str, preset_name: str) -> Preset:
+    """The preset's sizes, with the architecture's own expert shape for `small`."""
+    preset = PRESETS[preset_name]
+    return replace(preset, **SMALL_SHAPES.get(arch, {})) if preset_name == "small" else preset
 
 
 _SIZES: dict[str, tuple[str, ...]] = {
@@ -209,7 +224,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
         if not force:
             raise HarnessError(f"{out} exists and is not empty; pass --force to replace it")
         shutil.rmtree(out)
-    preset = PRESETS[preset_name]
+    preset = preset_for(arch, preset_name)
     config = _config(arch, preset, seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
