@@ -72,10 +72,9 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat, group_size: int) -> tuple[t
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype` from its stored values and scales (the inverse of `quantize` up to rounding)."""
     if fmt.bits == 4:
-        low = (stored & 0xF).to(torch.int8)
-        high = (stored >> 4).to(torch.int8)
-        # Sign-extend the 4-bit two's-complement values.
-        values = torch.stack([low - ((low & 8) << 1), high - ((high & 8) << 1)], dim=-1).reshape(stored.shape[0], -1)
+        # Arithmetic shifts of the bytes read as int8 sign-extend each nibble (the low one first).
+        byte = stored.view(torch.int8)
+        values = torch.stack([(byte << 4) >> 4, byte >> 4], dim=-1).reshape(stored.shape[0], -1)
     else:
         values = stored
     rows, cols = values.shape

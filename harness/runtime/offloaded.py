@@ -80,15 +80,16 @@ class ExpertMath:
 
     The weights are set as views expanded over the expert dimension (no copies), so the forward indexes
     them as it indexes its own parameters, and every operation (biases, transposed or interleaved
-    layouts, clamped activations) is the model's own. Quantized weights are dequantized first.
+    layouts, clamped activations) is the model's own. Quantized weights are dequantized first. Each call
+    builds its own stand-in module (a shallow copy of the original's attributes), so strategies may call it
+    from another thread.
     """
 
     def __init__(self, original: nn.Module, params: list[str], quant: QuantFormat | None, dtype: torch.dtype) -> None:
-        cls = type(original)
+        self._cls = type(original)
         self._forward = eager_forward(original)
-        self.proxy = cls.__new__(cls)
-        self.proxy.__dict__.update(original.__dict__)
-        self.proxy.__dict__["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
+        self._state = dict(original.__dict__)
+        self._state["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
         self.params, self.quant, self.dtype = params, quant, dtype
         self.num_experts = int(getattr(original, params[0]).shape[0])
 
@@ -104,10 +105,12 @@ class ExpertMath:
     def __call__(
         self, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
+        proxy = self._cls.__new__(self._cls)
+        proxy.__dict__.update(self._state)
         for name, tensor in self.weights(weights).items():
-            self.proxy.__dict__[name] = tensor.unsqueeze(0).expand(self.num_experts, *tensor.shape)
+            proxy.__dict__[name] = tensor.unsqueeze(0).expand(self.num_experts, *tensor.shape)
         index = torch.zeros(current_state.shape[0], 1, dtype=torch.long)
-        return self._forward(self.proxy, current_state, index, routing_weights)
+        return self._forward(proxy, current_state, index, routing_weights)
 
 
 def expert_forward(
