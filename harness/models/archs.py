@@ -24,6 +24,9 @@ SUPPORTED: tuple[str, ...] = (
     "dots1",
     "minimax",
     "lfm2_moe",
+    "afmoe",
+    "axk2",
+    "cohere2_moe",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 
