@@ -30,7 +30,6 @@ from harness.models.adapters import (
 )
 from harness.models.quant import (
     DEFAULT_GROUP_SIZE,
-    SCALE_DTYPE,
     QuantFormat,
     check_group_size,
     quant_format,
@@ -123,19 +122,11 @@ def pack_model(
     sample = source.expert(layers[0], 0)
     dtype = sample[next(iter(sample))].dtype
     tensors, offset = [], 0
-    for name, tensor in sample.items():
-        shape = list(tensor.shape)
-        if fmt is not None and tensor.dim() == 2:
-            check_group_size(shape[1], group_size, name)
-            stored, scale = quantize(tensor, fmt, group_size)
-            parts = [(name, stored, fmt.storage), (name + SCALE_SUFFIX, scale, SCALE_DTYPE)]
-        else:
-            parts = [(name, tensor, dtype)]
-        for part, value, part_dtype in parts:
-            nbytes = value.numel() * value.element_size()
-            stored_dtype = None if part_dtype == dtype else str(part_dtype).removeprefix("torch.")
-            tensors.append(TensorSlot(part, list(value.shape), offset, nbytes, stored_dtype))
-            offset += nbytes
+    for name, value in _parts(sample, dtype, fmt, group_size, f"layer {layers[0]} expert 0"):
+        nbytes = value.numel() * value.element_size()
+        stored_dtype = None if value.dtype == dtype else str(value.dtype).removeprefix("torch.")
+        tensors.append(TensorSlot(name, list(value.shape), offset, nbytes, stored_dtype))
+        offset += nbytes
     weights = sum(t.numel() for t in sample.values())
     expert_bytes, stride = offset, align_up(offset)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,17 +171,29 @@ def pack_model(
     return index, True
 
 
-def _encode(
+def _parts(
     blob: dict[str, torch.Tensor], dtype: torch.dtype, fmt: QuantFormat | None, group_size: int, what: str
-) -> bytes:
-    """An expert's payload: each tensor's bytes in blob order, quantized 2D weights followed by their scales."""
+) -> list[tuple[str, torch.Tensor]]:
+    """An expert's tensors in blob order as stored: a quantized 2D weight is followed by its scales."""
     parts = []
     for name, tensor in blob.items():
         if tensor.dtype != dtype:
             raise HarnessError(f"{what}: {name} has dtype {tensor.dtype}, the other expert tensors {dtype}")
-        values = quantize(tensor, fmt, group_size) if fmt is not None and tensor.dim() == 2 else (tensor,)
-        parts.extend(v.contiguous().view(torch.uint8).numpy().tobytes() for v in values)
-    return b"".join(parts)
+        if fmt is not None and tensor.dim() == 2:
+            check_group_size(tensor.shape[1], group_size, name)
+            stored, scale = quantize(tensor, fmt, group_size)
+            parts += [(name, stored), (name + SCALE_SUFFIX, scale)]
+        else:
+            parts.append((name, tensor))
+    return parts
+
+
+def _encode(
+    blob: dict[str, torch.Tensor], dtype: torch.dtype, fmt: QuantFormat | None, group_size: int, what: str
+) -> bytes:
+    """An expert's payload: the bytes of its stored tensors, in blob order."""
+    parts = _parts(blob, dtype, fmt, group_size, what)
+    return b"".join(value.contiguous().view(torch.uint8).numpy().tobytes() for _, value in parts)
 
 
 class _LazySource:
