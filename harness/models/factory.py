@@ -84,6 +84,9 @@ SMALL_SHAPES: dict[str, dict[str, int]] = {
     # Routing (python -m harness.benchmarks.routing, 2000 tokens): qwen3_moe small has 4 of 7 statistics in
     # the real range of ROUTING.md (top-10% share 0.177, LRU 0.346 / 0.626, LFU 0.369 at 25% / 50%); consecutive
     # overlap 0.096 and Belady 0.627 / 0.840 lie just outside, and those ranges come from 64-expert models.
+    # mixtral small has 3 of 7 (top-10% share 0.161, LRU 0.274 / 0.537): with 8 experts top-2, 25% is 2 slots,
+    # the top-k itself, so LRU, LFU and Belady all score 0.274 there by construction, and consecutive overlap
+    # 0.274 is near uniform routing's 0.25 for 8 experts; the real ranges (64-expert models) do not apply.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
