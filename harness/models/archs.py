@@ -24,6 +24,7 @@ SUPPORTED: tuple[str, ...] = (
     "dots1",
     "minimax",
     "lfm2_moe",
+    "qwen3_5_moe",
     "afmoe",
     "axk2",
     "cohere2_moe",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
 from harness.errors import HarnessError
 from harness.models.adapters import check_model_type
@@ -113,6 +113,23 @@ _SIZES: dict[str, tuple[str, ...]] = {
 
 Setting = object | Callable[["Preset"], object]
 
+
+def _hybrid_layer_types(p: Preset) -> list[str]:
+    """One full-attention layer in four (in two below four layers, so the tiny preset has one), the rest linear."""
+    every = 2 if p.layers < 4 else 4
+    return ["full_attention" if i % every == every - 1 else "linear_attention" for i in range(p.layers)]
+
+
+_GATED_DELTANET: dict[str, Setting] = {
+    # Qwen3-Next / Qwen3.5: gated DeltaNet linear attention with one full-attention layer in four.
+    "layer_types": _hybrid_layer_types,
+    "linear_key_head_dim": lambda p: p.hidden // p.heads,
+    "linear_value_head_dim": lambda p: p.hidden // p.heads,
+    "linear_num_key_heads": lambda p: p.heads // 2,
+    "linear_num_value_heads": lambda p: p.heads,
+    "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
+}
+
 ARCHITECTURES: dict[str, dict[str, Setting]] = {
     # Per-architecture config settings on top of the preset's sizes (a callable receives the preset). Where
     # an architecture has dense first layers, linear attention or a MoE step, the tiny preset keeps at least
@@ -149,17 +166,7 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     # Biased experts, clamped SwiGLU, alternating sliding-window and full attention, attention sinks.
     "gpt_oss": {"intermediate_size": lambda p: p.expert_intermediate},
     # Linear attention (gated DeltaNet) with one full-attention layer in four (in two for the tiny preset).
-    "qwen3_next": {
-        "layer_types": lambda p: [
-            "full_attention" if i % (2 if p.layers < 4 else 4) == (1 if p.layers < 4 else 3) else "linear_attention"
-            for i in range(p.layers)
-        ],
-        "linear_key_head_dim": lambda p: p.hidden // p.heads,
-        "linear_value_head_dim": lambda p: p.hidden // p.heads,
-        "linear_num_key_heads": lambda p: p.heads // 2,
-        "linear_num_value_heads": lambda p: p.heads,
-        "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
-    },
+    "qwen3_next": _GATED_DELTANET,
     "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1},
     "phimoe": {"intermediate_size": lambda p: p.expert_intermediate},
     "granitemoe": {"intermediate_size": lambda p: p.expert_intermediate},
@@ -167,6 +174,11 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "hunyuan_v1_moe": {"intermediate_size": lambda p: p.expert_intermediate},
     "dots1": {"n_shared_experts": 1, "first_k_dense_replace": 1},
     "minimax": {"intermediate_size": lambda p: p.expert_intermediate},
+    # A multimodal wrapper (vision tower + Qwen3-Next-style text model): the harness runs its text model.
+    "qwen3_5_moe": {
+        **_GATED_DELTANET,
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2},
+    },
     "afmoe": {},
     "axk2": {},  # its checkpoint keys need transformers' own conversion: packed through transformers' loader
     "cohere2_moe": {"intermediate_size": lambda p: p.expert_intermediate},
@@ -179,27 +191,38 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
 
 
 def _config(arch: str, preset: Preset, seed: int) -> PretrainedConfig:
+    """The architecture's config at the preset's sizes; for a multimodal wrapper, the sizes go to its text config
+    and the entry's `vision_config` (a small vision tower) to the wrapper."""
     defaults = AutoConfig.for_model(arch).to_dict()
+    wrapper = isinstance(defaults.get("text_config"), dict)
+    text_defaults = defaults["text_config"] if wrapper else defaults
     settings: dict[str, object] = {}
     for field_name, attrs in _SIZES.items():
-        settings.update({a: getattr(preset, field_name) for a in attrs if a in defaults})
-    if "moe_intermediate_size" in defaults:
+        settings.update({a: getattr(preset, field_name) for a in attrs if a in text_defaults})
+    if "moe_intermediate_size" in text_defaults:
         settings["moe_intermediate_size"] = preset.expert_intermediate
         settings["intermediate_size"] = 4 * preset.expert_intermediate
-    if "head_dim" in defaults:
+    if "head_dim" in text_defaults:
         settings["head_dim"] = preset.hidden // preset.heads
     settings.update({k: v(preset) if callable(v) else v for k, v in ARCHITECTURES[arch].items()})
-    config = AutoConfig.for_model(
-        arch,
-        **settings,
-        initializer_range=INIT_STD,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=0,
-        pad_token_id=1,
+    vision = settings.pop("vision_config", None)
+    settings.update(
+        initializer_range=INIT_STD, tie_word_embeddings=False, bos_token_id=None, eos_token_id=0, pad_token_id=1
     )
+    if wrapper:
+        config = AutoConfig.for_model(arch, text_config=settings, vision_config=vision, tie_word_embeddings=False)
+    else:
+        config = AutoConfig.for_model(arch, **settings)
     setattr(config, HARNESS_MARKER, {"seed": seed, "attention_gain": ATTENTION_GAIN})
     return config
+
+
+def _model_class(config: PretrainedConfig) -> type:
+    """The class that save_pretrained's checkpoint of this architecture comes from: the multimodal wrapper
+    where there is one (the harness then runs its text model), else the causal LM."""
+    if isinstance(getattr(config, "vision_config", None), PretrainedConfig):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 @torch.no_grad()
@@ -236,7 +259,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
     preset = preset_for(arch, preset_name)
     config = _config(arch, preset, seed)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _model_class(config).from_config(config, dtype=torch.float32)
     changed = _sharpen_attention(model, preset.hidden)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")
