@@ -88,6 +88,8 @@ class ExpertMath:
     def __init__(self, original: nn.Module, params: list[str], quant: QuantFormat | None, dtype: torch.dtype) -> None:
         self._cls = type(original)
         self._forward = eager_forward(original)
+        self.signature = inspect.signature(self._forward)
+        """The experts class's forward signature: how its MoE block passes (hidden, top-k index, top-k weights)."""
         self._state = dict(original.__dict__)
         self._state["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
         self.params, self.quant, self.dtype = params, quant, dtype
@@ -134,12 +136,11 @@ class OffloadedExperts(nn.Module):
         self.layer, self.num_experts, self.math = layer, num_experts, math
         self.cache, self.ctx, self.sink = cache, ctx, sink
         self.hooks: LayerHooks | None = None
-        self._signature = inspect.signature(math._forward)
 
     def forward(self, hidden_states: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         # The MoE block calls its experts as it calls the original class (positional or by that class's names).
-        bound = self._signature.bind(None, hidden_states, *args, **kwargs).arguments
-        top_k_index, top_k_weights = (bound[name] for name in list(self._signature.parameters)[2:4])
+        bound = self.math.signature.bind(None, hidden_states, *args, **kwargs).arguments
+        top_k_index, top_k_weights = (bound[name] for name in list(self.math.signature.parameters)[2:4])
         routing = Routing(top_k_index, top_k_weights)
         if self.hooks is not None:
             routing = self.hooks.before_experts(self, hidden_states, routing)
