@@ -28,6 +28,12 @@ SUPPORTED: tuple[str, ...] = (
     "afmoe",
     "axk2",
     "cohere2_moe",
+    "glm4_moe_lite",
+    "minimax_m2",
+    "granitemoeshared",
+    "flex_olmo",
+    "exaone_moe",
+    "solar_open",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

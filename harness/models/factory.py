@@ -182,6 +182,12 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "afmoe": {},
     "axk2": {},  # its checkpoint keys need transformers' own conversion: packed through transformers' loader
     "cohere2_moe": {"intermediate_size": lambda p: p.expert_intermediate},
+    "glm4_moe_lite": {},
+    "minimax_m2": {"intermediate_size": lambda p: p.expert_intermediate},
+    "granitemoeshared": {"intermediate_size": lambda p: p.expert_intermediate},
+    "flex_olmo": {"intermediate_size": lambda p: p.expert_intermediate},
+    "exaone_moe": {},
+    "solar_open": {},
     # Short convolutions in every other layer, a dense first layer.
     "lfm2_moe": {
         "num_dense_layers": 1,
