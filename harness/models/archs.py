@@ -34,6 +34,8 @@ SUPPORTED: tuple[str, ...] = (
     "flex_olmo",
     "exaone_moe",
     "solar_open",
+    "glm_moe_dsa",
+    "jamba",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

@@ -188,6 +188,26 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "flex_olmo": {"intermediate_size": lambda p: p.expert_intermediate},
     "exaone_moe": {},
     "solar_open": {},
+    # GLM-5: DeepSeek sparse attention (an indexer picks the attended tokens), a dense first layer.
+    "glm_moe_dsa": {
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": lambda p: p.hidden // 4,
+        "q_lora_rank": lambda p: p.hidden // 2,
+        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "head_dim": lambda p: p.hidden // p.heads // 2,
+        "v_head_dim": lambda p: p.hidden // p.heads,
+        "index_n_heads": lambda p: p.heads // 2,
+        "index_head_dim": lambda p: p.hidden // p.heads,
+    },
+    # Mamba layers with one attention layer in eight (in two for the tiny preset), MoE every second layer.
+    "jamba": {
+        "attn_layer_period": lambda p: 2 if p.layers < 8 else 8,
+        "attn_layer_offset": lambda p: 1 if p.layers < 8 else 4,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+        "intermediate_size": lambda p: p.expert_intermediate,
+    },
     # Short convolutions in every other layer, a dense first layer.
     "lfm2_moe": {
         "num_dense_layers": 1,
