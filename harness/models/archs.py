@@ -36,6 +36,7 @@ SUPPORTED: tuple[str, ...] = (
     "solar_open",
     "glm_moe_dsa",
     "jamba",
+    "deepseek_v32",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

@@ -130,6 +130,22 @@ _GATED_DELTANET: dict[str, Setting] = {
     "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
 }
 
+_MLA: dict[str, Setting] = {
+    # Multi-head latent attention at the preset's width, and a dense first layer (DeepSeek-V3 family).
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": lambda p: p.hidden // 4,
+    "q_lora_rank": lambda p: p.hidden // 2,
+    "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
+    "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
+    "head_dim": lambda p: p.hidden // p.heads // 2,  # the rotary part, as DeepseekV3Config derives it
+    "v_head_dim": lambda p: p.hidden // p.heads,
+}
+_INDEXER: dict[str, Setting] = {
+    # The sparse-attention indexer (DeepSeek-V3.2, GLM-5) at the preset's width.
+    "index_n_heads": lambda p: p.heads // 2,
+    "index_head_dim": lambda p: p.hidden // p.heads,
+}
+
 ARCHITECTURES: dict[str, dict[str, Setting]] = {
     # Per-architecture config settings on top of the preset's sizes (a callable receives the preset). Where
     # an architecture has dense first layers, linear attention or a MoE step, the tiny preset keeps at least
@@ -151,18 +167,9 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
         "topk_method": "greedy",
     },
     # Group-limited routing (4 groups of experts, the best 2 kept), routed scaling factor, a dense first layer.
-    "deepseek_v3": {
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "kv_lora_rank": lambda p: p.hidden // 4,
-        "q_lora_rank": lambda p: p.hidden // 2,
-        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "head_dim": lambda p: p.hidden // p.heads // 2,  # the rotary part, as DeepseekV3Config derives it
-        "v_head_dim": lambda p: p.hidden // p.heads,
-        "n_group": 4,
-        "topk_group": 2,
-    },
+    "deepseek_v3": {**_MLA, "n_shared_experts": 1, "n_group": 4, "topk_group": 2},
+    # DeepSeek-V3.2: V3 with sparse attention (an indexer picks the attended tokens).
+    "deepseek_v32": {**_MLA, "n_shared_experts": 1, "n_group": 4, "topk_group": 2, **_INDEXER},
     # Biased experts, clamped SwiGLU, alternating sliding-window and full attention, attention sinks.
     "gpt_oss": {"intermediate_size": lambda p: p.expert_intermediate},
     # Linear attention (gated DeltaNet) with one full-attention layer in four (in two for the tiny preset).
@@ -189,17 +196,7 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "exaone_moe": {},
     "solar_open": {},
     # GLM-5: DeepSeek sparse attention (an indexer picks the attended tokens), a dense first layer.
-    "glm_moe_dsa": {
-        "first_k_dense_replace": 1,
-        "kv_lora_rank": lambda p: p.hidden // 4,
-        "q_lora_rank": lambda p: p.hidden // 2,
-        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "head_dim": lambda p: p.hidden // p.heads // 2,
-        "v_head_dim": lambda p: p.hidden // p.heads,
-        "index_n_heads": lambda p: p.heads // 2,
-        "index_head_dim": lambda p: p.hidden // p.heads,
-    },
+    "glm_moe_dsa": {**_MLA, **_INDEXER},
     # Mamba layers with one attention layer in eight (in two for the tiny preset), MoE every second layer.
     "jamba": {
         "attn_layer_period": lambda p: 2 if p.layers < 8 else 8,
