@@ -37,6 +37,10 @@ SUPPORTED: tuple[str, ...] = (
     "glm_moe_dsa",
     "jamba",
     "deepseek_v32",
+    "sarvam_moe",
+    "hy_v3",
+    "mellum",
+    "laguna",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

@@ -195,6 +195,10 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "flex_olmo": {"intermediate_size": lambda p: p.expert_intermediate},
     "exaone_moe": {},
     "solar_open": {},
+    "sarvam_moe": {},
+    "hy_v3": {},
+    "mellum": {},
+    "laguna": {},
     # GLM-5: DeepSeek sparse attention (an indexer picks the attended tokens), a dense first layer.
     "glm_moe_dsa": {**_MLA, **_INDEXER},
     # Mamba layers with one attention layer in eight (in two for the tiny preset), MoE every second layer.
