@@ -41,6 +41,8 @@ SUPPORTED: tuple[str, ...] = (
     "hy_v3",
     "mellum",
     "laguna",
+    "granitemoehybrid",
+    "kimi_linear",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

@@ -195,6 +195,20 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     "flex_olmo": {"intermediate_size": lambda p: p.expert_intermediate},
     "exaone_moe": {},
     "solar_open": {},
+    # Mamba-2 layers beside attention layers (alternating in both presets), shared experts.
+    "granitemoehybrid": {
+        "layer_types": lambda p: ["mamba" if i % 2 == 0 else "attention" for i in range(p.layers)],
+        "mamba_n_heads": lambda p: p.heads,
+        "mamba_d_state": 16,
+        "intermediate_size": lambda p: p.expert_intermediate,
+    },
+    # Kimi Delta Attention (linear) with one full-attention layer in four (in two for the tiny preset).
+    "kimi_linear": {
+        "layer_types": _hybrid_layer_types,
+        "linear_num_heads": lambda p: p.heads,
+        "linear_head_dim": lambda p: p.hidden // p.heads,
+        "num_experts_per_tok": lambda p: p.top_k,
+    },
     "sarvam_moe": {},
     "hy_v3": {},
     "mellum": {},
