@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from harness.errors import HarnessError
-from harness.store.layout import SCALE_SUFFIX
-
-__all__ = ["SCALE_SUFFIX", "bits_per_weight", "dequantize", "quant_format", "quantize", "round_trip"]
 
 SCALE_DTYPE = torch.float16
 DEFAULT_GROUP_SIZE = 32
@@ -85,7 +82,3 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dtyp
 def round_trip(weight: torch.Tensor, fmt: QuantFormat, group_size: int) -> torch.Tensor:
     """The weight the offloaded forward will compute with: quantized, then dequantized to its own dtype."""
     return dequantize(*quantize(weight, fmt, group_size), fmt, weight.dtype)
-
-
-def bits_per_weight(fmt: QuantFormat, group_size: int) -> float:
-    return fmt.bits + 8 * SCALE_DTYPE.itemsize / group_size

@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 from harness.keys import Phase
 from harness.models.adapters import eager_forward
-from harness.models.quant import SCALE_SUFFIX, QuantFormat, dequantize
+from harness.models.quant import QuantFormat, dequantize
+from harness.store.layout import SCALE_SUFFIX
 
 ExpertWeights = dict[str, torch.Tensor]
 Contribution = tuple[torch.Tensor, torch.Tensor]
