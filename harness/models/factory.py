@@ -87,6 +87,8 @@ SMALL_SHAPES: dict[str, dict[str, int]] = {
     # mixtral small has 3 of 7 (top-10% share 0.161, LRU 0.274 / 0.537): with 8 experts top-2, 25% is 2 slots,
     # the top-k itself, so LRU, LFU and Belady all score 0.274 there by construction, and consecutive overlap
     # 0.274 is near uniform routing's 0.25 for 8 experts; the real ranges (64-expert models) do not apply.
+    # gpt_oss small has 5 of 7 (top-10% share 0.138, overlap 0.148, LRU 0.288 / 0.555, LFU 0.313); Belady
+    # 0.503 / 0.780 lie just below the range.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
