@@ -1,5 +1,6 @@
-"""`make bench`: set up the embedded default model, profile its SSD, train the learned policy, run the
-default sweep and render the report. Every stage is a `harness` command, so each one can be rerun
+"""`make bench`: set up the embedded default model and the sweep's other models (a Mixtral-shaped one and
+an int4 pack of the default), profile the SSD, train the learned policy, run the default sweep and render
+the report. Every stage is a `harness` command, so each one can be rerun
 by hand; stages whose output exists are skipped (the sweep itself resumes by run_id).
 
     python -m harness.bench [--model models/olmoe-small] [--sweep workloads/sweeps/default.yaml]
@@ -34,6 +35,29 @@ ROUTING_TOKENS = 2048
 excludes the sweep's workload, so the policy is evaluated on routing it never saw."""
 
 
+OTHER_MODELS = {"mixtral-small": "mixtral"}
+"""Sweep models beside the default one (folder name -> architecture), created with the `small` preset."""
+QUANTIZED = ("int4",)
+"""Expert dtypes of the default model the sweep also runs: a sibling folder `<model>-<dtype>` linking the
+default model's checkpoint files, packed with `--expert-dtype`."""
+
+
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+"""Files of a checkpoint folder (config, weights, tokenizer) that a quantized variant links."""
+
+
+def _quantized_variant(model: Path, dtype: str) -> Path:
+    """`<model>-<dtype>`: the checkpoint's files linked (not copied), with a pack of its own."""
+    variant = model.with_name(f"{model.name}-{dtype}")
+    variant.mkdir(exist_ok=True)
+    for source in model.iterdir():
+        link = variant / source.name
+        if source.suffix in CHECKPOINT_SUFFIXES and not link.exists():
+            link.symlink_to(source.resolve())
+    _harness("model", "pack", str(variant), "--expert-dtype", dtype)
+    return variant
+
+
 def _harness(*args: str, accept: tuple[int, ...] = (ExitCode.OK,)) -> int:
     """Run one `harness` command; an exit status outside `accept` stops the bench."""
     command = [sys.executable, "-m", "harness", *args]
@@ -59,6 +83,13 @@ def main(model: Path, sweep: Path, results: Path, report: Path, profile: bool) -
         if not (model / "config.json").exists():
             _harness("model", "create", "--arch", "olmoe", "--preset", "small", "--out", str(model))
         _harness("model", "pack", str(model))
+        for name, arch in OTHER_MODELS.items():
+            other = model.with_name(name)
+            if not (other / "config.json").exists():
+                _harness("model", "create", "--arch", arch, "--preset", "small", "--out", str(other))
+            _harness("model", "pack", str(other))
+        for dtype in QUANTIZED:
+            _quantized_variant(model, dtype)
         if profile:
             _harness("profile-ssd", "--path", str(model.resolve().parent), "--model", str(model), *PROFILE_ARGS)
         learned = model / "flashmoe.pt"

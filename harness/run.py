@@ -30,7 +30,7 @@ from harness.errors import HarnessError
 from harness.identity import RunIdentity, run_identity
 from harness.iomem import base_page_note
 from harness.keys import PHASES, Scope
-from harness.models.adapters import adapter_for_model_type, load_config
+from harness.models.adapters import load_config
 from harness.models.factory import HARNESS_MARKER
 from harness.models.locate import model_name, resolve_model_dir
 from harness.models.packer import pack_model, pack_paths
@@ -141,7 +141,7 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     check_live_policy(spec.policy)
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
-    adapter_for_model_type(load_config(model_dir).model_type)
+    load_config(model_dir)  # refuses an unsupported architecture with the reason
     # The expert file this run reads is verified in full once: the pack here, its copy on --ssd in placement.
     index, _ = pack_model(model_dir, verify=spec.ssd is None)
     if spec.ram_budget_bytes is not None:
@@ -585,6 +585,8 @@ def _resolved(plan: RunPlan, m: Measurement) -> dict[str, Any]:
         "cache_bytes": loaded.cache.slot_bytes,
         "cache_fraction": book.total_slots / (index.num_experts * len(index.moe_layers)),
         "expert_bytes": index.expert_bytes,
+        "expert_dtype": index.expert_dtype,
+        "bits_per_weight": index.bits_per_weight,
         "expert_stride_bytes": index.stride_bytes,
         "num_experts": index.num_experts,
         "top_k": index.top_k,

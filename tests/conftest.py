@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+from harness.models.archs import SUPPORTED as ARCHS
+
+__all__ = ["ARCHS"]
 
 
 @pytest.fixture(scope="session")

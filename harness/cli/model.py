@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from harness.models.archs import SUPPORTED
 from harness.paths import check_output_dir
 from harness.units import format_bytes
 
@@ -16,10 +17,11 @@ def model_group() -> None:
 
 
 @model_group.command("create")
-# --arch and --preset are checked by create_model (an unknown name lists the choices): a click.Choice
-# here would import torch and transformers for every `--help`.
+# --preset is checked by create_model (the presets live beside torch code); the architectures are a plain
+# table (harness.models.archs), so --help stays light.
 @click.option(
     "--arch",
+    type=click.Choice(SUPPORTED),
     default="olmoe",
     show_default=True,
     help="transformers MoE architecture (model_type) to instantiate, e.g. olmoe, mixtral, qwen3_moe.",
@@ -50,7 +52,17 @@ def create(arch: str, preset: str, out: Path, seed: int, force: bool) -> None:
 @model_group.command("pack")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Re-pack even when an up-to-date pack exists.")
-def pack(model_dir: Path, force: bool) -> None:
+@click.option(
+    "--expert-dtype",
+    type=click.Choice(["checkpoint", "int8", "int4"]),
+    default=None,
+    help="Store expert weights as in the checkpoint, or group-wise symmetric int8 / int4 with a float16 scale per "
+    "group (dequantized in the forward). Default: keep an existing pack's format, else the checkpoint's.",
+)
+@click.option(
+    "--group-size", type=click.IntRange(min=2), default=32, show_default=True, help="Weights per scale (int8/int4)."
+)
+def pack(model_dir: Path, force: bool, expert_dtype: str | None, group_size: int) -> None:
     """Write the 4 KiB-aligned expert file, its index and the non-expert weights (idempotent, verified).
 
     An existing pack is verified in full before it is called current; one that fails is re-packed."""
@@ -65,13 +77,16 @@ def pack(model_dir: Path, force: bool) -> None:
             force=force,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             repair=True,
+            expert_dtype=expert_dtype,
+            group_size=group_size,
         )
     paths = pack_paths(model_dir)
     state = "packed and verified" if wrote else "already packed (up to date)"
     click.echo(
         f"{state}: {paths['experts']} ({len(index.entries)} experts of {format_bytes(index.expert_bytes)}, "
         f"{format_bytes(index.total_expert_bytes)} in all; layers {index.moe_layers[0]}..{index.moe_layers[-1]},"
-        f" top-{index.top_k} of {index.num_experts}; non-expert weights {format_bytes(index.dense_bytes)})"
+        f" top-{index.top_k} of {index.num_experts}; experts stored as {index.expert_dtype},"
+        f" {index.bits_per_weight:g} bits per weight; non-expert weights {format_bytes(index.dense_bytes)})"
     )
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from harness.errors import HarnessError
-from harness.models.adapters import experts_modules, load_config
+from harness.models.adapters import experts_sites, load_config
+from harness.models.quant import FORMATS, round_trip
 from harness.store.layout import PackIndex
 
 ReplaceExperts = Callable[[int, nn.Module], nn.Module]
@@ -30,14 +31,14 @@ def load_skeleton_with_experts_replaced(
     dtype = getattr(torch, index.dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    found = experts_modules(model)
+    found = experts_sites(model)
     if sorted(found) != index.moe_layers:
         raise HarnessError(
             f"the model has MoE layers {sorted(found)} but the pack has {index.moe_layers}; "
             "re-run `harness model pack --force`"
         )
-    for layer, (parent, attr) in found.items():
-        setattr(parent, attr, replace(layer, getattr(parent, attr)))
+    for layer, site in found.items():
+        site.parent.experts = replace(layer, site.module)
     try:
         state = load_file(str(dense_file))
     except FileNotFoundError:
@@ -63,10 +64,19 @@ def load_skeleton_with_experts_replaced(
     return model, config
 
 
-def reference_model(model_dir: Path) -> PreTrainedModel:
-    """The fully resident transformers model, with the eager experts implementation the engine mirrors."""
+def reference_model(model_dir: Path, index: PackIndex | None = None) -> PreTrainedModel:
+    """The fully resident transformers model, with the eager experts implementation the engine mirrors; for
+    a quantized pack (`index`), its expert weights are the pack's (quantized, then dequantized)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a measuring run prints its own output only (--json on stdout stays parseable)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, experts_implementation="eager")
+    fmt = FORMATS.get(index.expert_dtype) if index is not None else None
+    if fmt is not None:
+        with torch.no_grad():
+            for site in experts_sites(model).values():
+                for name in site.params:
+                    param = getattr(site.module, name)
+                    if param.dim() == 3:
+                        param.copy_(torch.stack([round_trip(w, fmt, index.group_size) for w in param]))  # type: ignore[union-attr,arg-type]
     return model.eval()

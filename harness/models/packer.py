@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +20,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from harness.errors import HarnessError
-from harness.models.adapters import ArchAdapter, adapter_for_model_type, load_config
+from harness.models.adapters import (
+    CheckpointPlan,
+    experts_sites,
+    load_config,
+    non_expert_state,
+    plan_checkpoint,
+    skeleton,
+    top_k_of,
+    unsupported_reason,
+)
 from harness.models.locate import pack_paths
 from harness.models.provenance import check_config_unchanged, file_digest, shaping_config
 from harness.models.provenance import pack_content_hashes as pack_content_hashes  # run ids: light home is provenance
+from harness.models.quant import (
+    DEFAULT_GROUP_SIZE,
+    QuantFormat,
+    check_group_size,
+    quant_format,
+    quantize,
+)
 from harness.store.checksum import expert_checksum
-from harness.store.layout import EXPERTS_FILE, ExpertEntry, PackIndex, TensorSlot, align_up
+from harness.store.layout import EXPERTS_FILE, SCALE_SUFFIX, ExpertEntry, PackIndex, TensorSlot, align_up
 from harness.store.reader import verify_expert_file
 
 log = logging.getLogger(__name__)
@@ -64,52 +79,53 @@ def pack_model(
     model_dir: str | Path,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    expert_dtype: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
     verify: bool = True,
     repair: bool = False,
 ) -> tuple[PackIndex, bool]:
     """Pack `model_dir`; returns (index, whether anything was written). Idempotent: a complete pack of the
-    same checkpoint files, whose every blob passes its checksum (`verify`), is kept as it is. A pack of
-    an older format or of changed checkpoint files is re-packed. A pack whose bytes fail verification is
-    re-packed with `repair` (`harness model pack`), else refused (a run). A config.json changed since
-    packing is refused unless `force`."""
+    same checkpoint files and expert format, whose every blob passes its checksum (`verify`), is kept as it
+    is. A pack of an older format or of changed checkpoint files is re-packed. A pack whose bytes fail
+    verification is re-packed with `repair` (`harness model pack`), else refused (a run). A config.json
+    changed since packing is refused unless `force`. `expert_dtype` int8 or int4 quantizes the expert
+    weights (harness.models.quant); None keeps them as the checkpoint stores them, or keeps an existing
+    pack's format."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    adapter = adapter_for_model_type(config.model_type)
+    fmt = quant_format(expert_dtype) if expert_dtype not in (None, "", "checkpoint") else None
     files = checkpoint_files(model_dir)
     paths = pack_paths(model_dir)
     fingerprint = _fingerprint(files)
-    shape = shaping_config(config, adapter)
+    shape = shaping_config(config)
     if paths["index"].exists() and not force:
         existing = _current_pack(model_dir, paths, fingerprint, shape, verify, repair)
-        if existing is not None:
+        same_format = existing is not None and (
+            expert_dtype is None
+            or (
+                existing.expert_dtype == (fmt.name if fmt else existing.dtype)
+                and (fmt is None or existing.group_size == group_size)
+            )
+        )
+        if existing is not None and same_format:
             return existing, False
-    handles = {f: _open(f) for f in files}
-    per_expert: dict[tuple[int, int], dict[str, tuple[Path, str]]] = defaultdict(dict)
-    fused: dict[int, dict[str, tuple[Path, str]]] = defaultdict(dict)
-    dense: dict[str, tuple[Path, str]] = {}
-    for path, handle in handles.items():
-        for key in handle.keys():  # type: ignore[attr-defined]  # noqa: SIM118 - the handle is not iterable
-            parsed = adapter.expert_key(key)
-            if parsed is None:
-                dense[adapter.memory_key(key)] = (path, key)
-            elif parsed[1] is None:
-                fused[parsed[0]][parsed[2]] = (path, key)
-            else:
-                per_expert[(parsed[0], parsed[1])][parsed[2]] = (path, key)
-    layers = sorted({layer for layer, _ in per_expert} | set(fused))
-    if not layers:
-        raise HarnessError(f"{model_dir} has no MoE expert tensors: not a Mixture-of-Experts checkpoint")
-    num_experts = int(getattr(config, adapter.num_experts_attr))
-    hidden, inter = int(config.hidden_size), int(getattr(config, adapter.expert_intermediate_attr))
-    shapes = {"gate_up_proj": [2 * inter, hidden], "down_proj": [hidden, inter]}
-    sample = _expert_tensors(adapter, handles, per_expert, fused, layers[0], 0, shapes)
-    dtype = sample["gate_up_proj"].dtype
-    itemsize = sample["gate_up_proj"].element_size()
+    model = skeleton(config)
+    reason = unsupported_reason(model)
+    if reason:
+        raise HarnessError(f"{model_dir} ({config.model_type}) cannot run offloaded: {reason}")
+    source = _source(model_dir, files, model)
+    sites = source.sites
+    layers = sorted(sites)
+    num_experts = sites[layers[0]].num_experts
+    sample = source.expert(layers[0], 0)
+    dtype = sample[next(iter(sample))].dtype
     tensors, offset = [], 0
-    for name in ("gate_up_proj", "down_proj"):
-        nbytes = shapes[name][0] * shapes[name][1] * itemsize
-        tensors.append(TensorSlot(name, shapes[name], offset, nbytes))
+    for name, value in _parts(sample, dtype, fmt, group_size, f"layer {layers[0]} expert 0"):
+        nbytes = value.numel() * value.element_size()
+        stored_dtype = None if value.dtype == dtype else str(value.dtype).removeprefix("torch.")
+        tensors.append(TensorSlot(name, list(value.shape), offset, nbytes, stored_dtype))
         offset += nbytes
+    weights = sum(t.numel() for t in sample.values())
     expert_bytes, stride = offset, align_up(offset)
     out = paths["dir"]
     try:
@@ -126,8 +142,8 @@ def pack_model(
     with open(partial, "wb") as sink:
         for layer in layers:
             for expert in range(num_experts):
-                blob = _expert_tensors(adapter, handles, per_expert, fused, layer, expert, shapes)
-                payload = b"".join(_raw_bytes(blob[t.name], dtype, f"layer {layer} expert {expert}") for t in tensors)
+                blob = source.expert(layer, expert)
+                payload = _encode(blob, dtype, fmt, group_size, f"layer {layer} expert {expert}")
                 entries.append(ExpertEntry(layer, expert, sink.tell(), expert_checksum(layer, expert, payload)))
                 sink.write(payload)
                 sink.write(padding)
@@ -135,13 +151,13 @@ def pack_model(
                     progress(len(entries), total)
         sink.flush()
         os.fsync(sink.fileno())
-    dense_tensors = {name: _get(handles, where).contiguous() for name, where in sorted(dense.items())}
+    dense_tensors = source.dense()
     save_file(dense_tensors, str(paths["dense"]))
     index = PackIndex(
         model_type=config.model_type,
         dtype=str(dtype).removeprefix("torch."),
         num_experts=num_experts,
-        top_k=int(config.num_experts_per_tok),
+        top_k=top_k_of(config),
         moe_layers=layers,
         expert_bytes=expert_bytes,
         stride_bytes=stride,
@@ -151,6 +167,9 @@ def pack_model(
         source_fingerprint=fingerprint,
         source_config=shape,
         dense_xxh3=file_digest(paths["dense"]),
+        expert_dtype=fmt.name if fmt else str(dtype).removeprefix("torch."),
+        group_size=group_size if fmt else None,
+        bits_per_weight=round(8 * sum(t.nbytes for t in tensors) / weights, 4),
     )
     verify_expert_file(partial, index)
     partial.replace(paths["experts"])
@@ -190,38 +209,94 @@ def _current_pack(
     return existing
 
 
-def _expert_tensors(
-    adapter: ArchAdapter,
-    handles: dict,
-    per_expert: dict,
-    fused: dict,
-    layer: int,
-    expert: int,
-    shapes: dict[str, list[int]],
-) -> dict[str, torch.Tensor]:
-    if layer in fused:
-        if set(fused[layer]) != {"gate_up_proj", "down_proj"}:
-            raise HarnessError(f"layer {layer} has fused expert tensors {sorted(fused[layer])}, expected both")
-        blob = {name: _get(handles, fused[layer][name], expert) for name in ("gate_up_proj", "down_proj")}
-    else:
-        roles = per_expert.get((layer, expert), {})
-        if set(roles) != {"gate", "up", "down"}:
-            raise HarnessError(
-                f"layer {layer} expert {expert}: found projections {sorted(roles)}, expected "
-                "gate, up and down; the checkpoint is incomplete"
-            )
-        gate, up, down = (_get(handles, roles[r]) for r in ("gate", "up", "down"))
-        blob = {"gate_up_proj": torch.cat([gate, up], dim=0), "down_proj": down}
+def _parts(
+    blob: dict[str, torch.Tensor], dtype: torch.dtype, fmt: QuantFormat | None, group_size: int, what: str
+) -> list[tuple[str, torch.Tensor]]:
+    """An expert's tensors in blob order as stored: a quantized 2D weight is followed by its scales."""
+    parts = []
     for name, tensor in blob.items():
-        if list(tensor.shape) != shapes[name]:
-            raise HarnessError(
-                f"layer {layer} expert {expert}: {name} has shape {list(tensor.shape)}, "
-                f"config.json implies {shapes[name]}"
-            )
-    return blob
+        if tensor.dtype != dtype:
+            raise HarnessError(f"{what}: {name} has dtype {tensor.dtype}, the other expert tensors {dtype}")
+        if fmt is not None and tensor.dim() == 2:
+            check_group_size(tensor.shape[1], group_size, name)
+            stored, scale = quantize(tensor, fmt, group_size)
+            parts += [(name, stored), (name + SCALE_SUFFIX, scale)]
+        else:
+            parts.append((name, tensor))
+    return parts
 
 
-def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> bytes:
-    if tensor.dtype != dtype:
-        raise HarnessError(f"{what}: dtype {tensor.dtype} differs from the other experts' {dtype}")
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+def _encode(
+    blob: dict[str, torch.Tensor], dtype: torch.dtype, fmt: QuantFormat | None, group_size: int, what: str
+) -> bytes:
+    """An expert's payload: the bytes of its stored tensors, in blob order."""
+    parts = _parts(blob, dtype, fmt, group_size, what)
+    return b"".join(value.contiguous().view(torch.uint8).numpy().tobytes() for _, value in parts)
+
+
+class _LazySource:
+    """Expert and non-expert tensors read one at a time from the safetensors files (a model larger than RAM packs)."""
+
+    def __init__(self, handles: dict[Path, object], where: dict[str, Path], plan: CheckpointPlan, model) -> None:
+        self.handles, self.where, self.plan = handles, where, plan
+        self.sites = experts_sites(model)
+
+    def _get(self, key: str, index: int | None = None) -> torch.Tensor:
+        return _get(self.handles, (self.where[key], key), index)
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        site = self.sites[layer]
+        roles = self.plan.per_expert.get((layer, expert))
+        if roles is None:
+            blob = {name: self._get(self.plan.stacked[(layer, name)], expert) for name in site.params}
+        else:
+            gate, up, down = (self._get(roles[r]) for r in ("gate", "up", "down"))
+            blob = {"gate_up_proj": torch.cat([gate, up], dim=0), "down_proj": down}
+        for name, tensor in blob.items():
+            if list(tensor.shape) != site.params[name]:
+                raise HarnessError(
+                    f"layer {layer} expert {expert}: {name} has shape {list(tensor.shape)}, "
+                    f"config.json implies {site.params[name]}"
+                )
+        return blob
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        return {name: self._get(key).contiguous() for name, key in sorted(self.plan.dense.items())}
+
+
+class _LoadedSource:
+    """The checkpoint loaded by transformers (its own key conversions applied); needs the model's size in RAM."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        log.warning("%s: checkpoint keys need transformers' conversion; loading the whole model to pack it", model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype="auto")
+        self.sites = experts_sites(self.model)
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        module = self.sites[layer].module
+        return {name: getattr(module, name).detach()[expert] for name in self.sites[layer].params}
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().contiguous() for name, t in non_expert_state(self.model).items()}
+
+
+def _source(model_dir: Path, files: list[Path], model) -> _LazySource | _LoadedSource:
+    handles = {f: _open(f) for f in files}
+    shapes: dict[str, list[int]] = {}
+    where: dict[str, Path] = {}
+    for path, handle in handles.items():
+        for key in handle.keys():  # type: ignore[attr-defined]  # noqa: SIM118 - the handle is not iterable
+            if key.endswith(("_blocks", "_scales")) and ".experts." in key:
+                raise HarnessError(
+                    f"{model_dir} stores quantized experts ({key}, MXFP4-style blocks and scales); the harness packs "
+                    "unquantized checkpoints: dequantize it with transformers first"
+                )
+            shapes[key] = list(handle.get_slice(key).get_shape())  # type: ignore[attr-defined]
+            where[key] = path
+    expected = {name: list(t.shape) for name, t in non_expert_state(model).items()}
+    plan = plan_checkpoint(shapes, experts_sites(model), expected)
+    if plan is None:
+        return _LoadedSource(model_dir)
+    return _LazySource(handles, where, plan, model)

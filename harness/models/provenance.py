@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import xxhash
 
 from harness.errors import HarnessError
 from harness.models.locate import pack_paths
 from harness.store.layout import PackIndex
-
-if TYPE_CHECKING:
-    from harness.models.adapters import ArchAdapter
 
 SHAPING_FIELDS = (
     "model_type",
@@ -43,9 +40,14 @@ SHAPING_FIELDS = (
     "qk_nope_head_dim",
     "v_head_dim",
     "tie_word_embeddings",
+    # The expert count and width, under each architecture's own name.
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "expert_intermediate_size",
 )
-"""config.json fields that decide the shapes of the weights (absent ones are recorded as None); the
-architecture's own names for the expert count and the expert width are added (`shaping_config`)."""
+"""config.json fields that decide the shapes of the weights (absent ones are recorded as None)."""
 TOKENIZER_FILES = (
     "tokenizer*",
     "special_tokens_map.json",
@@ -57,10 +59,9 @@ TOKENIZER_FILES = (
 _CHUNK_BYTES = 16 << 20
 
 
-def shaping_config(config: Any, adapter: ArchAdapter) -> dict[str, object]:
+def shaping_config(config: Any) -> dict[str, object]:
     """The fields of `config` (a transformers config) that shape the weights, JSON-normalised."""
-    names = (*SHAPING_FIELDS, adapter.num_experts_attr, adapter.expert_intermediate_attr)
-    return json.loads(json.dumps({name: getattr(config, name, None) for name in names}))
+    return json.loads(json.dumps({name: getattr(config, name, None) for name in SHAPING_FIELDS}, default=str))
 
 
 def check_config_unchanged(model_dir: Path, packed: dict[str, object], current: dict[str, object]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from harness.cache.book import ExpertCacheBook
@@ -13,9 +14,10 @@ from harness.cache.registry import policy_class, policy_factory
 from harness.errors import HarnessError
 from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
+from harness.models.quant import FORMATS
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.expert_io import BackendName, ReadBackend, make_backend, queue_depth_from_profile
-from harness.runtime.offloaded import ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
+from harness.runtime.offloaded import ExpertMath, ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
 from harness.ssd.readtime import load_profile_for_path
 from harness.store.layout import PackIndex
 from harness.store.reader import ExpertReader
@@ -49,7 +51,9 @@ class OffloadEngine:
         self.modules: list[OffloadedExperts] = []
 
         def replace(layer: int, original: nn.Module) -> nn.Module:
-            module = OffloadedExperts(layer, index.num_experts, original.act_fn, None, self.ctx, sink)  # type: ignore[arg-type]
+            quant = FORMATS.get(index.expert_dtype)
+            math = ExpertMath(original, index.expert_params, quant, getattr(torch, index.dtype))
+            module = OffloadedExperts(layer, index.num_experts, math, None, self.ctx, sink)  # type: ignore[arg-type]
             self.modules.append(module)
             return module
 

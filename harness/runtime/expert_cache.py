@@ -28,11 +28,14 @@ from harness.store.reader import AlignedPool, IoRecord
 
 def slot_views(buffer: memoryview | mmap.mmap, index: PackIndex, count: int) -> list[ExpertWeights]:
     """Tensor views (no copies) of `count` consecutive blobs of `buffer`, each laid out as in the pack:
-    gate_up_proj [2I, H], down_proj [H, I]."""
-    dtype = getattr(torch, index.dtype)
+    e.g. gate_up_proj [2I, H], down_proj [H, I] (and the scales of a quantized pack)."""
+    dtypes = {t.name: getattr(torch, t.dtype or index.dtype) for t in index.tensors}
     whole = torch.frombuffer(buffer, dtype=torch.uint8)
     return [
-        {t.name: whole[base + t.offset : base + t.offset + t.nbytes].view(dtype).view(t.shape) for t in index.tensors}
+        {
+            t.name: whole[base + t.offset : base + t.offset + t.nbytes].view(dtypes[t.name]).view(t.shape)
+            for t in index.tensors
+        }
         for base in range(0, count * index.stride_bytes, index.stride_bytes)
     ]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from harness.runtime.offloaded import StepContext
 
@@ -49,10 +49,11 @@ def generate(
             raise ValueError("teacher-forced decoding needs reference tokens")
         max_new_tokens = min(max_new_tokens, len(reference_ids) + 1)
     log = SequenceLog(prompt_tokens=len(prompt_ids))
-    cache = DynamicCache(config=model.config)
     ctx.seq_id, ctx.phase, ctx.first_pos = seq_id, "prefill", 0
     start = time.perf_counter()
-    logits = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits
+    # The model makes its own cache: hybrid architectures (linear attention, MiniMax) need their own type.
+    output = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    logits, cache = output.logits, output.past_key_values
     log.prefill_s = time.perf_counter() - start
     ctx.now += 1
     token = int(logits[0, -1].argmax())

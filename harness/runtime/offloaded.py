@@ -10,6 +10,7 @@ or predict) and, if it is approximate, replace the routing and supply expert out
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,6 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.keys import Phase
+from harness.models.adapters import eager_forward
+from harness.models.quant import QuantFormat, dequantize
+from harness.store.layout import SCALE_SUFFIX
 
 ExpertWeights = dict[str, torch.Tensor]
 Contribution = tuple[torch.Tensor, torch.Tensor]
@@ -71,14 +75,52 @@ class LayerHooks(Protocol):
     def after_experts(self, module: OffloadedExperts) -> None: ...
 
 
+class ExpertMath:
+    """One expert's arithmetic, taken from the model's own experts module: the class's eager forward,
+    called on the rows routed to one expert with that expert's weights in place of the stacked ones.
+
+    The weights are set as views expanded over the expert dimension (no copies), so the forward indexes
+    them as it indexes its own parameters, and every operation (biases, transposed or interleaved
+    layouts, clamped activations) is the model's own. Quantized weights are dequantized first. Each call
+    builds its own stand-in module (a shallow copy of the original's attributes), so strategies may call it
+    from another thread.
+    """
+
+    def __init__(self, original: nn.Module, params: list[str], quant: QuantFormat | None, dtype: torch.dtype) -> None:
+        self._cls = type(original)
+        self._forward = eager_forward(original)
+        self.signature = inspect.signature(self._forward)
+        """The experts class's forward signature: how its MoE block passes (hidden, top-k index, top-k weights)."""
+        self._state = dict(original.__dict__)
+        self._state["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
+        self.params, self.quant, self.dtype = params, quant, dtype
+        self.num_experts = int(getattr(original, params[0]).shape[0])
+
+    def weights(self, weights: ExpertWeights) -> ExpertWeights:
+        """The expert's weights in the compute dtype (dequantized where stored quantized)."""
+        out = {}
+        for name in self.params:
+            scale = weights.get(name + SCALE_SUFFIX)
+            tensor = weights[name]
+            out[name] = tensor if scale is None else dequantize(tensor, scale, self.quant, self.dtype)  # type: ignore[arg-type]
+        return out
+
+    def __call__(
+        self, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
+    ) -> torch.Tensor:
+        proxy = self._cls.__new__(self._cls)
+        proxy.__dict__.update(self._state)
+        for name, tensor in self.weights(weights).items():
+            proxy.__dict__[name] = tensor.unsqueeze(0).expand(self.num_experts, *tensor.shape)
+        index = torch.zeros(current_state.shape[0], 1, dtype=torch.long)
+        return self._forward(proxy, current_state, index, routing_weights)
+
+
 def expert_forward(
-    act_fn: nn.Module, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
+    math: ExpertMath, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
 ) -> torch.Tensor:
-    """One expert's weighted output rows, op for op as transformers' eager experts forward."""
-    gate, up = F.linear(current_state, weights["gate_up_proj"]).chunk(2, dim=-1)
-    current_hidden_states = act_fn(gate) * up
-    current_hidden_states = F.linear(current_hidden_states, weights["down_proj"])
-    return current_hidden_states * routing_weights
+    """One expert's weighted output rows ([rows, 1] routing weights), op for op as the model's eager forward."""
+    return math(weights, current_state, routing_weights)
 
 
 class OffloadedExperts(nn.Module):
@@ -86,19 +128,20 @@ class OffloadedExperts(nn.Module):
         self,
         layer: int,
         num_experts: int,
-        act_fn: nn.Module,
+        math: ExpertMath,
         cache: ExpertSource,
         ctx: StepContext,
         sink: RoutingSink | None = None,
     ) -> None:
         super().__init__()
-        self.layer, self.num_experts, self.act_fn = layer, num_experts, act_fn
+        self.layer, self.num_experts, self.math = layer, num_experts, math
         self.cache, self.ctx, self.sink = cache, ctx, sink
         self.hooks: LayerHooks | None = None
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        # The MoE block calls its experts as it calls the original class (positional or by that class's names).
+        bound = self.math.signature.bind(None, hidden_states, *args, **kwargs).arguments
+        top_k_index, top_k_weights = (bound[name] for name in list(self.math.signature.parameters)[2:4])
         routing = Routing(top_k_index, top_k_weights)
         if self.hooks is not None:
             routing = self.hooks.before_experts(self, hidden_states, routing)
@@ -116,7 +159,7 @@ class OffloadedExperts(nn.Module):
                 continue  # computed early by the strategy; the fetch still counts the access
             top_k_pos, token_idx = torch.where(expert_mask[expert])
             current_state = hidden_states[token_idx]
-            out = expert_forward(self.act_fn, weights, current_state, top_k_weights[token_idx, top_k_pos, None])
+            out = expert_forward(self.math, weights, current_state, top_k_weights[token_idx, top_k_pos, None])
             contributions[expert] = (token_idx, out)
         for expert in experts:
             token_idx, current_hidden_states = contributions[expert]

@@ -1,10 +1,14 @@
 """Format of the packed expert store: `experts.bin` (each (layer, expert) one contiguous, 4 KiB-aligned
-blob holding gate_up_proj then down_proj in the in-memory layout of transformers) and `index.json`.
+blob holding that expert's slice of every stacked parameter of the model's experts module, e.g.
+gate_up_proj then down_proj, in the in-memory layout of transformers) and `index.json`.
 
 Format 2: each entry carries the xxh3-64 of its blob's payload, seeded with its (layer, expert) so that
 an index whose entries were relabelled fails too (`harness.store.checksum`); the index records where
 the pack came from (checkpoint files, the config fields that shape experts, the non-expert weights'
 hash). Format 1 (CRC32, never checked on read) is re-packed.
+
+Quantized packs (`expert_dtype` int8 or int4) store each 2D weight as its integer values followed by a
+`NAME@scale` tensor of float16 group scales (harness.models.quant); 1D tensors (biases) stay in `dtype`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ PACK_DIR = "packed"
 EXPERTS_FILE = "experts.bin"
 INDEX_FILE = "index.json"
 DENSE_FILE = "dense.safetensors"
+SCALE_SUFFIX = "@scale"
+"""Name suffix of a quantized tensor's group scales inside a blob."""
 
 
 def align_up(n: int, to: int = ALIGN_BYTES) -> int:
@@ -37,6 +43,8 @@ class TensorSlot:
     offset: int
     """Byte offset inside the blob."""
     nbytes: int
+    dtype: str | None = None
+    """torch dtype name of the stored values when it differs from the index's `dtype` (quantized packs)."""
 
 
 @dataclass
@@ -72,6 +80,17 @@ class PackIndex:
     """xxh3-128 of dense.safetensors (the non-expert weights), 32 hex digits."""
     format_version: int = STORE_FORMAT_VERSION
     extra: dict[str, object] = field(default_factory=dict)
+    expert_dtype: str = ""
+    """How expert weights are stored: `dtype` itself (or "" in packs older than quantization), int8 or int4."""
+    group_size: int | None = None
+    """Weights per float16 scale of a quantized pack."""
+    bits_per_weight: float = 0.0
+    """Stored bits per expert weight (scales included): 16 for bfloat16, 8.5 for int8 and 4.5 for int4 at group 32."""
+
+    @property
+    def expert_params(self) -> list[str]:
+        """The experts module's parameter names, in blob order."""
+        return [t.name for t in self.tensors if SCALE_SUFFIX not in t.name]
 
     def entry(self, layer: int, expert: int) -> ExpertEntry:
         return self._by_key[(layer, expert)]

@@ -52,7 +52,7 @@ class DaopStyle(TwoTierStrategy):
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> MappedExperts:
         self.index, self.gates = engine.index, GatePredictor(engine)
-        self.act_fn = {m.layer: m.act_fn for m in engine.modules}
+        self.math = {m.layer: m.math for m in engine.modules}
         self._two_tiers(engine, request.slots, "per-layer")
         self.recall = Recall()
         self.swaps_done = 0
@@ -133,9 +133,7 @@ class DaopStyle(TwoTierStrategy):
                 if self.source.is_pinned((target, expert)):
                     continue
                 weights = self.source.mapped((target, expert))
-                result = expert_forward(
-                    self.act_fn[target], weights, hidden_states, routing.top_k_weights[:, pos, None]
-                )
+                result = expert_forward(self.math[target], weights, hidden_states, routing.top_k_weights[:, pos, None])
                 out[expert] = (rows, result)
         return out
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from harness.keys import ExpertKey
-from harness.runtime.offloaded import ExpertWeights, OffloadedExperts, Routing, expert_forward
+from harness.runtime.offloaded import ExpertMath, ExpertWeights, OffloadedExperts, Routing, expert_forward
 from harness.runtime.strategies.base import CacheRequest, register_strategy
 from harness.runtime.strategies.mapped import MappedExperts, TwoTierStrategy, most_popular, popularity_from_trace
 
@@ -49,14 +49,14 @@ class CostModel:
         return "gpu" if self.t_copy_s < tokens * self.t_cpu_token_s else "cpu"
 
 
-def measure_cost_model(act_fn: torch.nn.Module, weights: ExpertWeights, hidden_size: int) -> CostModel:
+def measure_cost_model(math: ExpertMath, weights: ExpertWeights, hidden_size: int) -> CostModel:
     """Time one token through one expert on the CPU, and (with CUDA) one expert's host-to-GPU copy."""
-    x = torch.randn(1, hidden_size, dtype=weights["down_proj"].dtype)
+    x = torch.randn(1, hidden_size, dtype=math.dtype)
     one = torch.ones(1, 1, dtype=x.dtype)
     cpu = []
     for _ in range(TIMING_REPEATS):
         start = time.perf_counter()
-        expert_forward(act_fn, weights, x, one)
+        expert_forward(math, weights, x, one)
         cpu.append(time.perf_counter() - start)
     copy = None
     if torch.cuda.is_available():
@@ -105,7 +105,7 @@ class FiddlerStyle(TwoTierStrategy):
             )
         first = engine.modules[0]
         self.cost_model = measure_cost_model(
-            first.act_fn, self.source.mapped((first.layer, 0)), engine.config.hidden_size
+            first.math, self.source.mapped((first.layer, 0)), engine.config.hidden_size
         )
         return self.source
 
