@@ -76,5 +76,6 @@ def test_bad_run_options(tiny_model, tmp_path, flag, value, needle):
 
 def test_unknown_architecture_on_create(tmp_path):
     assert_one_line_error(
-        *run_cli("model", "create", "--arch", "gpt2", "--out", str(tmp_path / "m")), "unknown architecture 'gpt2'"
+        *run_cli("model", "create", "--arch", "gpt2", "--out", str(tmp_path / "m")),
+        "model_type 'gpt2' is not a supported Mixture-of-Experts architecture",
     )

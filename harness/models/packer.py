@@ -269,9 +269,23 @@ class _LoadedSource:
 
     def __init__(self, model_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-        log.warning("%s: checkpoint keys need transformers' conversion; loading the whole model to pack it", model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype="auto")
+        log.info("%s: checkpoint keys need transformers' conversion; loading the whole model to pack it", model_dir)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity(hf_logging.CRITICAL)  # its multi-line load report: the error below says it in one
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype="auto")
+        except (RuntimeError, ValueError, OSError) as exc:
+            mismatch = "ignore_mismatched_sizes" in str(exc)
+            first = "tensor sizes differ" if mismatch else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HarnessError(
+                f"{model_dir}: the checkpoint's weights do not fit its config.json ({first}); restore the config "
+                "the weights were saved with"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.sites = experts_sites(self.model)
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:

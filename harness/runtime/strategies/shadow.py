@@ -25,7 +25,7 @@ from harness.errors import HarnessError
 from harness.iomem import IoBuffer
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import slot_views
-from harness.runtime.offloaded import expert_forward
+from harness.runtime.offloaded import ExpertMath, expert_forward
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
@@ -63,9 +63,9 @@ class QuantLinear(nn.Module):
 class ShadowExperts(nn.Module):
     """All experts of one layer, quantised; computes like the real layer and records its routing."""
 
-    def __init__(self, layer: int, num_experts: int, act_fn: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, layer: int, num_experts: int, math: ExpertMath, weights: dict[str, tuple]) -> None:
         super().__init__()
-        self.layer, self.num_experts, self.act_fn = layer, num_experts, act_fn
+        self.layer, self.num_experts, self.math = layer, num_experts, math
         self.names = list(weights)
         for name, (stored, scale) in weights.items():
             self.register_buffer(f"{name}_stored", stored)
@@ -85,7 +85,7 @@ class ShadowExperts(nn.Module):
                 weights[n] = dequantize(
                     getattr(self, f"{n}_stored")[expert], None if scale is None else scale[expert], out.dtype
                 )
-            rows = expert_forward(self.act_fn, weights, hidden_states[token_idx], top_k_weights[token_idx, pos, None])
+            rows = expert_forward(self.math, weights, hidden_states[token_idx], top_k_weights[token_idx, pos, None])
             out.index_add_(0, token_idx, rows.to(out.dtype))
         return out
 
@@ -121,9 +121,9 @@ class ShadowModel:
         self.experts: dict[int, ShadowExperts] = {}
 
         def replace(layer: int, original: nn.Module) -> nn.Module:
-            module = ShadowExperts(
-                layer, engine.index.num_experts, original.act_fn, _stacked_experts(engine, layer, precision)
-            )
+            # The model's own expert arithmetic; the shadow dequantizes its weights itself (quant=None here).
+            math = ExpertMath(original, engine.index.expert_params, None, getattr(torch, engine.index.dtype))
+            module = ShadowExperts(layer, engine.index.num_experts, math, _stacked_experts(engine, layer, precision))
             self.experts[layer] = module
             return module
 
