@@ -153,19 +153,29 @@ def reference_compute(runs: list[tuple[Path, dict[str, Any]]]) -> ComputeTime:
 
 def validate(
     results_dir: Path, profile: Path | None = None, compute: ComputeTime | None = None
-) -> tuple[list[Check], ComputeTime, list[str]]:
-    """Predict every plain-cache run of a sweep (one machine, one model) from its own trace.
+) -> tuple[list[Check], dict[str, ComputeTime], list[str]]:
+    """Predict every plain-cache run of a sweep (one machine) from its own trace.
 
-    Returns the checks, the compute time used and the runs skipped (with why). Each run uses
-    `profile` when given, else the profile its result names. The compute time is `compute` when
-    given, else the median over the sweep's runs (`reference_compute`).
+    Returns the checks, the compute time used per model and the runs skipped (with why). Each run uses
+    `profile` when given, else the profile its result names. The compute time is `compute` when given,
+    else, per model (models differ in compute: shape, expert dtype), the median over that model's runs
+    (`reference_compute`).
     """
     runs = _runs(results_dir)
     if not runs:
         raise HarnessError(f"no successful result.json under {results_dir}")
-    compute = compute or reference_compute(runs)
-    checks, skipped = validate_runs(runs, compute, profile)
-    return checks, compute, skipped
+    by_model: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for folder, result in runs:
+        by_model.setdefault(str((result.get("resolved") or {}).get("model_name") or ""), []).append((folder, result))
+    checks: list[Check] = []
+    used: dict[str, ComputeTime] = {}
+    skipped: list[str] = []
+    for model, group in sorted(by_model.items()):
+        used[model] = compute or reference_compute(group)
+        group_checks, group_skipped = validate_runs(group, used[model], profile)
+        checks += group_checks
+        skipped += group_skipped
+    return checks, used, skipped
 
 
 def validate_runs(

@@ -78,7 +78,8 @@ def test_validate_against_runs(tmp_path):
         }
         write_json_atomic(folder / "result.json", result)
     checks, compute, skipped = validate(tmp_path / "results")
-    assert skipped == [] and compute.s_per_token == pytest.approx(0.01)
+    (per_model,) = compute.values()  # one model in this sweep: one compute time
+    assert skipped == [] and per_model.s_per_token == pytest.approx(0.01)
     by = {c.run_id: c for c in checks}
     assert by["a"].error_pct == pytest.approx(0.0, abs=1e-9)
     assert by["b"].error_pct == pytest.approx(100 * (0.01 / (0.01 + 0.25 * MIB / BW) - 1))

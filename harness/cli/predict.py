@@ -71,7 +71,9 @@ def predict_cmd(
         compute = compute_from_result(read_json(compute_from), str(compute_from))
     if validate_dir is not None:
         checks, used, skipped = validate(validate_dir, profile, compute)
-        _console.print(f"compute time: {used.s_per_token * 1e3:.2f} ms per token ({used.source})")
+        for name, per_model in used.items():
+            ms = per_model.s_per_token * 1e3
+            _console.print(f"compute time of {name}: {ms:.2f} ms per token ({per_model.source})")
         table = Table(title=f"prediction vs measurement, {validate_dir}")
         for name in ("run_id", "policy", "slots", "budget", "profile", "predicted tok/s", "measured tok/s", "error"):
             table.add_column(name, justify="right")
