@@ -123,3 +123,23 @@ def resolve_num_experts(given: int | None, rows: TokenRows) -> tuple[int, str | 
         return given, None
     inferred = 1 + max(max(max(ids) for ids in row) for row in rows.experts)
     return inferred, f"num_experts inferred as max id + 1 = {inferred} (pass --num-experts for the model's own)"
+
+
+def write_token_trace(
+    rows: TokenRows, out: Path, layers: list[int], num_experts: int | None, expert_bytes: int, source: str
+) -> str | None:
+    """Write an imported trace of unknown model (num_layers = max layer + 1) from its token rows; returns the
+    note when the expert count had to be inferred."""
+    experts_n, inferred = resolve_num_experts(num_experts, rows)
+    meta = TraceMeta(
+        model="unknown",
+        architecture="unknown",
+        num_layers=layers[-1] + 1,
+        moe_layers=layers,
+        num_experts=experts_n,
+        top_k=rows.top_k,
+        expert_bytes=expert_bytes,
+        source=source,
+    )
+    write_rows(rows, out, meta)
+    return inferred

@@ -37,10 +37,8 @@ from harness.trace.importers.common import (
     check_num_experts,
     expert_list,
     read_lines,
-    resolve_num_experts,
-    write_rows,
+    write_token_trace,
 )
-from harness.trace.schema import TraceMeta
 
 _Pass = tuple[int, int]  # (Megatron step, firing of the layer within the step)
 
@@ -118,23 +116,13 @@ def import_megatron_jsonl(
                 rows.add(seq_id, pos, step, "decode", [by_layer[layer][0][j] for layer in layers])
                 pos += 1
             step += 1
-    experts_n, inferred = resolve_num_experts(num_experts, rows)
     skipped = sum(s for _, _, s in read)
-    meta = TraceMeta(
-        model="unknown",
-        architecture="unknown",
-        num_layers=layers[-1] + 1,
-        moe_layers=layers,
-        num_experts=experts_n,
-        top_k=rows.top_k,
-        expert_bytes=expert_bytes,
-        source=(
-            f"imported from Megatron-Core routing traces ({', '.join(p.name for p, _, _ in read)}); one sequence per"
-            f" file, one step per forward pass, all labelled decode, no weights; {skipped} MTP/other-stage records"
-            " skipped; num_layers is max layer + 1"
-        ),
+    source = (
+        f"imported from Megatron-Core routing traces ({', '.join(p.name for p, _, _ in read)}); one sequence per"
+        f" file, one step per forward pass, all labelled decode, no weights; {skipped} MTP/other-stage records"
+        " skipped; num_layers is max layer + 1"
     )
-    write_rows(rows, out, meta)
+    inferred = write_token_trace(rows, out, layers, num_experts, expert_bytes, source)
     notes = [n for n in [inferred] if n]
     if skipped:
         notes.append(f"skipped {skipped} records that are not decoder pre_dispatch routing (MTP heads, other stages)")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.trace.importers import ImportReport
-from harness.trace.importers.common import TokenRows, check_ids, check_num_experts, resolve_num_experts, write_rows
-from harness.trace.schema import TraceMeta
+from harness.trace.importers.common import TokenRows, check_ids, check_num_experts, write_token_trace
 
 COLUMNS = ("Layer ID", "Batch Number", "Token", "Activated Expert IDs")
 
@@ -119,19 +118,9 @@ def import_prompt_csv(
                 rows.add(seq_id, pos, step, phase, [by_layer[layer][j][0] for layer in layers])
                 pos += 1
             step += 1
-    experts_n, inferred = resolve_num_experts(num_experts, rows)
-    meta = TraceMeta(
-        model="unknown",
-        architecture="unknown",
-        num_layers=layers[-1] + 1,
-        moe_layers=layers,
-        num_experts=experts_n,
-        top_k=rows.top_k,
-        expert_bytes=expert_bytes,
-        source=(
-            f"imported from per-prompt routing CSVs ({len(files)} files, first {files[0].name}); one sequence per"
-            " file, one step per Batch Number, files one after another; num_layers is max layer + 1"
-        ),
+    source = (
+        f"imported from per-prompt routing CSVs ({len(files)} files, first {files[0].name}); one sequence per"
+        " file, one step per Batch Number, files one after another; num_layers is max layer + 1"
     )
-    write_rows(rows, out, meta)
+    inferred = write_token_trace(rows, out, layers, num_experts, expert_bytes, source)
     return ImportReport(rows=len(rows), sequences=len(files), layers=layers, notes=[n for n in [inferred] if n])

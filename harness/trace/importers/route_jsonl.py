@@ -21,10 +21,9 @@ from harness.trace.importers.common import (
     check_num_experts,
     expert_list,
     read_lines,
-    resolve_num_experts,
-    write_rows,
+    write_token_trace,
 )
-from harness.trace.schema import PHASE_NAMES, TraceMeta
+from harness.trace.schema import PHASE_NAMES
 
 _Token = tuple[str, object, int]  # (file, seq, t)
 
@@ -111,19 +110,9 @@ def import_route_jsonl(
             [layers[layer][0] for layer in order],
             None if any(w is None for w in weights) else weights,
         )
-    experts_n, inferred = resolve_num_experts(num_experts, rows)
-    meta = TraceMeta(
-        model="unknown",
-        architecture="unknown",
-        num_layers=order[-1] + 1,
-        moe_layers=order,
-        num_experts=experts_n,
-        top_k=rows.top_k,
-        expert_bytes=expert_bytes,
-        source=(
-            f"imported from route-simulator JSONL ({', '.join(Path(p).name for p in paths)}); step = t, files one"
-            " after another; num_layers is max layer + 1"
-        ),
+    source = (
+        f"imported from route-simulator JSONL ({', '.join(Path(p).name for p in paths)}); step = t, files one"
+        " after another; num_layers is max layer + 1"
     )
-    write_rows(rows, out, meta)
+    inferred = write_token_trace(rows, out, order, num_experts, expert_bytes, source)
     return ImportReport(rows=len(rows), sequences=len(seq_ids), layers=order, notes=[n for n in [inferred] if n])
