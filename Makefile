@@ -13,7 +13,7 @@ SYSTEM_PACKAGES ?= fio chromium
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,cluster]"
 	@touch $(BIN)/harness
 
 install: $(BIN)/harness
