@@ -23,6 +23,7 @@ import psutil
 import harness
 from harness.errors import HarnessError
 from harness.models.locate import pack_paths
+from harness.models.provenance import file_digest as provenance_digest
 from harness.models.provenance import pack_content_hashes
 from harness.results import cpu_model, gpu_info
 from harness.store.layout import PackIndex
@@ -40,7 +41,6 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-_HASH_CHUNK_BYTES = 16 << 20
 _ID_HEX = 16
 _FINGERPRINT_HEX = 12
 
@@ -56,12 +56,10 @@ class RunIdentity:
 
 @cache
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """blake2b of a file's bytes; cached by (path, size, mtime) so a process hashes each version once."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The pack's own file hash (`provenance.file_digest`, xxh3-128), cached by (path, size, mtime) so a
+    process hashes each version once; the same hash as the pack records, so a config hashed here before
+    packing equals the one `pack_content_hashes` gives after."""
+    return provenance_digest(Path(path))
 
 
 def file_digest(path: Path) -> str | None:
