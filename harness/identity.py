@@ -24,7 +24,7 @@ import harness
 from harness.errors import HarnessError
 from harness.models.locate import pack_paths
 from harness.models.provenance import file_digest as provenance_digest
-from harness.models.provenance import pack_content_hashes
+from harness.models.provenance import pack_content_hashes, source_fingerprint
 from harness.results import cpu_model, gpu_info
 from harness.store.layout import PackIndex
 
@@ -172,8 +172,7 @@ def pack_looks_current(model_dir: Path) -> bool:
         index = PackIndex.load(paths["index"])
     except HarnessError:
         return False
-    files = sorted(model_dir.glob("*.safetensors"))
-    current = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    current = source_fingerprint(sorted(model_dir.glob("*.safetensors")))
     experts = paths["experts"]
     expected_bytes = index.stride_bytes * len(index.entries)
     return index.source_fingerprint == current and experts.is_file() and experts.stat().st_size == expected_bytes

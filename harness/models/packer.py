@@ -31,7 +31,7 @@ from harness.models.adapters import (
     unsupported_reason,
 )
 from harness.models.locate import pack_paths
-from harness.models.provenance import check_config_unchanged, file_digest, shaping_config
+from harness.models.provenance import check_config_unchanged, file_digest, shaping_config, source_fingerprint
 from harness.models.provenance import pack_content_hashes as pack_content_hashes  # run ids: light home is provenance
 from harness.models.quant import (
     DEFAULT_GROUP_SIZE,
@@ -52,10 +52,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if not files:
         raise HarnessError(f"{model_dir} has no *.safetensors weights (only safetensors checkpoints are supported)")
     return files
-
-
-def _fingerprint(files: list[Path]) -> dict[str, list[int]]:
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def _open(path: Path):  # safetensors returns a private handle type
@@ -96,7 +92,7 @@ def pack_model(
     fmt = quant_format(expert_dtype) if expert_dtype not in (None, "", "checkpoint") else None
     files = checkpoint_files(model_dir)
     paths = pack_paths(model_dir)
-    fingerprint = _fingerprint(files)
+    fingerprint = source_fingerprint(files)
     shape = shaping_config(config)
     if paths["index"].exists() and not force:
         existing = _current_pack(model_dir, paths, fingerprint, shape, verify, repair)

@@ -59,6 +59,11 @@ TOKENIZER_FILES = (
 _CHUNK_BYTES = 16 << 20
 
 
+def source_fingerprint(files: list[Path]) -> dict[str, list[int]]:
+    """Checkpoint file name -> [size, mtime_ns], as a pack records it: a re-pack is due when it changes."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
 def shaping_config(config: Any) -> dict[str, object]:
     """The fields of `config` (a transformers config) that shape the weights, JSON-normalised."""
     return json.loads(json.dumps({name: getattr(config, name, None) for name in SHAPING_FIELDS}, default=str))
