@@ -46,7 +46,7 @@ from harness.runtime.strategies.base import split_spec
 from harness.runtime.timing import percentiles, timing_metrics
 from harness.spec import RunSpec, cache_experts_slots
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
-from harness.ssd.readtime import load_profile_for_path, profile_for_path
+from harness.ssd.readtime import profile_for_path
 from harness.store.layout import PackIndex
 from harness.store.placement import place_expert_file
 from harness.store.reader import IoRecord
@@ -168,20 +168,6 @@ def resolve_device(requested: str) -> str:
     if not torch.cuda.is_available():
         raise HarnessError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
     raise HarnessError("--device cuda: the GPU tier is not implemented yet; use --device cpu")
-
-
-def _time_model(
-    experts_file: Path, decode_bytes: int, decode_steps: int, index: PackIndex, spec: RunSpec
-) -> dict[str, Any] | None:
-    """What the SSD profile of this disk predicts for the decode reads: the I/O floor per token (s)."""
-    model = load_profile_for_path(experts_file)
-    if model is None or not decode_steps:
-        return None
-    per_token = decode_bytes / decode_steps
-    return {
-        "profile": model.source,
-        "decode_read_s_per_token": model.seconds(int(per_token), spec.io_threads, index.stride_bytes),
-    }
 
 
 def _disk_read_bytes(device: str | None) -> int | None:
@@ -492,7 +478,6 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
         "device_read_bytes": m.device_read_bytes,
         "process_read_bytes": m.process_read_bytes,
-        "ssd_time_model": _time_model(plan.experts_file, bytes_by_phase["decode"], decode_steps, plan.index, plan.spec),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "cgroup": m.budget,
         "wall_s": m.wall_s,
