@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from harness import paths
 from harness.budget import BudgetEnforcement, budget_status, current_enforcement
-from harness.cache.book import ExpertCacheBook
+from harness.cache.book import AccessCounts
+from harness.cache.tiers import SEMANTICS, TierSpec, check_tiers_budget, parse_tiers
 from harness.errors import HarnessError
 from harness.identity import RunIdentity, run_identity
 from harness.iomem import base_page_note
@@ -43,8 +44,9 @@ from harness.runtime.generation import DecodeMode, SequenceLog, generate
 from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
+from harness.runtime.tiered_cache import TieredExperts
 from harness.runtime.timing import percentiles, timing_metrics
-from harness.spec import RunSpec, cache_experts_slots
+from harness.spec import RunSpec, cache_experts_slots, check_tiers
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
 from harness.ssd.readtime import profile_for_path
 from harness.store.layout import PackIndex
@@ -52,7 +54,8 @@ from harness.store.placement import place_expert_file
 from harness.store.reader import IoRecord
 from harness.telemetry.probes import process_io_bytes
 from harness.telemetry.recorder import EVENTS_FILE, TIMELINE_FILE, Telemetry
-from harness.trace.schema import read_trace
+from harness.trace.schema import PHASE_NAMES, Trace, read_trace
+from harness.trace.simulate_tiers import tier_rows
 from harness.trace.stats import routing_stats
 from harness.workloads import PromptItem, select_prompts
 
@@ -124,20 +127,26 @@ def _busy_seconds(records: list[IoRecord]) -> float:
     return total / 1e9
 
 
-def _hits(book: ExpertCacheBook) -> dict[str, Any]:
+def _hits(counts: dict[str, dict[int, AccessCounts]]) -> dict[str, Any]:
+    """Hits and misses per phase, in all and per layer (a miss: an expert read from the device)."""
     out: dict[str, Any] = {}
     for phase in PHASES:
-        per_layer = {str(layer): [c.hits, c.misses] for layer, c in book.counts[phase].items()}
-        total = book.total(phase)
-        out[phase] = {"hits": total.hits, "misses": total.misses, "per_layer": per_layer}
+        per_layer = {str(layer): [c.hits, c.misses] for layer, c in counts[phase].items()}
+        hits, misses = sum(c.hits for c in counts[phase].values()), sum(c.misses for c in counts[phase].values())
+        out[phase] = {"hits": hits, "misses": misses, "per_layer": per_layer}
     return out
+
+
+def _hit_rate(hits: dict[str, Any], phase: str) -> float:
+    accesses = hits[phase]["hits"] + hits[phase]["misses"]
+    return hits[phase]["hits"] / accesses if accesses else 0.0
 
 
 def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     """Checks that need no model load: the model resolves and packs, the policy runs live, and the budget
     can hold this process (interpreter and libraries as measured now), the non-expert weights, the
-    workspace and one layer's top-k experts."""
-    resolve_device(spec.device)
+    workspace and one layer's top-k experts (or the spec's tiers)."""
+    device = resolve_device(spec.device)
     check_live_policy(spec.policy)
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
@@ -156,6 +165,10 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
                 f"{index.top_k * groups * index.stride_bytes / 2**20:.0f} MiB; "
                 f"use at least {math.ceil(need / 2**20)}MiB"
             )
+        if spec.tiers is not None:
+            free = spec.ram_budget_bytes - runtime - index.dense_bytes - WORKSPACE_RESERVE_BYTES
+            tiers = parse_tiers(spec.tiers)
+            check_tiers_budget(tiers, index.stride_bytes, len(index.moe_layers), spec.scope, device, free)
     return model_dir, index
 
 
@@ -213,6 +226,8 @@ class RunPlan:
     storage: dict[str, Any]
     enforcement: BudgetEnforcement
     disk: str | None
+    tiers: list[TierSpec] | None = None
+    """The expert memory tiers, top to bottom (None: one cache)."""
 
 
 @dataclass
@@ -284,6 +299,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
+    device = resolve_device(spec.device)
     return RunPlan(
         spec=spec,
         identity=identity,
@@ -294,7 +310,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         random_init=random_init,
         strategy=strategy,
         scope=scope,
-        device=resolve_device(spec.device),
+        device=device,
         prompts=prompts,
         encoded=encode_prompts(model_dir, config, prompts, spec.max_new_tokens),
         decode_mode=cast(DecodeMode, decode_mode),
@@ -303,6 +319,8 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         storage=describe_path(experts_file.parent),
         enforcement=current_enforcement(spec.ram_budget_bytes),
         disk=block_device_for_path(experts_file),
+        # Each slot tier holds one step's top-k experts; a page-cache tier's reads of this file can be classified.
+        tiers=None if spec.tiers is None else check_tiers(spec.tiers, index.top_k, experts_file),
     )
 
 
@@ -377,6 +395,10 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
         + spec.io_threads * index.stride_bytes
     )
     baseline = psutil.Process().memory_info().rss
+    if plan.tiers is not None:
+        cache: Any = engine.configure_tiers(plan.tiers, plan.scope, spec.seed, spec.io_threads, plan.device)
+        slots, slots_how = plan.tiers[0].capacity, f"tiers {','.join(t.label for t in plan.tiers)} (top tier)"
+        return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
     cache = plan.strategy.build(engine, CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads))
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
@@ -457,7 +479,11 @@ def _bytes_by_phase(m: Measurement, validity: Validity) -> dict[str, int]:
 
 def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[str, Any]:
     """The result's metrics section (timing notes go into `validity`)."""
-    stats, book = m.loaded.cache.stats, m.loaded.cache.book
+    cache = m.loaded.cache
+    stats = cache.stats
+    tiered = isinstance(cache, TieredExperts)
+    hits = _hits(cache.served() if tiered else cache.book.counts)
+    trace = read_trace(m.trace_path)
     timing = timing_metrics(m.logs, plan.spec.warmup_steps, m.loaded.load_s, validity, plan.spec.min_steady_s)
     decode_s = sum(s for seq in m.logs for s in seq.step_s)
     decode_steps = timing["decode_tokens"]
@@ -465,9 +491,9 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
     busy = _busy_seconds(stats.records)
     metrics = {
         **timing,
-        "hits": _hits(book),
-        "hit_rate_decode": book.total("decode").hit_rate,
-        "hit_rate_prefill": book.total("prefill").hit_rate,
+        "hits": hits,
+        "hit_rate_decode": _hit_rate(hits, "decode"),
+        "hit_rate_prefill": _hit_rate(hits, "prefill"),
         "ssd_read_bytes": sum(bytes_by_phase.values()),
         "ssd_read_bytes_by_phase": bytes_by_phase,
         "ssd_read_bytes_per_token": bytes_by_phase["decode"] / decode_steps if decode_steps else None,
@@ -481,9 +507,29 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "cgroup": m.budget,
         "wall_s": m.wall_s,
-        "routing": routing_stats(read_trace(m.trace_path)),
+        "routing": routing_stats(trace),
     }
+    if tiered:
+        metrics["tiers"] = live_tier_rows(cache, trace)
     return metrics | _io_and_floor(plan, m, metrics)
+
+
+def live_tier_rows(cache: TieredExperts, trace: Trace) -> list[dict[str, Any]]:
+    """`metrics.tiers`: the simulator's rows (`tier_rows`) over the run's own accesses and token rows; a
+    page-cache tier's row adds the live read classification beside the model's counts."""
+    tokens = {p: int(sum((s.phase == PHASE_NAMES.index(p)).sum() for s in trace.sequences)) for p in PHASES}
+    stack = cache.stack
+    counts = [stack.counts(i) for i in range(len(cache.tiers))]
+    rows = tier_rows(cache.tiers, stack.edges(), cache.scope, counts, tokens, cache.index.expert_bytes)
+    if cache.pagecache_at is not None:
+        row = rows[cache.pagecache_at]
+        live = AccessCounts(
+            sum(c.hits for p in PHASES for c in cache.live[p].values()),
+            sum(c.misses for p in PHASES for c in cache.live[p].values()),
+        )
+        row["live_hits"], row["live_misses"], row["live_hit_rate"] = live.hits, live.misses, live.hit_rate
+        row["model_minus_live_hit_rate"] = row["hit_rate"] - live.hit_rate
+    return rows
 
 
 def _io_and_floor(plan: RunPlan, m: Measurement, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -515,7 +561,13 @@ def plan_notes(plan: RunPlan, validity: Validity) -> None:
             f"the expert file is on {plan.storage['filesystem']}, which is memory, not an SSD",
             "pass --ssd with a folder on the SSD to measure",
         )
-    if plan.spec.ram_budget_bytes is not None and plan.enforcement.mode == "accounting-only":
+    pagecache = next((t for t in plan.tiers or [] if t.modelled), None)
+    if pagecache is not None and plan.enforcement.mode == "accounting-only":
+        validity.note(
+            f"the page cache is not bounded by a memory cgroup ({plan.enforcement.reason}): the live page-cache "
+            f"tier holds what the kernel keeps, the model {pagecache.capacity} experts"
+        )
+    elif plan.spec.ram_budget_bytes is not None and plan.enforcement.mode == "accounting-only":
         validity.note(
             f"RAM budget not enforced by a cgroup ({plan.enforcement.reason}): accounting only, "
             "expert reads bypass the page cache"
@@ -525,7 +577,13 @@ def plan_notes(plan: RunPlan, validity: Validity) -> None:
 def assess(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Validity) -> None:
     """The validity verdict on what was measured: how reads went, whether the device saw them."""
     reader = m.loaded.engine.reader
-    if reader.engine != "direct":
+    if reader.engine == "buffered-pagecache":
+        validity.note(
+            "a page-cache tier: expert reads are buffered through the page cache, each classified page cache or "
+            "device (RWF_NOWAIT); SSD bytes count the device's part, the tier's hits/misses are the simulator's "
+            "LRU model and live_hits/live_misses the classification"
+        )
+    elif reader.engine != "direct":
         validity.note(f"expert reads are buffered with the file dropped from the page cache: {reader.fallback_reason}")
     huge_note = base_page_note(m.loaded.cache.pool.huge_page_share, "the expert slot memory")
     if reader.engine == "direct" and huge_note:
@@ -554,14 +612,26 @@ def _resolved(plan: RunPlan, m: Measurement) -> dict[str, Any]:
     index, loaded, spec = plan.index, m.loaded, plan.spec
     book = loaded.cache.book
     policy_desc = book.policies[0].describe()
-    return {
+    tiers = (
+        {}
+        if plan.tiers is None
+        else {
+            "tiers": [t.label for t in plan.tiers],
+            "tier_semantics": SEMANTICS,
+        }
+    )
+    return tiers | {
         "architecture": plan.config.model_type,
         "model_dir": str(plan.model_dir),
         "model_name": model_name(plan.model_dir),
         "random_init": plan.random_init,
         "decode_mode": plan.decode_mode,
         "scope": plan.scope,
-        "policy": spec.policy if plan.strategy.uses_spec_policy else policy_desc["name"],
+        "policy": plan.tiers[0].policy
+        if plan.tiers
+        else spec.policy
+        if plan.strategy.uses_spec_policy
+        else policy_desc["name"],
         "policy_params": policy_desc,
         "strategy": plan.strategy.name,
         "cache_slots": loaded.slots,

@@ -55,9 +55,7 @@ class RunSpec(BaseModel):
     tiers: str | None = Field(
         None,
         description="Expert memory tiers top to bottom instead of one cache, e.g. device:lru:48,host:lfu:256 or "
-        "host:lru:16,pagecache:512 (harness.cache.tiers); checked here, not yet run by the engine.",
-        # Out of canonical() (so out of every run_id) while the engine refuses it; drop `exclude` when it runs.
-        exclude=True,
+        "host:lru:16,pagecache:512 (harness.cache.tiers; strategy cache only).",
     )
     seed: int = Field(0, description="Seed for anything random (random policy, sampling).")
     repeat: int = Field(0, ge=0, description="Repetition index; repeats get distinct run_ids.")
@@ -102,15 +100,21 @@ class RunSpec(BaseModel):
             raise HarnessError("tiers name each tier's capacity: drop cache_experts")
         if self.io_engine == "direct" and any(t.modelled for t in parse_tiers(self.tiers)):
             raise HarnessError("a page-cache tier needs buffered reads: io_engine direct bypasses the page cache")
-        # Refused until the engine runs tier stacks, so that no run silently ignores them (issue 12).
-        raise HarnessError("tiers: the engine does not run tier stacks yet; replay them with harness simulate --tiers")
+        if self.strategy.partition(":")[0].strip().lower() != "cache":
+            raise HarnessError(f"tiers run with strategy cache only (got {self.strategy!r}): drop one of the two")
+        return self
 
     @property
     def ram_budget_bytes(self) -> int | None:
         return None if self.ram_budget is None else parse_size(self.ram_budget)
 
     def canonical(self) -> dict:
-        return self.model_dump(mode="json")
+        """The spec as JSON, the run_id's input. A field added later is left out while unset (None), so the
+        specs written before it keep their run ids."""
+        data = self.model_dump(mode="json")
+        if data["tiers"] is None:
+            del data["tiers"]
+        return data
 
     @property
     def run_id(self) -> str:

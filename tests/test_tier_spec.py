@@ -1,5 +1,5 @@
 """The `tiers` field of a run spec: one-line errors for bad stacks, plan-time checks of top-k and of the
-page-cache classification, and a refusal (not silence) while the engine does not run tier stacks."""
+page-cache classification, and the run id (tiers enter it; a spec without tiers keeps its old one)."""
 
 import os
 
@@ -17,7 +17,7 @@ from harness.spec import RunSpec, check_tiers, load_run_spec
         ("device:nope:8", {}, "unknown policy 'nope'"),
         ("host:lru:8", {"cache_experts": "8"}, "tiers name each tier's capacity: drop cache_experts"),
         ("host:lru:8,pagecache:64", {"io_engine": "direct"}, "a page-cache tier needs buffered reads"),
-        ("device:lru:8,host:lfu:32", {}, "the engine does not run tier stacks yet"),
+        ("device:lru:8,host:lfu:32", {"strategy": "prefetch"}, "tiers run with strategy cache only"),
     ],
 )
 def test_spec_tiers_errors_are_one_line(tiers, extra, message):
@@ -29,6 +29,8 @@ def test_spec_tiers_errors_are_one_line(tiers, extra, message):
 def test_a_spec_without_tiers_keeps_its_run_id():
     spec = RunSpec(model="m")
     assert spec.tiers is None and "tiers" not in spec.canonical()
+    tiered = RunSpec(model="m", tiers="host:lru:8")
+    assert tiered.canonical() == {**spec.canonical(), "tiers": "host:lru:8"}
 
 
 def test_plan_time_checks(tmp_path):

@@ -52,6 +52,8 @@ KERNEL_MODEL = "lru"
 """The registered policy that stands in for the kernel's page-cache replacement in replay."""
 SSD = "ssd"
 """The name of the level below the last tier, in edge labels."""
+SEMANTICS = "non-inclusive non-exclusive; a lower hit is copied up; no demotion (harness.cache.tiers)"
+"""The stack's semantics in one line, for result files."""
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ left of the budget."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,15 +12,18 @@ from torch import nn
 
 from harness.cache.book import ExpertCacheBook
 from harness.cache.registry import policy_class, policy_factory
+from harness.cache.tiers import TierSpec
 from harness.errors import HarnessError
 from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.models.quant import FORMATS
 from harness.runtime.expert_cache import ExpertCache
-from harness.runtime.expert_io import BackendName, ReadBackend, make_backend, queue_depth_from_profile
+from harness.runtime.expert_io import BackendName, ReadBackend, ThreadReads, make_backend, queue_depth_from_profile
 from harness.runtime.offloaded import ExpertMath, ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
+from harness.runtime.tiered_cache import TieredExperts
 from harness.ssd.readtime import load_profile_for_path
 from harness.store.layout import PackIndex
+from harness.store.pagecache import PageCacheReader
 from harness.store.reader import ExpertReader
 
 
@@ -76,6 +80,31 @@ class OffloadEngine:
         cache = ExpertCache(self.index, self.read_backend(io_threads), book, io_threads)
         self.use_source(cache, None)
         return cache
+
+    def configure_tiers(
+        self, tiers: Sequence[TierSpec], scope: Scope, seed: int, io_threads: int, device: str = "cpu"
+    ) -> TieredExperts:
+        """A tier stack (harness.cache.tiers) instead of one cache. With a page-cache tier the expert file is
+        read buffered through the page cache, each read classified (`PageCacheReader`), by threads: io_uring
+        reads would bypass the classification."""
+        for tier in tiers:
+            if not tier.modelled:
+                check_live_policy(tier.policy)
+        if any(t.modelled for t in tiers):
+            self.reader.close()
+            self.reader = PageCacheReader(self.experts_file, self.index)
+            self.io = ThreadReads(self.reader, io_threads)
+            self.io_info = {
+                "backend": self.io.name,
+                "requested": self.io_backend,
+                "fallback_reason": "a page-cache tier: buffered reads classified with RWF_NOWAIT, by threads",
+                "queue_depth": io_threads,
+                "queue_depth_how": f"io_threads {io_threads}",
+                "read_end_time": "timed by the reading thread",
+            }
+        source = TieredExperts(self.index, tiers, scope, seed, self.read_backend(io_threads), io_threads, device)
+        self.use_source(source, None)
+        return source
 
     def read_backend(self, io_threads: int) -> ReadBackend:
         """The backend expert reads go through (made once): io_uring where usable, else threads, with the

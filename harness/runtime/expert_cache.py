@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.cache.book import ExpertCacheBook
+from harness.cache.book import ExpertCacheBook, StepPlan
 from harness.keys import PHASES, ExpertKey, Phase
 from harness.runtime.expert_io import PendingRead, ReadBackend
 from harness.runtime.offloaded import ExpertWeights
@@ -26,11 +26,12 @@ from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, IoRecord
 
 
-def slot_views(buffer: memoryview | mmap.mmap, index: PackIndex, count: int) -> list[ExpertWeights]:
-    """Tensor views (no copies) of `count` consecutive blobs of `buffer`, each laid out as in the pack:
-    e.g. gate_up_proj [2I, H], down_proj [H, I] (and the scales of a quantized pack)."""
+def slot_views(buffer: memoryview | mmap.mmap | torch.Tensor, index: PackIndex, count: int) -> list[ExpertWeights]:
+    """Tensor views (no copies) of `count` consecutive blobs of `buffer` (host memory, or a uint8 tensor on any
+    device), each laid out as in the pack: e.g. gate_up_proj [2I, H], down_proj [H, I] (and the scales of a
+    quantized pack)."""
     dtypes = {t.name: getattr(torch, t.dtype or index.dtype) for t in index.tensors}
-    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    whole = buffer if isinstance(buffer, torch.Tensor) else torch.frombuffer(buffer, dtype=torch.uint8)
     return [
         {
             t.name: whole[base + t.offset : base + t.offset + t.nbytes].view(dtypes[t.name]).view(t.shape)
@@ -108,7 +109,7 @@ class ExpertCache:
 
     def _account(self, record: IoRecord, phase: Phase) -> None:
         self.stats.records.append(record)
-        self.stats.bytes_by_phase[phase] += record.nbytes
+        self.stats.bytes_by_phase[phase] += record.device_bytes  # what the page cache served is no SSD read
 
     def _settle(self, slot: int) -> IoRecord | None:
         """Wait for the read in flight into `slot`, if any, and account it; its record, else None."""
@@ -164,7 +165,10 @@ class ExpertCache:
         The caller must finish with a yielded expert before asking for the next one: streamed experts
         reuse scratch slots.
         """
-        plan = self.book.step(layer, experts, now, phase)
+        yield from self.serve(self.book.step(layer, experts, now, phase), phase)
+
+    def serve(self, plan: StepPlan, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
+        """`fetch` for a plan already made by this cache's book (a tier stack steps the books of all its tiers)."""
         self._forget_prefetched(plan.dropped + plan.evicted)
         for _, slot in plan.loads:
             self._settle(slot)

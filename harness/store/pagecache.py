@@ -17,13 +17,18 @@ page-cache hits as SSD reads. tmpfs and ramfs hold every page in memory: there, 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.keys import ExpertKey
+from harness.store.layout import PackIndex
+from harness.store.reader import ExpertReader, IoRecord
 
 PAGE_BYTES = mmap.PAGESIZE
 _REFUSED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
@@ -71,6 +76,24 @@ def read_classified(fd: int, buffer: memoryview | bytearray, offset: int) -> Cla
             raise HarnessError(f"short read: the file ends before byte {offset + want}")
         got += n
     return ClassifiedRead(want, cached)
+
+
+class PageCacheReader(ExpertReader):
+    """Buffered expert reads through the page cache (a page-cache tier), each one classified: its record's
+    `page_cache_bytes` say what the page cache served. The file is dropped from the page cache once, when it
+    opens (the tier starts empty, as the simulator's model does), and never after a read."""
+
+    def __init__(self, path: Path, index: PackIndex) -> None:
+        super().__init__(path, index, "buffered")
+        self.engine = "buffered-pagecache"
+        self.fallback_reason = None
+
+    def read_into(self, key: ExpertKey, buffer: memoryview) -> IoRecord:
+        entry = self.index.entry(*key)
+        start = time.perf_counter_ns()
+        read = read_classified(self.fd, buffer, entry.offset)
+        record = self.complete_read(key, buffer, read.nbytes, start, time.perf_counter_ns())
+        return dataclasses.replace(record, page_cache_bytes=read.page_cache_bytes)
 
 
 def classification_refused(path: str | Path) -> str | None:

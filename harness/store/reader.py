@@ -21,7 +21,7 @@ from harness.store.checksum import REPACK, check_extent, verify_expert
 from harness.store.layout import PackIndex
 
 log = logging.getLogger(__name__)
-IoEngine = Literal["direct", "buffered-dropped"]
+IoEngine = Literal["direct", "buffered-dropped", "buffered-pagecache"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,13 @@ class IoRecord:
     start_ns: int
     end_ns: int
     """perf_counter_ns clock, the clock of the engine's timings."""
+    page_cache_bytes: int = 0
+    """Bytes of the read the page cache served (a classified buffered read, `harness.store.pagecache`)."""
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the device read: all of them, but for what the page cache served."""
+        return self.nbytes - self.page_cache_bytes
 
 
 class AlignedPool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.cache.book import AccessCounts
 from harness.cache.registry import policy_class
-from harness.cache.tiers import TierSpec, TierStack, parse_tiers
+from harness.cache.tiers import SEMANTICS, TierSpec, TierStack, parse_tiers
 from harness.errors import HarnessError
 from harness.keys import PHASES, Phase, Scope
 from harness.trace.schema import TraceMeta, read_trace
@@ -39,56 +39,84 @@ class TierSimulationResult:
         return ",".join(t.label for t in self.tiers)
 
     def total(self, tier: int, phase: Phase | None = None, layer: int | None = None) -> AccessCounts:
-        out = AccessCounts()
-        for p in PHASES if phase is None else (phase,):
-            for lay, c in self.counts[tier][p].items():
-                if layer is None or lay == layer:
-                    out.hits += c.hits
-                    out.misses += c.misses
-        return out
+        return _total(self.counts[tier], phase, layer)
 
     def served_share(self, tier: int) -> float:
         """Share of all expert accesses (the top tier's) that tier `tier` served."""
-        accesses = self.total(0).accesses
-        return self.total(tier).hits / accesses if accesses else 0.0
+        return self.rows()[tier]["served_share"]  # type: ignore[return-value]
 
     @property
     def ssd_reads(self) -> int:
         return self.total(len(self.tiers) - 1).misses
 
     def edge_bytes_per_token(self, tier: int) -> float | None:
-        """Expert bytes that cross the edge below `tier` (one expert per miss there), per token row;
-        None when the expert size is unknown."""
-        tokens = sum(self.tokens.values())
-        if not self.expert_bytes or not tokens:
-            return None
-        return self.total(tier).misses * self.expert_bytes / tokens
+        """Expert bytes that cross the edge below `tier` per token row; None when the expert size is unknown."""
+        return self.rows()[tier]["edge_bytes_per_token"]  # type: ignore[return-value]
 
     def rows(self) -> list[dict[str, object]]:
         """One row per tier, top first (the CSV and JSON rows)."""
-        rows: list[dict[str, object]] = []
-        for i, (tier, edge) in enumerate(zip(self.tiers, self.edges, strict=True)):
-            counts = self.total(i)
-            per_token = self.edge_bytes_per_token(i)
-            rows.append(
-                {
-                    "stack": self.label,
-                    "tier": i,
-                    "kind": tier.kind,
-                    "policy": tier.policy,
-                    "capacity_slots": tier.capacity,
-                    "scope": "global" if tier.modelled else self.scope,
-                    "modelled": tier.modelled,
-                    "accesses": counts.accesses,
-                    "hits": counts.hits,
-                    "misses": counts.misses,
-                    "hit_rate": counts.hit_rate,
-                    "served_share": self.served_share(i),
-                    "edge_below": edge,
-                    "edge_bytes_per_token": per_token,
-                }
-            )
-        return rows
+        return tier_rows(self.tiers, self.edges, self.scope, self.counts, self.tokens, self.expert_bytes)
+
+
+def _total(
+    counts: dict[Phase, dict[int, AccessCounts]], phase: Phase | None = None, layer: int | None = None
+) -> AccessCounts:
+    """One tier's hits and misses summed over phases (or one phase) and layers (or one layer)."""
+    out = AccessCounts()
+    for p in PHASES if phase is None else (phase,):
+        for lay, c in counts[p].items():
+            if layer is None or lay == layer:
+                out.hits += c.hits
+                out.misses += c.misses
+    return out
+
+
+def tier_rows(
+    tiers: Sequence[TierSpec],
+    edges: Sequence[str],
+    scope: Scope,
+    counts: Sequence[dict[Phase, dict[int, AccessCounts]]],
+    tokens: dict[Phase, int],
+    expert_bytes: int,
+) -> list[dict[str, object]]:
+    """One row per tier, top first: the simulator's rows and a live run's `metrics.tiers` (same keys).
+
+    `counts` are each tier's hits and misses per phase and layer (a tier's accesses are the misses of the tier
+    above); `tokens` the token rows per phase. `served_share` is the share of all expert accesses (the top
+    tier's) the tier served; `edge_bytes_per_token` the expert bytes crossing the edge below the tier (one
+    expert per miss there) per token row, None when the expert size is unknown; `_decode` figures count
+    decode steps only.
+    """
+    accesses = _total(counts[0]).accesses
+    all_tokens = sum(tokens.values())
+
+    def per_token(misses: int, rows: int) -> float | None:
+        return misses * expert_bytes / rows if expert_bytes and rows else None
+
+    rows: list[dict[str, object]] = []
+    for i, (tier, edge) in enumerate(zip(tiers, edges, strict=True)):
+        total, decode = _total(counts[i]), _total(counts[i], "decode")
+        rows.append(
+            {
+                "stack": ",".join(t.label for t in tiers),
+                "tier": i,
+                "kind": tier.kind,
+                "policy": tier.policy,
+                "capacity_slots": tier.capacity,
+                "scope": "global" if tier.modelled else scope,
+                "modelled": tier.modelled,
+                "accesses": total.accesses,
+                "hits": total.hits,
+                "misses": total.misses,
+                "hit_rate": total.hit_rate,
+                "served_share": total.hits / accesses if accesses else 0.0,
+                "edge_below": edge,
+                "edge_bytes_per_token": per_token(total.misses, all_tokens),
+                "hit_rate_decode": decode.hit_rate,
+                "edge_bytes_per_token_decode": per_token(decode.misses, tokens.get("decode", 0)),
+            }
+        )
+    return rows
 
 
 def run_tier_replay(
@@ -196,7 +224,7 @@ def write_tier_outputs(run: TierSimulationRun, out: Path) -> list[Path]:
         "phase": run.phase,
         "reset": run.reset,
         "sequences": run.seq_ids,
-        "semantics": "non-inclusive non-exclusive; a lower hit is copied up; no demotion (harness.cache.tiers)",
+        "semantics": SEMANTICS,
         "notes": run.notes,
         "tiers": rows,
     }
