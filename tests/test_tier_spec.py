@@ -54,3 +54,12 @@ def test_a_page_cache_tier_is_refused_where_reads_cannot_be_classified(tmp_path,
     monkeypatch.delattr(os, "RWF_NOWAIT")
     with pytest.raises(HarnessError, match="needs reads classified as page cache or device, but this system has no"):
         check_tiers("pagecache:64", 8, experts)
+
+
+def test_tiers_are_a_sweep_axis():
+    from harness.sweep import SweepSpec, expand
+
+    sweep = SweepSpec(base={"model": "m"}, matrix={"tiers": [None, "host:lru:4,pagecache:64"]})
+    plain, tiered = expand(sweep)
+    assert plain.spec.canonical() == RunSpec(model="m").canonical()
+    assert tiered.spec.tiers == "host:lru:4,pagecache:64" and tiered.spec.canonical()["tiers"] == tiered.spec.tiers
