@@ -189,13 +189,15 @@ def _disk_read_bytes(device: str | None) -> int | None:
 
 
 def _write_reads(records: list[IoRecord], telemetry: Telemetry, path: Path) -> None:
-    """Every expert read (layer, expert, bytes, start and end) on the telemetry clock, for the report."""
+    """Every expert read (layer, expert, bytes, of which the page cache served, start and end) on the telemetry
+    clock, for the report."""
     t0 = time.perf_counter() - telemetry.now()  # the telemetry clock's origin on perf_counter
     table = pa.table(
         {
             "layer": pa.array([r.key[0] for r in records], pa.int16()),
             "expert": pa.array([r.key[1] for r in records], pa.int16()),
             "bytes": pa.array([r.nbytes for r in records], pa.int64()),
+            "page_cache_bytes": pa.array([r.page_cache_bytes for r in records], pa.int64()),
             "t_start_s": pa.array([r.start_ns / 1e9 - t0 for r in records], pa.float64()),
             "t_end_s": pa.array([r.end_ns / 1e9 - t0 for r in records], pa.float64()),
         }
