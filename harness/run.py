@@ -301,7 +301,6 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
-    device = resolve_device(spec.device)
     return RunPlan(
         spec=spec,
         identity=identity,
@@ -312,7 +311,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         random_init=random_init,
         strategy=strategy,
         scope=scope,
-        device=device,
+        device=resolve_device(spec.device),
         prompts=prompts,
         encoded=encode_prompts(model_dir, config, prompts, spec.max_new_tokens),
         decode_mode=cast(DecodeMode, decode_mode),
@@ -614,14 +613,7 @@ def _resolved(plan: RunPlan, m: Measurement) -> dict[str, Any]:
     index, loaded, spec = plan.index, m.loaded, plan.spec
     book = loaded.cache.book
     policy_desc = book.policies[0].describe()
-    tiers = (
-        {}
-        if plan.tiers is None
-        else {
-            "tiers": [t.label for t in plan.tiers],
-            "tier_semantics": SEMANTICS,
-        }
-    )
+    tiers = {} if plan.tiers is None else {"tiers": [t.label for t in plan.tiers], "tier_semantics": SEMANTICS}
     return tiers | {
         "architecture": plan.config.model_type,
         "model_dir": str(plan.model_dir),

@@ -213,6 +213,8 @@ def _summary(result: RunResult, results: Path) -> str:
         if slots is not None
         else "no expert cache of the harness's"
     )
+    if r.get("tiers"):
+        cache = f"tiers {','.join(r['tiers'])} ({format_bytes(r['cache_bytes'])} of slots)"
     per_token = m["ssd_read_bytes_per_token"]
     prefill = result.metrics.prefill_tokens_per_s if result.metrics else None
     reasons = result.validity.reasons if result.validity else []

@@ -133,7 +133,7 @@ class TieredExperts:
         self._pinned: int | None = None
         if self.device is not None and self.device.cuda:  # CUDA-only, not run here: pin the host pool in place
             self._pinned = torch.frombuffer(self.lower.pool.view, dtype=torch.uint8).data_ptr()
-            torch.cuda.cudart().cudaHostRegister(self._pinned, self.lower.pool.nbytes, 0)
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(self._pinned, self.lower.pool.nbytes, 0))
         self.live: PhaseCounts = {p: {layer: AccessCounts() for layer in index.moe_layers} for p in PHASES}
         """The page-cache tier's accesses as the read classification saw them (hit: the page cache served all)."""
 
@@ -207,5 +207,5 @@ class TieredExperts:
     def close(self) -> None:
         self.lower.close()
         if self._pinned is not None:  # CUDA-only, not run here
-            torch.cuda.cudart().cudaHostUnregister(self._pinned)
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self._pinned))
             self._pinned = None
