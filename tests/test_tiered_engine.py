@@ -4,6 +4,7 @@ resident model's; a run's per-tier counts equal the simulator's on the run's own
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from harness.cache.tiers import parse_tiers
@@ -12,9 +13,12 @@ from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
 from harness.run import execute
 from harness.runtime.engine import OffloadEngine
+from harness.runtime.expert_io import make_backend
 from harness.runtime.generation import generate
+from harness.runtime.tiered_cache import TieredExperts
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex
+from harness.store.reader import ExpertReader
 from harness.trace.schema import read_trace
 from harness.trace.simulate import build_replay
 from harness.trace.simulate_tiers import run_tier_replay
@@ -63,6 +67,37 @@ def test_every_tier_configuration_matches_the_resident_model(resident, arch, con
         assert source.stack.total(0).misses > 0 and source.stats.records  # bytes did move between tiers
         if config == "host slots only":  # one tier: the plain cache's reads
             assert len(source.stats.records) == source.stack.total(0).misses
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_the_device_tier_hands_out_the_packs_bytes(tiny_model, device):
+    """The device pool (on CUDA: copy stream, events, pinned host pool) serves the bytes the plain cache reads,
+    for hits, copies of host hits, SSD reads and a step wider than the device tier (its scratch slot)."""
+    model_dir = tiny_model("olmoe")
+    paths = pack_paths(model_dir)
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    io, _ = make_backend(reader, "threads", 2)
+    k, layer = index.top_k, index.moe_layers[0]
+    tiered = TieredExperts(index, parse_tiers(f"device:lru:{k},host:lru:{k + 1}"), "per-layer", 0, io, 2, device)
+    plain = TieredExperts(index, parse_tiers(f"host:lru:{index.num_experts}"), "per-layer", 0, io, 2)
+    try:
+        for now, experts in enumerate([[0, 1], [2, 3], [0, 1], [2, 3], [1, 3, 4], [0, 4]]):
+            got = {e: {n: t.cpu() for n, t in w.items()} for e, w in tiered.fetch(layer, experts, now, "decode")}
+            want = {e: {n: t.clone() for n, t in w.items()} for e, w in plain.fetch(layer, experts, now, "decode")}
+            assert sorted(got) == sorted(want) == sorted(experts)
+            for e, weights in got.items():
+                assert all(torch.equal(weights[n], want[e][n]) for n in weights), (now, e)
+        device_tier, host_tier = tiered.stack.total(0), tiered.stack.total(1)
+        assert device_tier.hits > 0 and host_tier.hits > 0 and host_tier.misses > 0
+    finally:
+        tiered.close()
+        plain.close()
+        io.close()
+        reader.close()
 
 
 def _run(tmp_path, model, tiers, scope="per-layer"):
