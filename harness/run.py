@@ -529,7 +529,7 @@ def live_tier_rows(cache: TieredExperts, trace: Trace) -> list[dict[str, Any]]:
             sum(c.misses for p in PHASES for c in cache.live[p].values()),
         )
         row["live_hits"], row["live_misses"], row["live_hit_rate"] = live.hits, live.misses, live.hit_rate
-        row["model_minus_live_hit_rate"] = row["hit_rate"] - live.hit_rate
+        row["model_minus_live_hit_rate"] = stack.total(cache.pagecache_at).hit_rate - live.hit_rate
     return rows
 
 

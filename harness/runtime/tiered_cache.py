@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 
@@ -200,9 +201,9 @@ class TieredExperts:
         return copy.deepcopy(([b.counts for b in self.stack.books], self.lower.stats, self.live))
 
     def restore(self, saved: object) -> None:
-        counts, self.lower.stats, self.live = saved  # type: ignore[misc]
-        for book, c in zip(self.stack.books, counts, strict=True):
-            book.counts = c
+        counts, self.lower.stats, self.live = cast(tuple[list[PhaseCounts], IoStats, PhaseCounts], saved)
+        for book, book_counts in zip(self.stack.books, counts, strict=True):
+            book.counts = book_counts
 
     def close(self) -> None:
         self.lower.close()
