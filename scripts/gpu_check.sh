@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 12 in one short script (a few minutes on one GPU, nothing downloaded):
-#   1. a Python whose torch sees CUDA (a venv over it, made if needed); says clearly when the torch build has
-#      no CUDA (exit 3) or a harness dependency is missing (exit 4);
+#   1. a Python whose torch sees CUDA (this checkout's .venv, $PYTHON or python3; the harness runs from the
+#      checkout, PYTHONPATH, nothing installed), carried wheels installed beside it; says clearly when the
+#      torch build has no CUDA (exit 3) or a harness dependency is missing (exit 4);
 #   2. the `gpu` tests (tests/test_gpu.py) and the CPU-side device tests, against that torch;
 #   3. two short runs with --device cuda on a tiny Mixtral (the plain cache, then fiddler), result and telemetry
 #      copied under $OUT;
@@ -14,9 +15,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 WORK=${TMPDIR:-/tmp}/harness-gpu-check
-VENV=$WORK/venv
+SITE=$WORK/site
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HARNESS_CACHE=$WORK/cache
+export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1 HARNESS_CACHE=$WORK/cache
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 probe='import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'
@@ -34,13 +35,11 @@ if [ -z "$base" ]; then
     echo "wheel, such as the local torch==2.13.0 CPU build; give PYTHON=a python with a CUDA torch)"
     exit 3
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-    "$base" -m venv --system-site-packages "$VENV" || { echo "cannot make a venv over $base"; exit 4; }
-fi
+PY=$base
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl || exit 4
+    # Beside the interpreter's own packages (a venv over a venv would lose them, as the GPU image's python3 is one).
+    "$PY" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 4
 fi
-PY=$VENV/bin/python
 [ "$DEVICE" = cpu ] || "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| CUDA', torch.version.cuda)"
 missing=$("$PY" - <<'EOF'
 import importlib
@@ -63,11 +62,17 @@ echo "== 3. short runs on the GPU"
 model=$WORK/mixtral-tiny
 { "$PY" -m harness model create --arch mixtral --preset tiny --out "$model" --force &&
     "$PY" -m harness model pack "$model"; } || { echo "cannot create the tiny model"; exit 1; }
-common=(--model "$model" --device "$DEVICE" --cache-experts 50% --decode greedy --max-new-tokens 32 --warmup-steps 2
-        --min-steady-s 0 --telemetry-hz 50 --prompt "the quick brown fox jumps over the lazy dog" --quiet --force)
+echo '{"telemetry_hz": 50}' >"$WORK/spec.json"  # samples often enough for a run of a few seconds
+common=(--spec "$WORK/spec.json" --model "$model" --device "$DEVICE" --cache-experts 50% --decode greedy
+        --max-new-tokens 32 --warmup-steps 2 --min-steady-s 0 --prompt "the quick brown fox jumps over the lazy dog"
+        --quiet --force)
 "$PY" -m harness run "${common[@]}" --results "$WORK/results" --json | tee "$WORK/cache_run.json"
 "$PY" -m harness run "${common[@]}" --strategy fiddler --results "$WORK/results-fiddler" --json
-run_dir=$(dirname "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' "$WORK/cache_run.json")")
+run_dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' "$WORK/cache_run.json" | xargs dirname)
+if [ ! -f "$run_dir/result.json" ]; then
+    echo "GPU CHECK: the --device $DEVICE run wrote no result (see above)"
+    exit 1
+fi
 for f in result.json timeline.parquet events.parquet device_spans.parquet; do
     cp "$run_dir/$f" "$OUT/" 2>/dev/null || echo "run folder lacks $f"
 done

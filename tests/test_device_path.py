@@ -3,6 +3,7 @@ errors, the copy/compute overlap arithmetic, and that the CPU path copies nothin
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.models.packer import pack_paths
 from harness.run import resolve_device
-from harness.runtime.device import overlap_summary, to_device, union
+from harness.runtime.device import DEVICE_SPANS_FILE, overlap_summary, to_device, union, write_spans
 from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, device_tier_slots
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex
@@ -109,7 +110,7 @@ def test_cpu_weights_are_not_copied():
     assert moved is weights and copied is None
 
 
-def test_overlap_of_copy_and_compute_by_hand():
+def test_overlap_of_copy_and_compute_by_hand(tmp_path):
     assert union([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0)]) == [(0.0, 2.0), (3.0, 4.0)]
     spans = [
         ("copy", 0.0, 1.0),
@@ -125,6 +126,8 @@ def test_overlap_of_copy_and_compute_by_hand():
     assert summary["copy_compute_overlap_s"] == pytest.approx(1.0)
     assert summary["copy_hidden_pct"] == pytest.approx(100 / 2.8)
     assert overlap_summary([])["copy_hidden_pct"] is None
+    written = pq.read_table(write_spans(spans, tmp_path / DEVICE_SPANS_FILE)).to_pylist()
+    assert [(r["kind"], r["t_start_s"], r["t_end_s"]) for r in written] == spans
 
 
 def test_fiddler_on_the_cpu_computes_everything_on_the_cpu(tiny_model):
