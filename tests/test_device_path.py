@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.errors import HarnessError
+from harness.models.adapters import load_config
 from harness.models.packer import pack_paths
-from harness.run import resolve_device
+from harness.run import kv_cache_bytes, plan_device_tier, resolve_device
 from harness.runtime.device import DEVICE_SPANS_FILE, overlap_summary, to_device, union, write_spans
 from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, device_tier_slots
 from harness.spec import RunSpec
@@ -102,6 +103,25 @@ def test_vram_budget_too_small_is_refused_before_any_load(tiny_model, tmp_path, 
     assert f"the non-expert weights take {index.dense_bytes / MIB:.0f} MiB" in err
     assert f"top-{index.top_k} experts in each of {len(index.moe_layers)} eviction group(s)" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_device_tier_of_a_run_reserves_the_kv_cache(tiny_model):
+    model = tiny_model("olmoe")
+    index = PackIndex.load(pack_paths(model)["index"])
+    config = load_config(model)
+    layers = len(index.moe_layers)
+    # 10 prompt tokens + 6 new ones of float32 KV cache, the workspace, the weights and 5 slots per layer (+ slack).
+    kv = kv_cache_bytes(config, 16, 4)
+    assert index.dtype == "float32" and kv > 0
+    budget = index.dense_bytes + DEVICE_WORKSPACE_BYTES + kv + 5 * layers * index.stride_bytes + index.stride_bytes - 1
+    spec = RunSpec(model=str(model), device="cuda", vram_budget=str(budget), max_new_tokens=6)
+    tier = plan_device_tier(spec, index, config, [([1] * 10, None)], "per-layer")
+    assert tier is not None and (tier.slots, tier.groups) == (5, layers)
+    assert tier.reserve_bytes == DEVICE_WORKSPACE_BYTES + kv
+    # Global scope: one group of 5 * layers slots (the slack is less than one slot).
+    tier = plan_device_tier(spec, index, config, [([1] * 10, None)], "global")
+    assert tier is not None and (tier.slots, tier.groups) == (5 * layers, 1)
+    assert plan_device_tier(RunSpec(model=str(model)), index, config, [([1], None)], "global") is None
 
 
 def test_cpu_weights_are_not_copied():
