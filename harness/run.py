@@ -38,6 +38,7 @@ from harness.models.packer import pack_model, pack_paths
 from harness.process import claim_run_dir
 from harness.result_model import RESULT_FILE, RunResult
 from harness.results import Validity, environment
+from harness.runtime.device import DEVICE_SPANS_FILE, DeviceTimeline, overlap_summary, write_spans
 from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.floor import run_floor_metrics
 from harness.runtime.generation import DecodeMode, SequenceLog, generate
@@ -46,6 +47,7 @@ from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_stra
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.tiered_cache import TieredExperts
 from harness.runtime.timing import percentiles, timing_metrics
+from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, DeviceTier, device_tier_slots
 from harness.spec import RunSpec, cache_experts_slots, check_tiers
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
 from harness.ssd.readtime import profile_for_path
@@ -147,6 +149,7 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
     can hold this process (interpreter and libraries as measured now), the non-expert weights, the
     workspace and one layer's top-k experts (or the spec's tiers)."""
     device = resolve_device(spec.device)
+    check_vram_budget(spec, device)
     check_live_policy(spec.policy)
     check_strategy(spec.strategy)
     model_dir = resolve_model_dir(spec.model)
@@ -173,14 +176,69 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
 
 
 def resolve_device(requested: str) -> str:
-    """Where compute runs: the CPU path is complete; the GPU tier (issue 7) is not built yet."""
+    """Where non-expert weights, hidden states and expert compute live: 'cpu', or 'cuda' (`auto`: cuda where
+    torch sees a CUDA device, else cpu)."""
     import torch
 
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return "cpu"
     if not torch.cuda.is_available():
-        raise HarnessError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
-    raise HarnessError("--device cuda: the GPU tier is not implemented yet; use --device cpu")
+        cuda = torch.version.cuda
+        why = "this torch build has no CUDA" if cuda is None else f"torch built for CUDA {cuda} sees no GPU"
+        raise HarnessError(f"--device cuda: CUDA is not available here ({why}: torch.cuda.is_available() is False)")
+    return "cuda"
+
+
+def check_vram_budget(spec: RunSpec, device: str) -> None:
+    """`--vram-budget` sizes the device tier in VRAM: refused for a run that computes on the CPU."""
+    if spec.vram_budget is not None and device != "cuda":
+        raise HarnessError(
+            f"--vram-budget {spec.vram_budget} sizes expert slots in GPU memory, but this run computes on the "
+            f"{device} (--device {spec.device}): use --device cuda, or drop --vram-budget"
+        )
+
+
+def plan_device_tier(
+    spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]], scope: Scope
+) -> DeviceTier | None:
+    """The device tier `--vram-budget` allows (harness.runtime.vram), checked before any weight loads; the
+    reserve holds the workspace and the KV cache at the longest sequence."""
+    budget = spec.vram_budget_bytes
+    if budget is None:
+        return None
+    import torch
+
+    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
+    kv_bytes = kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
+    layers, experts = len(index.moe_layers), index.num_experts
+    per_layer = scope == "per-layer"
+    return device_tier_slots(
+        budget,
+        index.dense_bytes,
+        index.stride_bytes,
+        index.top_k,
+        groups=layers if per_layer else 1,
+        reserve_bytes=DEVICE_WORKSPACE_BYTES + kv_bytes,
+        maximum=experts if per_layer else experts * layers,
+        budget_text=spec.vram_budget,
+    )
+
+
+def check_device_tier_fits(tiers: list[TierSpec] | None, device_tier: DeviceTier | None, budget: str | None) -> None:
+    """`--vram-budget` bounds the stack's device tier: the tier must be named, and fit the slots the budget leaves."""
+    if device_tier is None:
+        return
+    device = next((t for t in tiers or [] if t.kind == "device"), None)
+    if device is None:
+        raise HarnessError(
+            f"--vram-budget {budget} bounds the device tier, but the run has none: add one to --tiers, e.g. "
+            f"--tiers device:lru:{device_tier.slots},host:lru:N (at most {device_tier.slots} slots per group fit)"
+        )
+    if device.capacity > device_tier.slots:
+        raise HarnessError(
+            f"tier {device.label} holds {device.capacity} slots per eviction group, but --vram-budget {budget} "
+            f"fits {device_tier.slots} ({device_tier.how})"
+        )
 
 
 def _disk_read_bytes(device: str | None) -> int | None:
@@ -219,6 +277,8 @@ class RunPlan:
     strategy: Strategy
     scope: Scope
     device: str
+    device_tier: DeviceTier | None
+    """The device tier `--vram-budget` sizes; None without one."""
     prompts: list[PromptItem]
     encoded: list[tuple[list[int], list[int] | None]]
     """Token ids of each prompt and of its reference continuation (teacher-forced decoding)."""
@@ -258,6 +318,8 @@ class Measurement:
     telemetry_summary: dict[str, Any] | None
     strategy_section: dict[str, Any]
     trace_path: Path
+    device_spans: list[tuple[str, float, float]] | None = None
+    """CUDA runs: (copy or compute, start s, end s) of every expert on the telemetry clock."""
 
 
 def check_output_dir(run_dir: Path) -> Path:
@@ -298,9 +360,14 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     prompts, decode_mode = select_prompts(spec, random_init)
     identity = run_identity(spec)
     scope: Scope = strategy.forced_scope or spec.scope
+    encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
+    device_tier = plan_device_tier(spec, index, config, encoded, scope)
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
+    # Each slot tier holds one step's top-k experts; a page-cache tier's reads of this file can be classified.
+    tiers = None if spec.tiers is None else check_tiers(spec.tiers, index.top_k, experts_file)
+    check_device_tier_fits(tiers, device_tier, spec.vram_budget)
     return RunPlan(
         spec=spec,
         identity=identity,
@@ -312,16 +379,16 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         strategy=strategy,
         scope=scope,
         device=resolve_device(spec.device),
+        device_tier=device_tier,
         prompts=prompts,
-        encoded=encode_prompts(model_dir, config, prompts, spec.max_new_tokens),
+        encoded=encoded,
         decode_mode=cast(DecodeMode, decode_mode),
         packed=packed,
         experts_file=experts_file,
         storage=describe_path(experts_file.parent),
         enforcement=current_enforcement(spec.ram_budget_bytes),
         disk=block_device_for_path(experts_file),
-        # Each slot tier holds one step's top-k experts; a page-cache tier's reads of this file can be classified.
-        tiers=None if spec.tiers is None else check_tiers(spec.tiers, index.top_k, experts_file),
+        tiers=tiers,
     )
 
 
@@ -387,7 +454,9 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
     """Build the engine (closed by `stack`), size and build the expert cache."""
     spec, index = plan.spec, plan.index
     load_start = time.perf_counter()
-    engine = OffloadEngine(plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder)
+    engine = OffloadEngine(
+        plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder, device=plan.device
+    )
     stack.callback(engine.close)
     longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
     workspace = (
@@ -442,8 +511,12 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
         tracker.telemetry.event("load_start")
         loaded = _load(plan, recorder, stack)
         tracker.telemetry.event("load_end", cache_slots=loaded.slots)
+        timeline = DeviceTimeline(loaded.engine.device, tracker.telemetry.now) if plan.device == "cuda" else None
+        loaded.engine.time_device(timeline)
         with IoWindow(plan.disk) as io:
             logs, wall_s = _generate_all(plan, loaded, tracker.telemetry, progress)
+        spans = timeline.intervals() if timeline is not None else None
+        loaded.engine.time_device(None)  # an unmeasured agreement pass is not timed
         plan.strategy.finish()
         tracker.stop()
         section = plan.strategy.describe()
@@ -452,6 +525,8 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
                 loaded.engine, plan.strategy, plan.encoded, plan.spec, plan.decode_mode, logs
             )
     _write_reads(loaded.cache.stats.records, tracker.telemetry, plan.run_dir / READS_FILE)
+    if spans is not None:
+        write_spans(spans, plan.run_dir / DEVICE_SPANS_FILE)
     return Measurement(
         loaded=loaded,
         logs=logs,
@@ -462,6 +537,7 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
         telemetry_summary=tracker.summary,
         strategy_section=section,
         trace_path=recorder.writer.write(plan.run_dir / "trace.parquet"),
+        device_spans=spans,
     )
 
 
@@ -509,6 +585,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "cgroup": m.budget,
         "wall_s": m.wall_s,
         "routing": routing_stats(trace),
+        "device_copy_compute": overlap_summary(m.device_spans) if m.device_spans is not None else None,
     }
     if tiered:
         metrics["tiers"] = live_tier_rows(cache, trace)
@@ -653,6 +730,8 @@ def _resolved(plan: RunPlan, m: Measurement) -> dict[str, Any]:
         "ssd_path": spec.ssd,
         "expert_file": str(plan.experts_file),
         "device": plan.device,
+        "vram_budget_bytes": spec.vram_budget_bytes,
+        "device_tier": plan.device_tier.to_dict() if plan.device_tier is not None else None,
         "prompts": len(plan.prompts),
     }
 
@@ -674,7 +753,8 @@ def build_result(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validit
         hardware_profile=str(profile_for_path(plan.experts_file) or "") or None,
         telemetry=m.telemetry_summary,
         validity=validity.to_dict(),
-        files={"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE},
+        files={"trace": "trace.parquet", "timeline": TIMELINE_FILE, "events": EVENTS_FILE, "reads": READS_FILE}
+        | ({"device_spans": DEVICE_SPANS_FILE} if m.device_spans is not None else {}),
     )
 
 

@@ -51,6 +51,11 @@ class RunSpec(BaseModel):
     )
     io_threads: int = Field(4, ge=1, le=64, description="Parallel expert reads (one layer's misses at once).")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where non-expert weights and compute live.")
+    vram_budget: str | None = Field(
+        None,
+        description="Device memory for non-expert weights, a reserve and the device tier's expert slots (e.g. 8GiB); "
+        "needs a cuda device (harness.runtime.vram).",
+    )
     telemetry_hz: float = Field(10.0, gt=0, le=1000, description="Telemetry sampling rate.")
     tiers: str | None = Field(
         None,
@@ -60,7 +65,7 @@ class RunSpec(BaseModel):
     seed: int = Field(0, description="Seed for anything random (random policy, sampling).")
     repeat: int = Field(0, ge=0, description="Repetition index; repeats get distinct run_ids.")
 
-    @field_validator("ram_budget")
+    @field_validator("ram_budget", "vram_budget")
     @classmethod
     def _budget_is_a_size(cls, value: str | None) -> str | None:
         if value is not None:
@@ -108,12 +113,17 @@ class RunSpec(BaseModel):
     def ram_budget_bytes(self) -> int | None:
         return None if self.ram_budget is None else parse_size(self.ram_budget)
 
+    @property
+    def vram_budget_bytes(self) -> int | None:
+        return None if self.vram_budget is None else parse_size(self.vram_budget)
+
     def canonical(self) -> dict:
         """The spec as JSON, the run_id's input. A field added later is left out while unset (None), so the
         specs written before it keep their run ids."""
         data = self.model_dump(mode="json")
-        if data["tiers"] is None:
-            del data["tiers"]
+        for later in ("tiers", "vram_budget"):
+            if data[later] is None:
+                del data[later]
         return data
 
     @property

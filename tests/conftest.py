@@ -35,3 +35,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
 def _harness_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs cache their measured compute time under HARNESS_CACHE: keep tests out of ~/.cache."""
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "harness-cache"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped, saying why, where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cuda = torch.version.cuda
+    why = "this torch build has no CUDA" if cuda is None else f"torch built for CUDA {cuda} sees no GPU"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why} (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -77,6 +77,7 @@ def _option(name: str, **kwargs: Any):  # returns a click decorator
 @_option("io_threads", type=int)
 @_option("device", type=click.Choice(["auto", "cpu", "cuda"]))
 @_option("tiers")
+@_option("vram_budget")
 @_option("seed", type=int)
 @_option("repeat", type=int)
 @click.option(

@@ -17,6 +17,7 @@ from harness.errors import HarnessError
 from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.models.quant import FORMATS
+from harness.runtime.device import DeviceTimeline
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.expert_io import BackendName, ReadBackend, ThreadReads, make_backend, queue_depth_from_profile
 from harness.runtime.offloaded import ExpertMath, ExpertSource, LayerHooks, OffloadedExperts, RoutingSink, StepContext
@@ -44,8 +45,11 @@ class OffloadEngine:
         io_engine: str = "auto",
         sink: RoutingSink | None = None,
         io_backend: BackendName = "auto",
+        device: str = "cpu",
     ) -> None:
         self.index = index
+        self.device = torch.device(device)
+        """Where the non-expert weights, the hidden states and so the experts' compute live."""
         self.reader = ExpertReader(experts_file, index, io_engine)  # type: ignore[arg-type]
         self.io_backend: BackendName = io_backend
         self.io: ReadBackend | None = None
@@ -62,6 +66,8 @@ class OffloadEngine:
             return module
 
         self.model, self.config = load_skeleton_with_experts_replaced(model_dir, dense_file, index, replace)
+        if self.device.type != "cpu":
+            self.model.to(self.device)  # the offloaded experts hold no parameters: their weights stay in the source
         self.experts_file = Path(experts_file)
         self.model_dir, self.dense_file = Path(model_dir), Path(dense_file)
         # Each MoE layer's router (the module beside the replaced experts), for strategies that apply a
@@ -125,6 +131,11 @@ class OffloadEngine:
                 else "timed by the reading thread",
             }
         return self.io
+
+    def time_device(self, timeline: DeviceTimeline | None) -> None:
+        """Time every expert's copy and compute on the device (CUDA runs) in `timeline`; None stops timing."""
+        for module in self.modules:
+            module.math.timeline = timeline
 
     def use_source(self, source: ExpertSource, hooks: LayerHooks | None) -> None:
         """Route every offloaded layer's weights through `source`, with a strategy's `hooks` (or none)."""

@@ -98,12 +98,13 @@ def measure_compute(
     max_new_tokens: int,
     decode_mode: str,
     warmup_steps: int,
+    device: str = "cpu",
 ) -> tuple[float, int] | None:
-    """Steady decode seconds per token of the fully resident model on `prompts`, and the steps timed."""
+    """Steady decode seconds per token of the fully resident model on `prompts` on `device`, and the steps timed."""
     from harness.models.loader import reference_model
     from harness.runtime.generation import generate
 
-    model = reference_model(model_dir)
+    model = reference_model(model_dir).to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
     steady: list[float] = []
     for ids, ref in prompts:
         steady += generate(model, ids, max_new_tokens, decode_mode, ref).step_s[warmup_steps:]  # type: ignore[arg-type]
@@ -127,7 +128,12 @@ def compute_time(
     if may_measure is not None:
         return ComputeTime(None, f"unavailable: {may_measure}")
     measured = measure_compute(
-        model_dir, prompts, settings["max_new_tokens"], settings["decode_mode"], settings["warmup_steps"]
+        model_dir,
+        prompts,
+        settings["max_new_tokens"],
+        settings["decode_mode"],
+        settings["warmup_steps"],
+        settings["device"],
     )
     if measured is None:
         return ComputeTime(None, "unavailable: no steady decode steps to time")
@@ -191,7 +197,12 @@ def run_floor_metrics(
     tokens_per_s = metrics.get("decode_tokens_per_s")
     index = PackIndex.load(pack["index"])
     resident_bytes = index.dense_bytes + index.total_expert_bytes
-    available = psutil.virtual_memory().available
+    if settings["device"] == "cuda":
+        import torch
+
+        available = torch.cuda.mem_get_info()[0]  # the resident model is measured on the GPU
+    else:
+        available = psutil.virtual_memory().available
     why_not = None
     if budget_enforced:
         why_not = "the run is held to a RAM budget by a cgroup; run once without one to cache it"

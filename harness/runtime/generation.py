@@ -31,6 +31,12 @@ class SequenceLog:
     """Tokens fed to the decode steps (equal to token_ids[:-1] when greedy)."""
 
 
+def _finish(device: torch.device) -> None:
+    """A forward pass's time ends when its work is done: CUDA kernels run after the call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -52,8 +58,9 @@ def generate(
     ctx.seq_id, ctx.phase, ctx.first_pos = seq_id, "prefill", 0
     start = time.perf_counter()
     # The model makes its own cache: hybrid architectures (linear attention, MiniMax) need their own type.
-    output = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    output = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
     logits, cache = output.logits, output.past_key_values
+    _finish(model.device)
     log.prefill_s = time.perf_counter() - start
     ctx.now += 1
     token = int(logits[0, -1].argmax())
@@ -65,7 +72,10 @@ def generate(
         feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
         ctx.phase, ctx.first_pos = "decode", position
         start = time.perf_counter()
-        logits = model(input_ids=torch.tensor([[feed]]), past_key_values=cache, use_cache=True).logits
+        logits = model(
+            input_ids=torch.tensor([[feed]], device=model.device), past_key_values=cache, use_cache=True
+        ).logits
+        _finish(model.device)
         log.step_s.append(time.perf_counter() - start)
         ctx.now += 1
         position += 1

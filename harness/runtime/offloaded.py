@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from harness.keys import Phase
 from harness.models.adapters import eager_forward
 from harness.models.quant import QuantFormat, dequantize
+from harness.runtime.device import DeviceTimeline, to_device
 from harness.store.layout import SCALE_SUFFIX
 
 ExpertWeights = dict[str, torch.Tensor]
@@ -95,6 +96,8 @@ class ExpertMath:
         self._state["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
         self.params, self.quant, self.dtype = params, quant, dtype
         self.num_experts = int(getattr(original, params[0]).shape[0])
+        self.timeline: DeviceTimeline | None = None
+        """CUDA runs: where copies and computes are timed (harness.runtime.device); None on the CPU."""
 
     def weights(self, weights: ExpertWeights) -> ExpertWeights:
         """The expert's weights in the compute dtype (dequantized where stored quantized)."""
@@ -108,12 +111,20 @@ class ExpertMath:
     def __call__(
         self, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
+        # The expert computes where its rows are; weights on another device are copied there (harness.runtime.device).
+        weights, copied = to_device(weights, current_state.device, self.timeline)
         proxy = self._cls.__new__(self._cls)
         proxy.__dict__.update(self._state)
         for name, tensor in self.weights(weights).items():
             proxy.__dict__[name] = tensor.unsqueeze(0).expand(self.num_experts, *tensor.shape)
-        index = torch.zeros(current_state.shape[0], 1, dtype=torch.long)
-        return self._forward(proxy, current_state, index, routing_weights)
+        index = torch.zeros(current_state.shape[0], 1, dtype=torch.long, device=current_state.device)
+        if self.timeline is None or current_state.device.type != "cuda":  # CPU computes are not device spans
+            out = self._forward(proxy, current_state, index, routing_weights)
+        else:
+            out = self.timeline.compute(lambda: self._forward(proxy, current_state, index, routing_weights))
+        if copied is not None:
+            copied.synchronize()  # the source slot may be rewritten once the caller moves on: its copy must be done
+        return out
 
 
 def expert_forward(

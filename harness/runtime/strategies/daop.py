@@ -1,4 +1,4 @@
-"""Strategy `daop` (DAOP-style, Zhang et al., DATE 2025), CPU-only reduction. Approximate by design.
+"""Strategy `daop` (DAOP-style, Zhang et al., DATE 2025). Approximate by design.
 
 - Placement: Fiddler's popularity placement with the fast tier split evenly per layer.
 - Sequence-specific allocation: during each prompt's prefill, per layer, the tokens routed to each
@@ -10,9 +10,11 @@
   resident experts compute with its own input). If no predicted expert is resident, the weakest one is
   replaced by the best-scoring resident expert and the weights renormalised.
 
-The fast (GPU) tier is RAM slots here; the slow tier (host DRAM in DAOP) is the memory-mapped expert
-file under the page cache, as for `fiddler`. The result reports token agreement with the exact model
-and the prediction recall.
+The slow tier (host DRAM in DAOP) is the memory-mapped expert file under the page cache, as for
+`fiddler`. With `--device cuda` the fast tier is the GPU (the resident set copied to VRAM) and the
+pre-calculation runs on the CPU from host memory as in DAOP: layer i's hidden state goes to the CPU and the
+predicted experts' outputs come back. On the CPU the fast tier is RAM slots and everything computes on the
+CPU. The result reports token agreement with the exact model and the prediction recall.
 """
 
 from __future__ import annotations
@@ -62,9 +64,13 @@ class DaopStyle(TwoTierStrategy):
         self._precalc: dict[int, tuple[Routing, Future[dict[int, Contribution]]]] = {}
         self._pending_recall: dict[int, set[int]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-precalc")
+        self.device = engine.device
         self.deviations = [
             "no GPU: the RAM-resident set (pinned slots) stands for the GPU-resident set, the memory-mapped expert "
-            "file under the page cache for host DRAM; every expert computes on the CPU",
+            "file under the page cache for host DRAM; every expert computes on the CPU"
+            if self.device.type == "cpu"
+            else "the resident set is copied to the GPU; the memory-mapped expert file under the page cache stands "
+            "for host DRAM; pre-calculation computes on the CPU",
             f"fast tier: {float(self.params['pin']):.0%} of the budget's expert memory, "
             f"{self.source.book.capacity} experts per layer; leftover slots are "
             "not assigned by global popularity (equal slots per layer)",
@@ -125,16 +131,17 @@ class DaopStyle(TwoTierStrategy):
         return Routing(index, weights)
 
     def _precompute(self, target: int, hidden_states: torch.Tensor, routing: Routing) -> dict[int, Contribution]:
-        """Layer `target`'s non-resident predicted experts on `hidden_states` (runs on the pre-calc thread)."""
+        """Layer `target`'s non-resident predicted experts on `hidden_states`, computed on the CPU from host
+        memory (runs on the pre-calc thread; with a GPU the hidden state comes to the CPU here)."""
         out: dict[int, Contribution] = {}
         rows = torch.zeros(1, dtype=torch.long)
         with torch.inference_mode():
+            hidden_cpu, weights_cpu = hidden_states.to("cpu"), routing.top_k_weights.to("cpu")
             for pos, expert in enumerate(routing.top_k_index[0].tolist()):
                 if self.source.is_pinned((target, expert)):
                     continue
                 weights = self.source.mapped((target, expert))
-                result = expert_forward(self.math[target], weights, hidden_states, routing.top_k_weights[:, pos, None])
-                out[expert] = (rows, result)
+                out[expert] = (rows, expert_forward(self.math[target], weights, hidden_cpu, weights_cpu[:, pos, None]))
         return out
 
     def _prefill(self, layer: int, routing: Routing, now: int) -> None:
@@ -156,7 +163,9 @@ class DaopStyle(TwoTierStrategy):
         job = self._precalc.pop(layer, None)
         if job is not None:
             predicted, future = job
-            used = Routing(predicted.top_k_index, predicted.top_k_weights, future.result())
+            # The outputs computed on the CPU come back to the device the layer computes on.
+            done = {e: (rows.to(self.device), out.to(self.device)) for e, (rows, out) in future.result().items()}
+            used = Routing(predicted.top_k_index, predicted.top_k_weights, done)
             self.precomputed += len(used.precomputed)
         target = self.gates.target(layer)
         start = int(self.params["start"])  # type: ignore[call-overload]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from harness.cache.base import CachePolicy
 from harness.cache.book import ExpertCacheBook
@@ -61,10 +62,20 @@ class StaticPlacement(CachePolicy):
 class MappedExperts:
     """An expert source: pinned slots (hits) first, else a view of the memory-mapped expert file."""
 
-    def __init__(self, index: PackIndex, reader: ExpertReader, experts_file: Path, book: ExpertCacheBook) -> None:
+    def __init__(
+        self,
+        index: PackIndex,
+        reader: ExpertReader,
+        experts_file: Path,
+        book: ExpertCacheBook,
+        device: torch.device | None = None,
+    ) -> None:
         self.index, self.reader, self.book = index, reader, book
         self.pool = AlignedPool(book.total_slots, index.stride_bytes)
         self.views = slot_views(self.pool.view, index, self.pool.slots)
+        self.device = device or torch.device("cpu")
+        """Where the pinned set computes: a GPU holds a copy of each pinned expert (the fast tier in VRAM)."""
+        self._device_views: dict[int, ExpertWeights] = {}
         self.stats = IoStats()
         fd = os.open(experts_file, os.O_RDONLY)
         try:
@@ -108,6 +119,8 @@ class MappedExperts:
         if slot is None:
             return False
         record = self.reader.read_into(key, self.pool.slot(slot))
+        if self.device.type != "cpu":
+            self._device_views[slot] = {name: t.to(self.device) for name, t in self.views[slot].items()}
         self.device_reads.exclude(record.nbytes)
         self.stats.records.append(record)
         self.stats.bytes_by_phase[phase] += record.nbytes
@@ -142,7 +155,7 @@ class MappedExperts:
         self.device_reads.mark(phase)
         plan = self.book.step(layer, experts, now, phase)
         for (_, expert), slot in plan.hits:
-            yield expert, self.views[slot]
+            yield expert, self._device_views.get(slot, self.views[slot])
         # The pinned tier admits nothing on demand: a miss that found a free slot gives it back at once.
         for key, _ in plan.loads:
             self.book.discard(key, now)
@@ -199,11 +212,17 @@ class TwoTierStrategy(Strategy):
         if not 0 < share <= 1:
             raise HarnessError(f"{self.name} pin share must be in (0, 1] (got {share})")
         book = ExpertCacheBook(engine.index.moe_layers, max(1, round(share * slots)), scope, StaticPlacement)
-        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book)
+        self.source = MappedExperts(engine.index, engine.reader, engine.experts_file, book, engine.device)
         return self.source
 
     def finish(self) -> None:
         self.source.finish()
 
     def stats(self) -> dict[str, object]:
-        return {"reduction": "cpu-only reduction", "popularity_profile": self.profile, **self.source.tier_stats()}
+        reduction = "cpu-only reduction" if self.source.device.type == "cpu" else "real devices: GPU and CPU"
+        return {
+            "reduction": reduction,
+            "compute_device": str(self.source.device),
+            "popularity_profile": self.profile,
+            **self.source.tier_stats(),
+        }

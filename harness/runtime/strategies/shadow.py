@@ -136,7 +136,7 @@ class ShadowModel:
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, QuantLinear(child, precision))
-        self.layers = nn.ModuleList(list(layers)).eval()
+        self.layers = nn.ModuleList(list(layers)).eval().to(engine.device)  # beside the real model's hidden states
         del skeleton  # the embeddings and the head are the real model's concern
         self.config = config
         self.first = min(engine.index.moe_layers)
