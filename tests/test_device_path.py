@@ -156,3 +156,23 @@ def test_fiddler_on_the_cpu_computes_everything_on_the_cpu(tiny_model):
     assert stats["compute_device"] == "cpu" and stats["reduction"] == "cpu-only reduction"
     decisions = stats["cost_model"]["decisions"]
     assert stats["cost_model"]["executed_on"] == {"cpu": sum(decisions.values())}
+
+
+@pytest.mark.parametrize(
+    ("tiers", "needle"),
+    [
+        ((), "bounds the device tier, but the run has none: add one to --tiers, e.g. --tiers device:lru:"),
+        (("--tiers", "device:lru:60,host:lru:64"), "tier device:lru:60 holds 60 slots per eviction group, but "),
+    ],
+)
+def test_vram_budget_bounds_the_device_tier(tiny_model, tmp_path, monkeypatch, tiers, needle):
+    """A budget that fits a few slots per layer: the run must name a device tier, and one no larger than that."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = tiny_model("olmoe")
+    index = PackIndex.load(pack_paths(model)["index"])
+    budget = index.dense_bytes + DEVICE_WORKSPACE_BYTES + 64 * MIB + 8 * len(index.moe_layers) * index.stride_bytes
+    code, err = run_cli(
+        "run", "--model", str(model), "--device", "cuda", "--vram-budget", str(budget), *tiers,
+        "--results", str(tmp_path),
+    )  # fmt: skip
+    assert_one_line_error(code, err, needle)
