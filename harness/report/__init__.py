@@ -16,7 +16,16 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.errors import HarnessError
 from harness.predict import Check, reference_compute, validate_runs
-from harness.report.load import Run, belady_bounds, find_runs, format_x, mark_eligible, runs_frame, tiers_frame
+from harness.report.load import (
+    Run,
+    belady_bounds,
+    find_runs,
+    format_x,
+    mark_eligible,
+    run_stack,
+    runs_frame,
+    tiers_frame,
+)
 from harness.report.plots import (
     MB,
     Figure,
@@ -114,7 +123,8 @@ def predictions(runs: list[Run]) -> tuple[list[PredictionRow], str]:
     """`harness predict --validate` over the report's runs, per machine and model; and a note on what was left out."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        if run.result.get("status") == "ok" and run.result.get("hardware_profile"):
+        # The serial model is for one cache: a tier stack's runs are left out (their tiers: the tier section).
+        if run.result.get("status") == "ok" and run.result.get("hardware_profile") and not run_stack(run.result):
             model = (run.result.get("resolved") or {}).get("model_name") or ""
             groups.setdefault((run.machine, str(model)), []).append(run)
     if not groups:
