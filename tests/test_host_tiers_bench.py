@@ -64,6 +64,12 @@ def test_designs_hold_the_same_expert_ram_at_each_budget():
     # 8 slots per layer: slots over the page cache would leave the page cache nothing, so it is left out.
     eight = 880379904 + 8 * 37748736
     assert [d.tiers for d in designs(eight, OLMOE_SMALL)] == ["host:lru:8", "pagecache:96"]
+    # A budget that holds every expert: 64 slots per layer in each design, 32 of them host slots in the last.
+    assert [d.tiers for d in designs(parse_size("8GiB"), OLMOE_SMALL)] == [
+        "host:lru:64",
+        "pagecache:768",
+        "host:lru:32,pagecache:384",
+    ]
 
 
 def test_hierarchy_sweep_holds_the_benchmark_designs():

@@ -63,13 +63,15 @@ def expert_ram_bytes(budget_bytes: int, index: PackIndex, io_threads: int = 4) -
 def designs(budget_bytes: int, index: PackIndex, io_threads: int = 4) -> list[Design]:
     """The three designs at one budget, each holding the same expert bytes in RAM.
 
-    S = the slots per layer that fit (expert RAM // (MoE layers x expert stride)); slots only: host:lru:S
+    S = the slots per layer that fit (expert RAM // (MoE layers x expert stride), at most the experts of a
+    layer); slots only: host:lru:S
     (O_DIRECT); page cache only: pagecache:S x layers (buffered); slots over the page cache: H = max(top_k, S // 2)
     slots per layer and the page cache the rest, (S - H) x layers (buffered; tiers are not exclusive, so the
     page cache also holds what the slots hold, and both count against the budget). The last design is left
     out where S - H is 0."""
     layers = len(index.moe_layers)
-    per_layer = expert_ram_bytes(budget_bytes, index, io_threads) // (layers * index.stride_bytes)
+    fits = expert_ram_bytes(budget_bytes, index, io_threads) // (layers * index.stride_bytes)
+    per_layer = min(fits, index.num_experts)  # a budget that holds every expert: each design holds them all
     if per_layer < index.top_k:
         raise HarnessError(
             f"RAM budget {format_bytes(budget_bytes)} leaves {max(per_layer, 0)} expert slots per layer, fewer than "
@@ -157,7 +159,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 def render(rows: list[TableRow]) -> str:
     """The table as text, one line per budget x design (failures listed under it)."""
     head = (
-        f"{'budget':>9}  {'design':<22} {'tiers':<28} {'runs':>4} {'tok/s':>7}  {'decode hit rate per tier':<28} "
+        f"{'budget':>9}  {'design':<22} {'tiers':<28} {'runs':<13} {'tok/s':>7}  {'decode hit rate per tier':<28} "
         f"{'SSD MB/tok':>10}  {'pagecache model/live/diff':<25}"
     )
     lines = [head]
@@ -172,7 +174,7 @@ def render(rows: list[TableRow]) -> str:
         )
         runs = f"{r.runs}" + (f" ({r.invalid} INVALID)" if r.invalid else "")
         lines.append(
-            f"{format_bytes(r.budget_bytes):>9}  {r.design:<22} {r.tiers:<28} {runs:>4} {_num(r.tokens_per_s, 2):>7}  "
+            f"{format_bytes(r.budget_bytes):>9}  {r.design:<22} {r.tiers:<28} {runs:<13} {_num(r.tokens_per_s, 2):>7}  "
             f"{hits:<28} {ssd:>10}  {page:<25}"
         )
         lines.extend(f"{'':>11}failed: {reason}" for reason in r.failures)
