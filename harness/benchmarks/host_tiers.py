@@ -135,7 +135,7 @@ def table(cells: list[tuple[int, Design, dict[str, Any]]]) -> list[TableRow]:
                 runs=len(ok),
                 tokens_per_s=_mean([m.get("decode_tokens_per_s") for m in metrics]),
                 tokens_per_s_by_round=[
-                    float(m["decode_tokens_per_s"]) for m in metrics if m.get("decode_tokens_per_s")
+                    float(m["decode_tokens_per_s"]) for m in metrics if m.get("decode_tokens_per_s") is not None
                 ],
                 tier_hit_rate_decode={
                     kind: _mean([t.get("hit_rate_decode") for rows_ in tier_rows for t in rows_ if t["kind"] == kind])
@@ -170,7 +170,7 @@ def render(rows: list[TableRow]) -> str:
             "-"
             if r.pagecache_model_hit_rate is None and r.pagecache_live_hit_rate is None
             else f"{_num(r.pagecache_model_hit_rate)}/{_num(r.pagecache_live_hit_rate)}/"
-            f"{_num(r.pagecache_model_minus_live, 3)}"
+            f"{_num(r.pagecache_model_minus_live)}"
         )
         runs = f"{r.runs}" + (f" ({r.invalid} INVALID)" if r.invalid else "")
         lines.append(
