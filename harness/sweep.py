@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,7 @@ _REASON_CHARS = 300
 _INTERRUPT_GRACE_S = 10.0
 # Fields a sweep may set: the whole RunSpec except the repetition index, which `repeats` owns.
 SPEC_FIELDS = tuple(name for name in RunSpec.model_fields if name != "repeat")
+T = TypeVar("T")
 
 
 def _check_keys(where: str, keys: Sequence[str]) -> None:
@@ -214,25 +215,34 @@ def expand(sweep: SweepSpec) -> list[Cell]:
     used_rules: set[int] = set()
     for values in itertools.product(*(sweep.matrix[k] for k in keys)):
         config = dict(zip(keys, values, strict=True))
-        try:
-            spec = load_run_spec({**sweep.base, **config})
-        except HarnessError as exc:
-            label = " ".join(f"{k}={v}" for k, v in config.items()) or "base"
-            raise HarnessError(f"sweep {sweep.name}: cell {label}: {exc}") from None
-        dumped = spec.model_dump()
-        hits = [i for i, rule in enumerate(sweep.exclude) if _matches(dumped, rule)]
+        written = {**sweep.base, **config}
+        # Rules are matched on the cell as written first, so that a rule can drop a combination the run spec
+        # refuses (a page-cache tier with O_DIRECT reads); then on the validated spec (defaults filled in).
+        hits = [i for i, rule in enumerate(sweep.exclude) if _matches(written, rule)]
+        if not hits:
+            try:
+                spec = load_run_spec(written)
+            except HarnessError as exc:
+                label = " ".join(f"{k}={v}" for k, v in config.items()) or "base"
+                raise HarnessError(f"sweep {sweep.name}: cell {label}: {exc}") from None
+            dumped = spec.model_dump()
+            hits = [i for i, rule in enumerate(sweep.exclude) if _matches(dumped, rule)]
         used_rules.update(hits)
         if not hits:
             configs.append((config, spec))
     for i in set(range(len(sweep.exclude))) - used_rules:
         log.warning("sweep %s: exclude rule %d (%s) matches no cell", sweep.name, i, sweep.exclude[i])
     cells: list[Cell] = []
-    for rnd in range(sweep.repeats):
-        ordered = configs if rnd % 2 == 0 else configs[::-1]
-        for config, spec in ordered:
-            repeated = spec.model_copy(update={"repeat": rnd}) if rnd else spec
-            cells.append(Cell(len(cells), rnd, repeated, config))
+    for rnd, (config, spec) in interleave(configs, sweep.repeats):
+        repeated = spec.model_copy(update={"repeat": rnd}) if rnd else spec
+        cells.append(Cell(len(cells), rnd, repeated, config))
     return cells
+
+
+def interleave(configs: Sequence[T], repeats: int) -> list[tuple[int, T]]:
+    """(round, configuration) in run order: `repeats` rounds of every configuration, odd rounds reversed (see
+    `expand` for why)."""
+    return [(rnd, c) for rnd in range(repeats) for c in (configs if rnd % 2 == 0 else configs[::-1])]
 
 
 def parse_only(items: Sequence[str]) -> dict[str, list[str]]:

@@ -16,7 +16,16 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.errors import HarnessError
 from harness.predict import Check, reference_compute, validate_runs
-from harness.report.load import Run, belady_bounds, find_runs, format_x, mark_eligible, runs_frame
+from harness.report.load import (
+    Run,
+    belady_bounds,
+    find_runs,
+    format_x,
+    mark_eligible,
+    run_stack,
+    runs_frame,
+    tiers_frame,
+)
 from harness.report.plots import (
     MB,
     Figure,
@@ -27,7 +36,7 @@ from harness.report.plots import (
     ssd_profiles,
     timeline,
 )
-from harness.report.rank import CONFIDENCE, RankRow, rank
+from harness.report.rank import CONFIDENCE, RankRow, TierConfigRow, rank, tier_configs
 from harness.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -114,7 +123,8 @@ def predictions(runs: list[Run]) -> tuple[list[PredictionRow], str]:
     """`harness predict --validate` over the report's runs, per machine and model; and a note on what was left out."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        if run.result.get("status") == "ok" and run.result.get("hardware_profile"):
+        # The serial model is for one cache: a tier stack's runs are left out (their tiers: the tier section).
+        if run.result.get("status") == "ok" and run.result.get("hardware_profile") and not run_stack(run.result):
             model = (run.result.get("resolved") or {}).get("model_name") or ""
             groups.setdefault((run.machine, str(model)), []).append(run)
     if not groups:
@@ -173,6 +183,8 @@ def build_report(
     profile_figures = ssd_profiles(profiles, out)
 
     prediction_rows, prediction_note = predictions(runs)
+    tiers = tiers_frame(runs, frame)
+    tier_figures = _tier_figures(tiers, out)
 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     env.filters["bytes"] = lambda v: "" if v is None or pd.isna(v) else format_bytes(float(v))
@@ -197,13 +209,49 @@ def build_report(
         bound_note=bound_note,
         predictions=prediction_rows,
         prediction_note=prediction_note,
+        tier_configs=tier_configs(frame, tiers),
+        tier_figures=tier_figures,
     )
     index = out / "index.html"
     index.write_text(html)
     return index
 
 
-def _x(row: dict[str, Any] | RankRow) -> str:
+def _tier_figures(tiers: pd.DataFrame, out: Path) -> list[Figure]:
+    """Per-tier decode hit rate and bytes per token below each tier against the budget, and tiers.csv (every
+    run's tier rows); nothing when no run has tiers."""
+    if tiers.empty:
+        return []
+    tiers.to_csv(out / "tiers.csv", index=False)
+    caption = (
+        "One line per tier configuration and tier (capacities scale with the budget); mean over repeats, bars: "
+        "95% t-interval. A tier's accesses are the misses of the tier above; page-cache values are the "
+        "simulator's LRU model of it on the run's own trace (the live classification is in the table)."
+    )
+    return [
+        metric_vs_budget(
+            tiers,
+            out,
+            "tier_hit_rate",
+            "hit_rate_decode",
+            "decode hit rate of the tier",
+            "Decode hit rate per tier",
+            caption=caption,
+        ),
+        metric_vs_budget(
+            tiers,
+            out,
+            "tier_edge_bytes",
+            "edge_bytes_per_token_decode",
+            "MB per decode token",
+            "Bytes per decode token crossing the edge below each tier",
+            scale=1 / MB,
+            caption=caption,
+        ),
+    ]
+
+
+def _x(row: dict[str, Any] | RankRow | TierConfigRow) -> str:
     """A table row's position on the sweep's axis, in words."""
     x, unit = (row["x"], row["x_unit"]) if isinstance(row, dict) else (row.x, row.x_unit)
     return "" if x is None or pd.isna(x) else format_x(float(x), str(unit))

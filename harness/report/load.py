@@ -114,6 +114,9 @@ def _row(run: Run) -> dict[str, Any]:
         budget = parse_size(spec["ram_budget"])
     policy = resolved.get("policy") or spec.get("policy")
     strategy = resolved.get("strategy") or spec.get("strategy") or "cache"
+    stack = run_stack(r)
+    # A tier stack's runs are told apart by their design (the policy field is not theirs), one line across budgets.
+    entry = policy if stack is None else tier_design(stack)
     return {
         "uid": run.uid,
         "run_id": run.run_id,
@@ -125,7 +128,8 @@ def _row(run: Run) -> dict[str, Any]:
         "device": storage.get("disk") or storage.get("device") or "unknown device",
         "policy": policy,
         "strategy": strategy,
-        "label": policy if strategy == "cache" else f"{strategy}/{policy}",
+        "label": entry if strategy == "cache" else f"{strategy}/{entry}",
+        "tiers": stack,
         "scope": resolved.get("scope") or spec.get("scope"),
         "ram_budget_bytes": budget,
         "cache_slots": resolved.get("cache_slots"),
@@ -163,6 +167,52 @@ def _row(run: Run) -> dict[str, Any]:
         "hardware_profile": r.get("hardware_profile"),
         "folder": str(run.folder),
     }
+
+
+def run_stack(result: dict[str, Any]) -> str | None:
+    """The run's tier stack as written ('host:lru:16,pagecache:512'): the spec's, else its tier rows'; None for a
+    single-cache run."""
+    stack = (result.get("spec") or {}).get("tiers")
+    if stack:
+        return str(stack)
+    rows = _get(result, "metrics", "tiers") or []
+    return str(rows[0]["stack"]) if rows and rows[0].get("stack") else None
+
+
+def tier_design(stack: str) -> str:
+    """A stack without its capacities, the same at every budget: 'host:lru:16,pagecache:512' -> 'host:lru over
+    pagecache' (the page cache's policy is the kernel's)."""
+    from harness.cache.tiers import parse_tiers
+
+    try:
+        tiers = parse_tiers(stack)
+    except HarnessError:
+        return stack
+    return " over ".join(t.kind if t.modelled else f"{t.kind}:{t.policy}" for t in tiers)
+
+
+TIER_RUN_COLUMNS = ["uid", "run_id", "machine", "model", "device", "label", "x_unit", "x", "repeat", "eligible"]
+"""The run columns every tier row carries (it is plotted and grouped as its run is)."""
+
+
+def tiers_frame(runs: list[Run], frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, tier) of the runs whose metrics carry `tiers` (top tier first): the run's columns of
+    `frame` (after mark_eligible) and the tier's own keys as the run wrote them; empty without tier runs."""
+    rows = [
+        {"uid": run.uid, **tier}
+        for run in runs
+        for tier in (_get(run.result, "metrics", "tiers") or [])
+        if isinstance(tier, dict)
+    ]
+    if not rows:
+        return pd.DataFrame()
+    tiers = pd.DataFrame(rows)
+    merged = tiers.merge(frame[TIER_RUN_COLUMNS], on="uid", how="left", validate="many_to_one")
+    merged["design"] = merged["label"]
+    merged["label"] = [f"{d}: {k}" for d, k in zip(merged["design"], merged["kind"], strict=True)]
+    return merged.sort_values(["machine", "model", "device", "x_unit", "x", "design", "tier", "repeat"]).reset_index(
+        drop=True
+    )
 
 
 def _cache_fraction(resolved: dict[str, Any]) -> float | None:
@@ -216,8 +266,8 @@ def belady_bounds(runs: list[Run]) -> tuple[dict[str, float], str | None]:
         resolved = run.result.get("resolved") or {}
         trace_path = run.file("trace", "trace.parquet")
         slots = resolved.get("cache_slots")
-        if run.result.get("status") != "ok" or not trace_path.is_file() or not slots:
-            continue
+        if run.result.get("status") != "ok" or not trace_path.is_file() or not slots or run_stack(run.result):
+            continue  # a tier stack has no single capacity to bound: its tiers are replayed by simulate --tiers
         try:
             replay = simulate(read_trace(trace_path), "belady", int(slots), resolved.get("scope") or "per-layer")
             bounds[run.uid] = replay.total("decode").hit_rate

@@ -98,9 +98,17 @@ def _save(fig: plt.Figure, out: Path, name: str) -> str:
 
 
 def metric_vs_budget(
-    frame: pd.DataFrame, out: Path, key: str, column: str, ylabel: str, title: str, scale: float = 1.0
+    frame: pd.DataFrame,
+    out: Path,
+    key: str,
+    column: str,
+    ylabel: str,
+    title: str,
+    scale: float = 1.0,
+    caption: str = "Mean per policy; bars: 95% t-interval over repeats (none for a single run); dots: single runs.",
 ) -> Figure:
-    """One panel per machine x model x SSD: `column` against the sweep's axis, one line per policy."""
+    """One panel per machine x model x SSD: `column` against the sweep's axis, one line per label (policy, or
+    tier design and tier for a frame of tier rows)."""
     ok = frame[frame["eligible"] & frame[column].notna() & frame["x"].notna()]
     if ok.empty:
         return Figure(key, title, None, f"no ranked run has {column}")
@@ -113,7 +121,6 @@ def metric_vs_budget(
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    caption = "Mean per policy; bars: 95% t-interval over repeats (none for a single run); dots: single runs."
     return Figure(key, title, _save(fig, out, f"{key}.png"), caption)
 
 

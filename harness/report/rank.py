@@ -139,3 +139,102 @@ def rank(frame: pd.DataFrame) -> list[RankRow]:
             )
         )
     return rows
+
+
+@dataclass
+class TierCell:
+    """One tier of one tier configuration: means over the configuration's ranked runs (None where none has it)."""
+
+    tier: int
+    kind: str
+    policy: str
+    capacity_slots: int | None
+    modelled: bool
+    edge_below: str
+    hit_rate_decode: float | None
+    served_share: float | None
+    edge_bytes_per_token_decode: float | None
+    hit_rate: float | None
+    """All phases; for the page cache, the simulator's LRU model of it on the run's own trace."""
+    live_hit_rate: float | None
+    """The page cache's hit rate as the run's reads were classified (page cache or device); None for slot tiers."""
+    model_minus_live_hit_rate: float | None
+
+
+@dataclass
+class TierConfigRow:
+    """One tier configuration (design) of one (machine, model, SSD, budget) group: tokens/s over its repeats,
+    SSD bytes per token and its tiers."""
+
+    machine: str
+    model: str
+    device: str
+    x: float
+    x_unit: str
+    design: str
+    stacks: list[str]
+    tokens_per_s: Estimate
+    ssd_read_bytes_per_token: float | None
+    tiers: list[TierCell]
+
+    @property
+    def pagecache(self) -> list[TierCell]:
+        """Its page-cache tiers (live classification beside the model)."""
+        return [t for t in self.tiers if t.modelled]
+
+
+def tier_configs(frame: pd.DataFrame, tiers: pd.DataFrame) -> list[TierConfigRow]:
+    """Per (machine, model, SSD, budget), each tier configuration of its ranked runs, fastest first.
+
+    `frame` is the runs frame (load.runs_frame after mark_eligible), `tiers` its tier rows (load.tiers_frame).
+    """
+    if tiers.empty:
+        return []
+    runs = frame[frame["eligible"] & frame["x"].notna() & frame["tiers"].notna()]
+    ranked = tiers[tiers["eligible"].fillna(False).astype(bool)]
+    rows: list[TierConfigRow] = []
+    for (machine, model, device, x_unit, x), group in runs.groupby(GROUP, sort=True):
+        configs = [
+            TierConfigRow(
+                machine=str(machine),
+                model=str(model),
+                device=str(device),
+                x=float(x),
+                x_unit=str(x_unit),
+                design=str(label),
+                stacks=sorted(set(g["tiers"])),
+                tokens_per_s=Estimate.of(g["decode_tokens_per_s"]),
+                ssd_read_bytes_per_token=_mean(g["ssd_read_bytes_per_token"]),
+                tiers=_tier_cells(ranked[ranked["uid"].isin(g["uid"])]),
+            )
+            for label, g in group.groupby("label", sort=True)
+        ]
+        rows.extend(sorted(configs, key=lambda c: c.tokens_per_s.mean, reverse=True))
+    return rows
+
+
+def _tier_cells(rows: pd.DataFrame) -> list[TierCell]:
+    def mean(group: pd.DataFrame, column: str) -> float | None:
+        return _mean(group[column]) if column in group else None
+
+    cells = []
+    for tier, g in rows.groupby("tier", sort=True):
+        first = g.iloc[0]
+        capacities = set(g["capacity_slots"].dropna())
+        cells.append(
+            TierCell(
+                tier=int(tier),
+                kind=str(first["kind"]),
+                policy=str(first["policy"]),
+                capacity_slots=int(capacities.pop()) if len(capacities) == 1 else None,
+                modelled=bool(first["modelled"]),
+                edge_below=str(first["edge_below"]),
+                hit_rate_decode=mean(g, "hit_rate_decode"),
+                served_share=mean(g, "served_share"),
+                edge_bytes_per_token_decode=mean(g, "edge_bytes_per_token_decode"),
+                hit_rate=mean(g, "hit_rate"),
+                live_hit_rate=mean(g, "live_hit_rate"),
+                model_minus_live_hit_rate=mean(g, "model_minus_live_hit_rate"),
+            )
+        )
+    return cells
