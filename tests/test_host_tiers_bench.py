@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from harness.benchmarks.host_tiers import DESIGNS, Design, designs, main, plan_cells, render, table
 from harness.errors import HarnessError
-from harness.spec import RunSpec
 from harness.store.layout import PackIndex
 from harness.units import parse_size
 from harness.workloads import PACKAGED_WORKLOADS
@@ -44,15 +43,6 @@ EXPECTED = {
 }
 
 
-def _tiers_run() -> bool:
-    """Whether RunSpec accepts a tier stack (the tier engine, issue 12); refused before it lands."""
-    try:
-        RunSpec(model="models/olmoe-small", tiers="host:lru:8", io_engine="direct")
-    except HarnessError:
-        return False
-    return True
-
-
 def test_designs_hold_the_same_expert_ram_at_each_budget():
     for budget, stacks in EXPECTED.items():
         found = designs(parse_size(budget), OLMOE_SMALL)
@@ -80,8 +70,6 @@ def test_hierarchy_sweep_holds_the_benchmark_designs():
     assert sweep["base"]["model"] == "models/olmoe-small"
     assert sorted(sweep["matrix"]["ram_budget"]) == sorted(EXPECTED)
     assert sorted(sweep["matrix"]["tiers"]) == sorted(s for stacks in EXPECTED.values() for s in stacks)
-    if not _tiers_run():
-        pytest.skip("RunSpec refuses tiers until the tier engine lands: the cells cannot be expanded yet")
     from harness.sweep import expand, load_sweep
 
     cells = expand(load_sweep(PACKAGED_WORKLOADS / "sweeps" / "hierarchy.yaml"))
@@ -174,13 +162,9 @@ def _fake_model(tmp_path: Path) -> Path:
     return packed.parent
 
 
-def test_plan_interleaves_rounds_or_says_tiers_are_refused(tmp_path):
+def test_plan_interleaves_rounds(tmp_path):
     model = str(_fake_model(tmp_path))
     base = {"max_prompts": 2, "max_new_tokens": 40, "io_threads": 4}
-    if not _tiers_run():
-        with pytest.raises(HarnessError, match="tiers"):
-            plan_cells(model, ["1.25GiB", "2GiB"], OLMOE_SMALL, 2, base)
-        return
     cells = plan_cells(model, ["1.25GiB", "2GiB"], OLMOE_SMALL, 2, base)
     order = [(rnd, spec.ram_budget, spec.tiers) for rnd, _, _, spec in cells]
     first = [(b, t) for b in ("1.25GiB", "2GiB") for t in EXPECTED[b]]
@@ -199,9 +183,5 @@ def test_command_line_errors_are_one_line_with_exit_2(tmp_path):
     rounds = CliRunner().invoke(main, ["--model", model, "--rounds", "0"])
     assert rounds.exit_code == 2 and "--rounds" in rounds.output
     dry = CliRunner().invoke(main, ["--model", model, "--budgets", "2GiB", "--rounds", "2", "--dry-run"])
-    if _tiers_run():
-        assert dry.exit_code == 0, dry.output
-        assert len(dry.output.strip().splitlines()) == 6 and "host:lru:16,pagecache:204" in dry.output
-    else:
-        assert dry.exit_code == 2 and "the engine does not run tier stacks yet" in dry.output
-        assert len(dry.output.strip().splitlines()) == 1
+    assert dry.exit_code == 0, dry.output
+    assert len(dry.output.strip().splitlines()) == 6 and "host:lru:16,pagecache:204" in dry.output
