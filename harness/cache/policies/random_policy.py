@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
+from harness.cache.compiled import EXPERT, LAYER, VICTIM_SIG, CompiledPolicy, Kernel, mt_below, mt_state
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
+
+RNG = 0
+"""The generator's globals start here (`compiled.MT_WORDS` of them)."""
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """A uniform draw among the candidates sorted by key, so that it depends on the seed and the candidates only."""
+    codes = np.empty(len(resident), dtype=np.int64)
+    n = 0
+    for key in resident:
+        if key >= 0 and mark[key] != tag:
+            codes[n] = (ki[key, LAYER] << 32) | ki[key, EXPERT]
+            n += 1
+    if n == 0:
+        return -1
+    chosen = np.sort(codes[:n])[mt_below(g, RNG, n)]
+    for key in resident:
+        if key >= 0 and mark[key] != tag and (ki[key, LAYER] << 32) | ki[key, EXPERT] == chosen:
+            return key
+    return -1
 
 
 @register_policy
-class RandomEviction(CachePolicy):
+class RandomEviction(CompiledPolicy):
     name = "random"
+    observes_misses = False
+    kernel = Kernel(victim=_victim)
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
-        self._rng = random.Random(seed)
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        """Random keeps no state about accesses."""
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        # Sorted so the draw depends on the seed and the candidates only, not on set iteration order.
-        return self._rng.choice(sorted(candidates))
+    def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
+        return mt_state(self.seed), []
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "seed": self.seed}
