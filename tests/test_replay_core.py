@@ -37,8 +37,9 @@ COMPILED = [
     "layer-lru",
     "lecar",
     "random",
+    "lfu-window:8",
 ]
-PYTHON_LOOP = ["lfu-window:8"]
+PYTHON_LOOP = ["reuse-logit"]
 """Policies without a compiled replay yet: `account_stream` takes the per-step loop for them."""
 
 
@@ -125,8 +126,8 @@ def test_a_stream_replayed_twice_reuses_its_arrays_and_counts_the_same():
 def test_other_policies_take_the_python_loop():
     trace = _trace(seed=2, rows=100, layers=2, experts=8, k=2, batch=1)
     (stream,) = build_replay(trace).streams
-    a = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("lfu-window:4"))
-    b = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("lfu-window:4"))
+    a = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("reuse-logit"))
+    b = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("reuse-logit"))
     a.account_stream(stream.calls)
     for call in stream.calls:
         b.account(*call)

@@ -12,6 +12,15 @@ RNG = 0
 """The generator's globals start here (`compiled.MT_WORDS` of them)."""
 
 
+@njit(cache=True)
+def _row(ki: np.ndarray, layer: int, expert: int, resident: np.ndarray) -> int:
+    """The row among `resident` of key (layer, expert)."""
+    for key in resident:
+        if key >= 0 and ki[key, LAYER] == layer and ki[key, EXPERT] == expert:
+            return key
+    return -1
+
+
 @njit(VICTIM_SIG, cache=True)
 def _victim(
     g: np.ndarray,
@@ -33,11 +42,9 @@ def _victim(
             n += 1
     if n == 0:
         return -1
-    chosen = np.sort(codes[:n])[mt_below(g, RNG, n)]
-    for key in resident:
-        if key >= 0 and mark[key] != tag and (ki[key, LAYER] << 32) | ki[key, EXPERT] == chosen:
-            return key
-    return -1
+    codes[:n].sort()
+    chosen = codes[mt_below(g, RNG, n)]
+    return _row(ki, chosen >> 32, chosen & 0xFFFFFFFF, resident)
 
 
 @register_policy
