@@ -3,13 +3,14 @@ do: same slots, same counts."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.compiled import CompiledPolicy
+from harness.cache.compiled import CompiledPolicy, mt_below, mt_random, mt_state
 from harness.cache.policies.lru import LRU
 from harness.cache.ranked import RankedPolicy
 from harness.cache.registry import policy_factory
@@ -132,3 +133,17 @@ def test_other_policies_take_the_python_loop():
     for call in stream.calls:
         b.account(*call)
     assert a.counts == b.counts
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**40 + 3])
+def test_the_compiled_generator_draws_what_cpython_draws(seed):
+    # `random` and `lecar` draw from compiled Mersenne Twister state seeded as random.Random(seed): the
+    # victims are the ones the policies drew from random.Random itself.
+    reference = random.Random(seed)
+    state = np.array([-1, *mt_state(seed)], dtype=np.int64)  # the generator may start anywhere in the globals
+    for i in range(1500):  # past one twist of the 624-word state
+        if i % 2:
+            assert mt_random(state, 1) == reference.random()
+        else:
+            n = 1 + i % 41
+            assert mt_below(state, 1, n) == reference._randbelow(n)

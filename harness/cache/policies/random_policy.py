@@ -10,6 +10,8 @@ from harness.cache.registry import register_policy
 
 RNG = 0
 """The generator's globals start here (`compiled.MT_WORDS` of them)."""
+SMALL = 32
+"""Candidates up to which the draw sorts them by insertion."""
 
 
 @njit(cache=True)
@@ -42,7 +44,15 @@ def _victim(
             n += 1
     if n == 0:
         return -1
-    codes[:n].sort()
+    if n > SMALL:
+        codes[:n].sort()
+    else:  # insertion sort: numba's sort takes ~0.4 us on 16 keys, several times the rest of the draw
+        for i in range(1, n):
+            code, j = codes[i], i - 1
+            while j >= 0 and codes[j] > code:
+                codes[j + 1] = codes[j]
+                j -= 1
+            codes[j + 1] = code
     chosen = codes[mt_below(g, RNG, n)]
     return _row(ki, chosen >> 32, chosen & 0xFFFFFFFF, resident)
 
