@@ -31,8 +31,9 @@ from harness.keys import ExpertKey
 
 NEVER = 2**62
 """Next-use time of a key that is not accessed again."""
-ERROR, ERROR_KEY, ERROR_NOW, TIMES = 0, 1, 2, 3
-"""Int globals: an access not in the future was seen (1), its key and step; every key's access times follow."""
+ERROR, ERROR_KEY, ERROR_NOW = 0, 1, 2
+"""Int globals: an access not in the future was seen (1), its key and step; every known key's access times
+follow."""
 AT, END, NEXT = FIRST_COLUMN, FIRST_COLUMN + 1, FIRST_COLUMN + 2
 """Key columns: the key's next unconsumed access time and the end of its times (positions in the globals), its
 next use."""
@@ -137,13 +138,20 @@ class Belady(CompiledPolicy):
         super().__init__(capacity, seed)
 
     def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
-        return np.concatenate([[0, -1, 0], self.future.arrays()[0]]), []
+        return [0, -1, 0], []
 
     def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
+        """Also appends the keys' access times to the globals: a policy holds the times of its own keys only
+        (in per-layer scope, its layer's)."""
         ki, kf = super().new_rows(keys)
-        spans = self.future.arrays()[1]
-        ki[:, AT:NEXT] = [spans.get(key, (-TIMES, -TIMES)) for key in keys]
-        ki[:, AT:NEXT] += TIMES
+        flat, spans = self.future.arrays()
+        pieces, at = [], len(self.g)
+        for row, key in enumerate(keys):
+            start, end = spans.get(key, (0, 0))  # a key without a future: no times, its first access is refused
+            ki[row, AT], ki[row, END] = at, at + end - start
+            pieces.append(flat[start:end])
+            at += end - start
+        self.g = np.concatenate([self.g, *pieces])
         return ki, kf
 
     @classmethod
