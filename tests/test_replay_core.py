@@ -1,16 +1,47 @@
-"""The compiled replay of ranked policies (LRU, LFU) decides as the per-key hooks do: same slots, same counts."""
+"""The compiled replay (ranked policies: LRU, LFU; compiled kernels: most others) decides as the per-key hooks
+do: same slots, same counts."""
 
 from __future__ import annotations
+
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.cache.book import ExpertCacheBook
+from harness.cache.compiled import CompiledPolicy, mt_below, mt_random, mt_state
 from harness.cache.policies.lru import LRU
 from harness.cache.ranked import RankedPolicy
 from harness.cache.registry import policy_factory
-from harness.trace.schema import SequenceRouting, Trace, TraceMeta
-from harness.trace.simulate import build_replay
+from harness.trace.importers import import_flame
+from harness.trace.schema import SequenceRouting, Trace, TraceMeta, read_trace
+from harness.trace.simulate import Stream, build_replay, profile_of
+
+FLAME = Path(__file__).with_name("data") / "flame-moe-290m"
+COMPILED = [
+    "lru",
+    "lfu",
+    "fwlru",
+    "fwlru:2.5",
+    "lrfu",
+    "lrfu:0.3",
+    "lrfu-admit",
+    "sieve",
+    "s3fifo",
+    "arc",
+    "belady",
+    "belady-bypass",
+    "static-oracle",
+    "static",
+    "least-stale",
+    "layer-lru",
+    "lecar",
+    "random",
+    "lfu-window:8",
+]
+PYTHON_LOOP = ["reuse-logit"]
+"""Policies without a compiled replay yet: `account_stream` takes the per-step loop for them."""
 
 
 def _trace(seed: int, rows: int, layers: int, experts: int, k: int, batch: int) -> Trace:
@@ -27,19 +58,14 @@ def _trace(seed: int, rows: int, layers: int, experts: int, k: int, batch: int) 
     return Trace(meta, [seq])
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-@pytest.mark.parametrize(
-    ("scope", "capacity", "batch"),
-    [("per-layer", 4, 1), ("per-layer", 7, 3), ("global", 9, 2), ("per-layer", 3, 2), ("global", 30, 4)],
-)
-def test_compiled_stream_decides_as_the_per_key_hooks(policy, scope, capacity, batch):
-    # capacity 3 with steps of up to 2 x 3 experts: many steps are wider than the cache and leave the
-    # compiled loop for `account` and back again.
-    trace = _trace(seed=capacity, rows=240, layers=3, experts=10, k=3, batch=batch)
-    (stream,) = build_replay(trace).streams
-    fast = ExpertCacheBook([0, 1, 2], capacity, scope, policy_factory(policy))
-    slow = ExpertCacheBook([0, 1, 2], capacity, scope, policy_factory(policy))
-    assert all(isinstance(p, RankedPolicy) for p in fast.policies)
+def _compare(policy: str, layers: list[int], stream: Stream, scope: str, capacity: int, context: dict) -> None:
+    """The compiled stream and the per-key hooks (`step`, as the live engine calls them) end alike."""
+    if policy.startswith(("belady", "static-oracle")):
+        context = {**context, "future": stream.future()}
+    fast = ExpertCacheBook(layers, capacity, scope, policy_factory(policy, 5, **context))
+    slow = ExpertCacheBook(layers, capacity, scope, policy_factory(policy, 5, **context))
+    compiled = all(isinstance(p, RankedPolicy | CompiledPolicy) for p in fast.policies)
+    assert compiled == (policy in COMPILED)
     fast.account_stream(stream.calls)
     for layer, keys, now, phase in stream.calls:
         slow.step(layer, [e for _, e in keys], now, phase)
@@ -47,10 +73,44 @@ def test_compiled_stream_decides_as_the_per_key_hooks(policy, scope, capacity, b
     assert {k: fast.slot_of(k) for k in fast.resident_keys()} == {k: slow.slot_of(k) for k in slow.resident_keys()}
     # The compiled replay leaves the policy where the hooks leave it: the next victims agree.
     for fast_policy, slow_policy in zip(fast.policies, slow.policies, strict=True):
+        if not compiled:
+            continue
         candidates = {k for k in fast.resident_keys() if scope == "global" or k[0] == next(iter(fast_policy.index))[0]}
         if candidates:
-            assert fast_policy.victim(candidates, (0, 99), 10**6) == slow_policy.victim(candidates, (0, 99), 10**6)
+            incoming = (min(k[0] for k in candidates), 99)
+            assert fast_policy.victim(candidates, incoming, 10**6) == slow_policy.victim(candidates, incoming, 10**6)
     assert 0 < fast.total().hits < fast.total().accesses
+
+
+@pytest.mark.parametrize("policy", COMPILED + PYTHON_LOOP)
+@pytest.mark.parametrize(
+    ("scope", "capacity", "batch"),
+    [("per-layer", 4, 1), ("per-layer", 7, 3), ("global", 9, 2), ("per-layer", 3, 2), ("global", 30, 4)],
+)
+def test_compiled_stream_decides_as_the_per_key_hooks(policy, scope, capacity, batch):
+    # capacity 3 with steps of up to 2 x 3 experts: many steps are wider than the cache and leave the
+    # compiled loop for `account` and back again.
+    replay = build_replay(_trace(seed=capacity, rows=240, layers=3, experts=10, k=3, batch=batch))
+    (stream,) = replay.streams
+    _compare(policy, [0, 1, 2], stream, scope, capacity, {"profile": profile_of(replay)})
+
+
+@pytest.fixture(scope="module")
+def flame_stream(tmp_path_factory):
+    """The first 1,500 calls of the FLAME slice (sequences of 128 tokens; steps up to 6 x 2 experts per layer)."""
+    path = tmp_path_factory.mktemp("flame") / "flame.parquet"
+    import_flame(sorted(FLAME.glob("*.pt")), path, sequence_length=128)
+    trace = read_trace(path)
+    replay = build_replay(trace)
+    (stream,) = replay.streams
+    return list(trace.meta.moe_layers), Stream(stream.seq_ids, stream.calls[:1500], stream.tokens), profile_of(replay)
+
+
+@pytest.mark.parametrize("policy", COMPILED + PYTHON_LOOP)
+@pytest.mark.parametrize(("scope", "capacity"), [("per-layer", 16), ("per-layer", 5), ("global", 40)])
+def test_compiled_flame_stream_decides_as_the_per_key_hooks(policy, scope, capacity, flame_stream):
+    layers, stream, profile = flame_stream
+    _compare(policy, layers, stream, scope, capacity, {"profile": profile})
 
 
 def test_a_stream_replayed_twice_reuses_its_arrays_and_counts_the_same():
@@ -67,9 +127,23 @@ def test_a_stream_replayed_twice_reuses_its_arrays_and_counts_the_same():
 def test_other_policies_take_the_python_loop():
     trace = _trace(seed=2, rows=100, layers=2, experts=8, k=2, batch=1)
     (stream,) = build_replay(trace).streams
-    a = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("arc"))
-    b = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("arc"))
+    a = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("reuse-logit"))
+    b = ExpertCacheBook([0, 1], 3, "per-layer", policy_factory("reuse-logit"))
     a.account_stream(stream.calls)
     for call in stream.calls:
         b.account(*call)
     assert a.counts == b.counts
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**40 + 3])
+def test_the_compiled_generator_draws_what_cpython_draws(seed):
+    # `random` and `lecar` draw from compiled Mersenne Twister state seeded as random.Random(seed): the
+    # victims are the ones the policies drew from random.Random itself.
+    reference = random.Random(seed)
+    state = np.array([-1, *mt_state(seed)], dtype=np.int64)  # the generator may start anywhere in the globals
+    for i in range(1500):  # past one twist of the 624-word state
+        if i % 2:
+            assert mt_random(state, 1) == reference.random()
+        else:
+            n = 1 + i % 41
+            assert mt_below(state, 1, n) == reference._randbelow(n)

@@ -8,7 +8,8 @@ this process (one core; `time.process_time`, steadier than wall time on a shared
 `--repeat` runs; the trace preparation (`build_replay`, once per trace) is timed on its own. The row
 `lru (all resident)` has room for every expert, so nothing is evicted: it measures the loop's own cost.
 The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
-on different machines can be set side by side.
+on different machines can be set side by side. Compiled policies (`harness.cache.compiled`, `ranked`) are
+compiled when the policies are imported, before the first measured run.
 """
 
 from __future__ import annotations
@@ -20,12 +21,31 @@ from pathlib import Path
 
 import click
 
+from harness.cache.profile import FrequencyProfile
 from harness.trace.importers import import_flame
 from harness.trace.schema import read_trace
-from harness.trace.simulate import Replay, build_replay, parse_capacities, run_replay
+from harness.trace.simulate import Replay, build_replay, parse_capacities, profile_of, run_replay
 
 DEFAULT_FLAME = Path(__file__).resolve().parents[2] / "tests" / "data" / "flame-moe-290m"
-POLICIES = ("lru", "lfu", "lfu-window:128", "arc", "lecar", "random", "belady", "belady-bypass")
+POLICIES = (
+    "lru",
+    "lfu",
+    "fwlru",
+    "lrfu",
+    "lrfu-admit",
+    "sieve",
+    "s3fifo",
+    "arc",
+    "least-stale",
+    "layer-lru",
+    "lecar",
+    "random",
+    "lfu-window:128",
+    "static",
+    "static-oracle",
+    "belady",
+    "belady-bypass",
+)
 
 
 @click.command()
@@ -44,6 +64,7 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     replay = build_replay(trace)
     prepare_s = time.process_time() - started
     accesses = replay.accesses
+    profile = profile_of(replay)  # for profiled policies (`static`): the trace's own, as `static:TRACE` would read
     slots = parse_capacities(capacity, trace.meta.num_experts, len(trace.meta.moe_layers), "per-layer")
     click.echo(f"python {platform.python_version()}: {_loop_ns():.0f} ns per iteration of `for i in range(n): x += i`")
     click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace)")
@@ -52,7 +73,7 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     for policy, capacities in cells:
         rates = []
         for c in capacities:
-            best = min(_cpu_seconds(replay, policy, c) for _ in range(repeat))
+            best = min(_cpu_seconds(replay, policy, c, profile) for _ in range(repeat))
             rates.append(f"{accesses / best / 1e6:>16.2f}")
         label = policy if capacities is slots else f"{policy} (all resident)"
         click.echo(f"{label:<22}" + "".join(rates))
@@ -70,9 +91,9 @@ def _loop_ns(n: int = 2_000_000, repeat: int = 5) -> float:
     return best / n * 1e9
 
 
-def _cpu_seconds(replay: Replay, policy: str, capacity: int) -> float:
+def _cpu_seconds(replay: Replay, policy: str, capacity: int, profile: FrequencyProfile) -> float:
     started = time.process_time()
-    run_replay(replay, policy, capacity)
+    run_replay(replay, policy, capacity, profile=profile)
     return time.process_time() - started
 
 

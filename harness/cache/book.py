@@ -2,10 +2,10 @@
 
 `ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
 only names victims. The live engine moves bytes according to the plans it returns, and the simulator
-replays traces through the very same object, so simulated and live counts agree exactly. For ranked
-policies (LRU, LFU: `harness.cache.ranked`) the simulator's steps run in a compiled copy of `account`
-(without prefetch and admission, which replay never uses) that calls the policy's own compiled
-functions, the ones its hooks call live.
+replays traces through the very same object, so simulated and live counts agree exactly. For compiled
+policies (`harness.cache.ranked`: LRU, LFU; `harness.cache.compiled`: most others) the simulator's steps run
+in a compiled copy of `account` (without prefetch, which replay never uses) that calls the policy's own
+compiled functions, the ones its hooks call live.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.ranked import RankedPolicy, replay_group
+from harness.cache.compiled import CompiledPolicy
+from harness.cache.ranked import RankedPolicy
 from harness.errors import HarnessError
 from harness.keys import PHASES, ExpertKey, Phase, Scope
 
@@ -175,16 +176,16 @@ class ExpertCacheBook:
 
     def account_stream(self, calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> None:
         """`account` for each (layer, keys, now, phase) call in order. Where the groups' policies are
-        `RankedPolicy`s (LRU, LFU), the steps run in the compiled `replay_group`, which makes the calls of
-        the policy's own compiled hooks that `account` would; a step wider than its group (some misses
+        compiled (`_compiled`), the steps run in the policy's compiled `replay`, which makes the calls of the
+        policy's own compiled hooks that `account` would; a step wider than its group (some misses
         streamed), a group holding prefetched keys and other policies go through `account`."""
         groups = {id(g): g for g in self._groups.values()}.values()
-        if not calls or not all(isinstance(g.policy, RankedPolicy) and g.admit is None for g in groups):
+        if not calls or not all(_compiled(g) for g in groups):
             account = self.account
             for layer, keys, now, phase in calls:
                 account(layer, keys, now, phase)
             return
-        prepared = _prepared(calls)
+        prepared = prepared_calls(calls)
         hits = np.zeros(len(calls), dtype=np.int64)
         misses = np.zeros(len(calls), dtype=np.int64)
         for group in groups:
@@ -207,12 +208,12 @@ class ExpertCacheBook:
         group: _Partition,
         layers: list[int],
         calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]],
-        prepared: _PreparedCalls,
+        prepared: PreparedCalls,
         hits: np.ndarray,
         misses: np.ndarray,
     ) -> None:
         policy = group.policy
-        assert isinstance(policy, RankedPolicy)
+        assert isinstance(policy, RankedPolicy | CompiledPolicy)
         keys, mine = prepared.for_group(policy, layers)
         universe = policy.keys
         mark = np.zeros(policy.slots, dtype=np.int64)
@@ -227,14 +228,12 @@ class ExpertCacheBook:
                     key_of_slot[slot - group.first_slot] = at
                 free = np.array(group.free, dtype=np.int64)
                 n_free = np.array([len(free)], dtype=np.int64)
-                i = replay_group(
+                i = policy.replay(
                     keys,
                     prepared.bounds,
+                    prepared.now,
                     mine,
                     i,
-                    policy.state,
-                    policy.counted,
-                    policy.observes_misses,
                     slot_of,
                     key_of_slot,
                     group.first_slot,
@@ -394,21 +393,29 @@ class ExpertCacheBook:
         return out
 
 
+def _compiled(group: _Partition) -> bool:
+    """Whether the group's steps can run in its policy's compiled `replay`: a ranked policy (no admission)
+    or a `CompiledPolicy` (its admission is compiled too), whose hooks are its kernel's."""
+    policy = group.policy
+    return (isinstance(policy, RankedPolicy) and group.admit is None) or isinstance(policy, CompiledPolicy)
+
+
 @dataclass
-class _PreparedCalls:
+class PreparedCalls:
     """A replay's calls as arrays, built once per call list (the simulator replays one list many times)."""
 
     calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]
     layer_list: list[int]  # distinct layers, sorted
     call_layer: np.ndarray  # [calls] position in layer_list
     phase: np.ndarray  # [calls] index into PHASES
+    now: np.ndarray  # [calls] the step's clock
     bounds: np.ndarray  # [calls + 1] each call's keys are key_code[bounds[c]:bounds[c+1]]
     key_code: np.ndarray  # [keys] index into `universe`
     universe: list[ExpertKey]  # distinct keys, sorted
     universe_layer: np.ndarray  # [universe] layer of each key
     by_group: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def for_group(self, policy: RankedPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def for_group(self, policy: RankedPolicy | CompiledPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(key positions in `policy`'s arrays for every key of the calls, the group's call indices)."""
         wanted = np.isin(self.universe_layer, layers)
         ids = np.flatnonzero(wanted)
@@ -426,13 +433,13 @@ class _PreparedCalls:
         return result
 
 
-_PREPARED: OrderedDict[int, _PreparedCalls] = OrderedDict()
+_PREPARED: OrderedDict[int, PreparedCalls] = OrderedDict()
 _PREPARED_KEPT = 4
 """Call lists whose arrays are kept (by identity; a list must not change between replays): the simulator
 replays a few lists many times."""
 
 
-def _prepared(calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> _PreparedCalls:
+def prepared_calls(calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) -> PreparedCalls:
     entry = _PREPARED.get(id(calls))
     if entry is not None and entry.calls is calls and len(entry.bounds) == len(calls) + 1:
         _PREPARED.move_to_end(id(calls))
@@ -443,11 +450,12 @@ def _prepared(calls: Sequence[tuple[int, tuple[ExpertKey, ...], int, Phase]]) ->
     flat = [key for _, keys, _, _ in calls for key in keys]
     universe = sorted(set(flat))
     code = {key: i for i, key in enumerate(universe)}
-    entry = _PreparedCalls(
+    entry = PreparedCalls(
         calls=calls,
         layer_list=layer_list,
         call_layer=np.array([layer_at[layer] for layer, _, _, _ in calls], dtype=np.int64),
         phase=np.array([phase_at[phase] for _, _, _, phase in calls], dtype=np.int64),
+        now=np.array([now for _, _, now, _ in calls], dtype=np.int64),
         bounds=np.concatenate([[0], np.cumsum([len(keys) for _, keys, _, _ in calls])]).astype(np.int64),
         key_code=np.array([code[key] for key in flat], dtype=np.int64),
         universe=universe,

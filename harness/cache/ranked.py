@@ -192,3 +192,39 @@ class RankedPolicy(CachePolicy):
         if chosen < 0:
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]
+
+    def replay(
+        self,
+        keys: np.ndarray,
+        bounds: np.ndarray,
+        nows: np.ndarray,
+        calls: np.ndarray,
+        start: int,
+        slot_of: np.ndarray,
+        key_of_slot: np.ndarray,
+        first_slot: int,
+        free: np.ndarray,
+        n_free: np.ndarray,
+        mark: np.ndarray,
+        hits: np.ndarray,
+        misses: np.ndarray,
+    ) -> int:
+        """`replay_group` with this policy's state (the book's call, as `CompiledPolicy.replay`; the ranking
+        ignores the clock `nows`)."""
+        return replay_group(
+            keys,
+            bounds,
+            calls,
+            start,
+            self.state,
+            self.counted,
+            self.observes_misses,
+            slot_of,
+            key_of_slot,
+            first_slot,
+            free,
+            n_free,
+            mark,
+            hits,
+            misses,
+        )

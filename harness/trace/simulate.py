@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from harness import units
-from harness.cache.book import AccessCounts, ExpertCacheBook
+from harness.cache.book import AccessCounts, ExpertCacheBook, prepared_calls
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.policies.flashmoe import load_model
 from harness.cache.profile import FrequencyProfile
@@ -51,11 +51,12 @@ class Stream:
     tokens: dict[Phase, int]
 
     def future(self) -> FutureAccesses:
-        times: dict[ExpertKey, list[int]] = {}
-        for _, keys, now, _ in self.calls:
-            for key in keys:
-                times.setdefault(key, []).append(now)
-        return FutureAccesses(times)
+        # From the arrays the book prepares for the compiled replay (kept for this very call list).
+        prepared = prepared_calls(self.calls)
+        times = np.repeat(prepared.now, np.diff(prepared.bounds))
+        counts = np.bincount(prepared.key_code, minlength=len(prepared.universe))
+        order = np.argsort(prepared.key_code, kind="stable")  # stable: each key's times stay ascending
+        return FutureAccesses.of_arrays(prepared.universe, np.cumsum(counts) - counts, times[order])
 
 
 @dataclass

@@ -8,26 +8,78 @@ one, so an evicted expert starts again from one. Ties go to the smaller (last_us
 
 from __future__ import annotations
 
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
+from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, KEY_SIG, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
-from harness.keys import ExpertKey
 
 DEFAULT_WEIGHT = 10.0
 """Steps of recency one access is worth (Flash-MoE's CUDA port: `access_count * 10 + last_used`)."""
 
+COUNT, LAST = FIRST_COLUMN, FIRST_COLUMN + 1
+"""Key columns: accesses since the load, last use (`ABSENT` for a key not resident and not used since)."""
+ABSENT = -(2**62)
+WEIGHT = 0
+"""Float global: the weight."""
+
+
+@njit(ACCESS_SIG, cache=True)
+def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    if hit:
+        ki[key, COUNT] += 1
+    ki[key, LAST] = now
+
+
+@njit(KEY_SIG, cache=True)
+def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    # A miss was seen by access (last used = now); a placed key (engine) was never used: now.
+    ki[key, COUNT] = 1
+    if ki[key, LAST] == ABSENT:
+        ki[key, LAST] = now
+
+
+@njit(KEY_SIG, cache=True)
+def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    ki[key, LAST] = ABSENT
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The smallest (w x count + last use, last use, key)."""
+    w = gf[WEIGHT]
+    best, best_rank = -1, (0.0, 0, 0, 0)
+    for key in resident:
+        if key >= 0 and mark[key] != tag:
+            rank = (w * ki[key, COUNT] + ki[key, LAST], ki[key, LAST], ki[key, LAYER], ki[key, EXPERT])
+            if best < 0 or rank < best_rank:
+                best, best_rank = key, rank
+    return best
+
 
 @register_policy
-class FrequencyWeightedLRU(CachePolicy):
+class FrequencyWeightedLRU(CompiledPolicy):
     name = "fwlru"
+    kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
+    int_columns = (0, ABSENT)
 
     def __init__(self, capacity: int, seed: int = 0, weight: float = DEFAULT_WEIGHT) -> None:
-        super().__init__(capacity, seed)
         self.weight = weight
-        self._count: dict[ExpertKey, int] = {}  # resident keys: accesses since the load
-        self._last: dict[ExpertKey, int] = {}
+        super().__init__(capacity, seed)
+
+    def globals_(self) -> tuple[list[int], list[float]]:
+        return [], [self.weight]
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> FrequencyWeightedLRU:
@@ -38,24 +90,6 @@ class FrequencyWeightedLRU(CachePolicy):
         if not weight >= 0:
             raise HarnessError(f"fwlru needs a weight >= 0 (got {argument!r})")
         return cls(capacity, seed, weight)
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        if hit:
-            self._count[key] += 1
-        self._last[key] = now
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        # A miss was seen by on_access (last_used = now); a placed key (engine) was never used: now.
-        self._count[key] = 1
-        self._last.setdefault(key, now)
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        del self._count[key]
-        del self._last[key]
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        count, last, w = self._count, self._last, self.weight
-        return min(candidates, key=lambda k: (w * count[k] + last[k], last[k], k))
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.weight)  # type: ignore[misc]

@@ -24,52 +24,107 @@ Ties beyond these rules go to the smaller key.
 
 from __future__ import annotations
 
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    EXPERT,
+    FIRST_COLUMN,
+    KEY_SIG,
+    LAYER,
+    VICTIM_SIG,
+    CompiledPolicy,
+    Kernel,
+)
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
 
 _WRAP = 1 << 30
 """Added to `j - l` for layers at or before the current one: larger than any span of layer ids."""
+USES = 0
+"""Int global: the use counter."""
+STEP, USE = FIRST_COLUMN, FIRST_COLUMN + 1
+"""Key columns: the token step of the last use, and the use counter then."""
 
 
+@njit("int64(int64, int64)", cache=True)
 def _wait(layer: int, current: int) -> int:
     """Layer visits (in id units) until `layer` is visited again, seen from the step of `current`."""
     return layer - current if layer > current else layer - current + _WRAP
 
 
-class _LayerOrdered(CachePolicy):
+@njit(KEY_SIG, cache=True)
+def _touch(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    g[USES] += 1
+    ki[key, STEP] = now
+    ki[key, USE] = g[USES]
+
+
+@njit(ACCESS_SIG, cache=True)
+def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    _touch(g, gf, ki, kf, key, now)
+
+
+@njit(VICTIM_SIG, cache=True)
+def _least_stale(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The largest (wait of the key's layer, -last use, -expert): the smallest of their negatives."""
+    current = ki[incoming, LAYER]
+    best, best_rank = -1, (0, 0, 0)
+    for key in resident:
+        if key >= 0 and mark[key] != tag:
+            rank = (-_wait(ki[key, LAYER], current), ki[key, USE], ki[key, EXPERT])
+            if best < 0 or rank < best_rank:
+                best, best_rank = key, rank
+    return best
+
+
+@njit(VICTIM_SIG, cache=True)
+def _layer_lru(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The smallest (step of last use, -wait of the key's layer, last use, expert)."""
+    current = ki[incoming, LAYER]
+    best, best_rank = -1, (0, 0, 0, 0)
+    for key in resident:
+        if key >= 0 and mark[key] != tag:
+            rank = (ki[key, STEP], -_wait(ki[key, LAYER], current), ki[key, USE], ki[key, EXPERT])
+            if best < 0 or rank < best_rank:
+                best, best_rank = key, rank
+    return best
+
+
+class _LayerOrdered(CompiledPolicy):
     """Recency bookkeeping shared by both: each key's last token step and its order of use."""
 
     observes_misses = False
+    int_columns = (-1, 0)
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
-        self._last: dict[ExpertKey, tuple[int, int]] = {}  # key -> (token step, use counter)
-        self._uses = 0
-
-    def _touch(self, key: ExpertKey, now: int) -> None:
-        self._uses += 1
-        self._last[key] = (now, self._uses)
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        self._touch(key, now)
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._touch(key, now)
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        del self._last[key]
+    def globals_(self) -> tuple[list[int], list[float]]:
+        return [0], []
 
 
 @register_policy
 class LeastStale(_LayerOrdered):
     name = "least-stale"
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        last, current = self._last, incoming[0]
-        return max(candidates, key=lambda k: (_wait(k[0], current), -last[k][1], -k[1]))
+    kernel = Kernel(access=_access, insert=_touch, victim=_least_stale)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "rule": "latest next layer visit first, then least recently used"}
@@ -78,10 +133,7 @@ class LeastStale(_LayerOrdered):
 @register_policy
 class LayerLRU(_LayerOrdered):
     name = "layer-lru"
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        last, current = self._last, incoming[0]
-        return min(candidates, key=lambda k: (last[k][0], -_wait(k[0], current), last[k][1], k[1]))
+    kernel = Kernel(access=_access, insert=_touch, victim=_layer_lru)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "rule": "oldest token step first, then latest next layer visit"}

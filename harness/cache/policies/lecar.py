@@ -10,73 +10,143 @@ normalised. Learning rate 0.45 and discount 0.005^(1/capacity) are the paper's d
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Set
 
-from harness.cache.base import CachePolicy
-from harness.cache.policies.lfu import LFU
-from harness.cache.policies.lru import LRU
+import numpy as np
+
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    FIRST_COLUMN,
+    KEY_SIG,
+    MT_WORDS,
+    NONE,
+    OLDEST,
+    SIZE,
+    VICTIM_SIG,
+    CompiledPolicy,
+    Kernel,
+    mt_random,
+    mt_state,
+    push,
+    unlink,
+)
+from harness.cache.ranked import COUNT, STAMP, lowest, njit, touch
 from harness.cache.registry import register_policy
 from harness.keys import ExpertKey
 
 LEARNING_RATE = 0.45
 DISCOUNT_BASE = 0.005
 
+HIST_LRU, HIST_LFU = 0, 1
+"""The experts' histories of their victims (queues, oldest first)."""
+CAPACITY, CLOCK, RNG = 6, 7, 8
+"""Int globals after the queues': the capacity, the accesses seen (the age unit of the histories), the
+generator; then the state of the LRU expert and of the LFU expert (`harness.cache.ranked`), 1 + 2 x keys each."""
+EXPERTS = RNG + MT_WORDS
+W_LRU, DISCOUNT = 0, 1
+CHOSEN = FIRST_COLUMN
+"""Key column: the expert that chose the key as the victim (1 LRU, 2 LFU, 0 none), until its eviction files it."""
+LINKS = (FIRST_COLUMN + 1, FIRST_COLUMN + 4)
+"""Each history's links (a key the engine places without a miss stays in a history: it can be in both)."""
+EVICTED_AT = (FIRST_COLUMN + 7, FIRST_COLUMN + 8)
+"""Key columns: the clock at the key's eviction, in each history."""
+
+
+@njit(cache=True)
+def _experts(g: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LRU and the LFU expert's states: views of the globals."""
+    n = 1 + 2 * ki.shape[0]
+    return g[EXPERTS : EXPERTS + n], g[EXPERTS + n : EXPERTS + 2 * n]
+
+
+@njit(ACCESS_SIG, cache=True)
+def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    g[CLOCK] += 1
+    lru, lfu = _experts(g, ki)
+    if hit:
+        touch(lru, key, STAMP)
+        touch(lfu, key, STAMP | COUNT)
+        return
+    touch(lfu, key, COUNT)  # LRU ignores a miss
+    w_lru, w_lfu = gf[W_LRU], 1.0 - gf[W_LRU]
+    if ki[key, LINKS[HIST_LRU]] == HIST_LRU:
+        w_lfu *= math.exp(LEARNING_RATE * gf[DISCOUNT] ** (g[CLOCK] - ki[key, EVICTED_AT[HIST_LRU]]))
+        unlink(g, ki, key, LINKS[HIST_LRU])
+    elif ki[key, LINKS[HIST_LFU]] == HIST_LFU:
+        w_lru *= math.exp(LEARNING_RATE * gf[DISCOUNT] ** (g[CLOCK] - ki[key, EVICTED_AT[HIST_LFU]]))
+        unlink(g, ki, key, LINKS[HIST_LFU])
+    else:
+        return
+    gf[W_LRU] = w_lru / (w_lru + w_lfu)
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    lru, lfu = _experts(g, ki)
+    by_lru = mt_random(g, RNG) < gf[W_LRU]
+    key = lowest(lru, False, resident, mark, tag) if by_lru else lowest(lfu, True, resident, mark, tag)
+    if key >= 0:
+        ki[key, CHOSEN] = 1 if by_lru else 2
+    return key
+
+
+@njit(KEY_SIG, cache=True)
+def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    chosen = ki[key, CHOSEN]
+    ki[key, CHOSEN] = 0
+    if chosen == 0:
+        return  # dropped by the engine, not chosen by either expert: no regret to learn from
+    history = HIST_LRU if chosen == 1 else HIST_LFU
+    push(g, ki, history, key, LINKS[history])  # a key already there keeps its place, with the new clock
+    ki[key, EVICTED_AT[history]] = g[CLOCK]
+    if g[3 * history + SIZE] > g[CAPACITY]:
+        unlink(g, ki, g[3 * history + OLDEST], LINKS[history])
+
+
+@njit(KEY_SIG, cache=True)
+def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    lru, lfu = _experts(g, ki)
+    touch(lru, key, STAMP)
+    touch(lfu, key, STAMP)
+
 
 @register_policy
-class LeCaR(CachePolicy):
+class LeCaR(CompiledPolicy):
     name = "lecar"
+    kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
+    int_columns = (0, *(NONE,) * 6, 0, 0)
+    queues = 2
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
-        self._lru = LRU(capacity, seed)
-        self._lfu = LFU(capacity, seed)
-        self._rng = random.Random(seed)
-        self.w_lru = 0.5
-        self.discount = DISCOUNT_BASE ** (1.0 / capacity)
-        self._clock = 0  # accesses seen, the age unit of the histories
-        self._hist_lru: dict[ExpertKey, int] = {}  # key -> clock at eviction, oldest first
-        self._hist_lfu: dict[ExpertKey, int] = {}
-        self._chosen: dict[ExpertKey, bool] = {}  # victim -> chosen by LRU, until on_evict files it
+    def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
+        # The experts' states start empty (no key): clock 0 each.
+        return [self.capacity, 0, *mt_state(self.seed), 0, 0], [0.5, DISCOUNT_BASE ** (1.0 / self.capacity)]
 
-    def on_step(self, layer: int, now: int) -> None:
-        self._lfu.on_step(layer, now)
+    def bind(self, keys: list[ExpertKey]) -> np.ndarray:
+        old = self.slots
+        rows = super().bind(keys)
+        grown = self.slots - old
+        if grown:  # each expert's state takes (stamp, count) per key: grow both
+            lru_end = EXPERTS + 1 + 2 * old
+            pad = np.zeros(2 * grown, dtype=np.int64)
+            self.g = np.concatenate([self.g[:lru_end], pad, self.g[lru_end:], pad])
+        return rows
 
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        self._clock += 1
-        self._lru.on_access(key, now, hit)
-        self._lfu.on_access(key, now, hit)
-        if hit:
-            return
-        w_lru, w_lfu = self.w_lru, 1.0 - self.w_lru
-        if key in self._hist_lru:
-            w_lfu *= math.exp(LEARNING_RATE * self.discount ** (self._clock - self._hist_lru.pop(key)))
-        elif key in self._hist_lfu:
-            w_lru *= math.exp(LEARNING_RATE * self.discount ** (self._clock - self._hist_lfu.pop(key)))
-        else:
-            return
-        self.w_lru = w_lru / (w_lru + w_lfu)
+    @property
+    def w_lru(self) -> float:
+        return float(self.gf[W_LRU])
 
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        by_lru = self._rng.random() < self.w_lru
-        key = (self._lru if by_lru else self._lfu).victim(candidates, incoming, now)
-        self._chosen[key] = by_lru
-        return key
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        self._lru.on_evict(key, now)
-        self._lfu.on_evict(key, now)
-        by_lru = self._chosen.pop(key, None)
-        if by_lru is None:
-            return  # dropped by the engine, not chosen by either expert: no regret to learn from
-        history = self._hist_lru if by_lru else self._hist_lfu
-        history[key] = self._clock
-        if len(history) > self.capacity:
-            del history[next(iter(history))]
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._lru.on_insert(key, now)
-        self._lfu.on_insert(key, now)
+    @property
+    def discount(self) -> float:
+        return float(self.gf[DISCOUNT])
 
     def describe(self) -> dict[str, object]:
         return {

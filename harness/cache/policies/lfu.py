@@ -6,11 +6,18 @@ eviction, never reset); `lfu-window:W` counts only the accesses of the last W to
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
-from harness.cache.ranked import RankedPolicy
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    EXPERT,
+    FIRST_COLUMN,
+    LAYER,
+    VICTIM_SIG,
+    CompiledPolicy,
+    Kernel,
+)
+from harness.cache.ranked import RankedPolicy, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -32,18 +39,96 @@ class LFU(RankedPolicy):
         return {"name": self.name, "counts": "lifetime", "window_steps": None, "ties": "least recently used"}
 
 
+WINDOW, HEAD, SIZE, OVERFLOW, RING = 0, 1, 2, 3, 4
+"""`lfu-window`'s int globals: the window, the ring of the window's accesses (the oldest's position, how many
+it holds; 1 where an access found it full), then the ring: its token steps, then its keys."""
+COUNT, LAST = FIRST_COLUMN, FIRST_COLUMN + 1
+"""Key columns: accesses in the window, the last access (-1: none)."""
+
+
+@njit(ACCESS_SIG, cache=True)
+def _windowed_access(
+    g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool
+) -> None:
+    ring = (len(g) - RING) // 2
+    horizon = now - g[WINDOW]
+    while g[SIZE] and g[RING + g[HEAD]] <= horizon:  # the accesses that leave the window
+        ki[g[RING + ring + g[HEAD]], COUNT] -= 1
+        g[HEAD] = (g[HEAD] + 1) % ring
+        g[SIZE] -= 1
+    if g[SIZE] == ring:
+        g[OVERFLOW] = 1
+        return
+    ki[key, COUNT] += 1
+    ki[key, LAST] = now
+    at = (g[HEAD] + g[SIZE]) % ring
+    g[RING + at], g[RING + ring + at] = now, key
+    g[SIZE] += 1
+
+
+@njit(VICTIM_SIG, cache=True)
+def _windowed_victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The smallest (count, last access, key); a key placed without an access (an engine's static placement)
+    counts 0, last used never."""
+    best, best_rank = -1, (0, 0, 0, 0)
+    for key in resident:
+        if key >= 0 and mark[key] != tag:
+            rank = (ki[key, COUNT], ki[key, LAST], ki[key, LAYER], ki[key, EXPERT])
+            if best < 0 or rank < best_rank:
+                best, best_rank = key, rank
+    return best
+
+
 @register_policy
-class WindowedLFU(CachePolicy):
-    """Counts of the last `window` token steps; an access leaves the count `window` steps after it."""
+class WindowedLFU(CompiledPolicy):
+    """Counts of the last `window` token steps; an access leaves the count `window` steps after it. The window's
+    accesses wait in a ring of (window + 1) x keys entries: a key is accessed at most once per token step."""
 
     name = "lfu-window"
+    kernel = Kernel(access=_windowed_access, victim=_windowed_victim)
+    int_columns = (0, -1)
 
     def __init__(self, capacity: int, seed: int = 0, window: int = DEFAULT_WINDOW_STEPS) -> None:
-        super().__init__(capacity, seed)
         self.window = window
-        self._count: dict[ExpertKey, int] = {}
-        self._last: dict[ExpertKey, int] = {}
-        self._recent: deque[tuple[int, ExpertKey]] = deque()  # (step, key) of the accesses in the window
+        super().__init__(capacity, seed)
+
+    def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
+        return [self.window, 0, 0, 0], []
+
+    def bind(self, keys: list[ExpertKey]) -> np.ndarray:
+        rows = super().bind(keys)
+        ring = (len(self.g) - RING) // 2
+        wanted = (self.window + 1) * self.slots
+        if wanted > ring:  # unroll the ring, oldest first, into a larger one
+            order = (self.g[HEAD] + np.arange(self.g[SIZE])) % ring
+            steps, held = np.zeros(wanted, np.int64), np.zeros(wanted, np.int64)
+            steps[: len(order)], held[: len(order)] = self.g[RING + order], self.g[RING + ring + order]
+            self.g = np.concatenate([self.g[:RING], steps, held])
+            self.g[HEAD] = 0
+        return rows
+
+    def _check(self) -> None:
+        if self.g[OVERFLOW]:
+            raise HarnessError(f"{self.name}: a key was accessed twice in one token step (its window ring is full)")
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        super().on_access(key, now, hit)
+        self._check()
+
+    def replay(self, *args: np.ndarray | int) -> int:
+        done = super().replay(*args)  # type: ignore[arg-type]
+        self._check()
+        return done
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> WindowedLFU:
@@ -56,20 +141,6 @@ class WindowedLFU(CachePolicy):
         if window < 1:
             raise HarnessError(f"lfu-window needs a window of at least 1 step (got {window})")
         return cls(capacity, seed, window)
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-        self._last[key] = now
-        self._recent.append((now, key))
-        horizon = now - self.window
-        while self._recent[0][0] <= horizon:
-            _, old = self._recent.popleft()
-            self._count[old] -= 1
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        count, last = self._count, self._last
-        # A key placed without an access (an engine's static placement) counts 0, last used never.
-        return min(candidates, key=lambda k: (count.get(k, 0), last.get(k, -1), k))
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.window)  # type: ignore[misc]

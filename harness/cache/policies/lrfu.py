@@ -14,26 +14,79 @@ go to the least recent last access, then the smaller key.
 from __future__ import annotations
 
 import math
-from collections.abc import Set
 
-from harness.cache.base import CachePolicy
+import numpy as np
+
+from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
-from harness.keys import ExpertKey
 
 DEFAULT_LAMBDA = 0.01
 """Decay per token step (half-life 1/lambda = 100 steps); a documented default, not the paper's."""
 
+LAST = FIRST_COLUMN
+"""Int key column: the last access (-1: none)."""
+SCORE = 0
+"""Float key column: log2(CRF at last access) + lambda x last access (-inf: never accessed, CRF 0)."""
+DECAY = 0
+"""Float global: lambda."""
+
+
+@njit(ACCESS_SIG, cache=True)
+def lrfu_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    base = gf[DECAY] * now
+    old = kf[key, SCORE]
+    crf = 1.0 if old == -np.inf else 1.0 + 2.0 ** (old - base)
+    kf[key, SCORE] = math.log2(crf) + base
+    ki[key, LAST] = now
+
+
+@njit(cache=True)
+def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int) -> bool:
+    """Key `a` ranks below key `b`: smaller (CRF, last access, key)."""
+    return (kf[a, SCORE], ki[a, LAST], ki[a, LAYER], ki[a, EXPERT]) < (
+        kf[b, SCORE],
+        ki[b, LAST],
+        ki[b, LAYER],
+        ki[b, EXPERT],
+    )
+
+
+@njit(VICTIM_SIG, cache=True)
+def lrfu_victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The smallest (CRF, last access, key); a key placed without an access (an engine's placement) has CRF 0:
+    it goes first."""
+    best = -1
+    for key in resident:
+        if key >= 0 and mark[key] != tag and (best < 0 or ranks_below(kf, ki, key, best)):
+            best = key
+    return best
+
 
 @register_policy
-class LRFU(CachePolicy):
+class LRFU(CompiledPolicy):
     name = "lrfu"
+    kernel = Kernel(access=lrfu_access, victim=lrfu_victim)
+    int_columns = (-1,)
+    float_columns = (-math.inf,)
 
     def __init__(self, capacity: int, seed: int = 0, decay: float = DEFAULT_LAMBDA) -> None:
-        super().__init__(capacity, seed)
         self.decay = decay
-        self._score: dict[ExpertKey, float] = {}  # log2(CRF at last access) + lambda x last access
-        self._last: dict[ExpertKey, int] = {}
+        super().__init__(capacity, seed)
+
+    def globals_(self) -> tuple[list[int], list[float]]:
+        return [], [self.decay]
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> LRFU:
@@ -44,18 +97,6 @@ class LRFU(CachePolicy):
         if not 0 <= decay < math.inf:
             raise HarnessError(f"lrfu needs a finite lambda >= 0 (got {argument!r})")
         return cls(capacity, seed, decay)
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        base = self.decay * now
-        old = self._score.get(key)
-        crf = 1.0 if old is None else 1.0 + 2.0 ** (old - base)
-        self._score[key] = math.log2(crf) + base
-        self._last[key] = now
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        score, last = self._score, self._last
-        # A key placed without an access (an engine's placement) has CRF 0: it goes first.
-        return min(candidates, key=lambda k: (score.get(k, -math.inf), last.get(k, -1), k))
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.decay)  # type: ignore[misc]

@@ -13,25 +13,36 @@ live as well as in replay.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.policies.lrfu import LRFU
+from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel
+from harness.cache.policies.lrfu import LRFU, lrfu_access, lrfu_victim, ranks_below
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
+
+
+@njit(ADMIT_SIG, cache=True)
+def _admit(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> bool:
+    # The same ranking as the victim's, ties included: the incoming key was used at `now`, so on equal CRF it
+    # ranks above every candidate (used before `now`) and is admitted.
+    victim = lrfu_victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
+    return ranks_below(kf, ki, victim, incoming)
 
 
 @register_policy
-class AdmittingLRFU(LRFU):
+class AdmittingLRFU(CompiledAdmission, LRFU):
     name = "lrfu-admit"
-
-    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
-        score, last = self._score, self._last
-        victim = self.victim(candidates, incoming, now)
-        # The same ranking as the victim's, ties included: the incoming key was used at `now`, so on equal
-        # CRF it ranks above every candidate (used before `now`) and is admitted.
-        rank = (score.get(incoming, -math.inf), last.get(incoming, -1), incoming)
-        return rank > (score.get(victim, -math.inf), last.get(victim, -1), victim)
+    kernel = Kernel(access=lrfu_access, victim=lrfu_victim, admit=_admit)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "admission": "incoming CRF >= victim CRF"}

@@ -14,81 +14,131 @@ Harness reading: keys the current step needs are not candidates; the scans pass 
 
 from __future__ import annotations
 
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    FIRST_COLUMN,
+    KEY_SIG,
+    NEWER,
+    NEWEST,
+    NONE,
+    OLDEST,
+    SIZE,
+    VICTIM_SIG,
+    WHERE,
+    CompiledPolicy,
+    Kernel,
+    push,
+    unlink,
+)
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
 
 SMALL_SHARE = 0.1
 """The small queue's share of the capacity (the paper's 10%)."""
 MAX_COUNT = 3
 """Cap of the per-key access counter (the paper's two bits)."""
 
+SMALL, MAIN, GHOST = 0, 1, 2
+"""The queues (oldest end = the tail, newest = the head); their globals are g[3q:3q+3]."""
+SMALL_TARGET, GHOST_SIZE = 9, 10
+"""Int globals after the queues'."""
+COUNT = FIRST_COLUMN
+
+
+@njit(ACCESS_SIG, cache=True)
+def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    if hit:
+        ki[key, COUNT] = min(MAX_COUNT, ki[key, COUNT] + 1)
+
+
+@njit(KEY_SIG, cache=True)
+def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    ki[key, COUNT] = 0
+    if ki[key, WHERE] == GHOST:
+        unlink(g, ki, key, WHERE)
+        push(g, ki, MAIN, key, WHERE)
+    else:
+        push(g, ki, SMALL, key, WHERE)
+
+
+@njit(KEY_SIG, cache=True)
+def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    small = ki[key, WHERE] == SMALL
+    unlink(g, ki, key, WHERE)
+    if small:
+        push(g, ki, GHOST, key, WHERE)
+        if g[3 * GHOST + SIZE] > g[GHOST_SIZE]:
+            unlink(g, ki, g[3 * GHOST + OLDEST], WHERE)
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    if g[3 * SMALL + SIZE] >= g[SMALL_TARGET] or g[3 * MAIN + SIZE] == 0:
+        key = g[3 * SMALL + OLDEST]
+        while key != NONE:
+            after = ki[key, NEWER]
+            if mark[key] != tag:
+                if ki[key, COUNT] == 0:
+                    return key
+                unlink(g, ki, key, WHERE)
+                push(g, ki, MAIN, key, WHERE)
+                ki[key, COUNT] = 0
+            key = after
+    found = False
+    key = g[3 * MAIN + OLDEST]
+    while key != NONE and not found:
+        found = mark[key] != tag
+        key = ki[key, NEWER]
+    # Each pass over main decrements every candidate's counter: at most MAX_COUNT + 1 passes.
+    while found:
+        last = g[3 * MAIN + NEWEST]  # a pass ends with the key that was newest when it began
+        key = g[3 * MAIN + OLDEST]
+        while True:
+            after = ki[key, NEWER]
+            if mark[key] != tag:
+                if ki[key, COUNT] == 0:
+                    return key
+                unlink(g, ki, key, WHERE)
+                push(g, ki, MAIN, key, WHERE)
+                ki[key, COUNT] -= 1
+            if key == last:
+                break
+            key = after
+    key = g[3 * SMALL + OLDEST]  # only reached when main holds no candidate at all
+    while key != NONE:
+        if mark[key] != tag:
+            return key
+        key = ki[key, NEWER]
+    return NONE
+
 
 @register_policy
-class S3FIFO(CachePolicy):
+class S3FIFO(CompiledPolicy):
     name = "s3fifo"
     observes_misses = False
+    kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
+    int_columns = (0,)
+    queues = 3
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
         self.small_target = max(1, round(SMALL_SHARE * capacity))
         self.ghost_size = max(1, capacity - self.small_target)
-        # Dicts keep insertion order: the first key is the tail (oldest), the last the head.
-        self._small: dict[ExpertKey, None] = {}
-        self._main: dict[ExpertKey, None] = {}
-        self._ghost: dict[ExpertKey, None] = {}
-        self._count: dict[ExpertKey, int] = {}
+        super().__init__(capacity, seed)
 
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        if hit:
-            self._count[key] = min(MAX_COUNT, self._count[key] + 1)
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._count[key] = 0
-        if key in self._ghost:
-            del self._ghost[key]
-            self._main[key] = None
-        else:
-            self._small[key] = None
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        del self._count[key]
-        if key in self._small:
-            del self._small[key]
-            self._ghost[key] = None
-            if len(self._ghost) > self.ghost_size:
-                del self._ghost[next(iter(self._ghost))]
-        else:
-            del self._main[key]
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        small, main, count = self._small, self._main, self._count
-        if len(small) >= self.small_target or not main:
-            for key in list(small):
-                if key not in candidates:
-                    continue
-                if count[key] == 0:
-                    return key
-                del small[key]
-                main[key] = None
-                count[key] = 0
-        # Each pass over main decrements every candidate's counter: at most MAX_COUNT + 1 passes.
-        if any(key in candidates for key in main):
-            while True:
-                for key in list(main):
-                    if key not in candidates:
-                        continue
-                    if count[key] == 0:
-                        return key
-                    del main[key]
-                    main[key] = None
-                    count[key] -= 1
-        for key in small:  # only reached when main holds no candidate at all
-            if key in candidates:
-                return key
-        raise AssertionError("victim() called without a resident candidate")
+    def globals_(self) -> tuple[list[int], list[float]]:
+        return [self.small_target, self.ghost_size], []
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "small_slots": self.small_target, "ghost_keys": self.ghost_size}

@@ -10,68 +10,87 @@ passes over them like over visited keys (clearing their bit if set), so a step n
 
 from __future__ import annotations
 
-from collections.abc import Set
+import numpy as np
 
-from harness.cache.base import CachePolicy
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    FIRST_COLUMN,
+    KEY_SIG,
+    NEWER,
+    NONE,
+    OLDEST,
+    SIZE,
+    VICTIM_SIG,
+    WHERE,
+    CompiledPolicy,
+    Kernel,
+    push,
+    unlink,
+)
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
+
+QUEUE = 0
+"""The one queue: oldest end = the tail, newest end = the head."""
+HAND = 3
+"""Int global: the key the hand points at (NONE: none, start at the tail)."""
+VISITED = FIRST_COLUMN
+
+
+@njit(ACCESS_SIG, cache=True)
+def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    ki[key, VISITED] = 1
+
+
+@njit(KEY_SIG, cache=True)
+def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    ki[key, VISITED] = 0
+    push(g, ki, QUEUE, key, WHERE)
+
+
+@njit(KEY_SIG, cache=True)
+def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    newer = ki[key, NEWER]
+    unlink(g, ki, key, WHERE)
+    if g[HAND] == key:
+        g[HAND] = newer  # the hand stays where the victim was: its newer neighbour (NONE: the tail)
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    key = g[HAND] if g[HAND] != NONE else g[QUEUE + OLDEST]
+    # Each pass clears the bits of the candidates it passes, so the second pass finds one.
+    for _ in range(2 * g[QUEUE + SIZE] + 1):
+        if key == NONE:
+            key = g[QUEUE + OLDEST]
+        if mark[key] != tag and ki[key, VISITED] == 0:
+            g[HAND] = key
+            return key
+        ki[key, VISITED] = 0
+        key = ki[key, NEWER]
+    return NONE
 
 
 @register_policy
-class Sieve(CachePolicy):
+class Sieve(CompiledPolicy):
     name = "sieve"
     observes_misses = False
+    kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
+    int_columns = (0,)
+    queues = 1
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        super().__init__(capacity, seed)
-        # A doubly linked queue in two dicts: each key's newer and older neighbour (None at the ends).
-        self._newer: dict[ExpertKey, ExpertKey | None] = {}
-        self._older: dict[ExpertKey, ExpertKey | None] = {}
-        self._head: ExpertKey | None = None  # newest
-        self._tail: ExpertKey | None = None  # oldest
-        self._hand: ExpertKey | None = None
-        self._visited: dict[ExpertKey, bool] = {}
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        self._visited[key] = True
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._visited[key] = False
-        self._older[key] = self._head
-        self._newer[key] = None
-        if self._head is not None:
-            self._newer[self._head] = key
-        self._head = key
-        if self._tail is None:
-            self._tail = key
-
-    def on_evict(self, key: ExpertKey, now: int) -> None:
-        newer, older = self._newer.pop(key), self._older.pop(key)
-        del self._visited[key]
-        if newer is None:
-            self._head = older
-        else:
-            self._older[newer] = older
-        if older is None:
-            self._tail = newer
-        else:
-            self._newer[older] = newer
-        if self._hand == key:
-            self._hand = newer  # the hand stays where the victim was: its newer neighbour (None: the tail)
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        visited, newer = self._visited, self._newer
-        key = self._hand if self._hand is not None else self._tail
-        # Each pass clears the bits of the candidates it passes, so the second pass finds one.
-        for _ in range(2 * len(newer) + 1):
-            if key is None:
-                key = self._tail
-            if key in candidates and not visited[key]:
-                self._hand = key
-                return key
-            visited[key] = False
-            key = newer[key]
-        raise AssertionError("victim() called without a resident candidate")
+    def globals_(self) -> tuple[list[int], list[float]]:
+        return [NONE], []
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name}

@@ -18,36 +18,77 @@ the pinned experts as they arrive).
 from __future__ import annotations
 
 import functools
-from collections.abc import Set
 from pathlib import Path
 
-from harness.cache.base import CachePolicy
+import numpy as np
+
+from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.profile import FrequencyProfile
+from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
 
+RANK = FIRST_COLUMN
+"""Key column: the rank in the profile (0 the most frequent; unknown keys: after every known one)."""
 
-class _StaticRanked(CachePolicy):
+
+@njit(cache=True)
+def _rank(ki: np.ndarray, key: int) -> tuple[int, int, int]:
+    """(rank in the profile, key): the larger leaves first."""
+    return ki[key, RANK], ki[key, LAYER], ki[key, EXPERT]
+
+
+@njit(VICTIM_SIG, cache=True)
+def _victim(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> int:
+    """The candidate of the largest (rank, key)."""
+    worst, worst_rank = -1, (0, 0, 0)
+    for key in resident:
+        if key >= 0 and mark[key] != tag and (worst < 0 or _rank(ki, key) > worst_rank):
+            worst, worst_rank = key, _rank(ki, key)
+    return worst
+
+
+@njit(ADMIT_SIG, cache=True)
+def _admit(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> bool:
+    return _rank(ki, incoming) < _rank(ki, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now))
+
+
+class _StaticRanked(CompiledAdmission):
     observes_misses = False
+    kernel = Kernel(victim=_victim, admit=_admit)
+    int_columns = (0,)
 
     def __init__(self, capacity: int, seed: int = 0, ranking: dict[ExpertKey, int] | None = None) -> None:
-        super().__init__(capacity, seed)
         self.ranking = ranking or {}
         self._unknown = len(self.ranking)
+        super().__init__(capacity, seed)
 
-    def _rank(self, key: ExpertKey) -> tuple[int, ExpertKey]:
-        return self.ranking.get(key, self._unknown), key
-
-    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
-        pass
-
-    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
-        return max(candidates, key=self._rank)
-
-    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
-        return self._rank(incoming) < max(map(self._rank, candidates))
+    def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
+        ki, kf = super().new_rows(keys)
+        ki[:, RANK] = [self.ranking.get(key, self._unknown) for key in keys]
+        return ki, kf
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.ranking)  # type: ignore[misc]
@@ -68,7 +109,7 @@ class StaticOracle(_StaticRanked):
             raise HarnessError(
                 f"{cls.name} reads the future of a trace: it runs only in `harness simulate`, not in a live run"
             )
-        counts = {key: len(times) for key, times in future.times.items()}
+        counts = {key: end - start for key, (start, end) in future.arrays()[1].items()}
         return cls(capacity, seed, FrequencyProfile(counts).ranking())
 
     def describe(self) -> dict[str, object]:

@@ -1,0 +1,423 @@
+"""Policies whose decisions are compiled kernels over numpy arrays, run alike live and in trace replay.
+
+A `CompiledPolicy` keeps all its state in four arrays: `g` (int64 globals: queue ends, clocks, parameters),
+`gf` (float64 globals), `ki` (int64, one row per key it has seen) and `kf` (float64, one row per key). Its
+decisions are five jitted functions over them, its `Kernel`: `access` (a hit, or a miss where the policy
+observes misses), `insert`, `evict`, `victim` and `admit`. The policy's per-key hooks (`on_access`, ...,
+what the live engine calls) call those functions for one key; `drive`, the compiled replay of a whole
+stream of one cache group's steps, calls the very same functions, passed to it as first-class functions.
+One implementation of each policy, whichever path runs it; `drive` is the one simulator loop.
+
+Candidates: `victim` and `admit` see `resident` (key positions, -1 for none) and a `mark` array; a key is a
+candidate where its mark is not `tag`. `drive` passes the group's slots and marks the step's own keys; a
+hook call passes the candidates themselves, with every other key marked. Scan policies read `resident`;
+queue policies walk their own queues and test the mark.
+
+Key rows: columns LAYER and EXPERT (ties go to the smaller (layer, expert), never to the row order, which
+is the order keys were first seen), then the links of doubly linked queues (`WHERE`, `OLDER`, `NEWER`: which
+queue, the older and the newer neighbour; queue q's ends and size are g[3q:3q+3]), then the policy's own
+columns from `FIRST_COLUMN` (more queue links where a key can be in several queues at once).
+
+numba as in `harness.cache.ranked` (why: see there): explicit signatures, compiled when the module is
+imported, cached on disk; without numba the same functions run as plain Python.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Set
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.cache.base import CachePolicy
+from harness.cache.ranked import njit
+from harness.keys import ExpertKey
+
+try:
+    from numba import types
+except ImportError:  # no signatures: njit is the identity (ranked.py)
+    types = None
+
+if types is not None:
+    _STATE = (types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :])
+    ACCESS_SIG: Any = types.none(*_STATE, types.int64, types.int64, types.boolean)
+    KEY_SIG: Any = types.none(*_STATE, types.int64, types.int64)
+    VICTIM_SIG: Any = types.int64(*_STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
+    ADMIT_SIG: Any = types.boolean(*_STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
+    DRIVE_SIG: Any = types.int64(
+        types.FunctionType(ACCESS_SIG),
+        types.FunctionType(KEY_SIG),
+        types.FunctionType(KEY_SIG),
+        types.FunctionType(VICTIM_SIG),
+        types.FunctionType(ADMIT_SIG),
+        types.boolean,
+        types.boolean,
+        *_STATE,
+        types.int64[:],
+        types.int64[:],
+        types.int64[:],
+        types.int64[:],
+        types.int64,
+        types.int64[:],
+        types.int64[:],
+        types.int64,
+        types.int64[:],
+        types.int64[:],
+        types.int64[:],
+        types.int64[:],
+        types.int64[:],
+    )
+else:
+    ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
+
+LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
+FIRST_COLUMN = 5
+"""The policy's own int columns start here."""
+NONE = -1
+"""No key (an empty queue end, a missing link); `WHERE` of a key in no queue."""
+OLDEST, NEWEST, SIZE = 0, 1, 2
+"""Offsets of a queue's ends and size within its three globals."""
+
+
+@njit(
+    types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, cache=True
+)
+def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
+    """Append `key` at the newest end of queue `q`, whose links are the key columns `links` and the next two
+    (which queue, older, newer); a key already in `q` keeps its place (as in a dict)."""
+    if ki[key, links] == q:
+        return
+    newest = g[3 * q + NEWEST]
+    ki[key, links], ki[key, links + 1], ki[key, links + 2] = q, newest, NONE
+    if newest == NONE:
+        g[3 * q + OLDEST] = key
+    else:
+        ki[newest, links + 2] = key
+    g[3 * q + NEWEST] = key
+    g[3 * q + SIZE] += 1
+
+
+@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, cache=True)
+def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
+    """Take `key` out of its queue among those linked by the columns from `links`."""
+    q, older, newer = ki[key, links], ki[key, links + 1], ki[key, links + 2]
+    if older == NONE:
+        g[3 * q + OLDEST] = newer
+    else:
+        ki[older, links + 2] = newer
+    if newer == NONE:
+        g[3 * q + NEWEST] = older
+    else:
+        ki[newer, links + 1] = older
+    g[3 * q + SIZE] -= 1
+    ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
+
+
+@njit(ADMIT_SIG, cache=True)
+def admit_all(
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    resident: np.ndarray,
+    mark: np.ndarray,
+    tag: int,
+    incoming: int,
+    now: int,
+) -> bool:
+    """The admission of a policy without one: every miss is inserted."""
+    return True
+
+
+@njit(KEY_SIG, cache=True)
+def no_op(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    """A hook the policy does not need."""
+
+
+@njit(ACCESS_SIG, cache=True)
+def no_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
+    """An access the policy keeps no state about."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A policy's decisions: jitted functions of the signatures above (`ACCESS_SIG`, ...)."""
+
+    access: Any = no_access
+    insert: Any = no_op
+    evict: Any = no_op
+    victim: Any = None
+    admit: Any = None
+    """None: every miss is admitted (the policy defines no `admit`)."""
+
+
+@njit(DRIVE_SIG, cache=True)
+def drive(
+    access,  # kernels: first-class compiled functions
+    insert,
+    evict,
+    victim,
+    admit,
+    admits: bool,
+    observes_misses: bool,
+    g: np.ndarray,
+    gf: np.ndarray,
+    ki: np.ndarray,
+    kf: np.ndarray,
+    keys: np.ndarray,
+    bounds: np.ndarray,
+    nows: np.ndarray,
+    calls: np.ndarray,
+    start: int,
+    slot_of: np.ndarray,
+    key_of_slot: np.ndarray,
+    first_slot: int,
+    free: np.ndarray,
+    n_free: np.ndarray,
+    mark: np.ndarray,
+    hits: np.ndarray,
+    misses: np.ndarray,
+) -> int:
+    """Replay calls[start:] of one cache group with nothing staged, as `ExpertCacheBook.account` would,
+    calling the policy's kernel where the book calls its hooks: each call's keys (keys[bounds[c]:bounds[c+1]],
+    distinct, at step nows[c]) are accessed in order (misses only where `observes_misses`) before any miss
+    is placed; each miss then takes a free slot (free[:n_free[0]], the last first), or, where `admit` lets
+    it in (`admits`; else always), the slot of the victim among the resident keys the call does not need
+    (`evict(victim)`), and is inserted; a miss not admitted streams. Counts go to hits[c] / misses[c].
+    Returns the index of the first call it cannot take (wider than the group), or len(calls)."""
+    width_max = 0
+    for c in calls:
+        width_max = max(width_max, bounds[c + 1] - bounds[c])
+    missed = np.empty(width_max, dtype=np.int64)
+    capacity = len(key_of_slot)
+    for i in range(start, len(calls)):
+        c = calls[i]
+        a, b = bounds[c], bounds[c + 1]
+        if b - a > capacity:
+            return i
+        now = nows[c]
+        tag = c + 1
+        m = 0
+        for j in range(a, b):
+            key = keys[j]
+            mark[key] = tag
+            if slot_of[key] >= 0:
+                access(g, gf, ki, kf, key, now, True)
+            else:
+                missed[m] = key
+                m += 1
+                if observes_misses:
+                    access(g, gf, ki, kf, key, now, False)
+        for j in range(m):
+            key = missed[j]
+            if n_free[0]:
+                n_free[0] -= 1
+                slot = free[n_free[0]]
+            else:
+                if admits and not admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now):
+                    continue
+                out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                evict(g, gf, ki, kf, out, now)
+                slot = slot_of[out]
+                slot_of[out] = -1
+            slot_of[key] = slot
+            key_of_slot[slot - first_slot] = key
+            insert(g, gf, ki, kf, key, now)
+        hits[c] = b - a - m
+        misses[c] = m
+    return len(calls)
+
+
+class CompiledPolicy(CachePolicy):
+    """A policy whose hooks call its `kernel` on its state arrays; subclasses set the class attributes and
+    may extend `globals_` and `new_rows`."""
+
+    kernel: ClassVar[Kernel]
+    int_columns: ClassVar[tuple[int, ...]] = ()
+    """Initial values of the policy's own int columns (from `FIRST_COLUMN`), for a key first seen."""
+    float_columns: ClassVar[tuple[float, ...]] = ()
+    queues: ClassVar[int] = 0
+    """Doubly linked queues the policy keeps (their globals are g[0:3 * queues])."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        super().__init__(capacity, seed)
+        self.index: dict[ExpertKey, int] = {}
+        """Key -> row, in first-seen order (or the order `bind` gave)."""
+        self.keys: list[ExpertKey] = []
+        g, gf = self.globals_()
+        self.g = np.concatenate([np.tile(np.array([NONE, NONE, 0], np.int64), self.queues), g]).astype(np.int64)
+        self.gf = np.asarray(gf, dtype=np.float64)
+        self.ki = np.zeros((0, FIRST_COLUMN + len(self.int_columns)), dtype=np.int64)
+        self.kf = np.zeros((0, len(self.float_columns)), dtype=np.float64)
+        self._marks = np.zeros(0, dtype=np.int64)
+
+    def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
+        """The policy's own int and float globals (after the queues' in `g`)."""
+        return [], []
+
+    def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of `ki` and `kf` for keys first seen."""
+        n = len(keys)
+        ki = np.empty((n, self.ki.shape[1]), dtype=np.int64)
+        ki[:, LAYER] = [layer for layer, _ in keys]
+        ki[:, EXPERT] = [expert for _, expert in keys]
+        ki[:, WHERE:FIRST_COLUMN] = NONE
+        ki[:, FIRST_COLUMN:] = self.int_columns
+        kf = np.empty((n, self.kf.shape[1]), dtype=np.float64)
+        kf[:] = self.float_columns
+        return ki, kf
+
+    @property
+    def slots(self) -> int:
+        """Keys the state has rows for."""
+        return len(self.keys)
+
+    def bind(self, keys: list[ExpertKey]) -> np.ndarray:
+        """Rows of `keys` (new ones appended), for the compiled replay."""
+        index = self.index
+        new = [key for key in dict.fromkeys(keys) if key not in index]
+        if new:
+            for key in new:
+                index[key] = len(index)
+                self.keys.append(key)
+            ki, kf = self.new_rows(new)
+            self.ki = np.concatenate([self.ki, ki])
+            self.kf = np.concatenate([self.kf, kf])
+            self._marks = np.ones(len(self.keys), dtype=np.int64)
+        return np.array([index[key] for key in keys], dtype=np.int64)
+
+    def _at(self, key: ExpertKey) -> int:
+        i = self.index.get(key)
+        return int(self.bind([key])[0]) if i is None else i
+
+    def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        at = self._at(key)  # first: a new key grows (replaces) the arrays
+        self.kernel.access(self.g, self.gf, self.ki, self.kf, at, now, hit)
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        at = self._at(key)
+        self.kernel.insert(self.g, self.gf, self.ki, self.kf, at, now)
+
+    def on_evict(self, key: ExpertKey, now: int) -> None:
+        at = self._at(key)
+        self.kernel.evict(self.g, self.gf, self.ki, self.kf, at, now)
+
+    def _choose(self, fn: Any, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> Any:
+        """Call `victim` or `admit` with `candidates` as the resident keys, every other key marked."""
+        incoming_at = self._at(incoming)
+        at = self.bind(list(candidates))
+        marks = self._marks
+        marks[at] = 0
+        try:
+            return fn(self.g, self.gf, self.ki, self.kf, at, marks, 1, incoming_at, now)
+        finally:
+            marks[at] = 1
+
+    def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
+        chosen = self._choose(self.kernel.victim, candidates, incoming, now)
+        if chosen < 0:
+            raise AssertionError("victim() called without a resident candidate")
+        return self.keys[chosen]
+
+    def replay(
+        self,
+        keys: np.ndarray,
+        bounds: np.ndarray,
+        nows: np.ndarray,
+        calls: np.ndarray,
+        start: int,
+        slot_of: np.ndarray,
+        key_of_slot: np.ndarray,
+        first_slot: int,
+        free: np.ndarray,
+        n_free: np.ndarray,
+        mark: np.ndarray,
+        hits: np.ndarray,
+        misses: np.ndarray,
+    ) -> int:
+        """`drive` with this policy's kernel and state (arguments as there)."""
+        k = self.kernel
+        return drive(
+            k.access,
+            k.insert,
+            k.evict,
+            k.victim,
+            admit_all if k.admit is None else k.admit,
+            k.admit is not None,
+            self.observes_misses,
+            self.g,
+            self.gf,
+            self.ki,
+            self.kf,
+            keys,
+            bounds,
+            nows,
+            calls,
+            start,
+            slot_of,
+            key_of_slot,
+            first_slot,
+            free,
+            n_free,
+            mark,
+            hits,
+            misses,
+        )
+
+
+class CompiledAdmission(CompiledPolicy):
+    """A compiled policy with an admission kernel: `admit` is a hook the book calls."""
+
+    def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
+        return bool(self._choose(self.kernel.admit, candidates, incoming, now))
+
+
+MT_WORDS = 625
+"""Globals a Mersenne Twister takes: CPython's `random.Random` state (624 words, then the position)."""
+
+
+def mt_state(seed: int) -> list[int]:
+    """The generator state of `random.Random(seed)`, for `mt_random` and `mt_below` to continue from: the
+    compiled draws are CPython's, bit for bit, so a policy draws the same numbers in both paths as it did
+    when it drew from `random.Random` itself."""
+    return list(random.Random(seed).getstate()[1])
+
+
+@njit(types.int64(types.int64[:], types.int64) if types else None, cache=True)
+def mt_word(g: np.ndarray, at: int) -> int:
+    """The next 32-bit output of the Mersenne Twister whose state is g[at:at + MT_WORDS] (MT19937, as CPython)."""
+    n, m = 624, 397
+    if g[at + n] >= n:
+        for kk in range(n):
+            y = (g[at + kk] & 0x80000000) | (g[at + (kk + 1) % n] & 0x7FFFFFFF)
+            g[at + kk] = g[at + (kk + m) % n] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+        g[at + n] = 0
+    y = g[at + g[at + n]]
+    g[at + n] += 1
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    y ^= y >> 18
+    return y & 0xFFFFFFFF
+
+
+@njit(types.float64(types.int64[:], types.int64) if types else None, cache=True)
+def mt_random(g: np.ndarray, at: int) -> float:
+    """`random.Random.random()`: a float in [0, 1) of 53 random bits."""
+    a = mt_word(g, at) >> 5
+    b = mt_word(g, at) >> 6
+    return (a * 67108864.0 + b) * (1.0 / 9007199254740992.0)
+
+
+@njit(types.int64(types.int64[:], types.int64, types.int64) if types else None, cache=True)
+def mt_below(g: np.ndarray, at: int, n: int) -> int:
+    """`random.Random._randbelow(n)` for 0 < n < 2**32: k-bit draws until one is below n."""
+    k = 0
+    while (n >> k) > 0:
+        k += 1
+    r = mt_word(g, at) >> (32 - k)
+    while r >= n:
+        r = mt_word(g, at) >> (32 - k)
+    return r
