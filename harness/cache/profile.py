@@ -1,6 +1,7 @@
 """A frequency profile: how often each (layer, expert) was needed in a part of a trace, and over how many
-token steps of its layer. Built by the simulator from the training part of a split (`harness simulate
---split`) or from a trace file (`static:PATH`); read by the profile-based policies. No bytes, no I/O here.
+token steps of its layer, and the steps themselves (a learned policy warms up on them). Built by the
+simulator from the training part of a split (`harness simulate --split`) or from a trace file
+(`static:PATH`); read by the profile-based policies. No bytes, no I/O here.
 """
 
 from __future__ import annotations
