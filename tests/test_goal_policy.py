@@ -100,3 +100,43 @@ def test_the_goal_needs_two_points_at_25_percent_and_a_tie_elsewhere():
     assert Row("t", "seq:1", 25.0, "lru", 0.30, 0.32, 0.33, 0.5, 0.5).met
     assert Row("t", "seq:1", 50.0, "lru", 0.30, 0.30, 0.33, 0.5, 0.5).met
     assert not Row("t", "seq:1", 12.5, "lru", 0.30, 0.2999, 0.33, 0.5, 0.5).met
+
+
+def test_a_live_run_warmed_on_a_profile_trace_gives_its_replays_counts(tiny_model, tmp_path):
+    # `reuse-logit:TRACE` live: each layer's model warms up on TRACE's steps of that layer inside the engine,
+    # and the run's own trace replayed with the same spec gives the same hits and misses per phase and layer.
+    from harness.models.packer import pack_model
+    from harness.run import execute
+    from harness.spec import RunSpec
+    from harness.trace.schema import TraceMeta, TraceWriter, read_trace
+    from harness.trace.simulate import simulate
+
+    model = tiny_model("qwen3_moe")
+    index, _ = pack_model(model)
+    rng = np.random.default_rng(4)
+    skew = np.arange(index.num_experts, 0, -1) / np.arange(index.num_experts, 0, -1).sum()
+    meta = TraceMeta("profile", "toy", len(index.moe_layers), list(index.moe_layers), index.num_experts, 2, 0, "test")
+    writer = TraceWriter(meta)
+    for step in range(40):
+        for layer in index.moe_layers:
+            experts = rng.choice(index.num_experts, 2, replace=False, p=skew)
+            writer.add(0, step, step, "decode", layer, experts.tolist(), None)
+    profile = writer.write(tmp_path / "profile.parquet")
+    spec = RunSpec(
+        model=str(model),
+        cache_experts="3",
+        policy=f"{GOAL}:{profile}",
+        scope="per-layer",
+        max_prompts=2,
+        max_new_tokens=12,
+        warmup_steps=0,
+    )
+    result = execute(spec, tmp_path / "results")
+    trace = read_trace(tmp_path / "results" / spec.run_id / "trace.parquet")
+    replayed = simulate(trace, spec.policy, result["resolved"]["cache_slots"], "per-layer")
+    live = result["metrics"]["hits"]
+    for phase in ("prefill", "decode"):
+        for layer, (hits, misses) in live[phase]["per_layer"].items():
+            counts = replayed.counts[phase][int(layer)]
+            assert (counts.hits, counts.misses) == (hits, misses), (phase, layer)
+    assert replayed.description["warm_start"] is True and live["decode"]["hits"] > 0
