@@ -1,4 +1,4 @@
-"""`reuse-logit`: a per-layer reuse predictor learned online, with admission (the held-out goal's second try).
+"""`reuse-logit`: a per-layer reuse predictor learned online, with admission: the held-out goal policy.
 
 For each MoE layer, a logistic model estimates the probability that an expert is needed at the layer's next
 token step from features of its history, and learns from every step (one SGD step on the logistic loss of
@@ -9,11 +9,15 @@ as in `lrfu-admit`. Features of expert e, from its accesses before the step:
   CRF is LRFU's decayed count and N_lambda the decayed number of the layer's steps (0.5 / 5: a prior rate of
   0.1 for experts seen rarely);
 - recency: 1 / (steps since the last use), 0 if never used;
+- whether e was needed at each of the layer's last RECENT_STEPS steps (0 or 1 each);
 - the log-rate of the expert in a frequency profile (`--split`'s training part, or `reuse-logit:TRACE`),
   clipped at 1e-3; 0 without a profile;
 - a bias.
-The weights start as "LRFU with lambda = 0.01" (weight 1 on that log-rate, 0 elsewhere) and adapt per layer;
-nothing is fitted on the held-out part beforehand, so what it learns it learns as a live run would.
+The weights start as "LRFU with lambda = 0.01" (weight 1 on that log-rate, 0 elsewhere). Where the profile
+carries its steps (`FrequencyProfile.history`: a `--split` training part, a TRACE), a layer's model first
+learns on the profile's steps of that layer (warm start, at the layer's first step) and then starts its
+history afresh with the weights it learned; nothing is fitted on the scored part beforehand, so what it
+learns there it learns as a live run would.
 
 Ties go to the less recent last use, then the smaller key. No future, no bytes: it runs live as in replay.
 """
@@ -35,6 +39,8 @@ from harness.keys import ExpertKey
 
 LAMBDAS = np.array([0.0, 0.01, 0.03, 0.1, 0.3])
 """Decays per token step of the log-rate features (LRFU's lambda): lifetime counts to a few steps."""
+RECENT_STEPS = 3
+"""Indicator features: needed at the layer's previous step, the one before, and so on."""
 START_LAMBDA_INDEX = 1
 """The feature whose weight starts at 1: LRFU's default lambda (0.01)."""
 LEARNING_RATE = 0.1
@@ -50,9 +56,9 @@ class _LayerModel:
     crf: np.ndarray = field(default_factory=lambda: np.zeros((len(LAMBDAS), 0)))
     steps: np.ndarray = field(default_factory=lambda: np.zeros(len(LAMBDAS)))
     last: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    weights: np.ndarray = field(
-        default_factory=lambda: np.eye(len(LAMBDAS) + 3)[1 + START_LAMBDA_INDEX].astype(np.float64)
-    )
+    recent: np.ndarray = field(default_factory=lambda: np.zeros((RECENT_STEPS, 0)))
+    """Row k: 1 for the experts needed at the layer's (k+1)-th previous step."""
+    weights: np.ndarray = field(default_factory=lambda: start_weights())
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pending: list[int] = field(default_factory=list)
     pending_now: int | None = None
@@ -62,7 +68,8 @@ class _LayerModel:
         """[experts, features] at step `now`, from the accesses of earlier steps."""
         rates = np.log((self.crf + PRIOR_HITS) / (self.steps[:, None] + PRIOR_STEPS))
         recency = 1.0 / np.maximum(now - self.last, 1)
-        return np.vstack([np.ones(len(self.last)), rates, recency, self.profile_log_rate[: len(self.last)]]).T
+        profile = self.profile_log_rate[: len(self.last)]
+        return np.vstack([np.ones(len(self.last)), rates, recency, self.recent, profile]).T
 
     def grow(self, experts: int) -> None:
         size = len(self.last)
@@ -71,6 +78,7 @@ class _LayerModel:
         extra = experts - size
         self.crf = np.hstack([self.crf, np.zeros((len(LAMBDAS), extra))])
         self.last = np.concatenate([self.last, np.full(extra, _NEVER, dtype=np.int64)])
+        self.recent = np.hstack([self.recent, np.zeros((RECENT_STEPS, extra))])
         self.scores = np.concatenate([self.scores, np.full(extra, -math.inf)])
 
     def settle(self) -> None:
@@ -90,10 +98,20 @@ class _LayerModel:
         self.steps += 1.0
         self.crf[:, self.pending] += 1.0
         self.last[self.pending] = now
+        self.recent = np.roll(self.recent, 1, axis=0)
+        self.recent[0] = 0.0
+        self.recent[0, self.pending] = 1.0
         self.settled_now = now
         self.scores = self.features(now + 1) @ self.weights
         self.pending = []
         self.pending_now = None
+
+
+def start_weights() -> np.ndarray:
+    """Bias, log-rates, recency, recent-step indicators, profile: 1 on LRFU's lambda, 0 elsewhere."""
+    weights = np.zeros(1 + len(LAMBDAS) + 1 + RECENT_STEPS + 1)
+    weights[1 + START_LAMBDA_INDEX] = 1.0
+    return weights
 
 
 @register_policy
@@ -120,8 +138,21 @@ class ReuseLogit(CachePolicy):
         if model is None:
             experts = 1 + max((e for lay, e in self.profile.counts if lay == layer), default=-1) if self.profile else 0
             rates = np.array([self.profile.rate((layer, e)) for e in range(experts)]) if self.profile else np.zeros(0)
-            model = self._layers[layer] = _LayerModel(np.log(np.maximum(rates, PROFILE_FLOOR)))
+            model = self._layers[layer] = self._warm(layer, np.log(np.maximum(rates, PROFILE_FLOOR)))
         return model
+
+    def _warm(self, layer: int, profile_log_rate: np.ndarray) -> _LayerModel:
+        """A layer's model, with the weights learned on the profile's steps of the layer where it has them."""
+        history = self.profile.history.get(layer, []) if self.profile is not None else []
+        model = _LayerModel(profile_log_rate)
+        if not history:
+            return model
+        for i, experts in enumerate(history):
+            self._grow_profile(model, 1 + max(experts, default=-1))
+            model.pending, model.pending_now = list(experts), i
+            model.settle()
+        # The history starts afresh: the profile's accesses are not the scored run's.
+        return _LayerModel(model.profile_log_rate, weights=model.weights)
 
     def _grow_profile(self, model: _LayerModel, experts: int) -> None:
         missing = experts - len(model.profile_log_rate)
@@ -168,6 +199,8 @@ class ReuseLogit(CachePolicy):
             "name": self.name,
             "lambdas_per_step": LAMBDAS.tolist(),
             "learning_rate": LEARNING_RATE,
+            "recent_steps": RECENT_STEPS,
             "profile": self.profile.source if self.profile is not None else None,
+            "warm_start": bool(self.profile is not None and self.profile.history),
             "admission": "incoming predicted reuse >= victim's",
         }
