@@ -678,6 +678,14 @@ def assess(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Val
             f"{counted}: some expert reads did not reach the device",
             "check that the expert file is not served from a cache",
         )
+    shadow = m.strategy_section.get("stats", {})
+    if shadow.get("shadow_and_staging_within_budget") is False:
+        validity.fail(
+            f"the shadow model ({shadow['shadow_bytes']} bytes: weights and its KV cache) and the staging slots "
+            f"({shadow['staging_bytes']} bytes) exceed the {shadow['budget_expert_bytes']} bytes the budget "
+            "leaves for experts",
+            "use a larger budget, the int8 shadow, or another predictor",
+        )
     if plan.random_init:
         validity.note(
             "random-init model: routing made realistic by sharpened attention (ROUTING.md), "

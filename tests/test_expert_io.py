@@ -110,3 +110,59 @@ def test_uring_demand_reads_go_ahead_of_queued_prefetches(tiny_model):
     finally:
         backend.close()
         reader.close()
+
+
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
+def test_uring_cancels_queued_reads_and_promotes_needed_ones(tiny_model):
+    paths = pack_paths(tiny_model("olmoe"))
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    backend = UringReads(reader, queue_depth=1)
+    pool = AlignedPool(4, index.stride_bytes)
+    try:
+        background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
+        assert not backend.cancel(background[0])  # in flight: it cannot be withdrawn
+        assert backend.cancel(background[2])  # still queued: withdrawn, never read
+        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
+        backend.promote([background[1]])  # a step needs it now: ahead of the demand read queued before it
+        backend.result(demand)
+        assert background[2].record is None
+        starts = [r.record.start_ns for r in (background[0], background[1], demand)]
+        assert starts == sorted(starts)
+    finally:
+        backend.close()
+        reader.close()
+
+
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
+def test_cache_withdraws_dropped_prefetches_and_defers_predictions(tiny_model, monkeypatch):
+    monkeypatch.setattr("harness.runtime.engine.load_profile_for_path", lambda path: None)
+    engine, index, blob = _engine(tiny_model("olmoe"), "io_uring")
+    # Depth 1 (io_threads=1, no profile): the order of reads on the device is the order they start.
+    cache = engine.configure_cache(4, "per-layer", "lru", seed=0, io_threads=1)
+    first, second = index.moe_layers[:2]
+    try:
+        cache.prefetch(first, [0, 1, 2], now=0, phase="decode")  # 0 in flight, 1 and 2 queued
+        seen = {}
+        for expert, weights in cache.fetch(first, [1, 3], now=0, phase="decode"):
+            seen[expert] = bytes(weights[index.tensors[0].name].view(torch.uint8).numpy())
+        cache.drain()
+        # A prediction for the next layer made just before a step, the device idle: it still starts after
+        # the step's load.
+        cache.prefetch(second, [5], now=1, phase="decode", defer=True)
+        for expert, weights in cache.fetch(first, [4], now=1, phase="decode"):
+            seen[expert] = bytes(weights[index.tensors[0].name].view(torch.uint8).numpy())
+        cache.drain()
+        pf = cache.prefetch_stats
+        # 1 used; 0 was read for nothing; 2 was withdrawn while queued; 5 was read ahead and not used.
+        assert (pf.issued, pf.used, pf.wasted, pf.cancelled) == (4, 1, 2, 1)
+        assert pf.wasted_bytes == 2 * index.stride_bytes
+        start_of = {r.key: r.start_ns for r in cache.stats.records}
+        assert set(start_of) == {(first, 0), (first, 1), (first, 3), (first, 4), (second, 5)}
+        assert start_of[(first, 4)] < start_of[(second, 5)]
+        t = index.tensors[0]
+        for expert, got in seen.items():
+            base = index.entry(first, expert).offset + t.offset
+            assert got == blob[base : base + t.nbytes]
+    finally:
+        engine.close()

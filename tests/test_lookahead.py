@@ -40,10 +40,10 @@ def test_lookahead_recall_and_prefetch_accounting(tiny_model):
     assert stats["combined_prediction"]["predictions"] == (NEW_TOKENS - 1) * layers
     assert 0 < stats["prediction"]["recall"] <= stats["combined_prediction"]["recall"] <= 1
     pf = stats["prefetch"]
-    assert pf["issued"] == pf["used"] + pf["wasted"]
+    assert pf["issued"] == pf["used"] + pf["wasted"] + pf["cancelled"]
     assert pf["requested"] == pf["already_resident"] + pf["issued"] + pf["not_admitted"]
     assert pf["wasted_bytes"] == pf["wasted"] * index.stride_bytes
-    assert len(cache.stats.records) == pf["issued"] + cache.book.total().misses
+    assert len(cache.stats.records) == pf["issued"] - pf["cancelled"] + cache.book.total().misses
     # Prefill prefetches: with prefill=0 nothing is read ahead before the first decode step.
     _, _, cache0 = strategy_tokens(model_dir, "lookahead:prefill=0", index.num_experts // 2)
     _, _, cache1 = strategy_tokens(model_dir, "lookahead", index.num_experts // 2)

@@ -31,9 +31,16 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
         assert stats["prediction"]["predictions"] == (NEW_TOKENS - 1) * layers
         assert stats["gate_prediction"]["predictions"] == (NEW_TOKENS - 1) * (layers - 1)
         assert stats["shadow_compute_s_by_phase"]["decode"] > 0
-        assert stats["shadow_bytes"] > 0 and stats["staging_bytes"] == index.top_k * layers * index.stride_bytes
+        assert stats["staging_bytes"] == index.top_k * layers * index.stride_bytes
+        # Its memory is its weights and its own KV cache: keys and values of every decoder layer for the prompt
+        # and each decode step (the last token's are never needed: the sequence ends).
+        config = strategy.shadow.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32
+        assert stats["shadow_kv_cache_bytes"] == (len(PROMPT) + NEW_TOKENS - 1) * kv_per_token
+        assert stats["shadow_bytes"] == stats["shadow_weight_bytes"] + stats["shadow_kv_cache_bytes"]
         pf = stats["prefetch"]
-        assert pf["issued"] == pf["used"] + pf["wasted"]
+        assert pf["issued"] == pf["used"] + pf["wasted"] + pf["cancelled"]
         assert cache.book.total("decode").hits == pf["used"]
         recalls[spec] = stats["prediction"]["recall"]
         if arch == "olmoe":  # on this model the shadow runs ahead of the gate

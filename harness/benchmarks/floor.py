@@ -62,15 +62,17 @@ def recall_of(result: dict[str, Any]) -> str:
 
 
 def runtime_read_bytes_per_s(experts_file: Path, index: PackIndex, depth: int, seconds: float, seed: int) -> float:
-    """Random expert reads through the runtime's backend (io_uring, else threads), `depth` in flight."""
+    """Random expert reads through the runtime's backend (io_uring, else threads), `depth` in flight: as a
+    step with many loads does, the backend holds `depth` more reads queued, which it starts as reads finish
+    (before checking the finished ones), so the device always has `depth` reads, as fio keeps it."""
     reader = ExpertReader(experts_file, index)
     backend, _ = make_backend(reader, "auto", depth)
-    pool = AlignedPool(depth, index.stride_bytes)
+    pool = AlignedPool(2 * depth, index.stride_bytes)
     rng = random.Random(seed)
     keys = [(e.layer, e.expert) for e in index.entries]
     done_bytes = 0
     try:
-        inflight = backend.submit([(rng.choice(keys), pool.slot(i)) for i in range(depth)], background=False)
+        inflight = backend.submit([(rng.choice(keys), pool.slot(i)) for i in range(2 * depth)], background=False)
         slot_of = {id(read): i for i, read in enumerate(inflight)}
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:

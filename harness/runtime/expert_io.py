@@ -5,10 +5,12 @@ A backend takes a batch of reads (one step's loads, or one prediction's prefetch
 returns a handle per read; handles complete in any order (`as_completed`) and every completed read goes
 through `ExpertReader.complete_read`, the one place for the checks after a read. With io_uring a batch
 is one system call, at most `queue_depth` reads are in flight (fio's `iodepth`), demand reads go ahead
-of queued prefetches, and nothing needs a thread: reads proceed while the caller computes. The ring is
-used only from the thread that made it (it is set up single-issuer), so a read's end time is when that
-thread sees its completion: the expert cache polls at every expert boundary, and a read's recorded
-latency is an upper bound by at most one expert's compute (or one attention block, for a prefetch).
+of queued prefetches (a queued read can also be withdrawn, or moved ahead once a step needs it), a finished
+read's place in the ring is refilled at once and its bytes are checked on a helper thread, and reads proceed
+while the caller computes. The ring is used only from the thread that made it (it is set up single-issuer),
+so a read's end time is when that thread sees its completion: the expert cache polls at every expert
+boundary, and a read's recorded latency is an upper bound by at most one expert's compute (or one attention
+block, for a prefetch).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as futures_completed
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -69,6 +72,14 @@ class ReadBackend(Protocol):
         """Note the completions already done, without waiting (their end times), and refill the queue."""
         ...
 
+    def cancel(self, read: PendingRead) -> bool:
+        """Withdraw `read` if it has not started (True: its buffer is free and it will never complete)."""
+        ...
+
+    def promote(self, reads: list[PendingRead]) -> None:
+        """Move the `reads` not yet started ahead of every other queued read (a prefetch a step now needs)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -101,6 +112,12 @@ class ThreadReads:
     def poll(self) -> None:
         """Worker threads time their own reads."""
 
+    def cancel(self, read: PendingRead) -> bool:
+        return read.future is not None and read.future.cancel()
+
+    def promote(self, reads: list[PendingRead]) -> None:
+        """The background pool runs its reads in order; a started one cannot move."""
+
     def close(self) -> None:
         self._background.shutdown(wait=True)
         self._demand.shutdown(wait=True)
@@ -126,6 +143,9 @@ class UringReads:
         self._queued: deque[PendingRead] = deque()
         self._inflight: dict[int, PendingRead] = {}
         self._next_id = 0
+        # A finished read's checksum (most of a millisecond for an expert of a few MiB) runs here, not on the
+        # compute thread; xxhash releases the GIL, so it overlaps the compute as the threads backend's does.
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-check")
 
     def _fill(self) -> None:
         """Prepare queued reads while the ring has room."""
@@ -143,14 +163,17 @@ class UringReads:
         """Submit what fits, wait for one completion if `wait`, and complete what is done."""
         self._fill()
         self.ring.submit(wait=1 if wait and self._inflight else 0, post=True)
-        done = self.ring.reap()
+        done = [(self._inflight.pop(user_data), result) for user_data, result in self.ring.reap()]
         end_ns = time.perf_counter_ns()
-        for user_data, result in done:
-            read = self._inflight.pop(user_data)
-            read.record = self.reader.complete_read(read.key, read.buffer, result, read.start_ns, end_ns)
-        if done and self._queued:  # room freed: start the next queued reads now, not at the next wait
+        if done and self._queued:  # room freed: start the next queued reads now, as fio keeps its queue full
             self._fill()
             self.ring.submit()
+        for read, result in done:
+            read.future = self._checker.submit(self._check, read, result, end_ns)
+
+    def _check(self, read: PendingRead, result: int, end_ns: int) -> IoRecord:
+        read.record = self.reader.complete_read(read.key, read.buffer, result, read.start_ns, end_ns)
+        return read.record
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
         if threading.get_ident() != self._thread:
@@ -164,18 +187,23 @@ class UringReads:
         return pending
 
     def result(self, read: PendingRead) -> IoRecord:
-        while read.record is None:
+        while read.future is None:
             self._pump(wait=True)
-        return read.record
+        return read.future.result()
 
     def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
         waiting = list(reads)
         while waiting:
-            ready = [r for r in waiting if r.record is not None]
+            ready = [r for r in waiting if r.future is not None and r.future.done()]
             if not ready:
-                self._pump(wait=True)
+                checking = [r.future for r in waiting if r.future is not None]
+                if checking:  # a check ends within a millisecond: wait for it rather than for the device
+                    futures_wait(checking, return_when=FIRST_COMPLETED)
+                else:
+                    self._pump(wait=True)
                 continue
             for read in ready:
+                read.future.result()  # type: ignore[union-attr] - raises what the check raised
                 waiting.remove(read)
                 yield read
 
@@ -183,11 +211,24 @@ class UringReads:
         if self._inflight:
             self._pump(wait=False)
 
+    def cancel(self, read: PendingRead) -> bool:
+        if read.future is not None or read not in self._queued:
+            return False
+        self._queued.remove(read)
+        return True
+
+    def promote(self, reads: list[PendingRead]) -> None:
+        queued = [read for read in reads if read in self._queued]
+        for read in queued:
+            self._queued.remove(read)
+        self._queued.extendleft(reversed(queued))
+
     def close(self) -> None:
         while self._inflight:  # the slots must not be written once their owner frees them
             self._pump(wait=True)
         self._queued.clear()
         self.ring.close()
+        self._checker.shutdown(wait=True)
 
 
 def queue_depth_from_profile(model: ReadTimeModel | None, block_bytes: int, default: int) -> tuple[int, str]:

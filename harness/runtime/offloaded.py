@@ -174,7 +174,10 @@ class OffloadedExperts(nn.Module):
             contributions[expert] = (token_idx, out)
         for expert in experts:
             token_idx, current_hidden_states = contributions[expert]
-            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+            # The eager forward's index_add_, as index_put_ with accumulation: bit-identical sums (one expert's
+            # token indices are distinct), but index_add_ on CPU enters an OpenMP region per call: at one decode
+            # row it took more CPU than the expert's matrix products on a busy 2-core machine (engine_overhead).
+            final_hidden_states.index_put_((token_idx,), current_hidden_states.to(final_hidden_states.dtype), True)
         if self.hooks is not None:
             self.hooks.after_experts(self)
         return final_hidden_states

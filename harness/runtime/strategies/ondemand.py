@@ -113,14 +113,19 @@ class OnDemand(Strategy):
     def stats(self) -> dict[str, object]:
         if self.shadow is None:
             return {"predictor": "next-layer gate", **self.prefetcher.stats()}
+        self.shadow.note_kv()
+        # The shadow's memory is its weights and its own KV cache (as long as the longest sequence).
+        shadow_bytes = self.shadow.nbytes + self.shadow.kv_peak_bytes
         return {
             "predictor": f"shadow-{self.shadow.precision}",
             "prediction": self.recall.to_dict(),
             "gate_prediction": self.prefetcher.recall.to_dict(),
             "prefetch": self.cache.prefetch_stats.to_dict(),
-            "shadow_bytes": self.shadow.nbytes,
+            "shadow_bytes": shadow_bytes,
+            "shadow_weight_bytes": self.shadow.nbytes,
+            "shadow_kv_cache_bytes": self.shadow.kv_peak_bytes,
             "shadow_compute_s_by_phase": dict(self.shadow.compute_s),
             "staging_bytes": self.staging_bytes,
             "budget_expert_bytes": self.budget_expert_bytes,
-            "shadow_and_staging_within_budget": self.shadow.nbytes + self.staging_bytes <= self.budget_expert_bytes,
+            "shadow_and_staging_within_budget": shadow_bytes + self.staging_bytes <= self.budget_expert_bytes,
         }

@@ -2,8 +2,8 @@
 
 During decode, when MoE layer l starts, layer l+d's router (d = `distance`, 1 by default: the next-layer
 gate of mixtral-offloading and AdapMoE) is applied to layer l's MoE input; the predicted experts are
-staged in the cache and read on their own I/O threads while layer l reads and computes. A demand step
-that finds a prefetched expert counts a hit. Exact: the model computes with its own routing.
+staged in the cache and read in the background, after layer l's own demand loads, while layer l computes.
+A demand step that finds a prefetched expert counts a hit. Exact: the model computes with its own routing.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class GatePrefetcher:
             self._pending[target] = experts
         if not self.stage:
             return
-        self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing))
+        # Deferred: this layer's demand loads, submitted next, go to the device first.
+        self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing), defer=True)
 
     def stats(self) -> dict[str, object]:
         return {"prediction": self.recall.to_dict(), "prefetch": self.cache.prefetch_stats.to_dict()}

@@ -86,7 +86,7 @@ class ShadowExperts(nn.Module):
                     getattr(self, f"{n}_stored")[expert], None if scale is None else scale[expert], out.dtype
                 )
             rows = expert_forward(self.math, weights, hidden_states[token_idx], top_k_weights[token_idx, pos, None])
-            out.index_add_(0, token_idx, rows.to(out.dtype))
+            out.index_put_((token_idx,), rows.to(out.dtype), True)  # index_add_ opens an OpenMP region per call
         return out
 
 
@@ -142,6 +142,8 @@ class ShadowModel:
         self.first = min(engine.index.moe_layers)
         self.nbytes = sum(t.numel() * t.element_size() for t in [*self.layers.parameters(), *self.layers.buffers()])
         self.kv = DynamicCache(config=config)
+        self.kv_peak_bytes = 0
+        """The largest the shadow's KV cache grew (its keys and values; measured at each sequence's end)."""
         self.compute_s = {"prefill": 0.0, "decode": 0.0}
         """Wall time the shadow ran, per phase: on the model's thread, so part of the run's time."""
         self._hidden: torch.Tensor | None = None
@@ -156,10 +158,24 @@ class ShadowModel:
         out = self.layers[layer](self._hidden, **call)
         self._hidden = out[0] if isinstance(out, tuple) else out
 
+    def kv_bytes(self) -> int:
+        """Bytes the shadow's KV cache holds now."""
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.kv.layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        )
+
+    def note_kv(self) -> None:
+        """Fold the KV cache's present size into `kv_peak_bytes` (it only grows within a sequence)."""
+        self.kv_peak_bytes = max(self.kv_peak_bytes, self.kv_bytes())
+
     @torch.no_grad()
     def prefill(self, hidden: torch.Tensor, kwargs: dict) -> None:
         """A new sequence: a fresh KV cache, filled by running every shadow layer over the prompt."""
         start = time.perf_counter()
+        self.note_kv()  # the previous sequence's cache, at its longest
         self.kv = DynamicCache(config=self.config)
         self._hidden = hidden
         for layer in range(self.first, len(self.layers)):
