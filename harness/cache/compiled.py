@@ -38,7 +38,7 @@ from harness.keys import ExpertKey
 try:
     from numba import types
 except ImportError:  # no signatures: njit is the identity (ranked.py)
-    types = None
+    types = None  # type: ignore[assignment]
 
 if types is not None:
     _STATE = (types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :])

@@ -203,7 +203,8 @@ class UringReads:
                     self._pump(wait=True)
                 continue
             for read in ready:
-                read.future.result()  # type: ignore[union-attr] - raises what the check raised
+                assert read.future is not None  # `ready` holds reads with a future only
+                read.future.result()  # raises what the check raised
                 waiting.remove(read)
                 yield read
 
