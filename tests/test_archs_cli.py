@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import torch
 
+from harness.models.archs import REFUSED, SUPPORTED
 from harness.models.quant import FORMATS, dequantize, quantize, round_trip
 from harness.store.layout import PackIndex
 from tests.test_cli_errors import assert_one_line_error, run_cli
@@ -57,3 +59,9 @@ def test_quantization_is_groupwise_symmetric_and_exact_on_representable_values()
     assert stored.tolist() == [[0x97, 0xF1]]  # low nibble first; -7 = 0x9, -1 = 0xF
     zeros = torch.zeros(2, 8, dtype=torch.bfloat16)
     assert torch.equal(round_trip(zeros, int4, 4), zeros)
+
+
+def test_readme_lists_every_supported_and_refused_architecture():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [arch for arch in (*SUPPORTED, *REFUSED) if f"`{arch}`" not in readme]
+    assert not missing, f"README.md does not list {missing}"
