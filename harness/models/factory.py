@@ -2,8 +2,8 @@
 
 Routing realism (ROUTING.md): at default init, attention averages the whole prefix, so the router
 input barely changes between steps and every cache policy looks perfect. The fix keeps a standard
-checkpoint: sharpen attention by setting q_norm/k_norm gains to 3.0 (architectures with q/k norms),
-or by scaling q_proj and k_proj by 3 / (0.02 * sqrt(hidden)) (architectures without).
+checkpoint: sharpen attention by setting q/k norm gains to 3.0 (architectures with q/k norms),
+or by scaling the query and key projections by 3 / (0.02 * sqrt(fan-in)) (architectures without).
 """
 
 from __future__ import annotations
@@ -269,22 +269,36 @@ def _model_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[
     return AutoModelForCausalLM
 
 
+_QK_NORMS = ("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight")
+_QK_NORMS += ("query_layernorm.weight", "key_layernorm.weight")
+"""Per-head query / key norms (Qwen3 and OLMoE, LFM2, Hunyuan name them differently): their gain sharpens."""
+
+
 @torch.no_grad()
-def _sharpen_attention(model: torch.nn.Module, hidden: int) -> int:
-    """Apply the ROUTING.md fix; returns how many tensors were changed (0 means the rule did not apply)."""
+def _sharpen_attention(model: torch.nn.Module) -> int:
+    """Apply the ROUTING.md fix; returns how many tensors were changed (0 means the rule did not apply).
+
+    Without q/k norms, query and key projections are scaled so their outputs have the gain's magnitude,
+    3 / (0.02 * sqrt(fan-in)) (ROUTING.md's rule, whose fan-in is the hidden size for q_proj / k_proj). In
+    multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Kimi) the query comes from q_b_proj (or q_proj)
+    and the key from the key rows of kv_b_proj, whose other rows are the values: those stay, since larger
+    values would let the prefix mean dominate the residual stream, the very stickiness the fix removes."""
     names = [name for name, _ in model.named_parameters()]
-    has_qk_norm = any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in names)
+    has_qk_norm = any(n.endswith(_QK_NORMS) for n in names)
+    text = model.config.get_text_config()
     changed = 0
-    scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(hidden))
     for name, param in model.named_parameters():
-        if has_qk_norm and name.endswith(("q_norm.weight", "k_norm.weight")):
+        scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(param.shape[-1]))
+        if has_qk_norm and name.endswith(_QK_NORMS):
             param.fill_(ATTENTION_GAIN)
-            changed += 1
-        elif not has_qk_norm and name.endswith(
-            ("q_proj.weight", "k_proj.weight", "q_b_proj.weight", "kv_b_proj.weight")
-        ):
+        elif not has_qk_norm and name.endswith(("q_proj.weight", "k_proj.weight", "q_b_proj.weight")):
             param.mul_(scale)
-            changed += 1
+        elif not has_qk_norm and name.endswith("kv_b_proj.weight"):
+            nope = text.qk_nope_head_dim  # per head: nope key rows, then v_head_dim value rows
+            param.view(-1, nope + text.v_head_dim, param.shape[-1])[:, :nope].mul_(scale)
+        else:
+            continue
+        changed += 1
     return changed
 
 
@@ -304,7 +318,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
     config = _config(arch, preset, seed)
     torch.manual_seed(seed)
     model = _model_class(config).from_config(config, dtype=torch.float32)
-    changed = _sharpen_attention(model, preset.hidden)
+    changed = _sharpen_attention(model)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")
     model = model.to(preset.dtype)
