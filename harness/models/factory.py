@@ -90,6 +90,25 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # 0.274 is near uniform routing's 0.25 for 8 experts; the real ranges (64-expert models) do not apply.
     # gpt_oss small has 5 of 7 (top-10% share 0.138, overlap 0.148, LRU 0.288 / 0.555, LFU 0.313); Belady
     # 0.503 / 0.780 lie just below the range.
+    # The 64 x 3 MiB top-8 shape (every other architecture):
+    # - olmoe (2000 tokens): 7 of 7 (top-10% 0.166, overlap 0.169, LRU 0.322 / 0.596, LFU 0.340, Belady 0.549 /
+    #   0.811).
+    # - deepseek_v3 (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.143, LRU 0.280 / 0.546, LFU 0.323); Belady
+    #   0.509 / 0.779 just below. Before the MLA rule of _sharpen_attention (value rows of kv_b_proj scaled too)
+    #   it had 0 of 7 (top-10% 0.538, LRU@25% 0.761): the prefix mean dominated.
+    # - qwen3_next (512 tokens): 2 of 7 (top-10% 0.141, overlap 0.126); LRU 0.252 / 0.503, LFU 0.264, Belady
+    #   0.487 / 0.757 are those of uniform random routing (LRU@25% 0.25): its gated-DeltaNet layers (3 in 4),
+    #   which the attention gain does not reach, carry too little context at init. Not tuned: it needs a
+    #   linear-attention counterpart of the gain, not found yet; its cache comparisons are pessimistic.
+    # - lfm2_moe (512 tokens): 5 of 7 (top-10% 0.180, overlap 0.147, LRU 0.281 / 0.542, LFU 0.323); Belady
+    #   0.513 / 0.780 just below (its q_layernorm / k_layernorm now get the gain).
+    # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
+    #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`): qwen2_moe,
+    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, hunyuan_v1_moe, dots1, minimax, qwen3_5_moe,
+    #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
+    #   glm_moe_dsa, jamba, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid, kimi_linear.
+    #   Expect qwen3_5_moe to look like qwen3_next, and the MLA ones (deepseek_v2/v32, glm_moe_dsa,
+    #   glm4_moe_lite, kimi_linear) like deepseek_v3; neither is measured.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
