@@ -102,13 +102,13 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   linear-attention counterpart of the gain, not found yet; its cache comparisons are pessimistic.
     # - lfm2_moe (512 tokens): 5 of 7 (top-10% 0.180, overlap 0.147, LRU 0.281 / 0.542, LFU 0.323); Belady
     #   0.513 / 0.780 just below (its q_layernorm / k_layernorm now get the gain).
+    # - hunyuan_v1_moe (512 tokens): 7 of 7 (top-10% 0.206, overlap 0.161, LRU 0.310 / 0.580, LFU 0.361, Belady
+    #   0.537 / 0.799), with the gain on its query_layernorm / key_layernorm.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`): qwen2_moe,
-    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, hunyuan_v1_moe, dots1, minimax, qwen3_5_moe,
+    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, jamba, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid, kimi_linear.
-    #   Expect qwen3_5_moe to look like qwen3_next, and the MLA ones (deepseek_v2/v32, glm_moe_dsa,
-    #   glm4_moe_lite, kimi_linear) like deepseek_v3; neither is measured.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
