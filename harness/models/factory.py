@@ -107,11 +107,13 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
     #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next: its Mamba layers (7 in 8) carry too little
     #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
+    # - kimi_linear (512 tokens): 2 of 7 (top-10% 0.145, overlap 0.128); LRU 0.257 / 0.511, LFU 0.271, Belady
+    #   0.491 / 0.762 near uniform, as qwen3_next: its Kimi Delta Attention layers (3 in 4). Not tuned.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`): qwen2_moe,
     #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
-    #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid, kimi_linear.
+    #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
