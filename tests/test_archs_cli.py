@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import torch
 
+from harness.models.archs import REFUSED, SUPPORTED
 from harness.models.quant import FORMATS, dequantize, quantize, round_trip
 from harness.store.layout import PackIndex
 from tests.test_cli_errors import assert_one_line_error, run_cli
@@ -31,19 +33,20 @@ def test_refused_and_prequantized_checkpoints_get_one_line(tiny_model, tmp_path)
     llama4.mkdir()
     (llama4 / "config.json").write_text(json.dumps({"model_type": "llama4_text"}))
     assert_one_line_error(*run_cli("model", "pack", str(llama4)), "takes no top-k expert index")
-    quantized = tmp_path / "mxfp4"
-    shutil.copytree(tiny_model("gpt_oss"), quantized)
+    quantized = tmp_path / "fp8"
+    shutil.copytree(tiny_model("gpt_oss"), quantized, ignore=shutil.ignore_patterns("packed"))
     config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
+    config["quantization_config"] = {"quant_method": "fp8"}
     (quantized / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(
-        *run_cli("model", "pack", str(quantized)), "pre-quantized weights (quantization_config: mxfp4)"
-    )
+    assert_one_line_error(*run_cli("model", "pack", str(quantized)), "pre-quantized weights (quantization_config: fp8)")
+    config["quantization_config"] = {"quant_method": "mxfp4"}  # but its experts are not stored as MXFP4
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(*run_cli("model", "pack", str(quantized)), "no MXFP4 expert blocks (*_blocks, *_scales)")
 
 
 def test_quantization_is_groupwise_symmetric_and_exact_on_representable_values():
     # Each group of 4 holds multiples of its own step, with its largest magnitude at qmax: the round trip is exact.
-    for fmt in FORMATS.values():
+    for fmt in (FORMATS["int8"], FORMATS["int4"]):
         step = torch.tensor([[0.5], [0.25]]).repeat_interleave(4, dim=0).reshape(2, 4)
         values = torch.tensor([[fmt.qmax, -1, 0, 3], [-fmt.qmax, 2, -2, 1]], dtype=torch.float32)
         weight = (values * step).reshape(1, 8)
@@ -56,3 +59,9 @@ def test_quantization_is_groupwise_symmetric_and_exact_on_representable_values()
     assert stored.tolist() == [[0x97, 0xF1]]  # low nibble first; -7 = 0x9, -1 = 0xF
     zeros = torch.zeros(2, 8, dtype=torch.bfloat16)
     assert torch.equal(round_trip(zeros, int4, 4), zeros)
+
+
+def test_readme_lists_every_supported_and_refused_architecture():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [arch for arch in (*SUPPORTED, *REFUSED) if f"`{arch}`" not in readme]
+    assert not missing, f"README.md does not list {missing}"

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from harness.errors import HarnessError
 from harness.models.archs import REFUSED, SUPPORTED
+from harness.models.quant import MXFP4
 
 _EXPERTS_ATTR = "experts"
 _ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -60,10 +61,11 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     raw = read_config(model_dir)
     check_model_type(raw.get("model_type", "?"))
     quant = raw.get("quantization_config")
-    if quant:
+    method = quant.get("quant_method", quant) if isinstance(quant, dict) else quant
+    if quant and method != MXFP4.name:  # MXFP4 experts are packed in their own format (harness.models.quant)
         raise HarnessError(
-            f"{model_dir} holds pre-quantized weights (quantization_config: {quant.get('quant_method', quant)}); "
-            "the harness packs unquantized checkpoints (dequantize it with transformers and save_pretrained, then "
+            f"{model_dir} holds pre-quantized weights (quantization_config: {method}); the harness packs "
+            "unquantized and MXFP4 checkpoints (dequantize it with transformers and save_pretrained, then "
             "`harness model pack --expert-dtype int4|int8`)"
         )
     try:

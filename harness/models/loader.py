@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from harness.errors import HarnessError
 from harness.models.adapters import experts_sites, load_config
-from harness.models.quant import FORMATS, round_trip
+from harness.models.quant import FORMATS, MXFP4, round_trip
 from harness.store.layout import PackIndex
 
 ReplaceExperts = Callable[[int, nn.Module], nn.Module]
@@ -72,7 +72,8 @@ def reference_model(model_dir: Path, index: PackIndex | None = None) -> PreTrain
     hf_logging.disable_progress_bar()  # a measuring run prints its own output only (--json on stdout stays parseable)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, experts_implementation="eager")
     fmt = FORMATS.get(index.expert_dtype) if index is not None else None
-    if fmt is not None:
+    # An MXFP4 checkpoint's experts are dequantized by transformers' own loader (on CPU, or without its kernels).
+    if fmt is not None and fmt is not MXFP4:
         with torch.no_grad():
             for site in experts_sites(model).values():
                 for name in site.params:

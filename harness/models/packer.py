@@ -35,6 +35,8 @@ from harness.models.provenance import check_config_unchanged, file_digest, shapi
 from harness.models.provenance import pack_content_hashes as pack_content_hashes  # run ids: light home is provenance
 from harness.models.quant import (
     DEFAULT_GROUP_SIZE,
+    MXFP4,
+    MXFP4_BLOCK,
     QuantFormat,
     check_group_size,
     quant_format,
@@ -109,19 +111,32 @@ def pack_model(
     reason = unsupported_reason(model)
     if reason:
         raise HarnessError(f"{model_dir} ({config.model_type}) cannot run offloaded: {reason}")
-    source = _source(model_dir, files, model)
+    source = _source(model_dir, files, model, config)
+    if isinstance(source, _LazySource) and source.mxfp4:
+        if fmt is not None:
+            raise HarnessError(
+                f"{model_dir} holds MXFP4 experts: they are packed in their own format (drop --expert-dtype)"
+            )
+        fmt, group_size = MXFP4, MXFP4_BLOCK
     sites = source.sites
     layers = sorted(sites)
     num_experts = sites[layers[0]].num_experts
     sample = source.expert(layers[0], 0)
-    dtype = sample[next(iter(sample))].dtype
+    # An MXFP4 expert's weights are uint8 codes: its biases give the compute dtype, else bf16 (what transformers
+    # dequantizes MXFP4 to).
+    dtype = next((t.dtype for t in sample.values() if t.is_floating_point()), torch.bfloat16)
     tensors, offset = [], 0
     for name, value in _parts(sample, dtype, fmt, group_size, f"layer {layers[0]} expert 0"):
         nbytes = value.numel() * value.element_size()
         stored_dtype = None if value.dtype == dtype else str(value.dtype).removeprefix("torch.")
         tensors.append(TensorSlot(name, list(value.shape), offset, nbytes, stored_dtype))
         offset += nbytes
-    weights = sum(t.numel() for t in sample.values())
+    # Weights, not stored values: an MXFP4 byte holds two (its scales are not weights).
+    weights = sum(
+        t.numel() * (2 if fmt is MXFP4 and name + SCALE_SUFFIX in sample else 1)
+        for name, t in sample.items()
+        if not name.endswith(SCALE_SUFFIX)
+    )
     expert_bytes, stride = offset, align_up(offset)
     out = paths["dir"]
     try:
@@ -211,9 +226,12 @@ def _parts(
     """An expert's tensors in blob order as stored: a quantized 2D weight is followed by its scales."""
     parts = []
     for name, tensor in blob.items():
+        if fmt is MXFP4 and (name.endswith(SCALE_SUFFIX) or name + SCALE_SUFFIX in blob):
+            parts.append((name, tensor))  # MXFP4 blocks and scales, kept in the checkpoint's own format
+            continue
         if tensor.dtype != dtype:
             raise HarnessError(f"{what}: {name} has dtype {tensor.dtype}, the other expert tensors {dtype}")
-        if fmt is not None and tensor.dim() == 2:
+        if fmt is not None and fmt is not MXFP4 and tensor.dim() == 2:
             check_group_size(tensor.shape[1], group_size, name)
             stored, scale = quantize(tensor, fmt, group_size)
             parts += [(name, stored), (name + SCALE_SUFFIX, scale)]
@@ -233,8 +251,11 @@ def _encode(
 class _LazySource:
     """Expert and non-expert tensors read one at a time from the safetensors files (a model larger than RAM packs)."""
 
-    def __init__(self, handles: dict[Path, object], where: dict[str, Path], plan: CheckpointPlan, model) -> None:
-        self.handles, self.where, self.plan = handles, where, plan
+    def __init__(
+        self, handles: dict[Path, object], where: dict[str, Path], plan: CheckpointPlan, model, mxfp4: set[str]
+    ) -> None:
+        self.handles, self.where, self.plan, self.mxfp4 = handles, where, plan, mxfp4
+        """`mxfp4`: stacked keys stored as MXFP4 `{key}_blocks` and `{key}_scales` (gpt-oss)."""
         self.sites = experts_sites(model)
 
     def _get(self, key: str, index: int | None = None) -> torch.Tensor:
@@ -244,11 +265,21 @@ class _LazySource:
         site = self.sites[layer]
         roles = self.plan.per_expert.get((layer, expert))
         if roles is None:
-            blob = {name: self._get(self.plan.stacked[(layer, name)], expert) for name in site.params}
+            blob = {}
+            for name in site.params:
+                key = self.plan.stacked[(layer, name)]
+                if key not in self.mxfp4:
+                    blob[name] = self._get(key, expert)
+                    continue
+                # Shapes checked when planned (_mxfp4_keys): blocks [out, in/32, 16], scales [out, in/32].
+                blob[name] = self._get(key + "_blocks", expert)
+                blob[name + SCALE_SUFFIX] = self._get(key + "_scales", expert)
         else:
             gate, up, down = (self._get(roles[r]) for r in ("gate", "up", "down"))
             blob = {"gate_up_proj": torch.cat([gate, up], dim=0), "down_proj": down}
         for name, tensor in blob.items():
+            if name + SCALE_SUFFIX in blob or name.endswith(SCALE_SUFFIX):
+                continue
             if list(tensor.shape) != site.params[name]:
                 raise HarnessError(
                     f"layer {layer} expert {expert}: {name} has shape {list(tensor.shape)}, "
@@ -292,21 +323,42 @@ class _LoadedSource:
         return {name: t.detach().contiguous() for name, t in non_expert_state(self.model).items()}
 
 
-def _source(model_dir: Path, files: list[Path], model) -> _LazySource | _LoadedSource:
+def _source(model_dir: Path, files: list[Path], model, config) -> _LazySource | _LoadedSource:
     handles = {f: _open(f) for f in files}
     shapes: dict[str, list[int]] = {}
     where: dict[str, Path] = {}
     for path, handle in handles.items():
         for key in handle.keys():  # type: ignore[attr-defined]  # noqa: SIM118 - the handle is not iterable
-            if key.endswith(("_blocks", "_scales")) and ".experts." in key:
-                raise HarnessError(
-                    f"{model_dir} stores quantized experts ({key}, MXFP4-style blocks and scales); the harness packs "
-                    "unquantized checkpoints: dequantize it with transformers first"
-                )
             shapes[key] = list(handle.get_slice(key).get_shape())  # type: ignore[attr-defined]
             where[key] = path
+    mxfp4 = _mxfp4_keys(model_dir, shapes, where, config)
     expected = {name: list(t.shape) for name, t in non_expert_state(model).items()}
     plan = plan_checkpoint(shapes, experts_sites(model), expected)
+    if plan is None and mxfp4:
+        raise HarnessError(f"{model_dir}: its MXFP4 expert tensors do not map onto the model's experts modules")
     if plan is None:
         return _LoadedSource(model_dir)
-    return _LazySource(handles, where, plan, model)
+    return _LazySource(handles, where, plan, model, mxfp4)
+
+
+def _mxfp4_keys(model_dir: Path, shapes: dict[str, list[int]], where: dict[str, Path], config) -> set[str]:
+    """The expert weights stored as MXFP4 `{key}_blocks` + `{key}_scales`; each pair is replaced in `shapes` by
+    `key` with the [E, in, out] shape it dequantizes to, so the checkpoint plan places it like any stacked tensor."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    blocks = [k for k in shapes if k.endswith("_blocks") and ".experts." in k]
+    if bool(blocks) != (method == MXFP4.name):
+        raise HarnessError(
+            f"{model_dir}: config.json says quant_method {method!r} but the checkpoint holds "
+            f"{'MXFP4 expert blocks' if blocks else 'no MXFP4 expert blocks (*_blocks, *_scales)'}"
+        )
+    keys = set()
+    for key in blocks:
+        base = key.removesuffix("_blocks")
+        scales = shapes.pop(base + "_scales", None)
+        experts, out_rows, groups, half = shapes.pop(key)
+        if scales != [experts, out_rows, groups] or half * 2 != MXFP4_BLOCK:
+            raise HarnessError(f"{model_dir}: {key} {[experts, out_rows, groups, half]} has no matching _scales")
+        shapes[base], where[base] = [experts, groups * MXFP4_BLOCK, out_rows], where[key]
+        keys.add(base)
+    return keys

@@ -10,6 +10,13 @@ half-precision scale per group of 32), so 8.5 and 4.5 bits per weight at the def
 `dequantize` is the one function that turns stored values back into weights: the packer's round trip,
 the offloaded forward and the resident reference model all call it, so they compute with identical
 weights and greedy tokens stay bit-identical.
+
+`mxfp4` is a checkpoint's own format, kept as it is (gpt-oss; the OCP Microscaling spec's MXFP4): each
+block of 32 weights along a row holds 4-bit E2M1 values (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5,
+1, 1.5, 2, 3, 4, 6 and their negatives), two per byte (even element in the low nibble), and one E8M0
+scale (a power of two, 2^(byte - 127)). gpt-oss stores an expert weight as `W_blocks` uint8 [out, in/32,
+16] and `W_scales` uint8 [out, in/32]; the packer keeps both (`W` and `W@scale`) and the forward
+dequantizes to the experts module's [in, out] layout. The harness does not quantize to it.
 """
 
 from __future__ import annotations
@@ -32,15 +39,27 @@ class QuantFormat:
     storage: torch.dtype
 
 
+MXFP4 = QuantFormat("mxfp4", 4, 6, torch.uint8)
 FORMATS = {
     "int8": QuantFormat("int8", 8, 127, torch.int8),
     "int4": QuantFormat("int4", 4, 7, torch.uint8),
+    MXFP4.name: MXFP4,
 }
+MXFP4_BLOCK = 32
+"""Weights per E8M0 scale (OCP MX spec)."""
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The value of each 4-bit E2M1 code (bit 3 the sign), from its definition in the OCP MX spec."""
+E8M0_BIAS = 127
 
 
 def quant_format(name: str) -> QuantFormat:
+    if name == MXFP4.name:
+        raise HarnessError(
+            "mxfp4 is a checkpoint format: an MXFP4 checkpoint (gpt-oss) is packed in it as it is; the harness "
+            "quantizes to int8 or int4 only"
+        )
     if name not in FORMATS:
-        raise HarnessError(f"unknown expert dtype {name!r}; choose one of: {', '.join(FORMATS)}")
+        raise HarnessError(f"unknown expert dtype {name!r}; choose one of: int8, int4")
     return FORMATS[name]
 
 
@@ -68,6 +87,8 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat, group_size: int) -> tuple[t
 
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype` from its stored values and scales (the inverse of `quantize` up to rounding)."""
+    if fmt is MXFP4:
+        return dequantize_mxfp4(stored, scale, dtype)
     if fmt.bits == 4:
         # Arithmetic shifts of the bytes read as int8 sign-extend each nibble (the low one first).
         byte = stored.view(torch.int8)
@@ -82,3 +103,13 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dtyp
 def round_trip(weight: torch.Tensor, fmt: QuantFormat, group_size: int) -> torch.Tensor:
     """The weight the offloaded forward will compute with: quantized, then dequantized to its own dtype."""
     return dequantize(*quantize(weight, fmt, group_size), fmt, weight.dtype)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An MXFP4 weight, blocks uint8 [out, in/32, 16] and E8M0 scales uint8 [out, in/32], as [in, out] in `dtype`."""
+    out_rows, groups, _ = blocks.shape
+    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=-1).reshape(out_rows, groups, MXFP4_BLOCK)
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32)[codes.long()]
+    # value * 2^(scale - 127), computed in float32, where every such product is exact, then rounded once.
+    weight = torch.ldexp(values, scales.to(torch.int32)[..., None] - E8M0_BIAS)
+    return weight.reshape(out_rows, groups * MXFP4_BLOCK).t().to(dtype)

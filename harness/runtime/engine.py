@@ -5,6 +5,7 @@ left of the budget."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from harness.errors import HarnessError
 from harness.keys import Scope
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.models.quant import FORMATS
+from harness.models.routers import Router, layer_routers
 from harness.runtime.device import DeviceTimeline
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.expert_io import BackendName, ReadBackend, ThreadReads, make_backend, queue_depth_from_profile
@@ -70,14 +72,13 @@ class OffloadEngine:
             self.model.to(self.device)  # the offloaded experts hold no parameters: their weights stay in the source
         self.experts_file = Path(experts_file)
         self.model_dir, self.dense_file = Path(model_dir), Path(dense_file)
-        # Each MoE layer's router (the module beside the replaced experts), for strategies that apply a
-        # later layer's router to an earlier hidden state.
-        self.routers: dict[int, nn.Module] = {}
-        for module in self.model.modules():
-            experts = getattr(module, "experts", None)
-            if isinstance(experts, OffloadedExperts) and hasattr(module, "gate"):
-                self.routers[experts.layer] = module.gate
         self.cache: ExpertSource | None = None
+
+    @cached_property
+    def routers(self) -> dict[int, Router]:
+        """Each MoE layer's router, for strategies that apply a later layer's router to an earlier hidden state
+        (found on first use: a HarnessError says why where one cannot be applied)."""
+        return layer_routers(self.model, {m.layer: m for m in self.modules}, self.index.num_experts)
 
     def configure_cache(self, slots: int, scope: Scope, policy: str, seed: int, io_threads: int) -> ExpertCache:
         """The plain expert cache (strategy `cache`): `slots` per eviction group under `policy`."""

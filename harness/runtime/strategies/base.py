@@ -225,10 +225,31 @@ def before_attention(engine: OffloadEngine, callback: Callable[[OffloadedExperts
         decoder_layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def post_attention_norm(engine: OffloadEngine, layer: int) -> nn.Module:
-    """The norm a MoE decoder layer applies before its router (to apply the router to other hidden states)."""
+_PRE_MOE_NORMS = (
+    "pre_feedforward_layernorm",
+    "pre_mlp_layernorm",
+    "pre_ff_layernorm",
+    "ffn_norm",
+    "post_attention_layernorm",
+)
+"""Decoder-layer norms applied to the residual stream right before the MoE block, by architecture: a sandwich
+norm's `pre_*` one first (AFMoE also has a post_attention_layernorm, applied to the attention output), LFM2's
+`ffn_norm`, Jamba's `pre_ff_layernorm`, else the usual `post_attention_layernorm`."""
+_POST_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+
+
+def moe_input_norm(engine: OffloadEngine, layer: int) -> nn.Module:
+    """What a MoE decoder layer applies to its residual stream before its router, to apply the router to other
+    hidden states: the pre-MoE norm; none (identity) in a post-norm layer (FlexOlmo: the MoE block reads the
+    residual stream); the input norm in a parallel layer (Cohere: attention and MoE read the same normed input)."""
     decoder = engine.model.get_decoder().layers[layer]
-    norm = getattr(decoder, "post_attention_layernorm", None)
-    if not isinstance(norm, nn.Module):
-        raise HarnessError(f"{type(decoder).__name__} has no post_attention_layernorm: no look-ahead prediction")
-    return norm
+    post_norm = any(hasattr(decoder, name) for name in _POST_NORMS)
+    # In a post-norm layer, post_attention_layernorm normalises the attention output, not the MoE input.
+    for name in _PRE_MOE_NORMS[:-1] if post_norm else _PRE_MOE_NORMS:
+        if isinstance(getattr(decoder, name, None), nn.Module):
+            return getattr(decoder, name)
+    if post_norm:
+        return nn.Identity()
+    if isinstance(getattr(decoder, "input_layernorm", None), nn.Module):
+        return decoder.input_layernorm
+    raise HarnessError(f"{type(decoder).__name__} has no known norm before its MoE block: no look-ahead prediction")

@@ -28,7 +28,7 @@ from harness.runtime.strategies.base import (
     Strategy,
     before_attention,
     layer_experts,
-    post_attention_norm,
+    moe_input_norm,
     register_strategy,
 )
 from harness.runtime.strategies.prefetch import GatePrefetcher
@@ -54,7 +54,7 @@ class LookAhead(Strategy):
         self._pending: dict[int, set[int]] = {}
         self.gate = GatePrefetcher(engine, cache, self.gate_distance, self.phases) if self.gate_distance else None
         before_attention(engine, self._before_attention)
-        self._norms = {m.layer: post_attention_norm(engine, m.layer) for m in engine.modules}
+        self._norms = {m.layer: moe_input_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [
             "the look-ahead applies layer l's router to layer l's input after the post-attention norm (the "
             "router's own input normalisation), before the attention block runs",
