@@ -102,6 +102,8 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   linear-attention counterpart of the gain, not found yet; its cache comparisons are pessimistic.
     # - lfm2_moe (512 tokens): 5 of 7 (top-10% 0.180, overlap 0.147, LRU 0.281 / 0.542, LFU 0.323); Belady
     #   0.513 / 0.780 just below (its q_layernorm / k_layernorm now get the gain).
+    # - qwen2_moe (512 tokens): 7 of 7 (top-10% 0.213, overlap 0.167, LRU 0.319 / 0.596, LFU 0.376, Belady
+    #   0.546 / 0.808).
     # - hunyuan_v1_moe (512 tokens): 7 of 7 (top-10% 0.206, overlap 0.161, LRU 0.310 / 0.580, LFU 0.361, Belady
     #   0.537 / 0.799), with the gain on its query_layernorm / key_layernorm.
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
@@ -110,7 +112,7 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - kimi_linear (512 tokens): 2 of 7 (top-10% 0.145, overlap 0.128); LRU 0.257 / 0.511, LFU 0.271, Belady
     #   0.491 / 0.762 near uniform, as qwen3_next: its Kimi Delta Attention layers (3 in 4). Not tuned.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
-    #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`): qwen2_moe,
+    #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
