@@ -169,10 +169,16 @@ def preflight(spec: RunSpec) -> tuple[Path, PackIndex]:
                 f"use at least {math.ceil(need / 2**20)}MiB"
             )
         if spec.tiers is not None:
-            free = spec.ram_budget_bytes - runtime - index.dense_bytes - WORKSPACE_RESERVE_BYTES
+            free = expert_ram_free(spec.ram_budget_bytes, runtime, index.dense_bytes)
             tiers = parse_tiers(spec.tiers)
             check_tiers_budget(tiers, index.stride_bytes, len(index.moe_layers), spec.scope, device, free)
     return model_dir, index
+
+
+def expert_ram_free(budget_bytes: int, runtime_bytes: int, dense_bytes: int) -> int:
+    """RAM a budget leaves for expert tiers: less this process's runtime (interpreter and libraries), the
+    non-expert weights and the workspace reserve."""
+    return budget_bytes - runtime_bytes - dense_bytes - WORKSPACE_RESERVE_BYTES
 
 
 def resolve_device(requested: str) -> str:

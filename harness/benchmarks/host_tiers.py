@@ -32,10 +32,11 @@ from harness.store.layout import PackIndex
 from harness.units import format_bytes, parse_size
 
 RUNTIME_RSS_BYTES = 520 << 20
-"""Resident memory of a run besides the non-expert weights, slots and workspace: interpreter, torch,
-transformers, numba and the compiled policy kernels, engine. Measured on the 2-core VM: `import harness.run` holds
-515 MiB (torch 220, transformers 115, numba 50, the policy kernels 52), and a cell's own budget check found
-1280 - 374 - 129.6 - 256 = 520 MiB at a 1.25 GiB budget."""
+"""The sizing of the shipped hierarchy.yaml (and the tests); the benchmark itself measures it
+(`cell_runtime_bytes`). Resident memory of a run besides the non-expert weights, slots and workspace:
+interpreter, torch, transformers, numba and the compiled policy kernels, engine. Measured on the 2-core VM:
+`import harness.run` holds 515 MiB (torch 220, transformers 115, numba 50, the policy kernels 52), and a
+cell's own budget check found 1280 - 374 - 129.6 - 256 = 520 MiB at a 1.25 GiB budget."""
 SLACK_BYTES = 32 << 20
 """Kept free besides: the KV cache (3 MiB for olmoe-small at 2 prompts x 40 tokens) and room for a baseline
 a few MiB above the measured one, so each design fits the run's own budget check."""
@@ -52,16 +53,20 @@ class Design:
     io_engine: str
 
 
-def expert_ram_bytes(budget_bytes: int, index: PackIndex, io_threads: int = 4) -> int:
-    """RAM of a budget left for expert tiers: the budget less the non-expert weights, the runtime, the run's
-    workspace reserve, the read buffers (one expert per read thread) and the slack."""
-    from harness.run import WORKSPACE_RESERVE_BYTES  # the run's own reserve (imports the engine: torch)
+def expert_ram_bytes(
+    budget_bytes: int, index: PackIndex, io_threads: int = 4, runtime_bytes: int = RUNTIME_RSS_BYTES
+) -> int:
+    """RAM of a budget left for expert tiers: what the run's own budget check leaves (`expert_ram_free`), less
+    the read buffers (one expert per read thread) and the slack."""
+    from harness.run import expert_ram_free  # the run's own rule (imports the engine: torch)
 
-    reserve = index.dense_bytes + RUNTIME_RSS_BYTES + WORKSPACE_RESERVE_BYTES + io_threads * index.stride_bytes
-    return budget_bytes - reserve - SLACK_BYTES
+    free = expert_ram_free(budget_bytes, runtime_bytes, index.dense_bytes)
+    return free - io_threads * index.stride_bytes - SLACK_BYTES
 
 
-def designs(budget_bytes: int, index: PackIndex, io_threads: int = 4) -> list[Design]:
+def designs(
+    budget_bytes: int, index: PackIndex, io_threads: int = 4, runtime_bytes: int = RUNTIME_RSS_BYTES
+) -> list[Design]:
     """The three designs at one budget, each holding the same expert bytes in RAM.
 
     S = the slots per layer that fit (expert RAM // (MoE layers x expert stride), at most the experts of a
@@ -71,7 +76,7 @@ def designs(budget_bytes: int, index: PackIndex, io_threads: int = 4) -> list[De
     page cache also holds what the slots hold, and both count against the budget). The last design is left
     out where S - H is 0."""
     layers = len(index.moe_layers)
-    fits = expert_ram_bytes(budget_bytes, index, io_threads) // (layers * index.stride_bytes)
+    fits = expert_ram_bytes(budget_bytes, index, io_threads, runtime_bytes) // (layers * index.stride_bytes)
     per_layer = min(fits, index.num_experts)  # a budget that holds every expert: each design holds them all
     if per_layer < index.top_k:
         raise HarnessError(
@@ -182,15 +187,31 @@ def render(rows: list[TableRow]) -> str:
     return "\n".join(lines)
 
 
+def cell_runtime_bytes() -> int:
+    """A cell's runtime as its budget check measures it (`harness.run.preflight`: this process's resident memory
+    once the run's modules are imported), measured here the same way, so the designs fit on this machine."""
+    import psutil
+
+    import harness.run  # noqa: F401 - what a cell holds before its weights load
+
+    return psutil.Process().memory_info().rss
+
+
 def plan_cells(
-    model: str, budgets: list[str], index: PackIndex, rounds: int, base: dict[str, Any]
+    model: str,
+    budgets: list[str],
+    index: PackIndex,
+    rounds: int,
+    base: dict[str, Any],
+    runtime_bytes: int = RUNTIME_RSS_BYTES,
 ) -> list[tuple[int, int, Design, RunSpec]]:
-    """(round, budget bytes, design, spec) of every cell in run order; a budget too small or a spec the harness
-    refuses fails here, before anything runs (HarnessError)."""
+    """(round, budget bytes, design, spec) of every cell in run order, sized for a cell runtime of
+    `runtime_bytes`; a budget too small or a spec the harness refuses fails here, before anything runs."""
     from harness.sweep import interleave
 
+    threads = base.get("io_threads", 4)
     configs = [
-        (text, design) for text in budgets for design in designs(parse_size(text), index, base.get("io_threads", 4))
+        (text, design) for text in budgets for design in designs(parse_size(text), index, threads, runtime_bytes)
     ]
     cells = []
     for rnd, (text, design) in interleave(configs, rounds):
@@ -254,7 +275,7 @@ def main(
             "max_new_tokens": max_new_tokens,
             "io_threads": io_threads,
         }
-        cells = plan_cells(model, _budgets(budgets), index, rounds, base)
+        cells = plan_cells(model, _budgets(budgets), index, rounds, base, cell_runtime_bytes())
     except HarnessError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(ExitCode.BAD_INPUT)
