@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import cast
 
@@ -72,13 +71,7 @@ def write_outputs(run: SimulationRun, out: Path) -> list[Path]:
 
 def summary(run: SimulationRun) -> dict[str, object]:
     """What was replayed, how, and each policy's description (simulation.json; `simulate --json` adds the rows)."""
-    return {
-        "trace": run.trace_path,
-        "trace_meta": asdict(run.meta),
-        "scope": run.scope,
-        "phase": run.phase,
-        "reset": run.reset,
-        "sequences": run.seq_ids,
+    return run.header() | {
         "heldout_only": run.heldout_only,
         "split": run.split,
         "bounds": [p for p in ORACLES if any(r.policy == p for r in run.results)],

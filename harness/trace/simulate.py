@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -290,8 +290,8 @@ def trace_profile(path: str | Path) -> FrequencyProfile:
 
 
 @dataclass
-class SimulationRun:
-    """Every requested policy at every capacity over one prepared trace, with the notes a reader needs."""
+class ReplayedTrace:
+    """What was replayed and how: the head of every simulation's summary (policies and tier stacks alike)."""
 
     trace_path: str
     meta: TraceMeta
@@ -299,6 +299,22 @@ class SimulationRun:
     phase: PhaseFilter
     reset: Reset
     seq_ids: list[int]
+
+    def header(self) -> dict[str, object]:
+        return {
+            "trace": self.trace_path,
+            "trace_meta": asdict(self.meta),
+            "scope": self.scope,
+            "phase": self.phase,
+            "reset": self.reset,
+            "sequences": self.seq_ids,
+        }
+
+
+@dataclass
+class SimulationRun(ReplayedTrace):
+    """Every requested policy at every capacity over one prepared trace, with the notes a reader needs."""
+
     heldout_only: bool
     results: list[SimulationResult]
     notes: list[str]

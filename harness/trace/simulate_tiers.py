@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.cache.book import AccessCounts
@@ -17,8 +17,8 @@ from harness.cache.registry import policy_class
 from harness.cache.tiers import SEMANTICS, TierSpec, TierStack, parse_tiers
 from harness.errors import HarnessError
 from harness.keys import PHASES, Phase, Scope
-from harness.trace.schema import TraceMeta, read_trace
-from harness.trace.simulate import SCOPES, PhaseFilter, Replay, Reset, build_replay
+from harness.trace.schema import read_trace
+from harness.trace.simulate import SCOPES, PhaseFilter, Replay, ReplayedTrace, Reset, build_replay
 
 
 @dataclass
@@ -153,15 +153,9 @@ def run_tier_replay(
 
 
 @dataclass
-class TierSimulationRun:
+class TierSimulationRun(ReplayedTrace):
     """Every requested tier stack over one prepared trace."""
 
-    trace_path: str
-    meta: TraceMeta
-    scope: Scope
-    phase: PhaseFilter
-    reset: Reset
-    seq_ids: list[int]
     results: list[TierSimulationResult]
     notes: list[str] = field(default_factory=list)
 
@@ -217,13 +211,7 @@ def write_tier_outputs(run: TierSimulationRun, out: Path) -> list[Path]:
     rows = [row for result in run.results for row in result.rows()]
     csv_path = out / "tiers.csv"
     pd.DataFrame(rows).to_csv(csv_path, index=False)
-    summary = {
-        "trace": run.trace_path,
-        "trace_meta": asdict(run.meta),
-        "scope": run.scope,
-        "phase": run.phase,
-        "reset": run.reset,
-        "sequences": run.seq_ids,
+    summary = run.header() | {
         "semantics": SEMANTICS,
         "notes": run.notes,
         "tiers": rows,
