@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness.benchmarks import host_tiers
 from harness.benchmarks.host_tiers import DESIGNS, Design, designs, main, plan_cells, render, table
 from harness.errors import HarnessError
 from harness.store.layout import PackIndex
@@ -172,7 +173,9 @@ def test_plan_interleaves_rounds(tmp_path):
     assert all(spec.repeat == rnd and spec.max_new_tokens == 40 for rnd, _, _, spec in cells)
 
 
-def test_command_line_errors_are_one_line_with_exit_2(tmp_path):
+def test_command_line_errors_are_one_line_with_exit_2(tmp_path, monkeypatch):
+    # The command sizes designs with the runtime it measures; pinned to the shipped sizing's, so stacks are known.
+    monkeypatch.setattr(host_tiers, "cell_runtime_bytes", lambda: host_tiers.RUNTIME_RSS_BYTES)
     model = str(_fake_model(tmp_path))
     bad = CliRunner().invoke(main, ["--model", model, "--budgets", "lots"])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: cannot read size 'lots'")
