@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.compiled import CompiledPolicy
-from harness.cache.ranked import RankedPolicy
+from harness.cache.ranked import GroupReplay, RankedPolicy
 from harness.errors import HarnessError
 from harness.keys import PHASES, ExpertKey, Phase, Scope
 
@@ -220,32 +220,11 @@ class ExpertCacheBook:
         i = 0
         while i < len(mine):
             if not group.staged:
-                slot_of = np.full(policy.slots, -1, dtype=np.int64)
-                key_of_slot = np.full(group.capacity, -1, dtype=np.int64)
-                for key, slot in group.resident.items():
-                    at = policy.index[key]
-                    slot_of[at] = slot
-                    key_of_slot[slot - group.first_slot] = at
-                free = np.array(group.free, dtype=np.int64)
-                n_free = np.array([len(free)], dtype=np.int64)
-                i = policy.replay(
-                    keys,
-                    prepared.bounds,
-                    prepared.now,
-                    mine,
-                    i,
-                    slot_of,
-                    key_of_slot,
-                    group.first_slot,
-                    free,
-                    n_free,
-                    mark,
-                    hits,
-                    misses,
-                )
+                r = _group_replay(group, policy, keys, prepared, mine, mark, hits, misses)
+                i = policy.replay(r, i)
                 first = group.first_slot
-                group.resident = {universe[k]: first + s for s, k in enumerate(key_of_slot.tolist()) if k >= 0}
-                group.free = free[: n_free[0]].tolist()
+                group.resident = {universe[k]: first + s for s, k in enumerate(r.key_of_slot.tolist()) if k >= 0}
+                group.free = r.free[: r.n_free[0]].tolist()
                 if i == len(mine):
                     break
             layer, step_keys, now, phase = calls[int(mine[i])]
@@ -391,6 +370,40 @@ class ExpertCacheBook:
                 out.hits += c.hits
                 out.misses += c.misses
         return out
+
+
+def _group_replay(
+    group: _Partition,
+    policy: RankedPolicy | CompiledPolicy,
+    keys: np.ndarray,
+    prepared: PreparedCalls,
+    mine: np.ndarray,
+    mark: np.ndarray,
+    hits: np.ndarray,
+    misses: np.ndarray,
+) -> GroupReplay:
+    """The compiled replay's view of `group` as it stands (its resident keys and free slots) and of its calls."""
+    slot_of = np.full(policy.slots, -1, dtype=np.int64)
+    key_of_slot = np.full(group.capacity, -1, dtype=np.int64)
+    for key, slot in group.resident.items():
+        at = policy.index[key]
+        slot_of[at] = slot
+        key_of_slot[slot - group.first_slot] = at
+    free = np.array(group.free, dtype=np.int64)
+    return GroupReplay(
+        keys=keys,
+        bounds=prepared.bounds,
+        nows=prepared.now,
+        calls=mine,
+        slot_of=slot_of,
+        key_of_slot=key_of_slot,
+        first_slot=group.first_slot,
+        free=free,
+        n_free=np.array([len(free)], dtype=np.int64),
+        mark=mark,
+        hits=hits,
+        misses=misses,
+    )
 
 
 def _compiled(group: _Partition) -> bool:

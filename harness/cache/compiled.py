@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.ranked import njit
+from harness.cache.ranked import GROUP_REPLAY, GroupReplay, njit
 from harness.keys import ExpertKey
 
 try:
@@ -55,19 +55,8 @@ if types is not None:
         types.boolean,
         types.boolean,
         *_STATE,
-        types.int64[:],
-        types.int64[:],
-        types.int64[:],
-        types.int64[:],
+        GROUP_REPLAY,
         types.int64,
-        types.int64[:],
-        types.int64[:],
-        types.int64,
-        types.int64[:],
-        types.int64[:],
-        types.int64[:],
-        types.int64[:],
-        types.int64[:],
     )
 else:
     ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
@@ -166,44 +155,34 @@ def drive(
     gf: np.ndarray,
     ki: np.ndarray,
     kf: np.ndarray,
-    keys: np.ndarray,
-    bounds: np.ndarray,
-    nows: np.ndarray,
-    calls: np.ndarray,
+    r: GroupReplay,
     start: int,
-    slot_of: np.ndarray,
-    key_of_slot: np.ndarray,
-    first_slot: int,
-    free: np.ndarray,
-    n_free: np.ndarray,
-    mark: np.ndarray,
-    hits: np.ndarray,
-    misses: np.ndarray,
 ) -> int:
-    """Replay calls[start:] of one cache group with nothing staged, as `ExpertCacheBook.account` would,
-    calling the policy's kernel where the book calls its hooks: each call's keys (keys[bounds[c]:bounds[c+1]],
-    distinct, at step nows[c]) are accessed in order (misses only where `observes_misses`) before any miss
-    is placed; each miss then takes a free slot (free[:n_free[0]], the last first), or, where `admit` lets
-    it in (`admits`; else always), the slot of the victim among the resident keys the call does not need
-    (`evict(victim)`), and is inserted; a miss not admitted streams. Counts go to hits[c] / misses[c].
-    Returns the index of the first call it cannot take (wider than the group), or len(calls)."""
+    """Replay r.calls[start:] of one cache group (`GroupReplay`) with nothing staged, as
+    `ExpertCacheBook.account` would, calling the policy's kernel where the book calls its hooks: each call's
+    keys (keys[bounds[c]:bounds[c+1]], distinct, at step nows[c]) are accessed in order (misses only where
+    `observes_misses`) before any miss is placed; each miss then takes a free slot (free[:n_free[0]], the
+    last first), or, where `admit` lets it in (`admits`; else always), the slot of the victim among the
+    resident keys the call does not need (`evict(victim)`), and is inserted; a miss not admitted streams.
+    Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
+    group), or len(calls)."""
     width_max = 0
-    for c in calls:
-        width_max = max(width_max, bounds[c + 1] - bounds[c])
+    for c in r.calls:
+        width_max = max(width_max, r.bounds[c + 1] - r.bounds[c])
     missed = np.empty(width_max, dtype=np.int64)
-    capacity = len(key_of_slot)
-    for i in range(start, len(calls)):
-        c = calls[i]
-        a, b = bounds[c], bounds[c + 1]
+    capacity = len(r.key_of_slot)
+    for i in range(start, len(r.calls)):
+        c = r.calls[i]
+        a, b = r.bounds[c], r.bounds[c + 1]
         if b - a > capacity:
             return i
-        now = nows[c]
+        now = r.nows[c]
         tag = c + 1
         m = 0
         for j in range(a, b):
-            key = keys[j]
-            mark[key] = tag
-            if slot_of[key] >= 0:
+            key = r.keys[j]
+            r.mark[key] = tag
+            if r.slot_of[key] >= 0:
                 access(g, gf, ki, kf, key, now, True)
             else:
                 missed[m] = key
@@ -212,22 +191,22 @@ def drive(
                     access(g, gf, ki, kf, key, now, False)
         for j in range(m):
             key = missed[j]
-            if n_free[0]:
-                n_free[0] -= 1
-                slot = free[n_free[0]]
+            if r.n_free[0]:
+                r.n_free[0] -= 1
+                slot = r.free[r.n_free[0]]
             else:
-                if admits and not admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now):
+                if admits and not admit(g, gf, ki, kf, r.key_of_slot, r.mark, tag, key, now):
                     continue
-                out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                out = victim(g, gf, ki, kf, r.key_of_slot, r.mark, tag, key, now)
                 evict(g, gf, ki, kf, out, now)
-                slot = slot_of[out]
-                slot_of[out] = -1
-            slot_of[key] = slot
-            key_of_slot[slot - first_slot] = key
+                slot = r.slot_of[out]
+                r.slot_of[out] = -1
+            r.slot_of[key] = slot
+            r.key_of_slot[slot - r.first_slot] = key
             insert(g, gf, ki, kf, key, now)
-        hits[c] = b - a - m
-        misses[c] = m
-    return len(calls)
+        r.hits[c] = b - a - m
+        r.misses[c] = m
+    return len(r.calls)
 
 
 class CompiledPolicy(CachePolicy):
@@ -321,23 +300,8 @@ class CompiledPolicy(CachePolicy):
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]
 
-    def replay(
-        self,
-        keys: np.ndarray,
-        bounds: np.ndarray,
-        nows: np.ndarray,
-        calls: np.ndarray,
-        start: int,
-        slot_of: np.ndarray,
-        key_of_slot: np.ndarray,
-        first_slot: int,
-        free: np.ndarray,
-        n_free: np.ndarray,
-        mark: np.ndarray,
-        hits: np.ndarray,
-        misses: np.ndarray,
-    ) -> int:
-        """`drive` with this policy's kernel and state (arguments as there)."""
+    def replay(self, r: GroupReplay, start: int) -> int:
+        """`drive` with this policy's kernel and state."""
         k = self.kernel
         return drive(
             k.access,
@@ -351,19 +315,8 @@ class CompiledPolicy(CachePolicy):
             self.gf,
             self.ki,
             self.kf,
-            keys,
-            bounds,
-            nows,
-            calls,
+            r,
             start,
-            slot_of,
-            key_of_slot,
-            first_slot,
-            free,
-            n_free,
-            mark,
-            hits,
-            misses,
         )
 
 

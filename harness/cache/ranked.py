@@ -20,7 +20,7 @@ where every group's policy is a `RankedPolicy`.
 from __future__ import annotations
 
 from collections.abc import Set
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -34,6 +34,42 @@ except ImportError:  # the same functions, interpreted: correct, only slower
     def njit(*args, **kwargs):  # type: ignore[no-redef]
         return args[0] if args and callable(args[0]) else (lambda fn: fn)
 
+
+try:
+    from numba import types
+except ImportError:
+    types = None  # type: ignore[assignment]
+
+
+class GroupReplay(NamedTuple):
+    """The arrays a compiled replay of one cache group's steps reads and writes (`replay_group`, and
+    `harness.cache.compiled.drive`), built by `ExpertCacheBook`. Key positions index the policy's arrays."""
+
+    keys: np.ndarray
+    """Key positions of every call's keys: call c's are keys[bounds[c]:bounds[c + 1]] (distinct)."""
+    bounds: np.ndarray
+    nows: np.ndarray
+    """Each call's token step."""
+    calls: np.ndarray
+    """The group's call indices, in order."""
+    slot_of: np.ndarray
+    """Key position -> slot (of the whole pool), -1 if not resident."""
+    key_of_slot: np.ndarray
+    """Slot - first_slot -> key position, -1 if free."""
+    first_slot: int
+    free: np.ndarray
+    """Free slots: free[:n_free[0]], taken from the end."""
+    n_free: np.ndarray
+    mark: np.ndarray
+    """Per key position: the tag (call + 1) of the last call that needed it."""
+    hits: np.ndarray
+    """Per call (all calls, not only the group's): hits and misses, written by the replay."""
+    misses: np.ndarray
+
+
+_ARRAY = types.int64[::1] if types is not None else None
+GROUP_REPLAY = types.NamedTuple([_ARRAY] * 6 + [types.int64] + [_ARRAY] * 5, GroupReplay) if types is not None else None
+"""The numba type of a `GroupReplay`: C-contiguous int64 arrays (a tuple's arrays are not converted)."""
 
 COUNT, STAMP = 1, 2
 """What `touch` does to a key: bump its lifetime count, renew its stamp (flags, combined with |)."""
@@ -66,51 +102,34 @@ def lowest(state: np.ndarray, counted: bool, keys: np.ndarray, skip: np.ndarray,
 
 
 @njit(
-    "int64(int64[:], int64[:], int64[:], int64, int64[:], boolean, boolean, int64[:], int64[:], int64,"
-    " int64[:], int64[:], int64[:], int64[:], int64[:])",
+    types.int64(types.int64[:], types.boolean, types.boolean, GROUP_REPLAY, types.int64) if types else None,
     cache=True,
 )
-def replay_group(
-    keys: np.ndarray,
-    bounds: np.ndarray,
-    calls: np.ndarray,
-    start: int,
-    state: np.ndarray,
-    counted: bool,
-    observes_misses: bool,
-    slot_of: np.ndarray,
-    key_of_slot: np.ndarray,
-    first_slot: int,
-    free: np.ndarray,
-    n_free: np.ndarray,
-    mark: np.ndarray,
-    hits: np.ndarray,
-    misses: np.ndarray,
-) -> int:
-    """Replay calls[start:] of one cache group with nothing staged and every miss admitted, as
+def replay_group(state: np.ndarray, counted: bool, observes_misses: bool, r: GroupReplay, start: int) -> int:
+    """Replay r.calls[start:] of one cache group (`GroupReplay`) with nothing staged and every miss admitted, as
     `ExpertCacheBook.account` would: each call's keys (keys[bounds[c]:bounds[c+1]], distinct) are touched
     in order, hits before misses are placed; each miss then takes a free slot (free[:n_free[0]], the last
     first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group: the book streams what finds no slot), or len(calls)."""
     width_max = 0
-    for c in calls:
-        width_max = max(width_max, bounds[c + 1] - bounds[c])
+    for c in r.calls:
+        width_max = max(width_max, r.bounds[c + 1] - r.bounds[c])
     missed = np.empty(width_max, dtype=np.int64)
-    capacity = len(key_of_slot)
+    capacity = len(r.key_of_slot)
     on_hit = STAMP | (COUNT if counted else 0)
     on_miss = COUNT if counted and observes_misses else 0
-    for i in range(start, len(calls)):
-        c = calls[i]
-        a, b = bounds[c], bounds[c + 1]
+    for i in range(start, len(r.calls)):
+        c = r.calls[i]
+        a, b = r.bounds[c], r.bounds[c + 1]
         if b - a > capacity:
             return i
         tag = c + 1
         m = 0
         for j in range(a, b):
-            key = keys[j]
-            mark[key] = tag
-            if slot_of[key] >= 0:
+            key = r.keys[j]
+            r.mark[key] = tag
+            if r.slot_of[key] >= 0:
                 touch(state, key, on_hit)
             else:
                 missed[m] = key
@@ -118,19 +137,19 @@ def replay_group(
                 touch(state, key, on_miss)
         for j in range(m):
             key = missed[j]
-            if n_free[0]:
-                n_free[0] -= 1
-                slot = free[n_free[0]]
+            if r.n_free[0]:
+                r.n_free[0] -= 1
+                slot = r.free[r.n_free[0]]
             else:
-                victim = lowest(state, counted, key_of_slot, mark, tag)
-                slot = slot_of[victim]
-                slot_of[victim] = -1
-            slot_of[key] = slot
-            key_of_slot[slot - first_slot] = key
+                victim = lowest(state, counted, r.key_of_slot, r.mark, tag)
+                slot = r.slot_of[victim]
+                r.slot_of[victim] = -1
+            r.slot_of[key] = slot
+            r.key_of_slot[slot - r.first_slot] = key
             touch(state, key, STAMP)
-        hits[c] = b - a - m
-        misses[c] = m
-    return len(calls)
+        r.hits[c] = b - a - m
+        r.misses[c] = m
+    return len(r.calls)
 
 
 class RankedPolicy(CachePolicy):
@@ -193,38 +212,7 @@ class RankedPolicy(CachePolicy):
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]
 
-    def replay(
-        self,
-        keys: np.ndarray,
-        bounds: np.ndarray,
-        nows: np.ndarray,
-        calls: np.ndarray,
-        start: int,
-        slot_of: np.ndarray,
-        key_of_slot: np.ndarray,
-        first_slot: int,
-        free: np.ndarray,
-        n_free: np.ndarray,
-        mark: np.ndarray,
-        hits: np.ndarray,
-        misses: np.ndarray,
-    ) -> int:
+    def replay(self, r: GroupReplay, start: int) -> int:
         """`replay_group` with this policy's state (the book's call, as `CompiledPolicy.replay`; the ranking
-        ignores the clock `nows`)."""
-        return replay_group(
-            keys,
-            bounds,
-            calls,
-            start,
-            self.state,
-            self.counted,
-            self.observes_misses,
-            slot_of,
-            key_of_slot,
-            first_slot,
-            free,
-            n_free,
-            mark,
-            hits,
-            misses,
-        )
+        ignores the clock `r.nows`)."""
+        return replay_group(self.state, self.counted, self.observes_misses, r, start)
