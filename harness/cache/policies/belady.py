@@ -24,7 +24,7 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.ranked import njit
+from harness.cache.ranked import GroupReplay, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -171,8 +171,8 @@ class Belady(CompiledPolicy):
         super().on_access(key, now, hit)
         self._check()
 
-    def replay(self, *args: np.ndarray | int) -> int:
-        done = super().replay(*args)  # type: ignore[arg-type]
+    def replay(self, r: GroupReplay, start: int) -> int:
+        done = super().replay(r, start)
         self._check()
         return done
 

@@ -17,7 +17,7 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.ranked import RankedPolicy, njit
+from harness.cache.ranked import GroupReplay, RankedPolicy, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -125,8 +125,8 @@ class WindowedLFU(CompiledPolicy):
         super().on_access(key, now, hit)
         self._check()
 
-    def replay(self, *args: np.ndarray | int) -> int:
-        done = super().replay(*args)  # type: ignore[arg-type]
+    def replay(self, r: GroupReplay, start: int) -> int:
+        done = super().replay(r, start)
         self._check()
         return done
 
