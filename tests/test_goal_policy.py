@@ -6,7 +6,17 @@ import pytest
 
 from harness.benchmarks.heldout_policies import GOAL, Row, format_rows, heldout_rows
 from harness.cache.book import ExpertCacheBook
-from harness.cache.policies.reuse_logit import RECENT_STEPS, _LayerModel, start_weights
+from harness.cache.policies.reuse_logit import (
+    BLOCK_FLOATS,
+    LAMBDAS,
+    LAST,
+    RECENT,
+    RECENT_STEPS,
+    STEPS,
+    ReuseLogit,
+    settle,
+    start_weights,
+)
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import policy_factory
 from harness.trace.simulate import build_replay, profile_of, run_replay
@@ -32,22 +42,25 @@ def test_warm_start_learns_on_the_profile_steps_then_starts_its_history_afresh()
     profile = history_profile(ALTERNATING[:40])
     book, _ = replay("reuse-logit", [[0, 1]], 4, profile=profile)
     (policy,) = book.policies
-    model = policy._layers[0]
-    # The same weights as a cold model that settled the profile's 40 steps one by one.
-    cold = _LayerModel(model.profile_log_rate.copy())
+    # The same weights as a cold model (the profile's counts, not its steps) that learned the profile's 40 steps
+    # one by one.
+    cold = ReuseLogit(4, 0, FrequencyProfile(profile.counts, profile.steps))
     for i, experts in enumerate(profile.history[0]):
-        cold.grow(1 + max(experts))
-        cold.pending, cold.pending_now = list(experts), i
-        cold.settle()
-    assert np.allclose(model.weights, cold.weights) and not np.allclose(model.weights, start_weights())
-    # ... and a history of the scored step only (0 and 1 at t0, settled here), not of the profile's.
-    model.settle()
-    assert model.last[:2].tolist() == [0, 0] and (model.last[2:] < 0).all()
-    assert model.steps.tolist() == [1.0] * len(model.steps) and model.recent[:, :4].sum() == 2
-    assert len(model.weights) == 1 + 5 + 1 + RECENT_STEPS + 1
+        for e in experts:
+            cold.on_access((0, e), i, True)
+    settle(cold.g, cold.gf, cold.ki, cold.kf, cold.blocks[0])
+    assert np.array_equal(policy.weights(0), cold.weights(0)) and not np.allclose(policy.weights(0), start_weights())
+    # ... and a history of the scored step only (0 and 1 at t0, learned here), not of the profile's.
+    settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[0])
+    rows = policy.bind([(0, 0), (0, 1)])
+    assert policy.ki[rows, LAST].tolist() == [0, 0] and policy.slots == 2
+    at = BLOCK_FLOATS * policy.blocks[0] + STEPS
+    assert policy.gf[at : at + len(LAMBDAS)].tolist() == [1.0] * len(LAMBDAS)
+    assert policy.ki[rows, RECENT].tolist() == [1, 1] and policy.ki[rows, RECENT + 1 : RECENT + RECENT_STEPS].sum() == 0
+    assert len(policy.weights(0)) == 1 + 5 + 1 + RECENT_STEPS + 1
     # A profile of counts only (no steps) has nothing to warm up on.
     (counts_only,) = replay("reuse-logit", [[0, 1]], 4, profile=FrequencyProfile({(0, 0): 5}, {0: 10}))[0].policies
-    assert np.allclose(counts_only._layers[0].weights, start_weights())
+    assert np.array_equal(counts_only.weights(0), start_weights())
 
 
 def test_warm_start_streams_the_one_offs_from_the_first_full_step():

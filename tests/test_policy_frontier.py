@@ -6,7 +6,7 @@ import pytest
 
 from harness.cache.book import ExpertCacheBook
 from harness.cache.policies.belady import FutureAccesses
-from harness.cache.policies.reuse_logit import start_weights
+from harness.cache.policies.reuse_logit import PROFILE, start_weights
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import policy_factory
 from harness.errors import HarnessError
@@ -155,7 +155,7 @@ def test_reuse_logit_keeps_what_comes_back_and_learns_per_layer():
     assert replay("lru", steps, 2)[0].total().hits == replay("lfu", steps, 2)[0].total().hits == 0
     # Learning moves the weights away from the start (LRFU's log-rate alone).
     (policy,) = book.policies
-    assert not np.allclose(policy._layers[0].weights, start_weights())
+    assert not np.allclose(policy.weights(0), start_weights())
 
 
 def test_reuse_logit_reads_a_profile_when_given_one():
@@ -165,5 +165,7 @@ def test_reuse_logit_reads_a_profile_when_given_one():
     steps = [[t % 2, 2 + t] for t in range(20)]
     (with_profile,) = replay("reuse-logit", steps, 2, profile=profile)[0].policies
     (without,) = replay("reuse-logit", steps, 2)[0].policies
-    assert np.allclose(with_profile._layers[0].profile_log_rate[:4], np.log([0.5, 0.5, 1e-3, 1e-3]))
-    assert with_profile._layers[0].weights[-1] != 0 and without._layers[0].weights[-1] == 0
+    assert np.allclose(
+        with_profile.kf[with_profile.bind([(0, e) for e in range(4)]), PROFILE], np.log([0.5, 0.5, 1e-3, 1e-3])
+    )
+    assert with_profile.weights(0)[-1] != 0 and without.weights(0)[-1] == 0
