@@ -12,6 +12,7 @@ import pytest
 from harness.cache.base import CachePolicy
 from harness.cache.book import ExpertCacheBook
 from harness.cache.compiled import CompiledPolicy, mt_below, mt_random, mt_state
+from harness.cache.learned import FlashMoEModel, TrainSettings, build_model
 from harness.cache.policies.lru import LRU
 from harness.cache.ranked import RankedPolicy
 from harness.cache.registry import policy_factory
@@ -42,7 +43,19 @@ COMPILED = [
     "random",
     "lfu-window:8",
     "reuse-logit",
+    "flashmoe",
 ]
+
+
+def _flashmoe_model(stream: Stream, layers: list[int]) -> FlashMoEModel:
+    """A FlashMoE network per layer, trained briefly on the stream's own steps (any weights will do)."""
+    experts = 1 + max(e for _, keys, _, _ in stream.calls for _, e in keys)
+    steps = {
+        layer: [(now, np.array([e for _, e in keys])) for lay, keys, now, _ in stream.calls if lay == layer]
+        for layer in layers
+    }
+    settings = TrainSettings(max_epochs=1, seed=0)
+    return build_model({layer: [s] for layer, s in steps.items()}, experts, settings, {"trace": "test"})
 
 
 def _trace(seed: int, rows: int, layers: int, experts: int, k: int, batch: int) -> Trace:
@@ -63,6 +76,8 @@ def _compare(policy: str, layers: list[int], stream: Stream, scope: str, capacit
     """The compiled stream and the per-key hooks (`step`, as the live engine calls them) end alike."""
     if policy.startswith(("belady", "static-oracle")):
         context = {**context, "future": stream.future()}
+    if policy == "flashmoe":
+        context = {**context, "flashmoe_model": _flashmoe_model(stream, layers)}
     fast = ExpertCacheBook(layers, capacity, scope, policy_factory(policy, 5, **context))
     slow = ExpertCacheBook(layers, capacity, scope, policy_factory(policy, 5, **context))
     compiled = all(isinstance(p, RankedPolicy | CompiledPolicy) for p in fast.policies)
@@ -78,7 +93,13 @@ def _compare(policy: str, layers: list[int], stream: Stream, scope: str, capacit
             continue
         candidates = {k for k in fast.resident_keys() if scope == "global" or k[0] == next(iter(fast_policy.index))[0]}
         if candidates:
-            incoming = (min(k[0] for k in candidates), 99)
+            layer = min(k[0] for k in candidates)
+            # A key not seen before; flashmoe knows only its model's experts: one of them that is not resident.
+            spare = {99} if policy != "flashmoe" else set(range(fast_policy.model.num_experts))
+            spare -= {e for lay, e in candidates if lay == layer}
+            if not spare:
+                continue
+            incoming = (layer, min(spare))
             assert fast_policy.victim(candidates, incoming, 10**6) == slow_policy.victim(candidates, incoming, 10**6)
     assert 0 < fast.total().hits < fast.total().accesses
 

@@ -232,7 +232,7 @@ class CompiledPolicy(CachePolicy):
         self.kf = np.zeros((0, len(self.float_columns)), dtype=np.float64)
         self._marks = np.zeros(0, dtype=np.int64)
 
-    def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
+    def globals_(self) -> tuple[np.ndarray | list[int], np.ndarray | list[float]]:
         """The policy's own int and float globals (after the queues' in `g`)."""
         return [], []
 

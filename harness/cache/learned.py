@@ -6,9 +6,11 @@ this step; freq = its accesses so far) and predicts each expert's normalised dis
 `(clamp(d, 1, D) - 1) / (D - 1)` with d the Belady next-use distance in steps (never used again: D).
 Cold start: an expert never used yet has recency feature 0 and frequency 0.
 
-Inference runs in numpy (a few microseconds per step, no torch in the live engine's hot path); torch
-is used only to train. The model file is `torch.save` of a dict: format tag, metadata, and per layer
-the weight arrays as tensors (loadable with `weights_only=True`).
+Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
+engine's hot path): the same functions build the training samples, score in the policy's kernel
+(`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The model
+file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
+with `weights_only=True`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.cache.ranked import njit
 from harness.errors import HarnessError
+
+try:
+    from numba import types
+except ImportError:  # njit is the identity (ranked.py)
+    types = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +45,52 @@ def distance_cap(num_experts: int) -> int:
     return max(2, round(DISTANCE_FRACTION * num_experts))
 
 
+@njit(types.float32[::1](types.int64[:], types.float64[:], types.int64) if types else None, cache=True)
 def features(last: np.ndarray, freq: np.ndarray, now: int) -> np.ndarray:
     """[2E] float32 features of one layer at step `now`; `last` is -1 for experts never used."""
-    used = last >= 0
-    inv_rec = np.where(used, 1.0 / (now - last + 1).clip(min=1), 0.0)
+    e = len(last)
+    x = np.zeros(2 * e, dtype=np.float32)
     top = freq.max()
-    scaled = freq / top if top > 0 else np.zeros_like(freq, dtype=np.float64)
-    return np.concatenate([inv_rec, scaled]).astype(np.float32)
+    for i in range(e):
+        if last[i] >= 0:
+            x[i] = 1.0 / max(now - last[i] + 1, 1)
+        if top > 0:
+            x[e + i] = freq[i] / top
+    return x
 
 
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+@njit(cache=True)
+def _dense(wt: np.ndarray, b: np.ndarray, x: np.ndarray, silu: bool) -> np.ndarray:
+    """`W @ x + b` (then SiLU) with W given transposed, [in, out] flattened: each output sums its inputs in
+    order, and the inner loop runs over contiguous outputs."""
+    n_out = len(b)
+    y = np.zeros(n_out)
+    for j in range(len(x)):
+        xj = x[j]
+        for i in range(n_out):
+            y[i] += wt[j * n_out + i] * xj
+    for i in range(n_out):
+        y[i] = y[i] + b[i]
+        if silu:
+            y[i] = y[i] / (1.0 + math.exp(-y[i]))
+    return y
+
+
+_VEC = types.float64[:] if types else None
+
+
+@njit(
+    types.float64[::1](_VEC, _VEC, _VEC, _VEC, _VEC, _VEC, types.float32[:]) if types else None,
+    cache=True,
+)
+def mlp(
+    wt1: np.ndarray, b1: np.ndarray, wt2: np.ndarray, b2: np.ndarray, wt3: np.ndarray, b3: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """One layer's network on features `x`: |W3 SiLU(W2 SiLU(W1 x + b1) + b2) + b3|, weights transposed
+    (`LayerNet.transposed`)."""
+    h = _dense(wt1, b1, x.astype(np.float64), True)
+    h = _dense(wt2, b2, h, True)
+    return np.abs(_dense(wt3, b3, h, False))
 
 
 @dataclass
@@ -61,10 +104,15 @@ class LayerNet:
     w3: np.ndarray
     b3: np.ndarray
 
+    def transposed(self) -> list[np.ndarray]:
+        """The weights as `mlp` takes them: each W transposed and flattened, each b as it is."""
+        return [
+            np.ascontiguousarray(a.T).ravel() if a.ndim == 2 else a
+            for a in (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
+        ]
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        h = _silu(self.w1 @ x + self.b1)
-        h = _silu(self.w2 @ h + self.b2)
-        return np.abs(self.w3 @ h + self.b3)
+        return mlp(*self.transposed(), np.asarray(x, dtype=np.float32))
 
 
 @dataclass
