@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from harness.keys import ExpertKey
 from harness.trace.importers import import_flame
 from harness.trace.schema import SequenceRouting, Trace, TraceMeta, read_trace
 from harness.trace.simulate import Stream, build_replay, profile_of
+from harness.trace.train import layer_streams
 
 FLAME = Path(__file__).with_name("data") / "flame-moe-290m"
 COMPILED = [
@@ -50,12 +52,8 @@ COMPILED = [
 def _flashmoe_model(stream: Stream, layers: list[int]) -> FlashMoEModel:
     """A FlashMoE network per layer, trained briefly on the stream's own steps (any weights will do)."""
     experts = 1 + max(e for _, keys, _, _ in stream.calls for _, e in keys)
-    steps = {
-        layer: [(now, np.array([e for _, e in keys])) for lay, keys, now, _ in stream.calls if lay == layer]
-        for layer in layers
-    }
-    settings = TrainSettings(max_epochs=1, seed=0)
-    return build_model({layer: [s] for layer, s in steps.items()}, experts, settings, {"trace": "test"})
+    steps = layer_streams(SimpleNamespace(layers=layers, streams=[stream]))  # type: ignore[arg-type]
+    return build_model(steps, experts, TrainSettings(max_epochs=1, seed=0), {"trace": "test"})
 
 
 def _trace(seed: int, rows: int, layers: int, experts: int, k: int, batch: int) -> Trace:

@@ -10,6 +10,11 @@ this process (one core; `time.process_time`, steadier than wall time on a shared
 The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
 on different machines can be set side by side. Compiled policies (`harness.cache.compiled`, `ranked`) are
 compiled when the policies are imported, before the first measured run.
+
+The learned policies run as they would in `harness simulate`: `reuse-logit` with the trace's own profile
+(its warm start on the profile's steps is learned once per profile and kept, so the best of `--repeat`
+runs is replay alone), `flashmoe` with a network trained on the trace beforehand (`TRAIN_EPOCHS`; training
+is not timed, and the network's size, not its quality, sets the speed).
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from pathlib import Path
 
 import click
 
-from harness.cache.profile import FrequencyProfile
+from harness.cache.learned import TrainSettings, build_model
 from harness.trace.importers import import_flame
 from harness.trace.schema import read_trace
 from harness.trace.simulate import Replay, build_replay, parse_capacities, profile_of, run_replay
+from harness.trace.train import layer_streams
 
 DEFAULT_FLAME = Path(__file__).resolve().parents[2] / "tests" / "data" / "flame-moe-290m"
 POLICIES = (
@@ -45,7 +51,11 @@ POLICIES = (
     "static-oracle",
     "belady",
     "belady-bypass",
+    "reuse-logit",
+    "flashmoe",
 )
+TRAIN_EPOCHS = 3
+"""Epochs of the benchmark's own FlashMoE network (any weights of the right shape replay at the same speed)."""
 
 
 @click.command()
@@ -65,6 +75,10 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     prepare_s = time.process_time() - started
     accesses = replay.accesses
     profile = profile_of(replay)  # for profiled policies (`static`): the trace's own, as `static:TRACE` would read
+    context: dict[str, object] = {"profile": profile}
+    if "flashmoe" in policies.split(","):
+        settings = TrainSettings(max_epochs=TRAIN_EPOCHS)
+        context["flashmoe_model"] = build_model(layer_streams(replay), trace.meta.num_experts, settings, {})
     slots = parse_capacities(capacity, trace.meta.num_experts, len(trace.meta.moe_layers), "per-layer")
     click.echo(f"python {platform.python_version()}: {_loop_ns():.0f} ns per iteration of `for i in range(n): x += i`")
     click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace)")
@@ -73,7 +87,7 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     for policy, capacities in cells:
         rates = []
         for c in capacities:
-            best = min(_cpu_seconds(replay, policy, c, profile) for _ in range(repeat))
+            best = min(_cpu_seconds(replay, policy, c, context) for _ in range(repeat))
             rates.append(f"{accesses / best / 1e6:>16.2f}")
         label = policy if capacities is slots else f"{policy} (all resident)"
         click.echo(f"{label:<22}" + "".join(rates))
@@ -91,9 +105,9 @@ def _loop_ns(n: int = 2_000_000, repeat: int = 5) -> float:
     return best / n * 1e9
 
 
-def _cpu_seconds(replay: Replay, policy: str, capacity: int, profile: FrequencyProfile) -> float:
+def _cpu_seconds(replay: Replay, policy: str, capacity: int, context: dict[str, object]) -> float:
     started = time.process_time()
-    run_replay(replay, policy, capacity, profile=profile)
+    run_replay(replay, policy, capacity, **context)
     return time.process_time() - started
 
 

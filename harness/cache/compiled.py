@@ -41,11 +41,12 @@ except ImportError:  # no signatures: njit is the identity (ranked.py)
     types = None  # type: ignore[assignment]
 
 if types is not None:
-    _STATE = (types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :])
-    ACCESS_SIG: Any = types.none(*_STATE, types.int64, types.int64, types.boolean)
-    KEY_SIG: Any = types.none(*_STATE, types.int64, types.int64)
-    VICTIM_SIG: Any = types.int64(*_STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
-    ADMIT_SIG: Any = types.boolean(*_STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
+    STATE: Any = (types.int64[::1], types.float64[::1], types.int64[:, ::1], types.float64[:, ::1])
+    """The types of g, gf, ki, kf: C-contiguous (as the policy builds them), so that kernels index them as such."""
+    ACCESS_SIG: Any = types.none(*STATE, types.int64, types.int64, types.boolean)
+    KEY_SIG: Any = types.none(*STATE, types.int64, types.int64)
+    VICTIM_SIG: Any = types.int64(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
+    ADMIT_SIG: Any = types.boolean(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
     DRIVE_SIG: Any = types.int64(
         types.FunctionType(ACCESS_SIG),
         types.FunctionType(KEY_SIG),
@@ -54,12 +55,12 @@ if types is not None:
         types.FunctionType(ADMIT_SIG),
         types.boolean,
         types.boolean,
-        *_STATE,
+        *STATE,
         GROUP_REPLAY,
         types.int64,
     )
 else:
-    ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
+    STATE = ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
 
 LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
 FIRST_COLUMN = 5

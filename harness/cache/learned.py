@@ -67,8 +67,9 @@ def _dense(wt: np.ndarray, b: np.ndarray, x: np.ndarray, silu: bool) -> np.ndarr
     y = np.zeros(n_out)
     for j in range(len(x)):
         xj = x[j]
+        column = wt[j * n_out : j * n_out + n_out]
         for i in range(n_out):
-            y[i] += wt[j * n_out + i] * xj
+            y[i] += column[i] * xj
     for i in range(n_out):
         y[i] = y[i] + b[i]
         if silu:
@@ -76,7 +77,7 @@ def _dense(wt: np.ndarray, b: np.ndarray, x: np.ndarray, silu: bool) -> np.ndarr
     return y
 
 
-_VEC = types.float64[:] if types else None
+_VEC = types.float64[::1] if types else None
 
 
 @njit(

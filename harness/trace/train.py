@@ -19,7 +19,7 @@ import numpy as np
 
 from harness.cache.learned import FlashMoEModel, TrainSettings, build_model, split_sequences
 from harness.trace.schema import read_trace
-from harness.trace.simulate import PhaseFilter, build_replay, parse_capacities, run_replay, trace_fingerprint
+from harness.trace.simulate import PhaseFilter, Replay, build_replay, parse_capacities, run_replay, trace_fingerprint
 from harness.trace.split import Split, parse_split, split_trace
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,18 @@ class TrainReport:
     split: str
     rows: list[dict[str, object]] = field(default_factory=list)
     """Held-out evaluation: policy, capacity_slots, capacity_pct, hits, misses, hit_rate."""
+
+
+def layer_streams(replay: Replay) -> dict[int, list[list[tuple[int, np.ndarray]]]]:
+    """Per layer, each stream's (now, distinct experts) steps: what `build_model` trains on."""
+    streams: dict[int, list[list[tuple[int, np.ndarray]]]] = {layer: [] for layer in replay.layers}
+    for stream in replay.streams:
+        per_layer: dict[int, list[tuple[int, np.ndarray]]] = {layer: [] for layer in replay.layers}
+        for layer, keys, now, _ in stream.calls:
+            per_layer[layer].append((now, np.fromiter((e for _, e in keys), dtype=np.int64, count=len(keys))))
+        for layer, steps in per_layer.items():
+            streams[layer].append(steps)
+    return streams
 
 
 def train_flashmoe(
@@ -62,16 +74,9 @@ def train_flashmoe(
     train_ids = [s.seq_id for s in train_part.sequences]
     heldout_ids = [s.seq_id for s in heldout_part.sequences]
     replay = build_replay(train_part, phase, "per-sequence")
-    layer_streams: dict[int, list[list[tuple[int, np.ndarray]]]] = {layer: [] for layer in replay.layers}
-    for stream in replay.streams:
-        per_layer: dict[int, list[tuple[int, np.ndarray]]] = {layer: [] for layer in replay.layers}
-        for layer, keys, now, _ in stream.calls:
-            per_layer[layer].append((now, np.fromiter((e for _, e in keys), dtype=np.int64, count=len(keys))))
-        for layer, steps in per_layer.items():
-            layer_streams[layer].append(steps)
     log.info("training on sequences %s, holding out %s", train_ids, heldout_ids)
     model = build_model(
-        layer_streams,
+        layer_streams(replay),
         meta.num_experts,
         settings,
         {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, STATE, VICTIM_SIG, CompiledPolicy, Kernel
 from harness.cache.learned import FlashMoEModel, features, mlp
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
@@ -39,11 +39,7 @@ FREQ = 0
 EXPERTS, HIDDEN, PREDICTED = 0, 1, 2
 """Int globals: experts per layer, hidden width, then per layer the step its prediction is for (_STALE: none)."""
 _STALE = -(1 << 62)
-PREDICT_SIG = (
-    types.none(types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :], types.int64, types.int64)
-    if types
-    else None
-)
+PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
 
 @njit(cache=True)

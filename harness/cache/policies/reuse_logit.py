@@ -49,6 +49,7 @@ from harness.cache.compiled import (
     KEY_SIG,
     LAYER,
     NONE,
+    STATE,
     VICTIM_SIG,
     CompiledAdmission,
     Kernel,
@@ -98,16 +99,8 @@ BLOCK_INTS = 7
 WEIGHTS, STEPS = 0, FEATURES
 BLOCK_FLOATS = FEATURES + RATES
 
-BLOCK_SIG: Any = (
-    types.none(types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :], types.int64)
-    if types is not None
-    else None
-)
-LEARN_SIG: Any = (
-    types.none(types.int64[:], types.float64[:], types.int64[:, :], types.float64[:, :], types.int64[:], types.int64[:])
-    if types is not None
-    else None
-)
+BLOCK_SIG: Any = types.none(*STATE, types.int64) if types is not None else None
+LEARN_SIG: Any = types.none(*STATE, types.int64[:], types.int64[:]) if types is not None else None
 
 
 @njit(cache=True)
