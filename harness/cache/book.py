@@ -3,7 +3,7 @@
 `ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
 only names victims. The live engine moves bytes according to the plans it returns, and the simulator
 replays traces through the very same object, so simulated and live counts agree exactly. For compiled
-policies (`harness.cache.ranked`: LRU, LFU; `harness.cache.compiled`: most others) the simulator's steps run
+policies (`harness.cache.ranked`: LRU, LFU; `harness.cache.compiled`: the others) the simulator's steps run
 in a compiled copy of `account` (without prefetch, which replay never uses) that calls the policy's own
 compiled functions, the ones its hooks call live.
 """
