@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.learned import FlashMoEModel, TrainSettings, distance_cap, features, layer_samples
+from harness.cache.learned import FlashMoEModel, LayerNet, TrainSettings, distance_cap, features, layer_samples
 from harness.cache.registry import policy_factory
 from harness.errors import HarnessError
 from harness.trace.schema import TraceMeta, TraceWriter
@@ -18,6 +18,18 @@ def test_features_by_hand():
     x = features(np.array([-1, 3, 5]), np.array([0.0, 2.0, 1.0]), now=5)
     # 1/rec: never used -> 0; last used at 3 -> rec 3; used now -> rec 1. freq / max(freq).
     assert np.allclose(x, [0, 1 / 3, 1, 0, 1, 0.5])
+
+
+def test_the_compiled_network_computes_the_layer_mlp():
+    # LayerNet.predict runs the compiled `mlp` (the policy kernel's): numpy's matrix products agree.
+    rng = np.random.default_rng(0)
+    shapes = [(5, 6), (5,), (5, 5), (5,), (3, 5), (3,)]
+    net = LayerNet(*(rng.standard_normal(shape) for shape in shapes))
+    x = features(np.array([0, -1, 2]), np.array([1.0, 0.0, 3.0]), 4)
+    h = net.w1 @ x + net.b1
+    h = net.w2 @ (h / (1 + np.exp(-h))) + net.b2
+    expected = np.abs(net.w3 @ (h / (1 + np.exp(-h))) + net.b3)
+    assert np.allclose(net.predict(x), expected, rtol=1e-12, atol=0)
 
 
 def test_labels_are_clamped_normalised_next_use_distances():
