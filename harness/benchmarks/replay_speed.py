@@ -23,6 +23,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -105,7 +106,7 @@ def _loop_ns(n: int = 2_000_000, repeat: int = 5) -> float:
     return best / n * 1e9
 
 
-def _cpu_seconds(replay: Replay, policy: str, capacity: int, context: dict[str, object]) -> float:
+def _cpu_seconds(replay: Replay, policy: str, capacity: int, context: dict[str, Any]) -> float:
     started = time.process_time()
     run_replay(replay, policy, capacity, **context)
     return time.process_time() - started

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def _dense(wt: np.ndarray, b: np.ndarray, x: np.ndarray, silu: bool) -> np.ndarr
     return y
 
 
-_VEC = types.float64[::1] if types else None
+_VEC: Any = types.float64[::1] if types else None
 
 
 @njit(
@@ -113,7 +114,8 @@ class LayerNet:
         ]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return mlp(*self.transposed(), np.asarray(x, dtype=np.float32))
+        network: Any = mlp  # numba's Dispatcher: its stub does not know the compiled signature
+        return cast(np.ndarray, network(*self.transposed(), np.asarray(x, dtype=np.float32)))
 
 
 @dataclass
