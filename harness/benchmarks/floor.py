@@ -80,11 +80,11 @@ def recall_of(runs: list[dict[str, Any]]) -> str:
 
 def runtime_read_bytes_per_s(
     experts_file: Path, index: PackIndex, depth: int, seconds: float, seed: int, ramp_s: float = 0.0
-) -> tuple[float, int]:
-    """(bytes/s, reads counted) of random expert reads through the runtime's backend (io_uring, else threads),
-    `depth` in flight: as a step with many loads does, the backend holds `depth` more reads queued, which it
-    starts as reads finish (before checking the finished ones), so the device always has `depth` reads, as fio
-    keeps it. Reads completed in the first `ramp_s` are not counted (fio's ramp_time)."""
+) -> tuple[float, int, float]:
+    """(bytes/s, reads counted, share of the buffers on huge pages) of random expert reads through the runtime's
+    backend (io_uring, else threads), `depth` in flight: as a step with many loads does, the backend holds `depth`
+    more reads queued, which it starts as reads finish (before checking the finished ones), so the device always
+    has `depth` reads, as fio keeps it. Reads completed in the first `ramp_s` are not counted (fio's ramp_time)."""
     reader = ExpertReader(experts_file, index)
     backend, _ = make_backend(reader, "auto", depth)
     pool = AlignedPool(2 * depth, index.stride_bytes)
@@ -114,7 +114,7 @@ def runtime_read_bytes_per_s(
     finally:
         backend.close()
         reader.close()
-    return done_bytes / elapsed, done_reads
+    return done_bytes / elapsed, done_reads, pool.huge_page_share
 
 
 IO_RAMP_S = 1.0
@@ -144,15 +144,18 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     for pair in range(repeats):
         order = ("runtime", "fio") if pair % 2 == 0 else ("fio", "runtime")
         got: dict[str, float] = {}
-        reads = 0
+        reads, huge = 0, 0.0
         for who in order:
             if who == "runtime":
-                got[who], reads = runtime_read_bytes_per_s(experts_file, index, depth, seconds, pair, IO_RAMP_S)
+                got[who], reads, huge = runtime_read_bytes_per_s(experts_file, index, depth, seconds, pair, IO_RAMP_S)
             elif fio_path() is not None:
                 cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=pair)
                 got[who] = run_fio(cmd, job)[1].bw_bytes_per_s
         ours_all.append(got["runtime"])
-        line = f"pair {pair} ({' then '.join(order)}): runtime {got['runtime'] / 1e6:8.0f} MB/s ({reads} reads)"
+        line = (
+            f"pair {pair} ({' then '.join(order)}): runtime {got['runtime'] / 1e6:8.0f} MB/s "
+            f"({reads} reads, buffers {huge:.0%} on huge pages)"
+        )
         if "fio" in got:
             fio_all.append(got["fio"])
             ratios.append(got["runtime"] / got["fio"])
@@ -180,6 +183,13 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     help="A strategy (repeatable); `cache` and every strategy with a policy run with LRU.",
 )
 @click.option(
+    "--recall-strategy",
+    "recall_strategies",
+    multiple=True,
+    help="A strategy run once (first round, first share and thread setting), for its prediction recall (repeatable), "
+    "e.g. on-demand:shadow-fp16:2.",
+)
+@click.option(
     "--decode-threads",
     default="default",
     show_default=True,
@@ -198,6 +208,7 @@ def main(
     ssd: str | None,
     shares: str,
     strategies: tuple[str, ...],
+    recall_strategies: tuple[str, ...],
     decode_threads: str,
     rounds: int,
     max_new_tokens: int,
@@ -212,10 +223,11 @@ def main(
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     experts_file: Path | None = None
     for round_ in range(rounds):
-        for share in (s.strip() for s in shares.split(",")):
-            for n_threads in threads:
+        for i, share in enumerate(s.strip() for s in shares.split(",")):
+            for j, n_threads in enumerate(threads):
                 label = "default" if n_threads is None else str(n_threads)
-                for name in names:
+                once = list(recall_strategies) if round_ == i == j == 0 else []
+                for name in names + once:
                     spec = RunSpec(
                         model=model,
                         cache_experts=share,
