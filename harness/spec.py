@@ -55,7 +55,7 @@ class RunSpec(BaseModel):
         ge=1,
         le=1024,
         description="torch intra-op threads during decode steps (prefill keeps torch's default); default: torch's "
-        "(all cores). Tokens are the same at any setting.",
+        "(all cores).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where non-expert weights and compute live.")
     vram_budget: str | None = Field(
