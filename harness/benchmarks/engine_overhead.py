@@ -4,7 +4,7 @@ rest, from a profile of decode steps (CPU time of the calling thread: counts, no
 something on a loaded machine too).
 
     python -m harness.benchmarks.engine_overhead --model models/olmoe-small --cache-experts 25% \\
-        --strategy cache --strategy lookahead+gate [--tokens 24] [--top 25]
+        --strategy cache --strategy lookahead+gate [--tokens 24] [--top 25] [--decode-threads 1]
 
 A model with the real layer and expert counts but tiny matrices (see `--help`) makes the harness's share
 stand out. The engine is built as `harness run` builds it (same strategy, slots, read backend); the
