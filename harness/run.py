@@ -500,7 +500,17 @@ def _generate_all(
         telemetry.event("prefill_start", seq=i, tokens=len(ids))
         new_tokens = plan.spec.max_new_tokens
         logs.append(
-            generate(engine.model, ids, new_tokens, plan.decode_mode, ref, engine.ctx, seq_id=i, on_token=on_token)
+            generate(
+                engine.model,
+                ids,
+                new_tokens,
+                plan.decode_mode,
+                ref,
+                engine.ctx,
+                seq_id=i,
+                on_token=on_token,
+                decode_threads=plan.spec.decode_threads,
+            )
         )
         telemetry.event("sequence_end", seq=i)
     return logs, time.perf_counter() - start
@@ -625,6 +635,8 @@ def _io_and_floor(plan: RunPlan, m: Measurement, metrics: dict[str, Any]) -> dic
         "max_new_tokens": plan.spec.max_new_tokens,
         "warmup_steps": plan.spec.warmup_steps,
     }
+    if plan.spec.decode_threads is not None:  # absent when unset: the compute cached before the setting stays valid
+        settings["decode_threads"] = plan.spec.decode_threads
     return {"expert_io": io_info} | run_floor_metrics(
         metrics,
         plan.model_dir,
@@ -856,7 +868,16 @@ def _token_agreement(
     same = total = 0
     try:
         for i, ((ids, ref), measured) in enumerate(zip(encoded, logs, strict=True)):
-            exact = generate(engine.model, ids, spec.max_new_tokens, decode_mode, ref, engine.ctx, seq_id=i)
+            exact = generate(
+                engine.model,
+                ids,
+                spec.max_new_tokens,
+                decode_mode,
+                ref,
+                engine.ctx,
+                seq_id=i,
+                decode_threads=spec.decode_threads,
+            )
             same += sum(a == b for a, b in zip(exact.token_ids, measured.token_ids, strict=True))
             total += len(exact.token_ids)
     finally:

@@ -50,6 +50,13 @@ class RunSpec(BaseModel):
         "auto", description="Expert reads: O_DIRECT, or buffered with the file dropped from the page cache."
     )
     io_threads: int = Field(4, ge=1, le=64, description="Parallel expert reads (one layer's misses at once).")
+    decode_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads during decode steps (prefill keeps torch's default); default: torch's "
+        "(all cores).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="Where non-expert weights and compute live.")
     vram_budget: str | None = Field(
         None,
@@ -121,7 +128,7 @@ class RunSpec(BaseModel):
         """The spec as JSON, the run_id's input. A field added later is left out while unset (None), so the
         specs written before it keep their run ids."""
         data = self.model_dump(mode="json")
-        for later in ("tiers", "vram_budget"):
+        for later in ("tiers", "vram_budget", "decode_threads"):
             if data[later] is None:
                 del data[later]
         return data

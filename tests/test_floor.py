@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.models.packer import pack_paths
 from harness.run import execute
@@ -66,6 +67,17 @@ def test_compute_time_measured_once_then_cached(tiny_model, tmp_path, monkeypatc
     assert second.s_per_token == first.s_per_token and second.source.startswith("cached from ")
     other = compute_time(model_dir, pack, [([5, 17], None)], settings, "no")
     assert other.s_per_token is None  # other prompts: another key
+    one_thread = settings | {"decode_threads": 1}
+    assert compute_time(model_dir, pack, prompts, one_thread, "no").s_per_token is None  # another decode setting
+    threads = torch.get_num_threads()
+    assert compute_time(model_dir, pack, prompts, one_thread, None).source.startswith("measured now")
+    assert torch.get_num_threads() == threads  # put back after the decode steps
+
+
+def test_decode_threads_unset_keeps_the_run_id():
+    spec = RunSpec(model="m", prompt="p")
+    assert "decode_threads" not in spec.canonical()  # specs written before the setting keep their run ids
+    assert RunSpec(model="m", prompt="p", decode_threads=1).canonical()["decode_threads"] == 1
 
 
 def test_every_result_has_the_floor(tiny_model, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ rest, from a profile of decode steps (CPU time of the calling thread: counts, no
 something on a loaded machine too).
 
     python -m harness.benchmarks.engine_overhead --model models/olmoe-small --cache-experts 25% \\
-        --strategy cache --strategy lookahead+gate [--tokens 24] [--top 25]
+        --strategy cache --strategy lookahead+gate [--tokens 24] [--top 25] [--decode-threads 1]
 
 A model with the real layer and expert counts but tiny matrices (see `--help`) makes the harness's share
 stand out. The engine is built as `harness run` builds it (same strategy, slots, read backend); the
@@ -50,7 +50,8 @@ def profile_decode(spec: RunSpec, tokens: int, results: Path) -> tuple[pstats.St
     with contextlib.ExitStack() as stack:
         engine = _load(plan, recorder, stack).engine
         # One unprofiled sequence first: lazy imports, first-call caches, the cache's warm-up misses.
-        generate(engine.model, ids, tokens, plan.decode_mode, ref, engine.ctx, seq_id=0)
+        threads = spec.decode_threads
+        generate(engine.model, ids, tokens, plan.decode_mode, ref, engine.ctx, seq_id=0, decode_threads=threads)
         started: list[float] = []
 
         def on_token(_: int) -> None:
@@ -58,7 +59,17 @@ def profile_decode(spec: RunSpec, tokens: int, results: Path) -> tuple[pstats.St
                 started.append(time.thread_time())
                 profiler.enable()
 
-        log = generate(engine.model, ids, tokens, plan.decode_mode, ref, engine.ctx, seq_id=1, on_token=on_token)
+        log = generate(
+            engine.model,
+            ids,
+            tokens,
+            plan.decode_mode,
+            ref,
+            engine.ctx,
+            seq_id=1,
+            on_token=on_token,
+            decode_threads=threads,
+        )
         profiler.disable()
         cpu_s = time.thread_time() - started[0]
     return pstats.Stats(profiler), len(log.step_s), cpu_s
@@ -71,7 +82,16 @@ def profile_decode(spec: RunSpec, tokens: int, results: Path) -> tuple[pstats.St
 @click.option("--tokens", default=24, show_default=True, help="Decode steps profiled.")
 @click.option("--top", default=20, show_default=True, help="Harness functions listed, by own CPU time.")
 @click.option("--ssd", default=None, help="Folder on the SSD for the expert file (as `harness run --ssd`).")
-def main(model: str, cache_experts: str, strategies: tuple[str, ...], tokens: int, top: int, ssd: str | None) -> None:
+@click.option("--decode-threads", type=int, default=None, help="torch threads during decode (default: torch's).")
+def main(
+    model: str,
+    cache_experts: str,
+    strategies: tuple[str, ...],
+    tokens: int,
+    top: int,
+    ssd: str | None,
+    decode_threads: int | None,
+) -> None:
     for name in strategies:
         spec = RunSpec(
             model=model,
@@ -82,6 +102,7 @@ def main(model: str, cache_experts: str, strategies: tuple[str, ...], tokens: in
             max_prompts=1,
             max_new_tokens=tokens,
             min_steady_s=0,
+            decode_threads=decode_threads,
         )
         with tempfile.TemporaryDirectory() as results:
             stats, steps, cpu_s = profile_decode(spec, tokens, Path(results))
@@ -92,7 +113,11 @@ def main(model: str, cache_experts: str, strategies: tuple[str, ...], tokens: in
             own_s[part] += tottime
             if part == "harness Python":
                 rows.append((tottime, calls, f"{Path(filename).name}:{func}"))
-        click.echo(f"\n{name} at {cache_experts}: {steps} decode steps, {1e3 * cpu_s / steps:.2f} CPU ms per token")
+        threads = decode_threads or "default"
+        click.echo(
+            f"\n{name} at {cache_experts}, decode threads {threads}: {steps} decode steps, "
+            f"{1e3 * cpu_s / steps:.2f} CPU ms per token"
+        )
         for part in PARTS:
             click.echo(f"  {part:<20} {1e3 * own_s[part] / steps:8.2f} CPU ms per token")
         click.echo("  harness functions by own CPU time (ms per token, calls per token):")

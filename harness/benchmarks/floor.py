@@ -2,14 +2,17 @@
 the runtime's expert-read throughput against fio's on the same file, block size and queue depth.
 
     python -m harness.benchmarks.floor --model models/olmoe-small --ssd /mnt/nvme/scratch \\
-        [--shares 25%,50%] [--strategy cache --strategy lookahead+gate ...] \\
-        [--rounds 3] [--max-new-tokens 48] [--results results/floor-bench]
+        [--shares 25%,50%] [--strategy cache --strategy lookahead+gate ...] [--decode-threads default,1] \\
+        [--rounds 3] [--max-new-tokens 48] [--io-repeats 5] [--results results/floor-bench]
 
-Each (round, cache share, strategy) cell is one `harness run` in its own process (policy LRU, the same
-prompts, teacher-forced where the model is random-init), cells interleaved so a drift of the machine
-spreads over all strategies; the table gives medians over rounds of decode tokens/s, decode_floor_ratio
-and prediction recall. Then the expert file is read at random, expert-sized blocks at the runtime's queue
-depth, by the runtime's own read backend and by fio (io_uring, --direct=1), alternately, `--rounds` times.
+Each (round, cache share, decode threads, strategy) cell is one `harness run` in its own process (policy
+LRU, the same prompts, teacher-forced where the model is random-init), cells interleaved so a drift of the
+machine spreads over all strategies; the table gives medians over rounds of decode tokens/s,
+decode_floor_ratio and prediction recall (a shadow predictor's beside OD-MoE's published recall). Then the
+expert file is read at random, expert-sized blocks at the runtime's queue depth, by the runtime's own read
+backend (every read checked, as in a run) and by fio (io_uring, --direct=1, the same huge-page-aligned
+buffers), each with the same ramp and duration, in `--io-repeats` pairs whose order alternates; it prints
+each pair's ratio and the median and range of the ratios.
 The floor needs an SSD profile of the disk (`harness profile-ssd`) and, once, a run without a RAM budget
 (the compute time is measured with the whole model resident and cached). Run it on a quiet machine.
 """
@@ -51,34 +54,56 @@ def run_cell(spec: RunSpec, results: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def recall_of(result: dict[str, Any]) -> str:
-    stats = result.get("strategy", {}).get("stats", {})
+ODMOE_RECALL = {"shadow-int8": 0.9734, "shadow-fp16": 0.9994}
+"""OD-MoE's published recall of its emulative predictor (int8 and fp16 shadow), beside which ours is printed."""
+
+
+def recall_of(runs: list[dict[str, Any]]) -> str:
+    """Median recall over `runs` of each predictor of a strategy: its own ('own', or the shadow's name, with
+    OD-MoE's published figure), the next-layer gate's, and both together."""
+    stats = [r.get("strategy", {}).get("stats", {}) for r in runs]
+    predictor = str(stats[-1].get("predictor", "own"))
     parts = []
     for name in ("prediction", "gate_prediction", "combined_prediction"):
-        recall = (stats.get(name) or {}).get("recall")
-        if recall is not None:
-            parts.append(f"{name.replace('_prediction', '').replace('prediction', 'own')} {recall:.3f}")
+        recalls = [(s.get(name) or {}).get("recall") for s in stats]
+        if None in recalls:
+            continue
+        label = {"prediction": predictor, "gate_prediction": "gate", "combined_prediction": "combined"}[name]
+        if name == "prediction" and predictor == "next-layer gate":
+            label = "gate"
+        part = f"{label} {statistics.median(recalls):.3f}"  # type: ignore[type-var]
+        if label in ODMOE_RECALL:
+            part += f" (OD-MoE {ODMOE_RECALL[label]:.4f})"
+        parts.append(part)
     return ", ".join(parts) or "-"
 
 
-def runtime_read_bytes_per_s(experts_file: Path, index: PackIndex, depth: int, seconds: float, seed: int) -> float:
-    """Random expert reads through the runtime's backend (io_uring, else threads), `depth` in flight: as a
-    step with many loads does, the backend holds `depth` more reads queued, which it starts as reads finish
-    (before checking the finished ones), so the device always has `depth` reads, as fio keeps it."""
+def runtime_read_bytes_per_s(
+    experts_file: Path, index: PackIndex, depth: int, seconds: float, seed: int, ramp_s: float = 0.0
+) -> tuple[float, int, float]:
+    """(bytes/s, reads counted, share of the buffers on huge pages) of random expert reads through the runtime's
+    backend (io_uring, else threads), `depth` in flight: as a step with many loads does, the backend holds `depth`
+    more reads queued, which it starts as reads finish (before checking the finished ones), so the device always
+    has `depth` reads, as fio keeps it. Reads completed in the first `ramp_s` are not counted (fio's ramp_time)."""
     reader = ExpertReader(experts_file, index)
     backend, _ = make_backend(reader, "auto", depth)
     pool = AlignedPool(2 * depth, index.stride_bytes)
     rng = random.Random(seed)
     keys = [(e.layer, e.expert) for e in index.entries]
-    done_bytes = 0
+    done_bytes = done_reads = 0
     try:
         inflight = backend.submit([(rng.choice(keys), pool.slot(i)) for i in range(2 * depth)], background=False)
         slot_of = {id(read): i for i, read in enumerate(inflight)}
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        ramp_end = time.perf_counter() + ramp_s
+        start = None
+        while start is None or time.perf_counter() - start < seconds:
+            if start is None and time.perf_counter() >= ramp_end:
+                start = time.perf_counter()
             read = next(backend.as_completed(inflight))
             inflight.remove(read)
-            done_bytes += read.record.nbytes  # type: ignore[union-attr]
+            if start is not None:
+                done_bytes += read.record.nbytes  # type: ignore[union-attr]
+                done_reads += 1
             slot = slot_of.pop(id(read))
             (fresh,) = backend.submit([(rng.choice(keys), pool.slot(slot))], background=False)
             slot_of[id(fresh)] = slot
@@ -89,7 +114,60 @@ def runtime_read_bytes_per_s(experts_file: Path, index: PackIndex, depth: int, s
     finally:
         backend.close()
         reader.close()
-    return done_bytes / elapsed
+    return done_bytes / elapsed, done_reads, pool.huge_page_share
+
+
+IO_RAMP_S = 1.0
+"""Seconds of reads, at the start of each throughput measurement, not counted (runtime and fio alike)."""
+
+
+def parse_threads(text: str) -> list[int | None]:
+    """'default,1' -> [None, 1] (None: torch's default)."""
+    out: list[int | None] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item == "default":
+            out.append(None)
+        elif item.isdigit() and int(item) >= 1:
+            out.append(int(item))
+        else:
+            raise click.BadParameter(f"{item!r} is neither 'default' nor a thread count", param_hint="--decode-threads")
+    return out
+
+
+def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: float, repeats: int) -> None:
+    """The runtime's read throughput against fio's, in `repeats` pairs of the same job (order alternating)."""
+    if fio_path() is None:
+        click.echo("fio is not installed (apt-get install -y fio): runtime throughput only")
+    job = JobSpec("randread", index.stride_bytes, depth, True, seconds, IO_RAMP_S, 1)
+    size = experts_file.stat().st_size
+    ours_all, fio_all, ratios = [], [], []
+    for pair in range(repeats):
+        order = ("runtime", "fio") if pair % 2 == 0 else ("fio", "runtime")
+        got: dict[str, float] = {}
+        reads, huge = 0, 0.0
+        for who in order:
+            if who == "runtime":
+                got[who], reads, huge = runtime_read_bytes_per_s(experts_file, index, depth, seconds, pair, IO_RAMP_S)
+            elif fio_path() is not None:
+                cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=pair)
+                got[who] = run_fio(cmd, job)[1].bw_bytes_per_s
+        ours_all.append(got["runtime"])
+        line = (
+            f"pair {pair} ({' then '.join(order)}): runtime {got['runtime'] / 1e6:8.0f} MB/s "
+            f"({reads} reads, buffers {huge:.0%} on huge pages)"
+        )
+        if "fio" in got:
+            fio_all.append(got["fio"])
+            ratios.append(got["runtime"] / got["fio"])
+            line += f"   fio {got['fio'] / 1e6:8.0f} MB/s   runtime/fio {ratios[-1]:.3f}"
+        click.echo(line)
+    line = f"median of {repeats}: runtime {statistics.median(ours_all) / 1e6:.0f} MB/s"
+    if ratios:
+        line += (
+            f", fio {statistics.median(fio_all) / 1e6:.0f} MB/s, runtime/fio {statistics.median(ratios):.3f} "
+            f"(range {min(ratios):.3f}-{max(ratios):.3f})"
+        )
+    click.echo(line)
 
 
 @click.command()
@@ -104,62 +182,86 @@ def runtime_read_bytes_per_s(experts_file: Path, index: PackIndex, depth: int, s
     show_default=True,
     help="A strategy (repeatable); `cache` and every strategy with a policy run with LRU.",
 )
+@click.option(
+    "--recall-strategy",
+    "recall_strategies",
+    multiple=True,
+    help="A strategy run once (first round, first share and thread setting), for its prediction recall (repeatable), "
+    "e.g. on-demand:shadow-fp16:2.",
+)
+@click.option(
+    "--decode-threads",
+    default="default",
+    show_default=True,
+    help="torch threads during decode (RunSpec.decode_threads), comma-separated: each value is a cell dimension; "
+    "'default' is torch's (all cores). The compute of the floor is measured at the same setting.",
+)
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--workload", default="default", show_default=True, help="Prompt set (its first --prompts prompts).")
 @click.option("--prompts", default=1, show_default=True)
 @click.option("--read-seconds", default=10.0, show_default=True, help="Duration of each throughput measurement.")
+@click.option("--io-repeats", default=5, show_default=True, help="Runtime/fio throughput pairs.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results/floor-bench"), show_default=True)
 def main(
     model: str,
     ssd: str | None,
     shares: str,
     strategies: tuple[str, ...],
+    recall_strategies: tuple[str, ...],
+    decode_threads: str,
     rounds: int,
     max_new_tokens: int,
     workload: str,
     prompts: int,
     read_seconds: float,
+    io_repeats: int,
     results: Path,
 ) -> None:
     names = list(strategies)
-    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    threads = parse_threads(decode_threads)
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     experts_file: Path | None = None
     for round_ in range(rounds):
-        for share in shares.split(","):
-            for name in names:
-                spec = RunSpec(
-                    model=model,
-                    cache_experts=share.strip(),
-                    policy="lru",
-                    strategy=name,
-                    ssd=ssd,
-                    workload=workload,
-                    max_prompts=prompts,
-                    max_new_tokens=max_new_tokens,
-                    repeat=round_,
-                )
-                result = run_cell(spec, results)
-                experts_file = Path(result["resolved"]["expert_file"])
-                cells.setdefault((share.strip(), name), []).append(result)
-                m = result["metrics"]
-                verdict = "valid" if result["validity"]["valid"] else "INVALID"
-                click.echo(
-                    f"round {round_} {share:>4} {name:<26} {m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
-                    f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
-                )
+        for i, share in enumerate(s.strip() for s in shares.split(",")):
+            for j, n_threads in enumerate(threads):
+                label = "default" if n_threads is None else str(n_threads)
+                once = list(recall_strategies) if round_ == i == j == 0 else []
+                for name in names + once:
+                    spec = RunSpec(
+                        model=model,
+                        cache_experts=share,
+                        policy="lru",
+                        strategy=name,
+                        ssd=ssd,
+                        workload=workload,
+                        max_prompts=prompts,
+                        max_new_tokens=max_new_tokens,
+                        decode_threads=n_threads,
+                        repeat=round_,
+                    )
+                    result = run_cell(spec, results)
+                    experts_file = Path(result["resolved"]["expert_file"])
+                    cells.setdefault((share, label, name), []).append(result)
+                    m = result["metrics"]
+                    verdict = "valid" if result["validity"]["valid"] else "INVALID"
+                    click.echo(
+                        f"round {round_} {share:>4} threads {label:<7} {name:<26} "
+                        f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
+                        f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
+                    )
     click.echo(
-        "\ncache  strategy                    tok/s  floor_ratio  run reads MB/s  recall                       backend"
+        "\ncache  threads  strategy                    tok/s  floor_ratio  run reads MB/s  backend        recall"
     )
-    for (share, name), runs in cells.items():
+    for (share, label, name), runs in cells.items():
         tps = statistics.median(r["metrics"]["decode_tokens_per_s"] or 0 for r in runs)
         ratios = [r["metrics"].get("decode_floor_ratio") for r in runs]
-        ratio = statistics.median(ratios) if None not in ratios else None
+        ratio = statistics.median(ratios) if None not in ratios else None  # type: ignore[type-var]
         io = runs[-1]["metrics"].get("expert_io") or {}
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
         click.echo(
-            f"{share:>5}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
-            f"{read_bw / 1e6:14.0f}  {recall_of(runs[-1]):<28} {io.get('backend')} qd {io.get('queue_depth')}"
+            f"{share:>5}  {label:<7}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
+            f"{read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
         floor = runs[-1]["metrics"].get("decode_floor") or {}
         if floor.get("floor_s_per_token") is None:
@@ -169,18 +271,7 @@ def main(
     index = PackIndex.load(pack_paths(Path(model))["index"])
     depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
     click.echo(f"\nexpert reads of {index.stride_bytes} B at queue depth {depth} ({how}) on {experts_file}")
-    if fio_path() is None:
-        click.echo("fio is not installed (apt-get install -y fio): runtime throughput only")
-    job = JobSpec("randread", index.stride_bytes, depth, True, read_seconds, 1.0, 1)
-    size = experts_file.stat().st_size
-    for round_ in range(rounds):
-        ours = runtime_read_bytes_per_s(experts_file, index, depth, read_seconds, round_)
-        line = f"round {round_}: runtime {ours / 1e6:8.0f} MB/s"
-        if fio_path() is not None:
-            cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=round_)
-            _, fio = run_fio(cmd, job)
-            line += f"   fio {fio.bw_bytes_per_s / 1e6:8.0f} MB/s   runtime/fio {ours / fio.bw_bytes_per_s:.3f}"
-        click.echo(line)
+    compare_reads(experts_file, index, depth, read_seconds, io_repeats)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def _option(name: str, **kwargs: Any):  # returns a click decorator
 @_option("min_steady_s", type=float)
 @_option("io_engine", type=click.Choice(["auto", "direct", "buffered"]))
 @_option("io_threads", type=int)
+@_option("decode_threads", type=int)
 @_option("device", type=click.Choice(["auto", "cpu", "cuda"]))
 @_option("tiers")
 @_option("vram_budget")

@@ -193,6 +193,22 @@ class ExpertCache:
     def restore(self, saved: object) -> None:
         self.book.counts, self.stats = saved  # type: ignore[misc]
 
+    def ready(self, layer: int, experts: list[int]) -> bool:
+        """Whether every one of `experts` is in a slot (resident, or prefetched) whose read, if any, has landed: a
+        step of them waits for no read (at most for the checks of the last ones) and streams nothing."""
+        self.io.poll()
+        for expert in experts:
+            key = (layer, expert)
+            slot = self.book.slot_of(key)
+            if slot is None:
+                slot = self._prefetched.get(key)
+                if slot is None or key in self._deferred:
+                    return False
+            flight = self._inflight.get(slot)
+            if flight is not None and not self.io.landed(flight.read):
+                return False
+        return True
+
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for every needed expert: resident hits at once, then loads and prefetches
         still in flight as their reads complete (the layer sums its experts in its own order afterwards).

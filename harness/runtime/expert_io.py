@@ -72,6 +72,10 @@ class ReadBackend(Protocol):
         """Note the completions already done, without waiting (their end times), and refill the queue."""
         ...
 
+    def landed(self, read: PendingRead) -> bool:
+        """Whether `read`'s bytes are in its buffer (as of the last `poll`); its check may still be running."""
+        ...
+
     def cancel(self, read: PendingRead) -> bool:
         """Withdraw `read` if it has not started (True: its buffer is free and it will never complete)."""
         ...
@@ -111,6 +115,9 @@ class ThreadReads:
 
     def poll(self) -> None:
         """Worker threads time their own reads."""
+
+    def landed(self, read: PendingRead) -> bool:
+        return read.future is not None and read.future.done()  # a worker reads and checks in one task
 
     def cancel(self, read: PendingRead) -> bool:
         return read.future is not None and read.future.cancel()
@@ -211,6 +218,9 @@ class UringReads:
     def poll(self) -> None:
         if self._inflight:
             self._pump(wait=False)
+
+    def landed(self, read: PendingRead) -> bool:
+        return read.future is not None  # its check is submitted as its completion is seen
 
     def cancel(self, read: PendingRead) -> bool:
         if read.future is not None or read not in self._queued:

@@ -99,6 +99,7 @@ def measure_compute(
     decode_mode: str,
     warmup_steps: int,
     device: str = "cpu",
+    decode_threads: int | None = None,
 ) -> tuple[float, int] | None:
     """Steady decode seconds per token of the fully resident model on `prompts` on `device`, and the steps timed."""
     from harness.models.loader import reference_model
@@ -107,7 +108,8 @@ def measure_compute(
     model = reference_model(model_dir).to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
     steady: list[float] = []
     for ids, ref in prompts:
-        steady += generate(model, ids, max_new_tokens, decode_mode, ref).step_s[warmup_steps:]  # type: ignore[arg-type]
+        log = generate(model, ids, max_new_tokens, decode_mode, ref, decode_threads=decode_threads)  # type: ignore[arg-type]
+        steady += log.step_s[warmup_steps:]
     del model
     return (sum(steady) / len(steady), len(steady)) if steady else None
 
@@ -120,7 +122,7 @@ def compute_time(
     may_measure: str | None,
 ) -> ComputeTime:
     """The cached compute per token, else a measurement now (when `may_measure` is None; otherwise it says
-    why not). `settings` needs max_new_tokens, decode_mode, warmup_steps and device."""
+    why not). `settings` needs max_new_tokens, decode_mode, warmup_steps and device, and may set decode_threads."""
     key = compute_key(pack["index"], pack["dense"], prompts, settings)
     found = cached_compute(key)
     if found is not None:
@@ -134,6 +136,7 @@ def compute_time(
         settings["decode_mode"],
         settings["warmup_steps"],
         settings["device"],
+        settings.get("decode_threads"),
     )
     if measured is None:
         return ComputeTime(None, "unavailable: no steady decode steps to time")

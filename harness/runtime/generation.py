@@ -7,7 +7,8 @@ tokens tests the offloading and nothing else.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,8 +48,10 @@ def generate(
     ctx: StepContext | None = None,
     seq_id: int = 0,
     on_token: Callable[[int], None] | None = None,
+    decode_threads: int | None = None,
 ) -> SequenceLog:
-    """Prefill `prompt_ids`, then `max_new_tokens - 1` decode steps (the prefill yields the first token)."""
+    """Prefill `prompt_ids`, then `max_new_tokens - 1` decode steps (the prefill yields the first token), the
+    decode steps on `decode_threads` torch threads (None: as they are)."""
     ctx = ctx or StepContext()
     if mode == "teacher-forced":
         if not reference_ids:
@@ -68,20 +71,36 @@ def generate(
     if on_token:
         on_token(token)
     position = len(prompt_ids)
-    for step in range(max_new_tokens - 1):
-        feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
-        ctx.phase, ctx.first_pos = "decode", position
-        start = time.perf_counter()
-        logits = model(
-            input_ids=torch.tensor([[feed]], device=model.device), past_key_values=cache, use_cache=True
-        ).logits
-        _finish(model.device)
-        log.step_s.append(time.perf_counter() - start)
-        ctx.now += 1
-        position += 1
-        token = int(logits[0, -1].argmax())
-        log.fed_ids.append(feed)
-        log.token_ids.append(token)
-        if on_token:
-            on_token(token)
+    with torch_threads(decode_threads):
+        for step in range(max_new_tokens - 1):
+            feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
+            ctx.phase, ctx.first_pos = "decode", position
+            start = time.perf_counter()
+            logits = model(
+                input_ids=torch.tensor([[feed]], device=model.device), past_key_values=cache, use_cache=True
+            ).logits
+            _finish(model.device)
+            log.step_s.append(time.perf_counter() - start)
+            ctx.now += 1
+            position += 1
+            token = int(logits[0, -1].argmax())
+            log.fed_ids.append(feed)
+            log.token_ids.append(token)
+            if on_token:
+                on_token(token)
     return log
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (None: unchanged) inside, and put back after. A decode
+    step's operators work on one row: each one's parallel region (start and join of the threads) may cost more
+    than the extra cores gain, the more so where the I/O thread's checks share them; the floor benchmark's
+    `--decode-threads` measures it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,16 +2,23 @@
 fetches their weights through an expert source (the expert cache, or a strategy's mapped file) and
 applies the model's own expert math.
 
-The arithmetic mirrors transformers' eager experts forward operation for operation, and the expert
-outputs are summed in ascending expert order as there, so greedy generation is bit-identical to the
-fully resident model. A strategy may look at each layer's input before its experts run (to prefetch
-or predict) and, if it is approximate, replace the routing and supply expert outputs it computed early.
+On the CPU, with the model's own routing and every needed expert in memory with no read in flight
+(`ExpertSource.ready`), a layer is one call of the experts class's own eager forward, its stacked
+parameters replaced by a table that looks each expert's weights up in the source: the resident model's
+operations in its order, without the per-expert wrapping of the other path. Otherwise (a read to wait for,
+weights on another device, a strategy that changes the routing or computed experts early) each expert is
+one call of that forward on its own rows, computed as its weights arrive so the compute overlaps the reads
+still in flight, and the outputs are summed in ascending expert order as the eager forward sums them.
+Either way greedy generation is bit-identical to the fully resident model. A strategy may look at each
+layer's input before its experts run (to prefetch or predict) and, if it is approximate, replace the
+routing and supply expert outputs it computed early.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +32,7 @@ from harness.models.quant import QuantFormat, dequantize
 from harness.runtime.device import DeviceTimeline, to_device
 from harness.store.layout import SCALE_SUFFIX
 
+log = logging.getLogger(__name__)
 ExpertWeights = dict[str, torch.Tensor]
 Contribution = tuple[torch.Tensor, torch.Tensor]
 """(token indices, weighted expert output rows) of one expert in one layer."""
@@ -47,6 +55,11 @@ class RoutingSink(Protocol):
 
 class ExpertSource(Protocol):
     """Where expert weights come from: `ExpertCache` (slots + O_DIRECT reads) or a strategy's mapped file."""
+
+    def ready(self, layer: int, experts: list[int]) -> bool:
+        """Whether a `fetch` of `experts` now would wait for no read and yield views that all stay valid to the end
+        of the step (no scratch buffer reused): then the layer runs as one call of the model's forward."""
+        ...
 
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]: ...
 
@@ -96,6 +109,8 @@ class ExpertMath:
         self._state["_parameters"] = {k: v for k, v in original._parameters.items() if k not in params}
         self.params, self.quant, self.dtype = params, quant, dtype
         self.num_experts = int(getattr(original, params[0]).shape[0])
+        self._shapes = {name: tuple(getattr(original, name).shape[1:]) for name in params}
+        """One expert's shape of each parameter."""
         self.timeline: DeviceTimeline | None = None
         """CUDA runs: where copies and computes are timed (harness.runtime.device); None on the CPU."""
 
@@ -108,15 +123,21 @@ class ExpertMath:
             out[name] = tensor if scale is None else dequantize(tensor, scale, self.quant, self.dtype)  # type: ignore[arg-type]
         return out
 
+    def _proxy(self, params: dict[str, object]) -> nn.Module:
+        """A stand-in of the experts module (a shallow copy of its attributes) with `params` as its parameters."""
+        proxy = self._cls.__new__(self._cls)
+        proxy.__dict__.update(self._state)
+        proxy.__dict__.update(params)
+        return proxy
+
     def __call__(
         self, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
         # The expert computes where its rows are; weights on another device are copied there (harness.runtime.device).
         weights, copied = to_device(weights, current_state.device, self.timeline)
-        proxy = self._cls.__new__(self._cls)
-        proxy.__dict__.update(self._state)
-        for name, tensor in self.weights(weights).items():
-            proxy.__dict__[name] = tensor.unsqueeze(0).expand(self.num_experts, *tensor.shape)
+        proxy = self._proxy(
+            {name: t.unsqueeze(0).expand(self.num_experts, *t.shape) for name, t in self.weights(weights).items()}
+        )
         index = torch.zeros(current_state.shape[0], 1, dtype=torch.long, device=current_state.device)
         if self.timeline is None or current_state.device.type != "cuda":  # CPU computes are not device spans
             out = self._forward(proxy, current_state, index, routing_weights)
@@ -125,6 +146,83 @@ class ExpertMath:
         if copied is not None:
             copied.synchronize()  # the source slot may be rewritten once the caller moves on: its copy must be done
         return out
+
+    def layer(
+        self, fetched: Iterator[tuple[int, ExpertWeights]], convert: bool, hidden_states: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
+        """A whole layer's experts in one call of the eager forward, with the arguments the MoE block passed: each
+        stacked parameter is a table whose `[expert]` is that expert's weights, pulled from `fetched` when the
+        forward first asks for it (`convert`: dequantize them as `weights` does)."""
+        pulled = _Pulled(fetched, self.weights if convert else dict)
+        proxy = self._proxy({name: _ExpertTable(pulled, name) for name in self.params})
+        out = self._forward(proxy, hidden_states, *args, **kwargs)
+        pulled.drain()
+        return out
+
+    def layer_matches(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> bool:
+        """Whether `layer` gives this class's forward the bits of the per-expert path, checked once per class and
+        expert shapes on one row of a real call with random weights: False where the forward uses its stacked
+        parameters other than by indexing them with one expert."""
+        key = (self._cls, tuple(self._shapes.items()))
+        if key not in _LAYER_MATCHES:
+            _LAYER_MATCHES[key] = self._probe(hidden_states[:1], top_k_index[:1], top_k_weights[:1])
+        return _LAYER_MATCHES[key]
+
+    def _probe(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
+        generator = torch.Generator().manual_seed(0)
+        experts = sorted(set(top_k_index.reshape(-1).tolist()) - {self.num_experts})
+        weights = {
+            e: {n: (0.05 * torch.randn(shape, generator=generator)).to(self.dtype) for n, shape in self._shapes.items()}
+            for e in experts
+        }
+        expected = sum_experts(
+            self, hidden_states, top_k_index, top_k_weights, ((e, weights[e]) for e in experts), {}, experts
+        )
+        try:
+            got = self.layer(((e, weights[e]) for e in experts), False, hidden_states, top_k_index, top_k_weights)
+        except Exception as exc:  # any failure means: this forward needs the per-expert path
+            log.info("%s: per-expert path (one forward over the layer failed: %s)", self._cls.__name__, exc)
+            return False
+        return bool(torch.equal(got, expected))
+
+
+_LAYER_MATCHES: dict[tuple, bool] = {}
+"""Experts classes (with their expert shapes) whose forward `ExpertMath.layer` may run, decided once per process."""
+
+
+class _Pulled:
+    """A layer's expert weights as the forward asks for them: each pulled from the source's fetch (waiting for
+    it, and keeping what arrives before it) the first time, then kept to the end of the layer."""
+
+    def __init__(self, fetched: Iterator[tuple[int, ExpertWeights]], convert: Callable[[ExpertWeights], ExpertWeights]):
+        self._fetched, self._convert = fetched, convert
+        self._arrived: dict[int, ExpertWeights] = {}
+        self._ready: dict[int, ExpertWeights] = {}
+
+    def get(self, expert: int) -> ExpertWeights:
+        if expert not in self._ready:
+            while expert not in self._arrived:
+                got, weights = next(self._fetched)
+                self._arrived[got] = weights
+            self._ready[expert] = self._convert(self._arrived.pop(expert))
+        return self._ready[expert]
+
+    def drain(self) -> None:
+        """Run the fetch to its end (its accounting), once the forward is done."""
+        for _ in self._fetched:
+            pass
+
+
+class _ExpertTable:
+    """Stands in for a stacked [experts, ...] parameter: `table[e]` is expert e's tensor."""
+
+    def __init__(self, pulled: _Pulled, name: str) -> None:
+        self._pulled, self._name = pulled, name
+
+    def __getitem__(self, expert: torch.Tensor | int) -> torch.Tensor:
+        return self._pulled.get(int(expert))[self._name]
 
 
 def expert_forward(
@@ -156,28 +254,61 @@ class OffloadedExperts(nn.Module):
         routing = Routing(top_k_index, top_k_weights)
         if self.hooks is not None:
             routing = self.hooks.before_experts(self, hidden_states, routing)
-            top_k_index, top_k_weights = routing.top_k_index, routing.top_k_weights
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
         if self.sink is not None:
-            self.sink.record(self.ctx, self.layer, top_k_index, top_k_weights)
-        experts = [e for e in expert_hit[:, 0].tolist() if e != self.num_experts]
-        contributions: dict[int, Contribution] = dict(routing.precomputed)
-        for expert, weights in self.cache.fetch(self.layer, experts, self.ctx.now, self.ctx.phase):
-            if expert in contributions:
-                continue  # computed early by the strategy; the fetch still counts the access
-            top_k_pos, token_idx = torch.where(expert_mask[expert])
-            current_state = hidden_states[token_idx]
-            out = expert_forward(self.math, weights, current_state, top_k_weights[token_idx, top_k_pos, None])
-            contributions[expert] = (token_idx, out)
-        for expert in experts:
-            token_idx, current_hidden_states = contributions[expert]
-            # The eager forward's index_add_, as index_put_ with accumulation: bit-identical sums (one expert's
-            # token indices are distinct), but index_add_ on CPU enters an OpenMP region per call: at one decode
-            # row it took more CPU than the expert's matrix products on a busy 2-core machine (engine_overhead).
-            final_hidden_states.index_put_((token_idx,), current_hidden_states.to(final_hidden_states.dtype), True)
+            self.sink.record(self.ctx, self.layer, routing.top_k_index, routing.top_k_weights)
+        experts = sorted(set(routing.top_k_index.reshape(-1).tolist()) - {self.num_experts})
+        fetched = self.cache.fetch(self.layer, experts, self.ctx.now, self.ctx.phase)
+        whole_layer = (
+            routing.top_k_index is top_k_index
+            and routing.top_k_weights is top_k_weights
+            and not routing.precomputed
+            and hidden_states.device.type == "cpu"
+            and self.cache.ready(self.layer, experts)
+            and self.math.layer_matches(hidden_states, top_k_index, top_k_weights)
+        )
+        if whole_layer:
+            out = self.math.layer(fetched, True, hidden_states, *args, **kwargs)
+        else:
+            out = sum_experts(
+                self.math,
+                hidden_states,
+                routing.top_k_index,
+                routing.top_k_weights,
+                fetched,
+                routing.precomputed,
+                experts,
+            )
         if self.hooks is not None:
             self.hooks.after_experts(self)
-        return final_hidden_states
+        return out
+
+
+def sum_experts(
+    math: ExpertMath,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    fetched: Iterable[tuple[int, ExpertWeights]],
+    precomputed: dict[int, Contribution],
+    experts: list[int],
+) -> torch.Tensor:
+    """The per-expert path: each fetched expert's rows through the eager forward as its weights arrive (but those
+    in `precomputed`), then the outputs of `experts` summed in ascending order, as the eager forward sums them."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=math.num_experts + 1).permute(2, 1, 0)
+    contributions: dict[int, Contribution] = dict(precomputed)
+    for expert, weights in fetched:
+        if expert in contributions:
+            continue  # computed early by the strategy; the fetch still counts the access
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        current_state = hidden_states[token_idx]
+        out = expert_forward(math, weights, current_state, top_k_weights[token_idx, top_k_pos, None])
+        contributions[expert] = (token_idx, out)
+    for expert in experts:
+        token_idx, current_hidden_states = contributions[expert]
+        # The eager forward's index_add_, as index_put_ with accumulation: bit-identical sums (one expert's
+        # token indices are distinct), but index_add_ on CPU enters an OpenMP region per call: at one decode
+        # row it took more CPU than the expert's matrix products on a busy 2-core machine (engine_overhead).
+        final_hidden_states.index_put_((token_idx,), current_hidden_states.to(final_hidden_states.dtype), True)
+    return final_hidden_states

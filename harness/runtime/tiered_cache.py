@@ -158,6 +158,10 @@ class TieredExperts:
         host = self.lower.slot_bytes if self.host_at is not None else 0
         return host + (self.device.slot_bytes if self.device is not None else 0)
 
+    def ready(self, layer: int, experts: list[int]) -> bool:
+        """Never: the device tier streams what it does not hold through one scratch slot (the per-expert path)."""
+        return False
+
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for every needed expert; the caller finishes with one before the next."""
         plans = self.stack.step(layer, experts, now, phase)

@@ -151,6 +151,10 @@ class MappedExperts:
             "mapped_device_read_bytes_by_phase": dict(self.device_bytes_by_phase),
         }
 
+    def ready(self, layer: int, experts: list[int]) -> bool:
+        """Always: pinned slots and the map are read where the compute touches them, and no view is reused."""
+        return True
+
     def fetch(self, layer: int, experts: list[int], now: int, phase: Phase) -> Iterator[tuple[int, ExpertWeights]]:
         self.device_reads.mark(phase)
         plan = self.book.step(layer, experts, now, phase)
