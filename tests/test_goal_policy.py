@@ -1,5 +1,6 @@
-"""The held-out goal policy (`reuse-logit`): its warm start on a profile's steps, the same decisions through the
-live engine's per-key loop and the replay path, and the held-out table of `harness.benchmarks.heldout_policies`."""
+"""The learned held-out policy (`reuse-logit`, shown beside the goal policy `lrfu-prior`): its warm start on a
+profile's steps, the same decisions through the live engine's per-key loop and the replay path, and the
+held-out table of `harness.benchmarks.heldout_policies`."""
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.test_policies import random_trace
 from tests.test_policy_frontier import replay
 from tests.test_split import write
 
+REUSE = "reuse-logit"
 ALTERNATING = [[t % 2, 2 + t] for t in range(60)]
 """Step t needs t % 2 and a one-off expert 2 + t: the experts that come back are 0 and 1."""
 
@@ -67,7 +69,7 @@ def test_warm_reuse_logit_decides_alike_in_the_engine_loop_and_in_replay(scope, 
     train = build_replay(random_trace(8, seqs=1, rows=120, experts=12, k=4))
     profile = profile_of(train, "training part")
     (stream,) = build_replay(random_trace(9, seqs=1, rows=200, experts=12, k=4)).streams
-    books = [ExpertCacheBook([0, 1], capacity, scope, policy_factory(GOAL, profile=profile)) for _ in range(2)]
+    books = [ExpertCacheBook([0, 1], capacity, scope, policy_factory(REUSE, profile=profile)) for _ in range(2)]
     for layer, keys, now, phase in stream.calls:
         books[0].account(layer, keys, now, phase)
         books[1].step(layer, [e for _, e in keys], now, phase)
@@ -77,7 +79,7 @@ def test_warm_reuse_logit_decides_alike_in_the_engine_loop_and_in_replay(scope, 
     assert books[0].total() == books[1].total()
     # The simulator's own replay gives the same counts.
     replayed = run_replay(
-        build_replay(random_trace(9, seqs=1, rows=200, experts=12, k=4)), GOAL, capacity, scope, profile=profile
+        build_replay(random_trace(9, seqs=1, rows=200, experts=12, k=4)), REUSE, capacity, scope, profile=profile
     )
     assert (replayed.total().hits, replayed.total().misses) == (books[0].total().hits, books[0].total().misses)
 
@@ -125,7 +127,7 @@ def test_a_live_run_warmed_on_a_profile_trace_gives_its_replays_counts(tiny_mode
     spec = RunSpec(
         model=str(model),
         cache_experts="3",
-        policy=f"{GOAL}:{profile}",
+        policy=f"{REUSE}:{profile}",
         scope="per-layer",
         max_prompts=2,
         max_new_tokens=12,
