@@ -55,14 +55,9 @@ def _value(gf: np.ndarray, kf: np.ndarray, key: int, now: int) -> float:
 
 
 @njit(cache=True)
-def _below(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, a: int, b: int, now: int) -> bool:
-    """Key `a` ranks below key `b`: smaller (value, last access, key)."""
-    return (_value(gf, kf, a, now), ki[a, LAST], ki[a, LAYER], ki[a, EXPERT]) < (
-        _value(gf, kf, b, now),
-        ki[b, LAST],
-        ki[b, LAYER],
-        ki[b, EXPERT],
-    )
+def _rank(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> tuple[float, int, int, int]:
+    """(value, last access, key): the smallest leaves first."""
+    return _value(gf, kf, key, now), ki[key, LAST], ki[key, LAYER], ki[key, EXPERT]
 
 
 @njit(VICTIM_SIG, cache=True)
@@ -77,10 +72,12 @@ def _victim(
     incoming: int,
     now: int,
 ) -> int:
-    best = -1
+    best, best_rank = -1, (0.0, 0, 0, 0)
     for key in resident:
-        if key >= 0 and mark[key] != tag and (best < 0 or _below(gf, ki, kf, key, best, now)):
-            best = key
+        if key >= 0 and mark[key] != tag:
+            rank = _rank(gf, ki, kf, key, now)  # once per candidate: the value costs a power of 2
+            if best < 0 or rank < best_rank:
+                best, best_rank = key, rank
     return best
 
 
@@ -97,7 +94,8 @@ def _admit(
     now: int,
 ) -> bool:
     # The incoming key was used at `now`: on an equal value it ranks above every candidate and is admitted.
-    return _below(gf, ki, kf, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now), incoming, now)
+    victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
+    return _rank(gf, ki, kf, victim, now) < _rank(gf, ki, kf, incoming, now)
 
 
 @register_policy
