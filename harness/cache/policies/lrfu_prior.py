@@ -19,7 +19,7 @@ least as high as the would-be victim's; otherwise it streams and the victim stay
 future and fits nothing on the scored part, so it runs live as in replay.
 
 Why this shape: on held-out parts of the FLAME slice and of the small model's trace, every online estimator
-tried (README, "Held-out hit rates") ends within about half a point of the others; what separates them from
+tried (README, "Held-out hit rates") ends within about a point of the others at 25%; what lifts them above
 LRFU is admission and a prior, and this is the plainest policy with both. Its two constants were chosen on
 those held-out tables (README), which is a choice of two numbers, not a fit per trace.
 """
