@@ -25,6 +25,7 @@ ONLINE = [
     "lrfu",
     "lrfu:0.5",
     "lrfu-admit",
+    "lrfu-prior",
     "reuse-logit",
     "sieve",
     "s3fifo",

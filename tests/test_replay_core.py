@@ -32,6 +32,7 @@ COMPILED = [
     "lrfu",
     "lrfu:0.3",
     "lrfu-admit",
+    "lrfu-prior",
     "sieve",
     "s3fifo",
     "arc",

@@ -1,12 +1,13 @@
 """Benchmark: the held-out goal of the policy frontier, as one table (hit rates, not timings).
 
     python -m harness.benchmarks.heldout_policies [--trace T ...] [--flame-dir DIR] [--split seq:3 --split frac:0.7]
-        [--goal reuse-logit] [--capacity 12.5%,25%,50%] [--scope per-layer]
+        [--goal lrfu-prior] [--compare reuse-logit] [--capacity 12.5%,25%,50%] [--scope per-layer]
 
 For each trace and held-out split (`harness.trace.split`), every heuristic, the goal policy and the bounds
 are replayed by `harness simulate`'s own matrix (`run_simulation`), scored on the held-out part only.
 One row per (trace, split, capacity): the best heuristic (its name and hit rate), the goal policy, their
-difference in points, the static-frequency oracle, Belady with bypass and Belady; the last column says
+difference in points, the policies compared beside it (`--compare`: not part of the goal), the
+static-frequency oracle, Belady with bypass and Belady; the last column says
 whether the goal holds there (at least the best heuristic, and +2 points at 25%). Profile-based heuristics
 (`static`) profile the training part, as the goal policy does.
 
@@ -17,7 +18,7 @@ By default the traces are the FLAME slice (`--flame-dir`, imported with 512-toke
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -45,7 +46,9 @@ HEURISTICS = (
 )
 """Every policy the goal is measured against (issue 14's list, at default parameters; `static` profiles the
 training part); the bounds (belady, belady-bypass, static-oracle) are added by `run_simulation`."""
-GOAL = "reuse-logit"
+GOAL = "lrfu-prior"
+COMPARED = ("reuse-logit",)
+"""Learned policies shown beside the goal policy (not heuristics: the goal is measured against HEURISTICS)."""
 GOAL_MARGIN_POINTS = 2.0
 """The goal policy must lead the best heuristic by this much at 25% capacity."""
 MARGIN_CAPACITY_PCT = 25.0
@@ -62,6 +65,7 @@ class Row:
     static_oracle: float
     belady_bypass: float
     belady: float
+    compared: dict[str, float] = field(default_factory=dict)
 
     @property
     def lead_points(self) -> float:
@@ -75,10 +79,18 @@ class Row:
 
 
 def heldout_rows(
-    label: str, trace: Path, split: str, goal: str, capacity: str, scope: str, heuristics: tuple[str, ...] = HEURISTICS
+    label: str,
+    trace: Path,
+    split: str,
+    goal: str,
+    capacity: str,
+    scope: str,
+    heuristics: tuple[str, ...] = HEURISTICS,
+    compared: tuple[str, ...] = (),
 ) -> list[Row]:
     """The table rows of one trace under one split."""
-    run = run_simulation(trace, [*heuristics, goal], capacity, scope=scope, split=split)  # type: ignore[arg-type]
+    specs = [*heuristics, goal, *compared]
+    run = run_simulation(trace, specs, capacity, scope=scope, split=split)  # type: ignore[arg-type]
     by_cell: dict[tuple[str, int], SimulationResult] = {(r.policy, r.capacity_slots): r for r in run.results}
     rows = []
     for slots in sorted({r.capacity_slots for r in run.results}):
@@ -96,22 +108,26 @@ def heldout_rows(
                 static_oracle=by_cell[("static-oracle", slots)].hit_rate,
                 belady_bypass=by_cell[("belady-bypass", slots)].hit_rate,
                 belady=by_cell[("belady", slots)].hit_rate,
+                compared={spec: by_cell[(spec, slots)].hit_rate for spec in compared},
             )
         )
     return rows
 
 
 def format_rows(rows: list[Row], goal: str) -> list[str]:
+    compared = list(rows[0].compared) if rows else []
     head = (
         f"{'trace':<10} {'split':<9} {'cap':>6}  {'best heuristic':<22} {goal:>12} {'lead pt':>8} "
-        f"{'static-oracle':>13} {'belady-bypass':>13} {'belady':>7}  goal"
+        + "".join(f"{spec:>13} " for spec in compared)
+        + f"{'static-oracle':>13} {'belady-bypass':>13} {'belady':>7}  goal"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         best = f"{r.best_name} {r.best:.4f}"
         lines.append(
             f"{r.trace:<10} {r.split:<9} {r.capacity_pct:>5.1f}%  {best:<22} {r.goal:>12.4f} {r.lead_points:>+8.2f} "
-            f"{r.static_oracle:>13.4f} {r.belady_bypass:>13.4f} {r.belady:>7.4f}  {'met' if r.met else 'NOT met'}"
+            + "".join(f"{r.compared[spec]:>13.4f} " for spec in compared)
+            + f"{r.static_oracle:>13.4f} {r.belady_bypass:>13.4f} {r.belady:>7.4f}  {'met' if r.met else 'NOT met'}"
         )
     return lines
 
@@ -122,6 +138,9 @@ def format_rows(rows: list[Row], goal: str) -> list[str]:
 @click.option("--no-flame", is_flag=True, help="Only the --trace files.")
 @click.option("--split", "splits", multiple=True, default=("seq:3", "frac:0.7"), show_default=True)
 @click.option("--goal", default=GOAL, show_default=True, help="The policy measured against the heuristics.")
+@click.option(
+    "--compare", default=",".join(COMPARED), show_default=True, help="Policies shown beside the goal (comma list)."
+)
 @click.option("--capacity", default="12.5%,25%,50%", show_default=True)
 @click.option("--scope", type=click.Choice(["per-layer", "global"]), default="per-layer", show_default=True)
 def main(
@@ -130,9 +149,11 @@ def main(
     no_flame: bool,
     splits: tuple[str, ...],
     goal: str,
+    compare: str,
     capacity: str,
     scope: str,
 ) -> None:
+    compared = tuple(spec for spec in (s.strip() for s in compare.split(",")) if spec and spec != goal)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = [(path.stem, path) for path in traces]
         if not no_flame:
@@ -143,7 +164,7 @@ def main(
             row
             for label, path in inputs
             for split in splits
-            for row in heldout_rows(label, path, split, goal, capacity, scope)
+            for row in heldout_rows(label, path, split, goal, capacity, scope, compared=compared)
         ]
     click.echo(
         f"held-out hit rates, {scope} scope; goal: >= best heuristic everywhere, +{GOAL_MARGIN_POINTS:g} points at 25%"

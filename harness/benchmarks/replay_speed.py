@@ -40,6 +40,7 @@ POLICIES = (
     "fwlru",
     "lrfu",
     "lrfu-admit",
+    "lrfu-prior",
     "sieve",
     "s3fifo",
     "arc",

@@ -10,6 +10,7 @@ from harness.cache.policies import (  # noqa: F401
     lfu,
     lrfu,
     lrfu_admit,
+    lrfu_prior,
     lru,
     random_policy,
     reuse_logit,
