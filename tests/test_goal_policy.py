@@ -117,7 +117,9 @@ def test_the_goal_needs_two_points_at_25_percent_and_a_tie_elsewhere():
     assert not Row("t", "seq:1", 12.5, "lru", 0.30, 0.2999, 0.33, 0.5, 0.5).met
 
 
-@pytest.mark.parametrize(("policy", "described"), [(REUSE, {"warm_start": True}), (GOAL, {"prior_steps": 10.0})])
+@pytest.mark.parametrize(
+    ("policy", "described"), [(REUSE, {"warm_start": True}), ("lrfu-prior", {"prior_steps": 10.0})]
+)
 def test_a_live_run_profiled_on_a_trace_gives_its_replays_counts(tiny_model, tmp_path, policy, described):
     # `reuse-logit:TRACE` live: each layer's model warms up on TRACE's steps of that layer inside the engine;
     # `lrfu-prior:TRACE`: TRACE's rates are the prior. The run's own trace replayed with the same spec gives

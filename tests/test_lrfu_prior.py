@@ -1,4 +1,4 @@
-"""`lrfu-prior`, the held-out goal policy: hand-computed victims and admissions of its rule (CRF at lambda 0.02
+"""`lrfu-prior`, a candidate for the held-out goal: hand-computed victims and admissions of its rule (CRF at lambda 0.02
 plus 10 steps of the profiled rate), and the same decisions through the live engine's per-key hooks, the
 compiled replay and the simulator."""
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.benchmarks.heldout_policies import GOAL, format_rows, heldout_rows
+from harness.benchmarks.heldout_policies import COMPARED, format_rows, heldout_rows
 from harness.cache.book import ExpertCacheBook
 from harness.cache.policies.lrfu_prior import DEFAULT_DECAY, PRIOR_STEPS
 from harness.cache.profile import FrequencyProfile
@@ -19,11 +19,12 @@ from tests.test_policies import random_trace
 from tests.test_policy_frontier import evicted, replay
 from tests.test_split import write
 
+PRIOR = "lrfu-prior"
 FLAME = Path(__file__).with_name("data") / "flame-moe-290m"
 
 
-def test_it_is_the_goal_policy_with_its_documented_constants():
-    assert GOAL == "lrfu-prior" and (DEFAULT_DECAY, PRIOR_STEPS) == (0.02, 10.0)
+def test_it_is_compared_with_the_goal_policy_with_its_documented_constants():
+    assert COMPARED == ("lrfu-prior",) and (DEFAULT_DECAY, PRIOR_STEPS) == (0.02, 10.0)
 
 
 def test_the_prior_overrules_recency_where_the_profile_knows_better():
@@ -82,13 +83,13 @@ def test_engine_hooks_compiled_replay_and_simulator_decide_alike(flame, scope, c
     scored = build_replay(trace, sequences=[2, 3, 4])
     (stream,) = scored.streams
     layers = list(trace.meta.moe_layers)
-    hooks, fast = (ExpertCacheBook(layers, capacity, scope, policy_factory(GOAL, profile=profile)) for _ in range(2))
+    hooks, fast = (ExpertCacheBook(layers, capacity, scope, policy_factory(PRIOR, profile=profile)) for _ in range(2))
     for layer, keys, now, phase in stream.calls:
         hooks.step(layer, [e for _, e in keys], now, phase)
     fast.account_stream(stream.calls)
     assert hooks.counts == fast.counts
     assert {k: hooks.slot_of(k) for k in hooks.resident_keys()} == {k: fast.slot_of(k) for k in fast.resident_keys()}
-    simulated = run_replay(scored, GOAL, capacity, scope, profile=profile)
+    simulated = run_replay(scored, PRIOR, capacity, scope, profile=profile)
     assert simulated.total() == hooks.total() and 0 < hooks.total().hits < hooks.total().accesses
     assert simulated.description["profile"] == "training part"
 
@@ -98,8 +99,8 @@ def test_heldout_rows_show_the_compared_policies_beside_the_goal(tmp_path):
     # the slot with 2; t1: 3 (CRF 1, prior 0) >= 2 (2^-0.02): 3 replaces 2; t2: 0 (1 + prior 10 x 3/5) replaces 3
     # and stays (2 and 3 never outweigh it): one hit, at t5.
     path = write(tmp_path / "t.parquet", {0: [[0], [1], [0], [1], [0]], 1: [[2], [3], [0], [2], [3], [0]]})
-    (row,) = heldout_rows("toy", path, "seq:1", GOAL, "1", "per-layer", heuristics=("lru",), compared=("lrfu",))
+    (row,) = heldout_rows("toy", path, "seq:1", PRIOR, "1", "per-layer", heuristics=("lru",), compared=("lrfu",))
     assert (row.best_name, row.best, row.goal) == ("lru", 0.0, 1 / 6)
     assert row.compared == {"lrfu": 0.0}
-    head, _, line = format_rows([row], GOAL)
-    assert head.split()[5:9] == [GOAL, "lead", "pt", "lrfu"] and line.split()[5:8] == ["0.1667", "+16.67", "0.0000"]
+    head, _, line = format_rows([row], PRIOR)
+    assert head.split()[5:9] == [PRIOR, "lead", "pt", "lrfu"] and line.split()[5:8] == ["0.1667", "+16.67", "0.0000"]

@@ -1,5 +1,5 @@
 """LRFU with admission (`lrfu-admit`, `lrfu-admit:LAMBDA`): admission alone, the simplest of the policies
-tried for the held-out goal (the others: `lrfu-prior`, the goal policy, and `reuse-logit`).
+tried for the held-out goal (the others: `lrfu-prior`, and `reuse-logit`, the goal policy).
 
 Eviction is LRFU's (`harness.cache.policies.lrfu`, same lambda default): the candidate with the smallest
 combined recency-frequency value (CRF, lifetime, kept after eviction) leaves. The addition is admission, in

@@ -1,5 +1,5 @@
-"""`lrfu-prior` (`lrfu-prior:TRACE`): LRFU with a frequency prior and admission, the harness's own design for
-the held-out goal.
+"""`lrfu-prior` (`lrfu-prior:TRACE`): LRFU with a frequency prior and admission, the harness's own design, a
+two-constant candidate for the held-out goal (below `reuse-logit`, the goal policy, on FLAME).
 
 Each expert's value at step `now` is its decayed count plus a prior of PRIOR_STEPS pseudo-steps at its
 profiled rate:
