@@ -111,9 +111,13 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
     # - kimi_linear (512 tokens): 2 of 7 (top-10% 0.145, overlap 0.128); LRU 0.257 / 0.511, LFU 0.271, Belady
     #   0.491 / 0.762 near uniform, as qwen3_next: its Kimi Delta Attention layers (3 in 4). Not tuned.
+    # - deepseek_v2 (512 tokens): 7 of 7 (top-10% 0.203, overlap 0.156, LRU 0.303 / 0.578, LFU 0.354, Belady 0.533 /
+    #   0.798).
+    # - glm4_moe (512 tokens): 7 of 7 (top-10% 0.210, overlap 0.161, LRU 0.311 / 0.583, LFU 0.365, Belady 0.537 /
+    #   0.800).
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
+    #   phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
@@ -298,6 +302,20 @@ def _model_class(config: PretrainedConfig) -> type[AutoModelForCausalLM] | type[
 _QK_NORMS: tuple[str, ...] = ("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight")
 _QK_NORMS += ("query_layernorm.weight", "key_layernorm.weight")
 """Per-head query / key norms (Qwen3 and OLMoE, LFM2, Hunyuan name them differently): their gain sharpens."""
+_INDEXER_PART = ".indexer."
+"""The sparse-attention indexer (DeepSeek-V3.2, GLM-5, A.X K2): its k_norm only ranks which tokens are attended
+(index_topk, 2048 by default, keeps every token of a 512-token chunk), so it is not the attention's q/k norm."""
+
+
+def _query_key_rows(name: str, text: PretrainedConfig) -> tuple[int, int] | None:
+    """For a fused projection whose head blocks hold the query or key rows first and other rows after (values,
+    gates): (leading rows to scale, rows per head block); None for any other tensor."""
+    if name.endswith("kv_b_proj.weight"):  # MLA: nope key rows, then value rows
+        return text.qk_nope_head_dim, text.qk_nope_head_dim + text.v_head_dim
+    if name.endswith("q_gate_proj.weight"):  # A.X K2: query rows, then output-gate rows
+        query = text.qk_nope_head_dim + text.qk_rope_head_dim
+        return query, query + text.v_head_dim
+    return None
 
 
 @torch.no_grad()
@@ -308,20 +326,21 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     3 / (0.02 * sqrt(fan-in)) (ROUTING.md's rule, whose fan-in is the hidden size for q_proj / k_proj). In
     multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Kimi) the query comes from q_b_proj (or q_proj)
     and the key from the key rows of kv_b_proj, whose other rows are the values: those stay, since larger
-    values would let the prefix mean dominate the residual stream, the very stickiness the fix removes."""
-    names = [name for name, _ in model.named_parameters()]
-    has_qk_norm = any(n.endswith(_QK_NORMS) for n in names)
+    values would let the prefix mean dominate the residual stream, the very stickiness the fix removes. A.X K2
+    fuses its query with an output gate (q_gate_proj): only the query rows are scaled."""
+    attention = [(name, param) for name, param in model.named_parameters() if _INDEXER_PART not in name]
+    has_qk_norm = any(n.endswith(_QK_NORMS) for n, _ in attention)
     text = model.config.get_text_config()  # type: ignore[union-attr,operator]
     changed = 0
-    for name, param in model.named_parameters():
+    for name, param in attention:
         scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(param.shape[-1]))
+        rows = None if has_qk_norm else _query_key_rows(name, text)
         if has_qk_norm and name.endswith(_QK_NORMS):
             param.fill_(ATTENTION_GAIN)
         elif not has_qk_norm and name.endswith(("q_proj.weight", "k_proj.weight", "q_b_proj.weight")):
             param.mul_(scale)
-        elif not has_qk_norm and name.endswith("kv_b_proj.weight"):
-            nope = text.qk_nope_head_dim  # per head: nope key rows, then v_head_dim value rows
-            param.view(-1, nope + text.v_head_dim, param.shape[-1])[:, :nope].mul_(scale)
+        elif rows is not None:
+            param.view(-1, rows[1], param.shape[-1])[:, : rows[0]].mul_(scale)
         else:
             continue
         changed += 1
