@@ -115,14 +115,19 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.798).
     # - glm4_moe (512 tokens): 7 of 7 (top-10% 0.210, overlap 0.161, LRU 0.311 / 0.583, LFU 0.365, Belady 0.537 /
     #   0.800).
+    # - granitemoe (512 tokens): 5 of 7 (top-10% 0.188, overlap 0.150, LRU 0.288 / 0.553, LFU 0.335); Belady
+    #   0.5196 / 0.786 just below, as deepseek_v3.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
+    #   phimoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
+    # Phi-3.5-MoE's 16 experts top-2 (12 MiB each): its sparsemixer router always picks 2 experts, whatever
+    # num_experts_per_tok says (at top-8 its routing would not fill the top-k the index records).
+    "phimoe": {"experts": 16, "top_k": 2, "expert_intermediate": 2048},
 }
 
 
