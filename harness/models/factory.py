@@ -117,10 +117,16 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.800).
     # - granitemoe (512 tokens): 5 of 7 (top-10% 0.188, overlap 0.150, LRU 0.288 / 0.553, LFU 0.335); Belady
     #   0.5196 / 0.786 just below, as deepseek_v3.
+    # - ernie4_5_moe (512 tokens): 7 of 7 (top-10% 0.204, overlap 0.157, LRU 0.305 / 0.578, LFU 0.357, Belady 0.534 /
+    #   0.798).
+    # - dots1 (512 tokens): 6 of 7 (top-10% 0.186, overlap 0.147, LRU 0.290 / 0.553, LFU 0.334, Belady@25% 0.520);
+    #   Belady@50% 0.785 just below.
+    # - minimax_m2 (512 tokens): 7 of 7 (top-10% 0.222, overlap 0.173, LRU 0.325 / 0.601, LFU 0.385, Belady 0.551 /
+    #   0.810).
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   phimoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
-    #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
+    #   phimoe, minimax, qwen3_5_moe,
+    #   afmoe, axk2, cohere2_moe, glm4_moe_lite, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
