@@ -1,6 +1,7 @@
 """The factory's routing-realism fix (ROUTING.md) reaches each architecture's own attention tensors: q/k norm
 gains where the attention has them, else the query / key projections, and in fused projections only the
-query or key rows; a sparse-attention indexer's norm is not the attention's."""
+query or key rows; a sparse-attention indexer's norm is not the attention's. Routers that transformers
+initialises to zero get a random init."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import math
 import pytest
 import torch
 
-from harness.models.factory import ATTENTION_GAIN, INIT_STD, _config, _model_class, _sharpen_attention, preset_for
+from harness.models.factory import (
+    ATTENTION_GAIN,
+    INIT_STD,
+    _config,
+    _init_zero_routers,
+    _model_class,
+    _sharpen_attention,
+    preset_for,
+)
 
 MLA = {"self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"}
 
@@ -52,3 +61,15 @@ def test_fused_query_gate_projection_scales_query_rows_only():
     old = before[name].view_as(after)
     assert torch.equal(after[:, :query], old[:, :query] * scale)
     assert torch.equal(after[:, query:], old[:, query:])
+
+
+def test_zero_initialised_router_gets_a_random_init():
+    # AFMoE's router starts at zero: every expert would tie for every token.
+    config = _config("afmoe", preset_for("afmoe", "tiny"), seed=0)
+    model = _model_class(config).from_config(config, dtype=torch.float32)
+    routers = {n: p for n, p in model.named_parameters() if n.endswith("mlp.router.gate.weight")}
+    assert routers and not any(p.any() for p in routers.values())
+    others = {n: p.clone() for n, p in model.named_parameters() if n not in routers}
+    _init_zero_routers(model)
+    assert all(p.all() for p in routers.values())
+    assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
