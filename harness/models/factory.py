@@ -136,11 +136,13 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   Belady 0.499 / 0.769 below, closer to uniform routing. A likely cause, not verified: it is post-norm (OLMo 2),
     #   so each attention and expert output enters the residual stream at unit RMS beside a token embedding of std
     #   0.02, and the router input keeps little of the token itself. Not tuned: the attention gain does not apply.
+    # - deepseek_v32 (512 tokens): 5 of 7 (top-10% 0.172, overlap 0.140, LRU 0.274 / 0.536, LFU 0.311); Belady
+    #   0.504 / 0.775 just below, as deepseek_v3, since the gain reaches its attention rather than its indexer's k_norm.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   phimoe, minimax, qwen3_5_moe,
     #   afmoe, axk2, solar_open,
-    #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
+    #   glm_moe_dsa, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
