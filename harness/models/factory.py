@@ -138,11 +138,16 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.02, and the router input keeps little of the token itself. Not tuned: the attention gain does not apply.
     # - deepseek_v32 (512 tokens): 5 of 7 (top-10% 0.172, overlap 0.140, LRU 0.274 / 0.536, LFU 0.311); Belady
     #   0.504 / 0.775 just below, as deepseek_v3, since the gain reaches its attention rather than its indexer's k_norm.
+    # - axk2 (512 tokens): 5 of 7 (top-10% 0.160, overlap 0.133, LRU 0.264 / 0.531, LFU 0.292); Belady 0.498 / 0.771
+    #   below, with the gain on the query rows of its q_gate_proj and the key rows of kv_b_proj.
+    # - glm_moe_dsa (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.140, LRU 0.276 / 0.541, LFU 0.316); Belady
+    #   0.510 / 0.779 just below. Every MLA preset measured (deepseek_v3, deepseek_v32, glm_moe_dsa, axk2) lands there:
+    #   slightly less predictable than real traces; not tuned further.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   phimoe, minimax, qwen3_5_moe,
-    #   afmoe, axk2, solar_open,
-    #   glm_moe_dsa, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
+    #   afmoe, solar_open,
+    #   sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
