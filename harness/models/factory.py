@@ -90,6 +90,9 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # 0.274 is near uniform routing's 0.25 for 8 experts; the real ranges (64-expert models) do not apply.
     # gpt_oss small has 5 of 7 (top-10% share 0.138, overlap 0.148, LRU 0.288 / 0.555, LFU 0.313); Belady
     # 0.503 / 0.780 lie just below the range.
+    # phimoe small (16 experts top-2, 512 tokens) has 4 of 7 (top-10% 0.186, overlap 0.140, LRU@25% 0.273, LFU
+    # 0.300); LRU@50% 0.524, Belady 0.463 / 0.746 lie below. Uniform routing's overlap is 0.125 at top-2 of 16, so
+    # its routing is only a little stickier than that; the real ranges come from 64-expert top-8 models. Not tuned.
     # The 64 x 3 MiB top-8 shape (every other architecture):
     # - olmoe (2000 tokens): 7 of 7 (top-10% 0.166, overlap 0.169, LRU 0.322 / 0.596, LFU 0.340, Belady 0.549 /
     #   0.811).
@@ -146,7 +149,7 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   (their own latent sizes), have 7 of 7: cause not found, not tuned.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   phimoe, minimax, qwen3_5_moe,
+    #   minimax, qwen3_5_moe,
     #   afmoe, solar_open,
     #   sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
