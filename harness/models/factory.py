@@ -118,9 +118,9 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.798).
     # - glm4_moe (512 tokens): 7 of 7 (top-10% 0.210, overlap 0.161, LRU 0.311 / 0.583, LFU 0.365, Belady 0.537 /
     #   0.800).
-    # - granitemoe (512 tokens), at Granite's default attention_multiplier 1.0 (8 times the usual scale, since
-    #   replaced): 5 of 7 (top-10% 0.188, overlap 0.150, LRU 0.288 / 0.553, LFU 0.335); Belady 0.5196 / 0.786 just
-    #   below.
+    # - granitemoe (512 tokens): 7 of 7 (top-10% 0.220, overlap 0.167, LRU 0.318 / 0.593, LFU 0.379, Belady 0.546 /
+    #   0.806) with the usual attention scale; at Granite's default attention_multiplier 1.0 (8 times that) it had
+    #   5 of 7 (Belady 0.5196 / 0.786 just below).
     # - ernie4_5_moe (512 tokens): 7 of 7 (top-10% 0.204, overlap 0.157, LRU 0.305 / 0.578, LFU 0.357, Belady 0.534 /
     #   0.798).
     # - dots1 (512 tokens): 6 of 7 (top-10% 0.186, overlap 0.147, LRU 0.290 / 0.553, LFU 0.334, Belady@25% 0.520);
@@ -130,7 +130,8 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - glm4_moe_lite (512 tokens): 7 of 7 (top-10% 0.217, overlap 0.165, LRU 0.319 / 0.593, LFU 0.376, Belady 0.544 /
     #   0.806).
     # - granitemoeshared (512 tokens): 7 of 7 (top-10% 0.220, overlap 0.167, LRU 0.318 / 0.593, LFU 0.379, Belady
-    #   0.546 / 0.806), with the usual attention scale (attention_multiplier 1 / sqrt(head_dim)).
+    #   0.546 / 0.806), with the usual attention scale (attention_multiplier 1 / sqrt(head_dim)): granitemoe's figures,
+    #   since its shared expert is off at the config's default shared_intermediate_size 0.
     # - cohere2_moe (512 tokens): 7 of 7 (top-10% 0.213, overlap 0.169, LRU 0.320 / 0.589, LFU 0.374, Belady 0.545 /
     #   0.804).
     # - exaone_moe (512 tokens): 7 of 7 (top-10% 0.206, overlap 0.163, LRU 0.311 / 0.578, LFU 0.364, Belady 0.537 /
