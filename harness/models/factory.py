@@ -152,7 +152,8 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.499 / 0.768 below, closer to uniform, after its zero-initialised routers got a random init (before: the same
     #   experts at every step, 0 of 7). Like flex_olmo it normalises each attention and expert output before the
     #   residual add (sandwich norms): the same likely cause, not verified; not tuned.
-    # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
+    # - not measured yet (about 3-4 minutes each at 512 tokens on 2 loaded cores with OMP_NUM_THREADS=1, about 10
+    #   with the default OpenMP threads, which spin against the other processes: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   minimax, qwen3_5_moe,
     #   solar_open,
