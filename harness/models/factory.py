@@ -156,11 +156,14 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.801).
     # - sarvam_moe (512 tokens): 7 of 7 (top-10% 0.205, overlap 0.159, LRU 0.307 / 0.581, LFU 0.363, Belady 0.536 /
     #   0.800).
+    # - hy_v3 (512 tokens): 7 of 7 (top-10% 0.205, overlap 0.160, LRU 0.308 / 0.580, LFU 0.361, Belady 0.536 / 0.798).
+    # - mellum (512 tokens): 7 of 7 (top-10% 0.215, overlap 0.167, LRU 0.317 / 0.593, LFU 0.371, Belady 0.545 /
+    #   0.806).
     # - not measured yet (about 3-4 minutes each at 512 tokens on 2 loaded cores with OMP_NUM_THREADS=1, about 10
     #   with the default OpenMP threads, which spin against the other processes: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   minimax, qwen3_5_moe,
-    #   hy_v3, mellum, laguna, granitemoehybrid.
+    #   laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
