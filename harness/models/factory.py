@@ -164,8 +164,7 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - not measured yet (about 3-4 minutes each at 512 tokens on 2 loaded cores with OMP_NUM_THREADS=1, about 10
     #   with the default OpenMP threads, which spin against the other processes: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   minimax, qwen3_5_moe,
-    #   granitemoehybrid.
+    #   minimax, qwen3_5_moe, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
