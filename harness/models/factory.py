@@ -328,6 +328,64 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     return changed
 
 
+LINEAR_KEEP: dict[str, float] = {"gated_deltanet": 0.7, "kimi_delta": 0.5}
+"""Share of its state a linear-attention layer keeps per token at init, by kind (measured, see the module docstring):
+gated DeltaNet's output gate silu(z) changes sign from token to token and needs the longer memory."""
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _set_decay(module: torch.nn.Module, keep: float) -> None:
+    """A_log = 0 (A = 1) and dt_bias = softplus^-1(-ln keep): every head keeps `keep` of its state per token (at a
+    zero gate input), where the default init (A up to 16) forgets almost everything from one token to the next."""
+    module.A_log.zero_()
+    module.dt_bias.fill_(_inverse_softplus(-math.log(keep)))
+
+
+def _gain(fan_in: int, gain: float = ATTENTION_GAIN) -> float:
+    """Factor that gives a projection with INIT_STD weights outputs of magnitude `gain` (from unit-RMS inputs)."""
+    return gain / (INIT_STD * math.sqrt(fan_in))
+
+
+@torch.no_grad()
+def _sharpen_linear_attention(model: torch.nn.Module) -> int:
+    """The linear-attention counterpart of the ROUTING.md fix; returns how many layers were changed.
+
+    Each layer's short convolution gets PyTorch's own init (the reference implementations'): the generic
+    N(0, 0.02) makes its output so small that the gated norm's epsilon swallows it and the layer adds nothing.
+    The decay keeps a few recent tokens (LINEAR_KEEP). Queries and keys get ROUTING.md's projection gain, so
+    after the SiLU they share a positive part and every kept token enters with a positive weight (the default
+    gives random-sign weights, and the outputs of consecutive tokens are unrelated). The output gate's
+    pre-activation gets the same magnitude, so the gate is open or shut per channel, not a near-zero value."""
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "A_log") and hasattr(module, "num_k_heads"):  # gated DeltaNet (Qwen3-Next, Qwen3.5)
+            module.conv1d.reset_parameters()
+            _set_decay(module, LINEAR_KEEP["gated_deltanet"])
+            if hasattr(module, "in_proj_qkvz"):  # per key-head group: q, k, then its v and z rows
+                weight = module.in_proj_qkvz.weight
+                rows = weight.view(module.num_k_heads, -1, weight.shape[-1])
+                z_rows = module.value_dim // module.num_k_heads
+                rows[:, : 2 * module.head_k_dim].mul_(_gain(weight.shape[-1]))
+                rows[:, -z_rows:].mul_(_gain(weight.shape[-1]))
+            else:  # q, k, v rows; z apart
+                weight = module.in_proj_qkv.weight
+                weight[: 2 * module.key_dim].mul_(_gain(weight.shape[-1]))
+                module.in_proj_z.weight.mul_(_gain(weight.shape[-1]))
+        elif hasattr(module, "forget_gate") and hasattr(module, "g_a_proj"):  # Kimi Delta Attention
+            # q_proj / k_proj already have the gain (_sharpen_attention); the gate is low-rank, g_b(g_a(x)).
+            module.conv1d.reset_parameters()
+            _set_decay(module.forget_gate, LINEAR_KEEP["kimi_delta"])
+            module.g_a_proj.weight.mul_(_gain(module.g_a_proj.weight.shape[-1], 1.0))
+            module.g_b_proj.weight.mul_(_gain(module.g_b_proj.weight.shape[-1]))
+        else:
+            continue
+        changed += 1
+    return changed
+
+
 def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Build, initialise and save a random-init checkpoint (config, safetensors, tokenizer) to `out`."""
     if arch not in ARCHITECTURES:
@@ -347,6 +405,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
     changed = _sharpen_attention(model)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")
+    _sharpen_linear_attention(model)
     model = model.to(preset.dtype)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
