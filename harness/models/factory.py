@@ -4,6 +4,17 @@ Routing realism (ROUTING.md): at default init, attention averages the whole pref
 input barely changes between steps and every cache policy looks perfect. The fix keeps a standard
 checkpoint: sharpen attention by setting q/k norm gains to 3.0 (architectures with q/k norms),
 or by scaling the query and key projections by 3 / (0.02 * sqrt(fan-in)) (architectures without).
+
+Linear attention fails the other way (measured): its layers add almost nothing at default init (the short
+convolution's N(0, 0.02) weights leave outputs that the gated norm's epsilon swallows), and what they add has
+random-sign weights over the past, so consecutive router inputs are unrelated and routing is near uniform
+(LRU@25% 0.25). The counterpart rule (`_sharpen_linear_attention`, gated DeltaNet and Kimi Delta Attention):
+the short convolution gets PyTorch's own init; A_log = 0 and dt_bias = softplus^-1(-ln keep), so each head
+keeps `keep` of its state per token (0.7 gated DeltaNet, 0.5 KDA; a few recent tokens); the query, key and
+output-gate projections get outputs of magnitude 3, as in ROUTING.md, so the SiLU'd queries and keys share a
+positive part (recent tokens enter with positive weights) and the gate is open or shut, not near zero. The
+decay matters: with KDA's long default memory, positive weights make a prefix mean again (hidden 256: 0 of 7,
+overlap 0.44). Mamba and MiniMax's lightning attention are not tuned (SMALL_SHAPES says why).
 """
 
 from __future__ import annotations
@@ -96,10 +107,10 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - deepseek_v3 (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.143, LRU 0.280 / 0.546, LFU 0.323); Belady
     #   0.509 / 0.779 just below. Before the MLA rule of _sharpen_attention (value rows of kv_b_proj scaled too)
     #   it had 0 of 7 (top-10% 0.538, LRU@25% 0.761): the prefix mean dominated.
-    # - qwen3_next (512 tokens): 2 of 7 (top-10% 0.141, overlap 0.126); LRU 0.252 / 0.503, LFU 0.264, Belady
-    #   0.487 / 0.757 are those of uniform random routing (LRU@25% 0.25): its gated-DeltaNet layers (3 in 4),
-    #   which the attention gain does not reach, carry too little context at init. Not tuned: it needs a
-    #   linear-attention counterpart of the gain, not found yet; its cache comparisons are pessimistic.
+    # - qwen3_next (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.179, overlap 0.203, LRU 0.355 /
+    #   0.604, LFU 0.368, Belady 0.566 / 0.806). Before it, 2 of 7 (top-10% 0.141, overlap 0.126; LRU 0.252 /
+    #   0.503, LFU 0.264, Belady 0.487 / 0.757, those of uniform random routing): its gated-DeltaNet layers (3 in
+    #   4) added almost nothing.
     # - lfm2_moe (512 tokens): 5 of 7 (top-10% 0.180, overlap 0.147, LRU 0.281 / 0.542, LFU 0.323); Belady
     #   0.513 / 0.780 just below (its q_layernorm / k_layernorm now get the gain).
     # - qwen2_moe (512 tokens): 7 of 7 (top-10% 0.213, overlap 0.167, LRU 0.319 / 0.596, LFU 0.376, Belady
@@ -109,8 +120,9 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
     #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next: its Mamba layers (7 in 8) carry too little
     #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
-    # - kimi_linear (512 tokens): 2 of 7 (top-10% 0.145, overlap 0.128); LRU 0.257 / 0.511, LFU 0.271, Belady
-    #   0.491 / 0.762 near uniform, as qwen3_next: its Kimi Delta Attention layers (3 in 4). Not tuned.
+    # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
+    #   0.619, LFU 0.405, Belady 0.581 / 0.815). Before it, 2 of 7 (top-10% 0.145, overlap 0.128; LRU 0.257 /
+    #   0.511, LFU 0.271, Belady 0.491 / 0.762, near uniform, as qwen3_next): its Kimi Delta Attention layers.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
     #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
