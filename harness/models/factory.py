@@ -120,12 +120,14 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
     #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next: its Mamba layers (7 in 8) carry too little
     #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
+    # - qwen3_5_moe (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.183, overlap 0.206, LRU 0.361 /
+    #   0.607, LFU 0.374, Belady 0.571 / 0.808); its text model is qwen3_next's layout (gated DeltaNet 3 in 4).
     # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
     #   0.619, LFU 0.405, Belady 0.581 / 0.815). Before it, 2 of 7 (top-10% 0.145, overlap 0.128; LRU 0.257 /
     #   0.511, LFU 0.271, Belady 0.491 / 0.762, near uniform, as qwen3_next): its Kimi Delta Attention layers.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax, qwen3_5_moe,
+    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
     #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
