@@ -118,8 +118,10 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - hunyuan_v1_moe (512 tokens): 7 of 7 (top-10% 0.206, overlap 0.161, LRU 0.310 / 0.580, LFU 0.361, Belady
     #   0.537 / 0.799), with the gain on its query_layernorm / key_layernorm.
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
-    #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next: its Mamba layers (7 in 8) carry too little
-    #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
+    #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next was: its Mamba layers (7 in 8) add almost nothing
+    #   at init (the same N(0, 0.02) convolution) and the attention gain reaches one layer in eight. Not tuned: at
+    #   hidden 256, 8 layers, a moving-average convolution and in_proj's x and gate rows at magnitude 3-10 gave 6
+    #   of 7 (Belady@50% 0.78 just below; before, 4 of 7), but the small preset was not measured with it in time.
     # - qwen3_5_moe (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.183, overlap 0.206, LRU 0.361 /
     #   0.607, LFU 0.374, Belady 0.571 / 0.808); its text model is qwen3_next's layout (gated DeltaNet 3 in 4).
     # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
