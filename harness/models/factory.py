@@ -127,11 +127,16 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
     #   0.619, LFU 0.405, Belady 0.581 / 0.815). Before it, 2 of 7 (top-10% 0.145, overlap 0.128; LRU 0.257 /
     #   0.511, LFU 0.271, Belady 0.491 / 0.762, near uniform, as qwen3_next): its Kimi Delta Attention layers.
+    # - granitemoehybrid (512 tokens): 2 of 7 (top-10% 0.139, overlap 0.127); LRU 0.252 / 0.501, LFU 0.261, Belady
+    #   0.486 / 0.758 near uniform. Not tuned: its attention layers have no position embedding (Granite 4.0's
+    #   default, position_embedding_type None), so the gain sharpens them towards similar tokens anywhere in the
+    #   prefix, not recent ones; recency would have to come from its Mamba-2 layers, which add almost nothing at
+    #   init (the N(0, 0.02) convolution and the gated norm, as gated DeltaNet's); Mamba-2 not explored in time.
     # - not measured yet (about 10 minutes each at 512 tokens on 2 loaded cores: `harness model create --arch A
     #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1, minimax,
+    #   deepseek_v2, glm4_moe, phimoe, granitemoe, ernie4_5_moe, dots1,
     #   afmoe, axk2, cohere2_moe, glm4_moe_lite, minimax_m2, granitemoeshared, flex_olmo, exaone_moe, solar_open,
-    #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna, granitemoehybrid.
+    #   glm_moe_dsa, deepseek_v32, sarvam_moe, hy_v3, mellum, laguna.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
