@@ -127,6 +127,10 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
     #   0.619, LFU 0.405, Belady 0.581 / 0.815). Before it, 2 of 7 (top-10% 0.145, overlap 0.128; LRU 0.257 /
     #   0.511, LFU 0.271, Belady 0.491 / 0.762, near uniform, as qwen3_next): its Kimi Delta Attention layers.
+    # - minimax (512 tokens): 7 of 7 with the attention gain alone (top-10% 0.254, overlap 0.184, LRU 0.348 / 0.637,
+    #   LFU 0.422, Belady 0.572 / 0.827), near the top of the ranges: its full-attention layers (1 in 2) carry the
+    #   context; the lightning-attention layers are left as they are (their decay is fixed by the architecture). At
+    #   hidden 256 the same model was near uniform (2 of 7): measure the preset, do not infer it.
     # - granitemoehybrid (512 tokens): 2 of 7 (top-10% 0.139, overlap 0.127); LRU 0.252 / 0.501, LFU 0.261, Belady
     #   0.486 / 0.758 near uniform. Not tuned: its attention layers have no position embedding (Granite 4.0's
     #   default, position_embedding_type None), so the gain sharpens them towards similar tokens anywhere in the
