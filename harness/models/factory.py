@@ -4,6 +4,17 @@ Routing realism (ROUTING.md): at default init, attention averages the whole pref
 input barely changes between steps and every cache policy looks perfect. The fix keeps a standard
 checkpoint: sharpen attention by setting q/k norm gains to 3.0 (architectures with q/k norms),
 or by scaling the query and key projections by 3 / (0.02 * sqrt(fan-in)) (architectures without).
+
+Linear attention fails the other way (measured): its layers add almost nothing at default init (the short
+convolution's N(0, 0.02) weights leave outputs that the gated norm's epsilon swallows), and what they add has
+random-sign weights over the past, so consecutive router inputs are unrelated and routing is near uniform
+(LRU@25% 0.25). The counterpart rule (`_sharpen_linear_attention`, gated DeltaNet and Kimi Delta Attention):
+the short convolution gets PyTorch's own init; A_log = 0 and dt_bias = softplus^-1(-ln keep), so each head
+keeps `keep` of its state per token (0.7 gated DeltaNet, 0.5 KDA; a few recent tokens); the query, key and
+output-gate projections get outputs of magnitude 3, as in ROUTING.md, so the SiLU'd queries and keys share a
+positive part (recent tokens enter with positive weights) and the gate is open or shut, not near zero. The
+decay matters: with KDA's long default memory, positive weights make a prefix mean again (hidden 256: 0 of 7,
+overlap 0.44). Mamba and MiniMax's lightning attention are not tuned (SMALL_SHAPES says why).
 """
 
 from __future__ import annotations
@@ -99,10 +110,10 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - deepseek_v3 (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.143, LRU 0.280 / 0.546, LFU 0.323); Belady
     #   0.509 / 0.779 just below. Before the MLA rule of _sharpen_attention (value rows of kv_b_proj scaled too)
     #   it had 0 of 7 (top-10% 0.538, LRU@25% 0.761): the prefix mean dominated.
-    # - qwen3_next (512 tokens): 2 of 7 (top-10% 0.141, overlap 0.126); LRU 0.252 / 0.503, LFU 0.264, Belady
-    #   0.487 / 0.757 are those of uniform random routing (LRU@25% 0.25): its gated-DeltaNet layers (3 in 4),
-    #   which the attention gain does not reach, carry too little context at init. Not tuned: it needs a
-    #   linear-attention counterpart of the gain, not found yet; its cache comparisons are pessimistic.
+    # - qwen3_next (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.179, overlap 0.203, LRU 0.355 /
+    #   0.604, LFU 0.368, Belady 0.566 / 0.806). Before it, 2 of 7 (top-10% 0.141, overlap 0.126; LRU 0.252 /
+    #   0.503, LFU 0.264, Belady 0.487 / 0.757, those of uniform random routing): its gated-DeltaNet layers (3 in
+    #   4) added almost nothing.
     # - lfm2_moe (512 tokens): 5 of 7 (top-10% 0.180, overlap 0.147, LRU 0.281 / 0.542, LFU 0.323); Belady
     #   0.513 / 0.780 just below (its q_layernorm / k_layernorm now get the gain).
     # - qwen2_moe (512 tokens): 7 of 7 (top-10% 0.213, overlap 0.167, LRU 0.319 / 0.596, LFU 0.376, Belady
@@ -110,10 +121,24 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - hunyuan_v1_moe (512 tokens): 7 of 7 (top-10% 0.206, overlap 0.161, LRU 0.310 / 0.580, LFU 0.361, Belady
     #   0.537 / 0.799), with the gain on its query_layernorm / key_layernorm.
     # - jamba (512 tokens): 3 of 7 (top-10% 0.153, overlap 0.130, LRU@25% 0.260); LRU@50% 0.512, LFU 0.281,
-    #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next: its Mamba layers (7 in 8) carry too little
-    #   context at init and the attention gain reaches one layer in eight. Not tuned, for the same reason.
-    # - kimi_linear (512 tokens): 2 of 7 (top-10% 0.145, overlap 0.128); LRU 0.257 / 0.511, LFU 0.271, Belady
-    #   0.491 / 0.762 near uniform, as qwen3_next: its Kimi Delta Attention layers (3 in 4). Not tuned.
+    #   Belady 0.493 / 0.764 near uniform routing, as qwen3_next was: its Mamba layers (7 in 8) add almost nothing
+    #   at init (the same N(0, 0.02) convolution) and the attention gain reaches one layer in eight. Not tuned: at
+    #   hidden 256, 8 layers, a moving-average convolution and in_proj's x and gate rows at magnitude 3-10 gave 6
+    #   of 7 (Belady@50% 0.78 just below; before, 4 of 7), but the small preset was not measured with it in time.
+    # - qwen3_5_moe (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.183, overlap 0.206, LRU 0.361 /
+    #   0.607, LFU 0.374, Belady 0.571 / 0.808); its text model is qwen3_next's layout (gated DeltaNet 3 in 4).
+    # - kimi_linear (512 tokens): 7 of 7 with _sharpen_linear_attention (top-10% 0.205, overlap 0.226, LRU 0.378 /
+    #   0.619, LFU 0.405, Belady 0.581 / 0.815). Before it, 2 of 7 (top-10% 0.145, overlap 0.128; LRU 0.257 /
+    #   0.511, LFU 0.271, Belady 0.491 / 0.762, near uniform, as qwen3_next): its Kimi Delta Attention layers.
+    # - minimax (512 tokens): 7 of 7 with the attention gain alone (top-10% 0.254, overlap 0.184, LRU 0.348 / 0.637,
+    #   LFU 0.422, Belady 0.572 / 0.827), near the top of the ranges: its full-attention layers (1 in 2) carry the
+    #   context; the lightning-attention layers are left as they are (their decay is fixed by the architecture). At
+    #   hidden 256 the same model was near uniform (2 of 7): measure the preset, do not infer it.
+    # - granitemoehybrid (512 tokens): 2 of 7 (top-10% 0.139, overlap 0.127); LRU 0.252 / 0.501, LFU 0.261, Belady
+    #   0.486 / 0.758 near uniform. Not tuned: its attention layers have no position embedding (Granite 4.0's
+    #   default, position_embedding_type None), so the gain sharpens them towards similar tokens anywhere in the
+    #   prefix, not recent ones; recency would have to come from its Mamba-2 layers, which add almost nothing at
+    #   init (the N(0, 0.02) convolution and the gated norm, as gated DeltaNet's); Mamba-2 not explored in time.
     # - deepseek_v2 (512 tokens): 7 of 7 (top-10% 0.203, overlap 0.156, LRU 0.303 / 0.578, LFU 0.354, Belady 0.533 /
     #   0.798).
     # - glm4_moe (512 tokens): 7 of 7 (top-10% 0.210, overlap 0.161, LRU 0.311 / 0.583, LFU 0.365, Belady 0.537 /
@@ -161,10 +186,6 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.806).
     # - laguna (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.144, LRU 0.280 / 0.542, LFU 0.319); Belady 0.512 /
     #   0.779 just below (q/k norms with the gain, a gated attention output); cause not found, not tuned.
-    # - not measured yet (about 3-4 minutes each at 512 tokens on 2 loaded cores with OMP_NUM_THREADS=1, about 10
-    #   with the default OpenMP threads, which spin against the other processes: `harness model create --arch A
-    #   --preset small --out M` then `python -m harness.benchmarks.routing --model M --tokens 512`):
-    #   minimax, qwen3_5_moe, granitemoehybrid.
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
@@ -422,6 +443,66 @@ def _init_zero_routers(model: torch.nn.Module) -> None:
             param.normal_(0.0, INIT_STD)
 
 
+LINEAR_KEEP: dict[str, float] = {"gated_deltanet": 0.7, "kimi_delta": 0.5}
+"""Share of its state a linear-attention layer keeps per token at init, by kind (measured, see the module docstring):
+gated DeltaNet's output gate silu(z) changes sign from token to token and needs the longer memory."""
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _set_decay(module: Any, keep: float) -> None:
+    """A_log = 0 (A = 1) and dt_bias = softplus^-1(-ln keep): every head keeps `keep` of its state per token (at a
+    zero gate input), where the default init (A up to 16) forgets almost everything from one token to the next."""
+    module.A_log.zero_()
+    module.dt_bias.fill_(_inverse_softplus(-math.log(keep)))
+
+
+def _gain(fan_in: int, gain: float = ATTENTION_GAIN) -> float:
+    """Factor that gives a projection with INIT_STD weights outputs of magnitude `gain` (from unit-RMS inputs)."""
+    return gain / (INIT_STD * math.sqrt(fan_in))
+
+
+@torch.no_grad()
+def _sharpen_linear_attention(model: torch.nn.Module) -> int:
+    """The linear-attention counterpart of the ROUTING.md fix; returns how many layers were changed.
+
+    Each layer's short convolution gets PyTorch's own init (the reference implementations'): the generic
+    N(0, 0.02) makes its output so small that the gated norm's epsilon swallows it and the layer adds nothing.
+    The decay keeps a few recent tokens (LINEAR_KEEP). Queries and keys get ROUTING.md's projection gain, so
+    after the SiLU they share a positive part and every kept token enters with a positive weight (the default
+    gives random-sign weights, and the outputs of consecutive tokens are unrelated). The output gate's
+    pre-activation gets the same magnitude, so the gate is open or shut per channel, not a near-zero value."""
+    changed = 0
+    # Any: the modules' attributes (A_log, conv1d, in_proj_qkvz, ...) are the architectures' own, not nn.Module's.
+    module: Any
+    for module in model.modules():
+        if hasattr(module, "A_log") and hasattr(module, "num_k_heads"):  # gated DeltaNet (Qwen3-Next, Qwen3.5)
+            module.conv1d.reset_parameters()
+            _set_decay(module, LINEAR_KEEP["gated_deltanet"])
+            if hasattr(module, "in_proj_qkvz"):  # per key-head group: q, k, then its v and z rows
+                weight = module.in_proj_qkvz.weight
+                rows = weight.view(module.num_k_heads, -1, weight.shape[-1])
+                z_rows = module.value_dim // module.num_k_heads
+                rows[:, : 2 * module.head_k_dim].mul_(_gain(weight.shape[-1]))
+                rows[:, -z_rows:].mul_(_gain(weight.shape[-1]))
+            else:  # q, k, v rows; z apart
+                weight = module.in_proj_qkv.weight
+                weight[: 2 * module.key_dim].mul_(_gain(weight.shape[-1]))
+                module.in_proj_z.weight.mul_(_gain(weight.shape[-1]))
+        elif hasattr(module, "forget_gate") and hasattr(module, "g_a_proj"):  # Kimi Delta Attention
+            # q_proj / k_proj already have the gain (_sharpen_attention); the gate is low-rank, g_b(g_a(x)).
+            module.conv1d.reset_parameters()
+            _set_decay(module.forget_gate, LINEAR_KEEP["kimi_delta"])
+            module.g_a_proj.weight.mul_(_gain(module.g_a_proj.weight.shape[-1], 1.0))
+            module.g_b_proj.weight.mul_(_gain(module.g_b_proj.weight.shape[-1]))
+        else:
+            continue
+        changed += 1
+    return changed
+
+
 def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Build, initialise and save a random-init checkpoint (config, safetensors, tokenizer) to `out`."""
     if arch not in ARCHITECTURES:
@@ -442,6 +523,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
     changed = _sharpen_attention(model)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")
+    _sharpen_linear_attention(model)
     model = model.to(preset.dtype)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

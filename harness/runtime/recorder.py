@@ -18,7 +18,7 @@ def trace_meta(model: str, config: object, index: PackIndex, source: str) -> Tra
     return TraceMeta(
         model=model,
         architecture=config.model_type,  # type: ignore[attr-defined]
-        num_layers=config.num_hidden_layers,  # type: ignore[attr-defined]
+        num_layers=config.get_text_config().num_hidden_layers,  # type: ignore[attr-defined]  # a wrapper's text model
         moe_layers=index.moe_layers,
         num_experts=index.num_experts,
         top_k=index.top_k,
