@@ -1,7 +1,8 @@
 """The factory's routing-realism fix (ROUTING.md) reaches each architecture's own attention tensors: q/k norm
 gains where the attention has them, else the query / key projections, and in fused projections only the
 query or key rows; a sparse-attention indexer's norm is not the attention's. Routers that transformers
-initialises to zero get a random init."""
+initialises to zero get a random init. The linear-attention counterpart reaches gated DeltaNet's and Kimi Delta
+Attention's convolution, decay and q/k/gate projections, and nothing else."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import torch
 from harness.models.factory import (
     ATTENTION_GAIN,
     INIT_STD,
+    LINEAR_KEEP,
     _config,
     _init_zero_routers,
     _model_class,
     _sharpen_attention,
+    _sharpen_linear_attention,
     preset_for,
 )
 
@@ -73,3 +76,70 @@ def test_zero_initialised_router_gets_a_random_init():
     _init_zero_routers(model)
     assert all(p.all() for p in routers.values())
     assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
+
+
+def _linear_sharpened(arch: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
+    config = _config(arch, preset_for(arch, "tiny"), seed=0)
+    torch.manual_seed(0)
+    model = _model_class(config).from_config(config, dtype=torch.float32)
+    before = {name: param.clone() for name, param in model.named_parameters()}
+    return model, before, _sharpen_linear_attention(model)
+
+
+def _kept_per_token(a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    # At a zero gate input the state decays by exp(-exp(A_log) * softplus(dt_bias)) per token; A_log is per head,
+    # dt_bias per head (DeltaNet) or per channel (KDA): with A_log 0 the factor is 1 for every channel.
+    assert not a_log.any()
+    return torch.exp(-torch.nn.functional.softplus(dt_bias))
+
+
+@pytest.mark.parametrize(
+    "arch, prefix, expected, kind",
+    [
+        (
+            "qwen3_next",
+            "linear_attn.",
+            {"conv1d.weight", "A_log", "dt_bias", "in_proj_qkvz.weight"},
+            "gated_deltanet",
+        ),
+        (
+            "kimi_linear",
+            "self_attn.",
+            {"conv1d.weight", "forget_gate.A_log", "forget_gate.dt_bias", "g_a_proj.weight", "g_b_proj.weight"},
+            "kimi_delta",
+        ),
+    ],
+)
+def test_linear_attention_rule_reaches_its_tensors_and_sets_the_decay(arch, prefix, expected, kind):
+    model, before, changed_layers = _linear_sharpened(arch)
+    changed = {n.split(".", 3)[3] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {prefix + name for name in expected}
+    assert changed_layers == len({n.split(".")[2] for n, p in model.named_parameters() if ".A_log" in n})
+    params = dict(model.named_parameters())
+    gate = "forget_gate." if kind == "kimi_delta" else ""
+    for name in params:
+        if name.endswith(gate + "A_log"):
+            dt_bias = params[name.removesuffix("A_log") + "dt_bias"]
+            kept = _kept_per_token(params[name], dt_bias)
+            assert torch.allclose(kept, torch.full_like(kept, LINEAR_KEEP[kind]), atol=1e-6)
+
+
+def test_gated_deltanet_value_rows_keep_their_init():
+    # in_proj_qkvz, per key-head group: q and k rows (gain), then v rows (kept), then z rows (gain).
+    model, before, _ = _linear_sharpened("qwen3_next")
+    layer = next(m for m in model.modules() if hasattr(m, "in_proj_qkvz"))
+    name = next(n for n, p in model.named_parameters() if p is layer.in_proj_qkvz.weight)
+    weight = layer.in_proj_qkvz.weight
+    rows = weight.view(layer.num_k_heads, -1, weight.shape[-1])
+    old = before[name].view_as(rows)
+    scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(weight.shape[-1]))
+    qk, z = 2 * layer.head_k_dim, layer.value_dim // layer.num_k_heads
+    assert torch.equal(rows[:, :qk], old[:, :qk] * scale)
+    assert torch.equal(rows[:, qk:-z], old[:, qk:-z])
+    assert torch.equal(rows[:, -z:], old[:, -z:] * scale)
+
+
+def test_linear_attention_rule_leaves_other_architectures_alone():
+    model, before, changed_layers = _linear_sharpened("qwen3_moe")
+    assert changed_layers == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
