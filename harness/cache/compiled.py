@@ -105,6 +105,18 @@ def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
     ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
 
 
+@njit(cache=True)
+def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last: int) -> bool:
+    """Key `a` ranks below key `b`: smaller (float column `score`, int column `last`, layer, expert), the order
+    of every policy that evicts by a value with recency, then the key, as tie-breaks."""
+    return (kf[a, score], ki[a, last], ki[a, LAYER], ki[a, EXPERT]) < (
+        kf[b, score],
+        ki[b, last],
+        ki[b, LAYER],
+        ki[b, EXPERT],
+    )
+
+
 @njit(ADMIT_SIG, cache=True)
 def admit_all(
     g: np.ndarray,

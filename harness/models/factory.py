@@ -403,6 +403,11 @@ def _query_key_rows(name: str, text: PretrainedConfig) -> tuple[int, int] | None
     return None
 
 
+def _gain(fan_in: int, gain: float = ATTENTION_GAIN) -> float:
+    """Factor that gives a projection with INIT_STD weights outputs of magnitude `gain` (from unit-RMS inputs)."""
+    return gain / (INIT_STD * math.sqrt(fan_in))
+
+
 @torch.no_grad()
 def _sharpen_attention(model: torch.nn.Module) -> int:
     """Apply the ROUTING.md fix; returns how many tensors were changed (0 means the rule did not apply).
@@ -418,7 +423,7 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     text = model.config.get_text_config()  # type: ignore[union-attr,operator]
     changed = 0
     for name, param in attention:
-        scale = ATTENTION_GAIN / (INIT_STD * math.sqrt(param.shape[-1]))
+        scale = _gain(param.shape[-1])
         rows = None if has_qk_norm else _query_key_rows(name, text)
         if has_qk_norm and name.endswith(_QK_NORMS):
             param.fill_(ATTENTION_GAIN)
@@ -459,11 +464,6 @@ def _set_decay(module: Any, keep: float) -> None:
     zero gate input), where the default init (A up to 16) forgets almost everything from one token to the next."""
     module.A_log.zero_()
     module.dt_bias.fill_(_inverse_softplus(-math.log(keep)))
-
-
-def _gain(fan_in: int, gain: float = ATTENTION_GAIN) -> float:
-    """Factor that gives a projection with INIT_STD weights outputs of magnitude `gain` (from unit-RMS inputs)."""
-    return gain / (INIT_STD * math.sqrt(fan_in))
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, VICTIM_SIG, CompiledPolicy, Kernel, ranks_below
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
@@ -42,17 +42,6 @@ def lrfu_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, k
     ki[key, LAST] = now
 
 
-@njit(cache=True)
-def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int) -> bool:
-    """Key `a` ranks below key `b`: smaller (CRF, last access, key)."""
-    return (kf[a, SCORE], ki[a, LAST], ki[a, LAYER], ki[a, EXPERT]) < (
-        kf[b, SCORE],
-        ki[b, LAST],
-        ki[b, LAYER],
-        ki[b, EXPERT],
-    )
-
-
 @njit(VICTIM_SIG, cache=True)
 def lrfu_victim(
     g: np.ndarray,
@@ -69,7 +58,7 @@ def lrfu_victim(
     it goes first."""
     best = -1
     for key in resident:
-        if key >= 0 and mark[key] != tag and (best < 0 or ranks_below(kf, ki, key, best)):
+        if key >= 0 and mark[key] != tag and (best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST)):
             best = key
     return best
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel
-from harness.cache.policies.lrfu import LRFU, lrfu_access, lrfu_victim, ranks_below
+from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel, ranks_below
+from harness.cache.policies.lrfu import LAST, LRFU, SCORE, lrfu_access, lrfu_victim
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 
@@ -36,7 +36,7 @@ def _admit(
     # The same ranking as the victim's, ties included: the incoming key was used at `now`, so on equal CRF it
     # ranks above every candidate (used before `now`) and is admitted.
     victim = lrfu_victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
-    return ranks_below(kf, ki, victim, incoming)
+    return ranks_below(kf, ki, victim, incoming, SCORE, LAST)  # smaller (CRF, last access, key)
 
 
 @register_policy

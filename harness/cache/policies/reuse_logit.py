@@ -47,12 +47,12 @@ from harness.cache.compiled import (
     EXPERT,
     FIRST_COLUMN,
     KEY_SIG,
-    LAYER,
     NONE,
     STATE,
     VICTIM_SIG,
     CompiledAdmission,
     Kernel,
+    ranks_below,
 )
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
@@ -196,17 +196,6 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     g[at + PENDING_NOW] = now
 
 
-@njit(cache=True)
-def _below(ki: np.ndarray, kf: np.ndarray, a: int, b: int) -> bool:
-    """Key `a` has the lower (prediction, last use, key)."""
-    return (kf[a, SCORE], ki[a, LAST], ki[a, LAYER], ki[a, EXPERT]) < (
-        kf[b, SCORE],
-        ki[b, LAST],
-        ki[b, LAYER],
-        ki[b, EXPERT],
-    )
-
-
 @njit(VICTIM_SIG, cache=True)
 def _victim(
     g: np.ndarray,
@@ -226,7 +215,7 @@ def _victim(
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
-            if best < 0 or _below(ki, kf, key, best):
+            if best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST):
                 best = key
     return best
 
@@ -244,7 +233,7 @@ def _admit(
     now: int,
 ) -> bool:
     """The miss goes in where its predicted reuse ranks above the would-be victim's."""
-    return _below(ki, kf, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now), incoming)
+    return ranks_below(kf, ki, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now), incoming, SCORE, LAST)
 
 
 @njit(LEARN_SIG, cache=True)
