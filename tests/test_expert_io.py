@@ -113,6 +113,34 @@ def test_uring_demand_reads_go_ahead_of_queued_prefetches(tiny_model):
 
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
+def test_uring_prefetches_wait_for_demand_reads_in_flight(tiny_model):
+    paths = pack_paths(tiny_model("olmoe"))
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    backend = UringReads(reader, queue_depth=4)
+    pool = AlignedPool(6, index.stride_bytes)
+    try:
+        # No demand read in flight: prefetches fill the ring together.
+        idle = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
+        backend.result(idle[2])
+        assert max(r.record.start_ns for r in idle) < min(r.record.end_ns for r in idle)
+        # A demand read in flight: the ring has room, but the prefetches start only once it completed.
+        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
+        later = backend.submit([((0, e), pool.slot(e)) for e in (4, 5)], background=True)
+        backend.result(later[1])
+        assert min(r.record.start_ns for r in later) >= demand.record.end_ns
+        # A prefetch a step needs (promoted) is a demand read: it holds back the prefetches after it.
+        (needed,) = backend.submit([((0, 0), pool.slot(0))], background=True)
+        backend.promote([needed])
+        (after,) = backend.submit([((0, 1), pool.slot(1))], background=True)
+        backend.result(after)
+        assert after.record.start_ns >= needed.record.end_ns
+    finally:
+        backend.close()
+        reader.close()
+
+
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_cancels_queued_reads_and_promotes_needed_ones(tiny_model):
     paths = pack_paths(tiny_model("olmoe"))
     index = PackIndex.load(paths["index"])

@@ -4,10 +4,12 @@ recall scored on every decode layer step, prefetch accounting that adds up, pref
 from __future__ import annotations
 
 import pytest
+import torch
 
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
 from harness.runtime.generation import generate
+from harness.runtime.strategies.base import likely_experts
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
 
@@ -48,3 +50,27 @@ def test_lookahead_recall_and_prefetch_accounting(tiny_model):
     _, _, cache0 = strategy_tokens(model_dir, "lookahead:prefill=0", index.num_experts // 2)
     _, _, cache1 = strategy_tokens(model_dir, "lookahead", index.num_experts // 2)
     assert cache1.book.total("prefill").hits > cache0.book.total("prefill").hits == 0
+
+
+def test_likely_experts_keeps_each_tokens_heaviest():
+    weights = torch.tensor([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]])
+    indices = torch.tensor([[7, 3, 9], [1, 3, 8]])
+    assert likely_experts(weights, indices, 2) == {3, 9, 1}
+    assert likely_experts(weights, indices, 1) == {3, 1}
+    assert likely_experts(weights, indices, 0) == likely_experts(weights, indices, 3) == {7, 3, 9, 1, 8}
+
+
+def test_lookahead_top_reads_fewer_and_scores_the_whole_prediction(tiny_model):
+    model_dir = tiny_model("olmoe")
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    slots = index.num_experts // 2
+    _, full, _ = strategy_tokens(model_dir, "lookahead+gate:prefill=0", slots)
+    tokens, part, _ = strategy_tokens(model_dir, "lookahead+gate:prefill=0,top=1", slots)
+    assert tokens == reference
+    # The recall scores every predicted expert whatever `top` reads; a decode step's prediction reads one.
+    assert part.stats()["prediction"] == full.stats()["prediction"]
+    assert part.stats()["gate_prediction"] == full.stats()["gate_prediction"]
+    calls = part.stats()["prediction"]["predictions"] + part.stats()["gate_prediction"]["predictions"]
+    assert part.stats()["prefetch"]["requested"] == calls
+    assert part.stats()["prefetch"]["requested"] < full.stats()["prefetch"]["requested"]

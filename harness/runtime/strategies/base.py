@@ -206,6 +206,16 @@ def layer_experts(top_k_index: torch.Tensor) -> set[int]:
     return set(top_k_index.reshape(-1).tolist())
 
 
+def likely_experts(weights: torch.Tensor, indices: torch.Tensor, top: int) -> set[int]:
+    """The experts among each token's `top` heaviest of its routed top-k (weights and ids [T, k], as a `Router`
+    returns them); all of them when `top` is 0 or at least k. A prediction's heavier experts are the likelier
+    to be routed (on olmoe-small's decode, rank 1 of the look-ahead is right 88% of the time, rank 8 42%), so
+    a smaller `top` trades recall for precision: fewer bytes read for nothing where the disk is the limit."""
+    if 0 < top < indices.shape[-1] and weights.shape == indices.shape:
+        indices = indices.gather(-1, weights.argsort(dim=-1, descending=True)[..., :top])
+    return layer_experts(indices)
+
+
 def protect_keys(layer: int, routing: Routing) -> tuple[ExpertKey, ...]:
     """The keys a layer's step in flight uses: a prefetch must not take their slots."""
     return tuple((layer, e) for e in sorted(layer_experts(routing.top_k_index)))

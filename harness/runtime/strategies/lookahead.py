@@ -9,7 +9,9 @@ l's experts). Exact: the model computes with its own routing; a mispredicted exp
 
 With `prefill=1` (default) both predictions also run during prefill, over all the prompt's tokens, so a
 long prompt's experts are read in the order the layers need them, layer l+1's reads overlapping layer
-l's compute. Recall is scored on decode steps.
+l's compute. Recall is scored on decode steps, on the whole prediction. With `top=N` only each token's N
+heaviest predicted experts are read (`likely_experts`): where the disk is the limit, a prefetch that is not
+used costs its read, and the lighter predictions are the ones most often wrong.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from harness.runtime.strategies.base import (
     Strategy,
     before_attention,
     layer_experts,
+    likely_experts,
     moe_input_norm,
     register_strategy,
 )
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 @register_strategy
 class LookAhead(Strategy):
     name = "lookahead"
-    parameters: ClassVar[dict[str, object]] = {"prefill": 1}
+    parameters: ClassVar[dict[str, object]] = {"prefill": 1, "top": 0}
     gate_distance: ClassVar[int] = 0
     """The next-layer gate's distance (0: no gate prediction)."""
 
@@ -52,7 +55,10 @@ class LookAhead(Strategy):
         self.recall = Recall()
         self.combined = Recall()
         self._pending: dict[int, set[int]] = {}
-        self.gate = GatePrefetcher(engine, cache, self.gate_distance, self.phases) if self.gate_distance else None
+        self.top = int(self.params["top"])  # type: ignore[call-overload]
+        self.gate = (
+            GatePrefetcher(engine, cache, self.gate_distance, self.phases, top=self.top) if self.gate_distance else None
+        )
         before_attention(engine, self._before_attention)
         self._norms = {m.layer: moe_input_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [
@@ -68,10 +74,13 @@ class LookAhead(Strategy):
         if ctx.phase not in self.phases:
             return
         normed = self._norms[module.layer](hidden).reshape(-1, hidden.shape[-1])
-        experts = layer_experts(self.predictor.predict(module.layer, normed)[2])
+        _, weights, indices = self.predictor.predict(module.layer, normed)
+        predicted = layer_experts(indices)
         if ctx.phase == "decode":
-            self._pending[module.layer] = experts
-        self.cache.prefetch(module.layer, sorted(experts), ctx.now, ctx.phase)
+            self._pending[module.layer] = predicted
+        staged = likely_experts(weights, indices, self.top)
+        protect = tuple((module.layer, e) for e in sorted(predicted))  # a resident expert predicted below `top`
+        self.cache.prefetch(module.layer, sorted(staged), ctx.now, ctx.phase, protect)
 
     def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
         predicted = self._pending.pop(module.layer, None)

@@ -2,7 +2,8 @@
 
 During decode, when MoE layer l starts, layer l+d's router (d = `distance`, 1 by default: the next-layer
 gate of mixtral-offloading and AdapMoE) is applied to layer l's MoE input; the predicted experts are
-staged in the cache and read in the background, after layer l's own demand loads, while layer l computes.
+staged in the cache and read in the background, after layer l's own demand loads, while layer l computes
+(`top=N`: only each token's N heaviest predicted experts, fewer wasted reads for a lower recall).
 A demand step that finds a prefetched expert counts a hit. Exact: the model computes with its own routing.
 """
 
@@ -22,6 +23,7 @@ from harness.runtime.strategies.base import (
     Recall,
     Strategy,
     layer_experts,
+    likely_experts,
     protect_keys,
     register_strategy,
 )
@@ -40,10 +42,12 @@ class GatePrefetcher:
         distance: int,
         phases: tuple[Phase, ...] = ("decode",),
         stage: bool = True,
+        top: int = 0,
     ) -> None:
         self.gates = GatePredictor(engine)
-        self.cache, self.distance, self.phases, self.stage = cache, distance, phases, stage
-        """`stage` False: predictions are scored, not read."""
+        self.cache, self.distance, self.phases, self.stage, self.top = cache, distance, phases, stage, top
+        """`stage` False: predictions are scored, not read. `top` > 0: only each token's `top` heaviest
+        predicted experts are read (`likely_experts`); the recall still scores the whole prediction."""
         self.recall = Recall()
         """Scored on decode steps."""
         self._pending: dict[int, set[int]] = {}
@@ -62,13 +66,18 @@ class GatePrefetcher:
         target = self.gates.target(layer, self.distance)
         if target is None:
             return
-        experts = layer_experts(self.gates.predict(target, hidden_states)[2])
+        _, weights, indices = self.gates.predict(target, hidden_states)
+        predicted = layer_experts(indices)
         if ctx.phase == "decode":
-            self._pending[target] = experts
+            self._pending[target] = predicted
         if not self.stage:
             return
-        # Deferred: this layer's demand loads, submitted next, go to the device first.
-        self.cache.prefetch(target, sorted(experts), ctx.now, ctx.phase, protect_keys(layer, routing), defer=True)
+        # The step in flight's keys and the whole prediction keep their slots (a resident expert predicted
+        # below `top` is not evicted for a likelier one). Deferred: this layer's demand loads, submitted
+        # next, go to the device first.
+        protect = protect_keys(layer, routing) + tuple((target, e) for e in sorted(predicted))
+        staged = likely_experts(weights, indices, self.top)
+        self.cache.prefetch(target, sorted(staged), ctx.now, ctx.phase, protect, defer=True)
 
     def stats(self) -> dict[str, object]:
         return {"prediction": self.recall.to_dict(), "prefetch": self.cache.prefetch_stats.to_dict()}
@@ -77,14 +86,19 @@ class GatePrefetcher:
 @register_strategy
 class NextLayerPrefetch(Strategy):
     name = "prefetch"
-    parameters: ClassVar[dict[str, object]] = {"distance": 1}
+    parameters: ClassVar[dict[str, object]] = {"distance": 1, "top": 0}
     positional = "distance"
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
         if int(self.params["distance"]) < 1:  # type: ignore[call-overload]
             raise HarnessError("prefetch distance must be at least 1 MoE layer")
         cache = engine.configure_cache(request.slots, request.scope, request.policy, request.seed, request.io_threads)
-        self.prefetcher = GatePrefetcher(engine, cache, int(self.params["distance"]))  # type: ignore[call-overload]
+        self.prefetcher = GatePrefetcher(
+            engine,
+            cache,
+            int(self.params["distance"]),  # type: ignore[call-overload]
+            top=int(self.params["top"]),  # type: ignore[call-overload]
+        )
         self.deviations = [
             "prefetches during decode only (prefill routes many tokens per layer; no prediction is made there)",
             "a prefetched expert is staged outside the policy until used; one its layer's next step does not "
