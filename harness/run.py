@@ -204,6 +204,16 @@ def check_vram_budget(spec: RunSpec, device: str) -> None:
         )
 
 
+def planned_kv_bytes(
+    spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]]
+) -> int:
+    """The KV cache at the run's longest sequence (prompt and new tokens), known before any weight loads."""
+    import torch
+
+    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
+    return kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
+
+
 def plan_device_tier(
     spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]], scope: Scope
 ) -> DeviceTier | None:
@@ -212,10 +222,7 @@ def plan_device_tier(
     budget = spec.vram_budget_bytes
     if budget is None:
         return None
-    import torch
-
-    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
-    kv_bytes = kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
+    kv_bytes = planned_kv_bytes(spec, index, config, encoded)
     layers, experts = len(index.moe_layers), index.num_experts
     per_layer = scope == "per-layer"
     return device_tier_slots(
@@ -368,6 +375,9 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     scope: Scope = strategy.forced_scope or spec.scope
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
+    if spec.cache_experts is not None and spec.tiers is None:  # a budget known now: what cannot fit is refused now
+        slots = resolve_slots(spec, index, 0, 0, scope)[0]
+        strategy.check_budget(index, slots, planned_kv_bytes(spec, index, config, encoded))
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
@@ -465,18 +475,17 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
     )
     stack.callback(engine.close)
     longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
-    workspace = (
-        WORKSPACE_RESERVE_BYTES
-        + kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
-        + spec.io_threads * index.stride_bytes
-    )
+    kv_bytes = kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
+    workspace = WORKSPACE_RESERVE_BYTES + kv_bytes + spec.io_threads * index.stride_bytes
     baseline = psutil.Process().memory_info().rss
     if plan.tiers is not None:
         cache: Any = engine.configure_tiers(plan.tiers, plan.scope, spec.seed, spec.io_threads, plan.device)
         slots, slots_how = plan.tiers[0].capacity, f"tiers {','.join(t.label for t in plan.tiers)} (top tier)"
         return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
-    cache = plan.strategy.build(engine, CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads))
+    budgeted = spec.cache_experts is not None or spec.ram_budget_bytes is not None
+    request = CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads, budgeted, kv_bytes)
+    cache = plan.strategy.build(engine, request)
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
     return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
 
