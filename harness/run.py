@@ -705,6 +705,10 @@ def assess(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Val
             f"{counted}: some expert reads did not reach the device",
             "check that the expert file is not served from a cache",
         )
+    if (metrics.get("decode_floor") or {}).get("compute_under_load"):
+        validity.note(
+            f"the floor's compute time was {metrics['decode_floor']['compute_source']}; decode_floor_ratio reads low"
+        )
     shadow = m.strategy_section.get("stats", {})
     if shadow.get("shadow_and_staging_within_budget") is False:
         validity.fail(
