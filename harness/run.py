@@ -214,6 +214,11 @@ def planned_kv_bytes(
     return kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
 
 
+def workspace_bytes(spec: RunSpec, index: PackIndex, kv_bytes: int) -> int:
+    """Memory a RAM budget keeps free of expert slots: the reserve, the KV cache and one read buffer per thread."""
+    return WORKSPACE_RESERVE_BYTES + kv_bytes + spec.io_threads * index.stride_bytes
+
+
 def plan_device_tier(
     spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]], scope: Scope
 ) -> DeviceTier | None:
@@ -375,9 +380,13 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     scope: Scope = strategy.forced_scope or spec.scope
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
-    if spec.cache_experts is not None and spec.tiers is None:  # a budget known now: what cannot fit is refused now
-        slots = resolve_slots(spec, index, 0, 0, scope)[0]
-        strategy.check_budget(index, slots, planned_kv_bytes(spec, index, config, encoded))
+    if spec.tiers is None and (spec.cache_experts is not None or spec.ram_budget_bytes is not None):
+        # The budget's expert slots as known before any load (a RAM budget's with this process now and the
+        # non-expert weights, less than the load will take): what cannot fit the strategy is refused now.
+        kv_bytes = planned_kv_bytes(spec, index, config, encoded)
+        baseline = psutil.Process().memory_info().rss + index.dense_bytes
+        slots = resolve_slots(spec, index, baseline, workspace_bytes(spec, index, kv_bytes), scope)[0]
+        strategy.check_budget(index, slots, kv_bytes)
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
@@ -474,9 +483,8 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
         plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder, device=plan.device
     )
     stack.callback(engine.close)
-    longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
-    kv_bytes = kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
-    workspace = WORKSPACE_RESERVE_BYTES + kv_bytes + spec.io_threads * index.stride_bytes
+    kv_bytes = planned_kv_bytes(spec, index, plan.config, plan.encoded)
+    workspace = workspace_bytes(spec, index, kv_bytes)
     baseline = psutil.Process().memory_info().rss
     if plan.tiers is not None:
         cache: Any = engine.configure_tiers(plan.tiers, plan.scope, spec.seed, spec.io_threads, plan.device)
