@@ -381,10 +381,10 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
     if spec.tiers is None and (spec.cache_experts is not None or spec.ram_budget_bytes is not None):
-        # The budget's expert slots as known before any load (a RAM budget's with this process now and the
-        # non-expert weights, less than the load will take): what cannot fit the strategy is refused now.
+        # The budget's expert slots as far as known before any load (a RAM budget's with this process's memory
+        # now, less than after the load on any device): what cannot fit the strategy is refused now.
         kv_bytes = planned_kv_bytes(spec, index, config, encoded)
-        baseline = psutil.Process().memory_info().rss + index.dense_bytes
+        baseline = psutil.Process().memory_info().rss
         slots = resolve_slots(spec, index, baseline, workspace_bytes(spec, index, kv_bytes), scope)[0]
         strategy.check_budget(index, slots, kv_bytes)
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
