@@ -204,6 +204,21 @@ def check_vram_budget(spec: RunSpec, device: str) -> None:
         )
 
 
+def planned_kv_bytes(
+    spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]]
+) -> int:
+    """The KV cache at the run's longest sequence (prompt and new tokens), known before any weight loads."""
+    import torch
+
+    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
+    return kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
+
+
+def workspace_bytes(spec: RunSpec, index: PackIndex, kv_bytes: int) -> int:
+    """Memory a RAM budget keeps free of expert slots: the reserve, the KV cache and one read buffer per thread."""
+    return WORKSPACE_RESERVE_BYTES + kv_bytes + spec.io_threads * index.stride_bytes
+
+
 def plan_device_tier(
     spec: RunSpec, index: PackIndex, config: Any, encoded: list[tuple[list[int], list[int] | None]], scope: Scope
 ) -> DeviceTier | None:
@@ -212,10 +227,7 @@ def plan_device_tier(
     budget = spec.vram_budget_bytes
     if budget is None:
         return None
-    import torch
-
-    longest = max(len(ids) for ids, _ in encoded) + spec.max_new_tokens
-    kv_bytes = kv_cache_bytes(config, longest, getattr(torch, index.dtype).itemsize)
+    kv_bytes = planned_kv_bytes(spec, index, config, encoded)
     layers, experts = len(index.moe_layers), index.num_experts
     per_layer = scope == "per-layer"
     return device_tier_slots(
@@ -368,6 +380,13 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     scope: Scope = strategy.forced_scope or spec.scope
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
+    if spec.tiers is None and (spec.cache_experts is not None or spec.ram_budget_bytes is not None):
+        # The budget's expert slots as far as known before any load (a RAM budget's with this process's memory
+        # now, less than after the load on any device): what cannot fit the strategy is refused now.
+        kv_bytes = planned_kv_bytes(spec, index, config, encoded)
+        baseline = psutil.Process().memory_info().rss
+        slots = resolve_slots(spec, index, baseline, workspace_bytes(spec, index, kv_bytes), scope)[0]
+        strategy.check_budget(index, slots, kv_bytes)
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
@@ -464,19 +483,17 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
         plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder, device=plan.device
     )
     stack.callback(engine.close)
-    longest = max(len(ids) for ids, _ in plan.encoded) + spec.max_new_tokens
-    workspace = (
-        WORKSPACE_RESERVE_BYTES
-        + kv_cache_bytes(engine.config, longest, engine.model.dtype.itemsize)
-        + spec.io_threads * index.stride_bytes
-    )
+    kv_bytes = planned_kv_bytes(spec, index, plan.config, plan.encoded)
+    workspace = workspace_bytes(spec, index, kv_bytes)
     baseline = psutil.Process().memory_info().rss
     if plan.tiers is not None:
         cache: Any = engine.configure_tiers(plan.tiers, plan.scope, spec.seed, spec.io_threads, plan.device)
         slots, slots_how = plan.tiers[0].capacity, f"tiers {','.join(t.label for t in plan.tiers)} (top tier)"
         return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
-    cache = plan.strategy.build(engine, CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads))
+    budgeted = spec.cache_experts is not None or spec.ram_budget_bytes is not None
+    request = CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads, budgeted, kv_bytes)
+    cache = plan.strategy.build(engine, request)
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
     return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
 
@@ -695,6 +712,10 @@ def assess(plan: RunPlan, m: Measurement, metrics: dict[str, Any], validity: Val
             f"this process made the device read {m.process_read_bytes} bytes but the harness counted "
             f"{counted}: some expert reads did not reach the device",
             "check that the expert file is not served from a cache",
+        )
+    if (metrics.get("decode_floor") or {}).get("compute_under_load"):
+        validity.note(
+            f"the floor's compute time was {metrics['decode_floor']['compute_source']}; decode_floor_ratio reads low"
         )
     shadow = m.strategy_section.get("stats", {})
     if shadow.get("shadow_and_staging_within_budget") is False:

@@ -1,15 +1,17 @@
 """The I/O floor: decode_floor_ratio equals its hand-computed value on a scripted run; the compute time is
-measured once and then read from the cache."""
+measured once and then read from the cache, unless other processes loaded the machine while it was measured."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from harness.models.packer import pack_paths
 from harness.run import execute
+from harness.runtime import floor
 from harness.runtime.engine import OffloadEngine
 from harness.runtime.floor import ComputeTime, compute_time, decode_floor
 from harness.runtime.generation import generate
@@ -55,6 +57,7 @@ def test_floor_ratio_by_hand(tiny_model):
 
 def test_compute_time_measured_once_then_cached(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(floor, "cpu_sample", lambda: floor.CpuSample(0.0, 0.0, 0.0, 1.0))  # a quiet machine
     model_dir = tiny_model("olmoe")
     pack = pack_paths(model_dir)
     prompts = [([5, 17, 99, 3], None)]
@@ -96,3 +99,62 @@ def test_every_result_has_the_floor(tiny_model, tmp_path, monkeypatch):
     assert "decode_floor_ratio" in metrics
     assert floor["compute_source"].startswith("measured now") and floor["compute_s_per_token"] > 0
     assert floor["decode_bytes_per_token"] == metrics["ssd_read_bytes_per_token"]
+
+
+def test_machine_load_by_hand(monkeypatch):
+    """Others' share = (machine busy time - this process's CPU time) / machine total, over the measurement."""
+    monkeypatch.setattr(floor.os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+    before = floor.CpuSample(wall_s=100.0, process_cpu_s=1.0, busy_cpu_s=50.0, total_cpu_s=400.0)
+    # 10 s on 4 CPUs (40 CPU-s): the process ran 9.5 CPU-s, the machine was busy 17.5: others 8 of 40.
+    load = floor.machine_load(before, floor.CpuSample(110.0, 10.5, 67.5, 440.0))
+    assert load == floor.MachineLoad(wall_s=10.0, process_cpu_s=9.5, others_cpu_share=0.2, loadavg_1m=3.5)
+    assert load.loaded and floor.OTHERS_CPU_SHARE_MAX < 0.2
+    quiet = floor.machine_load(before, floor.CpuSample(110.0, 10.5, 61.5, 440.0))  # others 2 of 40
+    assert quiet.others_cpu_share == pytest.approx(0.05) and not quiet.loaded
+    # This process's time counted, when the machine's counter lags it, is never a negative share.
+    assert floor.machine_load(before, floor.CpuSample(110.0, 10.5, 55.0, 440.0)).others_cpu_share == 0.0
+
+
+def test_a_compute_time_measured_under_load_is_not_cached(tiny_model, tmp_path, monkeypatch):
+    """Scripted load readings: a measurement while others took 40% of the CPUs serves its run, says so, and is
+    not cached (the next run measures again); a quiet one is cached with its load; a cache file from before
+    loads were recorded is not trusted."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(floor.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    measured: list[int] = []
+
+    def fake_measure(*args, **kwargs):
+        measured.append(1)
+        return 0.02, 5
+
+    samples = iter(
+        [
+            floor.CpuSample(0.0, 0.0, 0.0, 0.0),
+            floor.CpuSample(10.0, 10.0, 18.0, 20.0),  # 2 CPUs for 10 s: others 8 of 20 CPU-s
+            floor.CpuSample(20.0, 10.0, 18.0, 20.0),
+            floor.CpuSample(30.0, 20.0, 28.5, 40.0),  # others 0.5 of 20
+        ]
+    )
+    monkeypatch.setattr(floor, "measure_compute", fake_measure)
+    monkeypatch.setattr(floor, "cpu_sample", lambda: next(samples))
+    pack = pack_paths(tiny_model("olmoe"))
+    prompts = [([5, 17, 99, 3], None)]
+    settings = {"device": "cpu", "decode_mode": "greedy", "max_new_tokens": 5, "warmup_steps": 1}
+    loaded = compute_time(Path("m"), pack, prompts, settings, None)
+    assert loaded.s_per_token == 0.02 and loaded.load.others_cpu_share == pytest.approx(0.4)
+    assert loaded.source.startswith("measured now under load (other processes took 40% of the CPUs")
+    assert not (tmp_path / "cache").exists()
+    out = decode_floor(0.05, None, loaded, None, 4096, 1)["decode_floor"]
+    assert out["compute_under_load"] is True and out["compute_load"]["others_cpu_share"] == pytest.approx(0.4)
+    quiet = compute_time(Path("m"), pack, prompts, settings, None)  # measured again
+    assert len(measured) == 2 and quiet.source.startswith("measured now (cached in ")
+    (path,) = (tmp_path / "cache" / "compute").iterdir()
+    doc = json.loads(path.read_text())
+    assert doc["load"]["others_cpu_share"] == pytest.approx(0.025) and doc["load"]["under_load"] is False
+    cached = compute_time(Path("m"), pack, prompts, settings, "no measuring")
+    assert len(measured) == 2 and cached.s_per_token == 0.02 and cached.load == quiet.load
+    assert cached.source == f"cached from {path} (measured while other processes took 2% of the CPUs)"
+    assert decode_floor(0.05, None, cached, None, 4096, 1)["decode_floor"]["compute_under_load"] is False
+    # A version-1 file says nothing of its load: not trusted.
+    path.write_text(json.dumps({"schema": "harness.compute/1", "s_per_token": 0.5, "steady_steps": 5}))
+    assert compute_time(Path("m"), pack, prompts, settings, "no measuring").s_per_token is None

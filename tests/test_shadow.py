@@ -1,17 +1,24 @@
 """OD-MoE's shadow predictor in `on-demand`: exact tokens, recall scored beside the gate's, its memory
-reported, argument forms, and the int8 quantisation within half a step of the weights."""
+reported and taken out of a budget's expert slots, argument forms, and the int8 quantisation within half a
+step of the weights."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from harness.errors import HarnessError
+from harness.models.adapters import load_config
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
+from harness.run import execute
 from harness.runtime.generation import generate
-from harness.runtime.strategies import make_strategy
-from harness.runtime.strategies.shadow import dequantize, quantize
+from harness.runtime.strategies import CacheRequest, make_strategy
+from harness.runtime.strategies.shadow import dequantize, quantize, shadow_expert_bytes
+from harness.spec import RunSpec
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
 
@@ -64,3 +71,77 @@ def test_int8_quantisation_within_half_a_step_and_the_scale_rounding():
     error = (dequantize(stored, scale, torch.float32) - weight.float()).abs()
     # Half a step, plus the scale's own fp16 rounding (2**-11 relative) times at most 127 steps.
     assert bool((error <= scale.float() * (0.5 + 127 * 2**-11) * 1.001).all())
+
+
+def _tiny_int8_shadow_weight_bytes(config) -> int:
+    """The int8 shadow of the tiny OLMoE by hand: int8 matrices with an fp16 scale per output row (attention
+    projections, experts), float32 norms and router (OLMoE's router is a parameter, not an nn.Linear)."""
+    h, i, e = config.hidden_size, config.intermediate_size, config.num_experts
+    head_dim = h // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    attention = sum(rows * h + rows * 2 for rows in (q_out, kv_out, kv_out)) + (h * q_out + h * 2)
+    norms = (q_out + kv_out + h + h) * 4
+    router = e * h * 4
+    experts = e * ((2 * i * h + 2 * i * 2) + (h * i + h * 2))  # gate_up [2I, H], down [H, I]
+    return config.num_hidden_layers * (attention + norms + router + experts)
+
+
+def test_shadow_comes_out_of_the_budget(tiny_model):
+    """Under a budget the shadow takes ceil(its bytes / expert stride) of the budget's expert slots; tokens stay
+    the resident model's; a budget that cannot hold it (alone, or beside the staging slots) is refused."""
+    model_dir = tiny_model("olmoe")
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    layers, stride = len(index.moe_layers), index.stride_bytes
+    config = load_config(model_dir)
+    weights = _tiny_int8_shadow_weight_bytes(config)
+    kv_bytes = (len(PROMPT) + NEW_TOKENS) * 2 * config.num_hidden_layers * config.hidden_size * 4  # float32
+    assert (weights, kv_bytes, stride) == (142336, 22528, 24576)  # 164864 bytes: 6.7 slots -> 7
+    budget = CacheRequest(6, "per-layer", "lru", 0, 2, budgeted=True, kv_cache_bytes=kv_bytes)
+    tokens, strategy, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", budget)
+    assert tokens == reference
+    stats = strategy.stats()
+    assert stats["shadow_weight_bytes"] == weights
+    assert (stats["budget_expert_slots"], stats["shadow_slots"], stats["expert_slots_left"]) == (12, 7, 5)
+    assert stats["budget_expert_bytes"] == 12 * stride and stats["staging_bytes"] == index.top_k * layers * stride
+    assert stats["shadow_and_staging_within_budget"] is True
+    assert any("come out of the budget's 12, leaving 5" in d for d in strategy.deviations)
+    # 5 per layer: 10 slots, the shadow's 7 leave 3 for 4 staging slots; 3 per layer: 6, the shadow alone is 7.
+    for slots, says in [(5, "leaves 3 of the budget's 10 expert slots"), (3, "more than the budget's 6")]:
+        with pytest.raises(HarnessError, match=says):
+            strategy_tokens(
+                model_dir, "on-demand:shadow-int8:1", CacheRequest(slots, "per-layer", "lru", 0, 2, True, kv_bytes)
+            )
+    # Without a budget its memory is beside the slots, not judged against them.
+    _, unbounded, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", index.num_experts)
+    assert unbounded.stats()["shadow_and_staging_within_budget"] is None
+
+
+def test_shadow_budget_at_plan_time_and_the_verdict(tiny_model, tmp_path):
+    """--cache-experts is known before any load: the shadow's experts and KV cache (from the pack's index) that
+    cannot fit are refused then, nothing written; a budget that holds it gives a run without a budget failure."""
+    model_dir = tiny_model("olmoe")
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    experts = shadow_expert_bytes(index, "int8")
+    assert experts == 2 * 8 * ((64 * 64 + 64 * 2) + (64 * 32 + 64 * 2))  # the experts' part of the hand count
+    spec = RunSpec(
+        model=str(model_dir),
+        strategy="on-demand:shadow-int8:1",
+        prompt="the quick brown fox",
+        decode="greedy",
+        max_new_tokens=4,
+        warmup_steps=1,
+        min_steady_s=0,
+        telemetry_hz=5,
+    )
+    with pytest.raises(HarnessError, match=r"more than the budget's 4 expert slots; use --cache-experts \d+"):
+        execute(spec.model_copy(update={"cache_experts": "25%"}), tmp_path)
+    assert not any(tmp_path.iterdir())
+    result = execute(spec.model_copy(update={"cache_experts": "75%"}), tmp_path)
+    stats = result["strategy"]["stats"]
+    # The shadow's slots: its weights (the hand count above) and the KV cache planned for prompt + 4 new tokens.
+    prompt_tokens = len(AutoTokenizer.from_pretrained(str(model_dir)).encode(spec.prompt))
+    planned = _tiny_int8_shadow_weight_bytes(load_config(model_dir)) + (prompt_tokens + 4) * 1024
+    assert stats["budget_expert_slots"] == 12 and stats["shadow_slots"] == math.ceil(planned / 24576) == 7
+    assert stats["shadow_and_staging_within_budget"] is True
+    assert not any("shadow" in reason for reason in result["validity"]["reasons"])

@@ -31,6 +31,7 @@ from typing import Any
 
 import click
 
+from harness.errors import ExitCode
 from harness.models.packer import pack_paths
 from harness.runtime.expert_io import make_backend, queue_depth_from_profile
 from harness.spec import RunSpec
@@ -41,8 +42,9 @@ from harness.store.layout import PackIndex
 from harness.store.reader import AlignedPool, ExpertReader
 
 
-def run_cell(spec: RunSpec, results: Path) -> dict[str, Any]:
-    """One `harness run` in a fresh process; its result document."""
+def run_cell(spec: RunSpec, results: Path) -> dict[str, Any] | str:
+    """One `harness run` in a fresh process; its result document, or the one-line reason it was refused (e.g. a
+    shadow predictor that does not fit the share)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec.canonical(), f)
     cmd = [sys.executable, "-m", "harness", "run", "--spec", f.name, "--results", str(results), "--quiet"]
@@ -50,6 +52,9 @@ def run_cell(spec: RunSpec, results: Path) -> dict[str, Any]:
     Path(f.name).unlink()
     path = results / spec.run_id / "result.json"
     if not path.is_file():
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode == ExitCode.BAD_INPUT and lines:
+            return lines[-1].removeprefix("error: ")
         raise click.ClickException(f"cell {spec.strategy} failed (exit {proc.returncode}): {proc.stderr[-400:]}")
     return json.loads(path.read_text())
 
@@ -221,6 +226,7 @@ def main(
     names = list(strategies)
     threads = parse_threads(decode_threads)
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
     for round_ in range(rounds):
         for i, share in enumerate(s.strip() for s in shares.split(",")):
@@ -228,6 +234,8 @@ def main(
                 label = "default" if n_threads is None else str(n_threads)
                 once = list(recall_strategies) if round_ == i == j == 0 else []
                 for name in names + once:
+                    if (share, name) in refused:
+                        continue
                     spec = RunSpec(
                         model=model,
                         cache_experts=share,
@@ -241,6 +249,10 @@ def main(
                         repeat=round_,
                     )
                     result = run_cell(spec, results)
+                    if isinstance(result, str):
+                        refused[share, name] = result
+                        click.echo(f"round {round_} {share:>4} threads {label:<7} {name:<26} refused: {result}")
+                        continue
                     experts_file = Path(result["resolved"]["expert_file"])
                     cells.setdefault((share, label, name), []).append(result)
                     m = result["metrics"]
@@ -266,6 +278,10 @@ def main(
         floor = runs[-1]["metrics"].get("decode_floor") or {}
         if floor.get("floor_s_per_token") is None:
             click.echo(f"       floor unavailable: compute {floor.get('compute_source')}; io {floor.get('io_source')}")
+        for loaded in [f for r in runs if (f := r["metrics"].get("decode_floor") or {}).get("compute_under_load")]:
+            click.echo(f"       floor's compute measured under load: {loaded['compute_source']}")
+    for (share, name), why in refused.items():
+        click.echo(f"{share:>5}  {name}: refused ({why})")
 
     assert experts_file is not None
     index = PackIndex.load(pack_paths(Path(model))["index"])

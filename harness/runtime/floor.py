@@ -8,7 +8,10 @@ means the run hides all its reads behind compute (or all compute behind reads).
 The compute per token is measured once per (model pack, prompts, machine and device, decode settings)
 with the fully resident model, and cached as a small JSON file under `$HARNESS_CACHE/compute/`
 (default `~/.cache/harness/compute/`); the result says whether it was measured now, read from the
-cache, or is unavailable and why.
+cache, or is unavailable and why. A measurement records the machine's load while it ran (this process's CPU
+time against wall time, the share of all CPUs' time other processes took, the 1-minute load average); one
+taken while others took more than OTHERS_CPU_SHARE_MAX is used for its own run, said to be under load, and
+never cached (the next run measures again): a slow figure would lower every later decode_floor_ratio.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,12 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "HARNESS_CACHE"
 """Environment variable naming the harness cache folder (default ~/.cache/harness)."""
-COMPUTE_CACHE_SCHEMA = "harness.compute/1"
+COMPUTE_CACHE_SCHEMA = "harness.compute/2"
+"""Version 2 records the machine's load during the measurement; a version-1 file (load unknown) is not trusted."""
+OTHERS_CPU_SHARE_MAX = 0.10
+"""Most of all logical CPUs' time other processes (and the hypervisor's steal) may take during a compute
+measurement for it to be cached: past it, the model's threads competed for cores and its figure is slow.
+10% is one busy core of ten: on a 16-core desktop a browser tab passes, a second benchmark does not."""
 RESIDENT_MARGIN = 1.5
 """The compute time is measured only when available memory holds this many times the model's bytes
 (weights, plus activations, KV cache and loading overhead)."""
@@ -40,12 +49,64 @@ def compute_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class CpuSample:
+    """CPU time read at one instant: this process's (all its threads), and the machine's busy and total time
+    summed over every logical CPU (seconds)."""
+
+    wall_s: float
+    process_cpu_s: float
+    busy_cpu_s: float
+    total_cpu_s: float
+
+
+def cpu_sample() -> CpuSample:
+    """Now's CpuSample (psutil: /proc/stat and this process's stat on Linux)."""
+    import psutil
+
+    machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
+    # guest time is already counted in user; iowait is idle (a CPU waiting on a read runs nothing).
+    total = sum(machine) - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    return CpuSample(time.monotonic(), own.user + own.system, total - idle, total)
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """The machine's load while a compute measurement ran."""
+
+    wall_s: float
+    process_cpu_s: float
+    """This process's CPU time over the measurement (about wall_s x the threads it kept busy)."""
+    others_cpu_share: float
+    """Share of all CPUs' time that other processes (and steal) took: busy time less this process's, / total."""
+    loadavg_1m: float
+    """The 1-minute load average at the end (this process's threads included)."""
+
+    @property
+    def loaded(self) -> bool:
+        return self.others_cpu_share > OTHERS_CPU_SHARE_MAX
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"under_load": self.loaded, "others_cpu_share_max": OTHERS_CPU_SHARE_MAX}
+
+
+def machine_load(before: CpuSample, after: CpuSample) -> MachineLoad:
+    total = after.total_cpu_s - before.total_cpu_s
+    own = after.process_cpu_s - before.process_cpu_s
+    others = max(0.0, after.busy_cpu_s - before.busy_cpu_s - own)
+    return MachineLoad(after.wall_s - before.wall_s, own, others / total if total > 0 else 0.0, os.getloadavg()[0])
+
+
+@dataclass(frozen=True)
 class ComputeTime:
     """Decode compute seconds per token with every needed expert resident, and where the figure comes from."""
 
     s_per_token: float | None
     source: str
-    """'measured now (cached in FILE)', 'cached from FILE', or 'unavailable: WHY'."""
+    """'measured now (cached in FILE)', 'measured now under load (...)', 'cached from FILE (...)', or
+    'unavailable: WHY'."""
+    load: MachineLoad | None = None
+    """The machine's load while the figure was measured (None: unavailable)."""
 
 
 def compute_key(
@@ -81,14 +142,31 @@ def cached_compute(key: str) -> ComputeTime | None:
     except (OSError, ValueError):
         return None
     if doc.get("schema") != COMPUTE_CACHE_SCHEMA or not isinstance(doc.get("s_per_token"), (int, float)):
+        return None  # another version (a version-1 file does not say its load): measured again
+    try:
+        fields = {f: float(doc["load"][f]) for f in ("wall_s", "process_cpu_s", "others_cpu_share", "loadavg_1m")}
+    except (KeyError, TypeError, ValueError):
         return None
-    return ComputeTime(float(doc["s_per_token"]), f"cached from {path}")
+    load = MachineLoad(**fields)
+    if load.loaded:  # stored under a looser limit: measured again
+        return None
+    return ComputeTime(
+        float(doc["s_per_token"]),
+        f"cached from {path} (measured while other processes took {load.others_cpu_share:.0%} of the CPUs)",
+        load,
+    )
 
 
-def store_compute(key: str, s_per_token: float, steps: int) -> Path:
+def store_compute(key: str, s_per_token: float, steps: int, load: MachineLoad) -> Path:
     path = compute_cache_dir() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": COMPUTE_CACHE_SCHEMA, "s_per_token": s_per_token, "steady_steps": steps, "host": platform.node()}
+    doc = {
+        "schema": COMPUTE_CACHE_SCHEMA,
+        "s_per_token": s_per_token,
+        "steady_steps": steps,
+        "host": platform.node(),
+        "load": load.to_dict(),
+    }
     return write_json_atomic(path, doc)
 
 
@@ -129,6 +207,7 @@ def compute_time(
         return found
     if may_measure is not None:
         return ComputeTime(None, f"unavailable: {may_measure}")
+    before = cpu_sample()
     measured = measure_compute(
         model_dir,
         prompts,
@@ -138,14 +217,25 @@ def compute_time(
         settings["device"],
         settings.get("decode_threads"),
     )
+    load = machine_load(before, cpu_sample())
     if measured is None:
         return ComputeTime(None, "unavailable: no steady decode steps to time")
+    if load.loaded:
+        log.warning(
+            "compute time measured under load (others: %.0f%% of the CPUs): not cached", 100 * load.others_cpu_share
+        )
+        return ComputeTime(
+            measured[0],
+            f"measured now under load (other processes took {load.others_cpu_share:.0%} of the CPUs, over the "
+            f"{OTHERS_CPU_SHARE_MAX:.0%} a cached figure allows): not cached, measured again by the next run",
+            load,
+        )
     try:
-        path = store_compute(key, *measured)
+        path = store_compute(key, *measured, load)
     except OSError as exc:
         log.warning("cannot cache the compute time: %s", exc)
-        return ComputeTime(measured[0], "measured now (not cached: the cache folder is not writable)")
-    return ComputeTime(measured[0], f"measured now (cached in {path})")
+        return ComputeTime(measured[0], "measured now (not cached: the cache folder is not writable)", load)
+    return ComputeTime(measured[0], f"measured now (cached in {path})", load)
 
 
 def decode_floor(
@@ -169,6 +259,8 @@ def decode_floor(
             "decode_s_per_token": decode_s_per_token,
             "compute_s_per_token": compute.s_per_token,
             "compute_source": compute.source,
+            "compute_under_load": None if compute.load is None else compute.load.loaded,
+            "compute_load": None if compute.load is None else compute.load.to_dict(),
             "io_s_per_token": io_s,
             "io_source": read_model.source if read_model is not None else "unavailable: no SSD profile",
             "decode_bytes_per_token": decode_bytes_per_token,

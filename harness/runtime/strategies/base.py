@@ -22,6 +22,7 @@ from harness.runtime.offloaded import ExpertSource, OffloadedExperts, Routing
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
+    from harness.store.layout import PackIndex
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class CacheRequest:
     policy: str
     seed: int
     io_threads: int
+    budgeted: bool = False
+    """Whether `slots` is a memory bound (--cache-experts or --ram-budget): memory a strategy keeps beside its
+    expert slots (the shadow model) then comes out of them; else it is reported beside them."""
+    kv_cache_bytes: int = 0
+    """The model's KV cache at the run's longest sequence (a strategy's copy of the model keeps one as large)."""
 
 
 class Strategy(ABC):
@@ -81,6 +87,10 @@ class Strategy(ABC):
     @abstractmethod
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertSource:
         """Create the expert source (and whatever the strategy keeps beside it) for `engine`."""
+
+    def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:  # noqa: B027 - optional
+        """Refuse, before any load, a budget of `slots` expert slots per eviction group that cannot hold what
+        the strategy keeps beside its expert slots (`kv_cache_bytes`: the model's KV cache, longest sequence)."""
 
     def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
         return routing

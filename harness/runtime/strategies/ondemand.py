@@ -7,10 +7,13 @@ slots while layers l..l+d-1 run. The predictor is OD-MoE's emulative one, a quan
 `shadow-fp16`; harness.runtime.strategies.shadow), or the later layer's own gate applied to layer l's MoE
 input (`gate`, the default). With the shadow, the gate's recall is scored beside it (without reading).
 Exact. Arguments: `on-demand:2`, `on-demand:shadow-int8:2`, or `predictor=shadow-fp16,distance=3`.
+Under a memory budget the shadow's bytes come out of the budget's expert slots; a budget that cannot hold
+the shadow and the staging slots is refused.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -27,10 +30,11 @@ from harness.runtime.strategies.base import (
     register_strategy,
 )
 from harness.runtime.strategies.prefetch import GatePrefetcher
-from harness.runtime.strategies.shadow import ShadowModel, parse_predictor
+from harness.runtime.strategies.shadow import ShadowModel, fit_budget, parse_predictor, shadow_expert_bytes
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
+    from harness.store.layout import PackIndex
 
 
 @register_strategy
@@ -74,8 +78,25 @@ class OnDemand(Strategy):
         self.shadow = ShadowModel(engine, precision, distance)  # type: ignore[arg-type]
         self.recall = Recall()
         self._pending: dict[int, set[int]] = {}
-        self.budget_expert_bytes = request.slots * len(engine.index.moe_layers) * engine.index.stride_bytes
-        self.staging_bytes = cache.slot_bytes
+        groups, self.stride_bytes = len(engine.index.moe_layers), engine.index.stride_bytes
+        self.budgeted, self.budget_slots = request.budgeted, request.slots * groups
+        self.staging_slots = engine.index.top_k * groups
+        # Its KV cache is planned at the run's longest sequence (as large as the model's own).
+        planned_bytes = self.shadow.nbytes + request.kv_cache_bytes
+        self.shadow_slots = math.ceil(planned_bytes / self.stride_bytes)
+        if self.budgeted:
+            counted = "weights and KV cache"
+            left = fit_budget(
+                str(precision), planned_bytes, counted, self.budget_slots, self.staging_slots, self.stride_bytes, groups
+            )
+            budget_line = (
+                f"memory budget: the shadow's {self.shadow_slots} expert slots (its weights and its KV cache at the "
+                f"longest sequence) come out of the budget's {self.budget_slots}, leaving {left}, of which the "
+                f"staging uses {self.staging_slots}"
+            )
+        else:
+            budget_line = "no memory budget: the shadow's memory is beside the expert slots (its bytes in the stats)"
+        self.deviations.append(budget_line)
         before_attention(engine, self._before_attention)
         self.deviations[:0] = [
             f"predictor: a shadow of every decoder layer (weights {precision}"
@@ -87,6 +108,17 @@ class OnDemand(Strategy):
             "on its own device beside the real model",
         ]
         return cache
+
+    def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:
+        """The shadow's experts and KV cache, known from the pack's index, must fit the budget with the staging
+        slots (the rest of its layers is counted once it is built)."""
+        _, precision = parse_predictor(str(self.params["predictor"]))
+        if precision is None:
+            return
+        groups = len(index.moe_layers)
+        shadow_bytes = shadow_expert_bytes(index, precision) + kv_cache_bytes
+        counted = "its experts and KV cache alone"
+        fit_budget(precision, shadow_bytes, counted, slots * groups, index.top_k * groups, index.stride_bytes, groups)
 
     def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
         ctx, shadow = module.ctx, self.shadow
@@ -116,6 +148,7 @@ class OnDemand(Strategy):
         self.shadow.note_kv()
         # The shadow's memory is its weights and its own KV cache (as long as the longest sequence).
         shadow_bytes = self.shadow.nbytes + self.shadow.kv_peak_bytes
+        used_slots = math.ceil(shadow_bytes / self.stride_bytes) + self.staging_slots
         return {
             "predictor": f"shadow-{self.shadow.precision}",
             "prediction": self.recall.to_dict(),
@@ -125,7 +158,11 @@ class OnDemand(Strategy):
             "shadow_weight_bytes": self.shadow.nbytes,
             "shadow_kv_cache_bytes": self.shadow.kv_peak_bytes,
             "shadow_compute_s_by_phase": dict(self.shadow.compute_s),
-            "staging_bytes": self.staging_bytes,
-            "budget_expert_bytes": self.budget_expert_bytes,
-            "shadow_and_staging_within_budget": shadow_bytes + self.staging_bytes <= self.budget_expert_bytes,
+            "staging_bytes": self.staging_slots * self.stride_bytes,
+            "budget_expert_bytes": self.budget_slots * self.stride_bytes if self.budgeted else None,
+            "budget_expert_slots": self.budget_slots if self.budgeted else None,
+            "shadow_slots": self.shadow_slots,
+            "expert_slots_left": self.budget_slots - self.shadow_slots if self.budgeted else None,
+            # Judged on the measured KV cache; None without a budget (nothing to be within).
+            "shadow_and_staging_within_budget": used_slots <= self.budget_slots if self.budgeted else None,
         }

@@ -8,11 +8,13 @@ model starts its first MoE layer, the shadow takes the real hidden state there a
 from it, `distance` layers ahead of the real model (at real layer l's start it runs layer l+distance).
 Its routing of layer j is the prediction for the real layer j. During prefill it runs over the prompt
 once, to fill its KV cache. It runs on the caller's thread, so its compute is on the run's timeline.
+Under a memory budget its bytes (weights and KV cache) come out of the budget's expert slots (`fit_budget`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -26,9 +28,11 @@ from harness.iomem import IoBuffer
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import slot_views
 from harness.runtime.offloaded import ExpertMath, expert_forward
+from harness.units import format_bytes
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
+    from harness.store.layout import PackIndex
 
 ShadowPrecision = Literal["int8", "fp16"]
 
@@ -111,6 +115,18 @@ def _stacked_experts(engine: OffloadEngine, layer: int, precision: ShadowPrecisi
         )
         for name, pieces in parts.items()
     }
+
+
+def shadow_expert_bytes(index: PackIndex, precision: ShadowPrecision) -> int:
+    """Bytes the shadow's experts take (every MoE layer's, quantised as `_stacked_experts` stores them),
+    from the pack's index alone: `quantize` applied to shape-only (meta) tensors."""
+    per_expert = 0
+    for t in index.tensors:
+        stored, scale = quantize(
+            torch.empty(t.shape, dtype=getattr(torch, t.dtype or index.dtype), device="meta"), precision
+        )
+        per_expert += stored.nbytes + (0 if scale is None else scale.nbytes)
+    return per_expert * index.num_experts * len(index.moe_layers)
 
 
 class ShadowModel:
@@ -200,6 +216,35 @@ class ShadowModel:
             self._next += 1
         self.compute_s["decode"] += time.perf_counter() - start
         return ran
+
+
+def fit_budget(
+    precision: str,
+    shadow_bytes: int,
+    counted: str,
+    budget_slots: int,
+    own_slots: int,
+    stride_bytes: int,
+    groups: int,
+) -> int:
+    """Expert slots a budget of `budget_slots` leaves once the shadow's `shadow_bytes` (`counted` says of
+    what) come out of it: budget_slots - ceil(shadow_bytes / stride_bytes). Refused when the shadow alone does
+    not fit, or leaves fewer than the `own_slots` the strategy needs (over `groups` eviction groups)."""
+    taken = math.ceil(shadow_bytes / stride_bytes)
+    need = -(-(taken + own_slots) // groups)
+    advice = f"use --cache-experts {need} (slots per layer) or more, a larger --ram-budget, or the gate predictor"
+    what = (
+        f"the {precision} shadow model takes {format_bytes(shadow_bytes)} ({counted}: {taken} expert slots of "
+        f"{format_bytes(stride_bytes)})"
+    )
+    if taken > budget_slots:
+        raise HarnessError(f"{what}, more than the budget's {budget_slots} expert slots; {advice}")
+    if budget_slots - taken < own_slots:
+        raise HarnessError(
+            f"{what} and leaves {budget_slots - taken} of the budget's {budget_slots} expert slots, fewer than "
+            f"the {own_slots} staging slots on-demand needs; {advice}"
+        )
+    return budget_slots - taken
 
 
 def parse_predictor(value: str) -> tuple[str, ShadowPrecision | None]:
