@@ -99,13 +99,14 @@ def _victim(
 ) -> int:
     """The candidate of the largest (next use, key): ties (several never used again) go to the largest key, so
     the choice is the same on every run."""
-    # Selects, not branches (as `harness.cache.ranked.lowest`): every rank is above (-1, -1, -1).
+    # Selects, not branches (as `harness.cache.ranked.lowest`).
     best, best_next, best_layer, best_expert = -1, -1, -1, -1
     for key in resident:
         usable = key >= 0 and mark[key] != tag
         n, layer, expert = ki[key, NEXT], ki[key, LAYER], ki[key, EXPERT]
         higher = usable & (
-            (n > best_next)
+            (best < 0)
+            | (n > best_next)
             | ((n == best_next) & ((layer > best_layer) | ((layer == best_layer) & (expert > best_expert))))
         )
         best = key if higher else best

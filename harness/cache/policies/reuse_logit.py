@@ -215,8 +215,7 @@ def _victim(
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
-            if best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST):
-                best = key
+            best = key if (best < 0) | ranks_below(kf, ki, key, best, SCORE, LAST) else best  # a select
     return best
 
 
