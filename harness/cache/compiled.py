@@ -111,11 +111,13 @@ def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
 @njit(cache=True)
 def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last: int) -> bool:
     """Key `a` ranks below key `b`: smaller (float column `score`, int column `last`, layer, expert), the order
-    of every policy that evicts by a value with recency, then the key, as tie-breaks. Written without branches
-    (as the tuple comparison, NaN included) so that a scan can take it with selects (`ranked.lowest`)."""
-    sa, sb, la, lb = kf[a, score], kf[b, score], ki[a, last], ki[b, last]
-    ya, yb, ea, eb = ki[a, LAYER], ki[b, LAYER], ki[a, EXPERT], ki[b, EXPERT]
-    return (sa < sb) | ((sa == sb) & ((la < lb) | ((la == lb) & ((ya < yb) | ((ya == yb) & (ea < eb))))))
+    of every policy that evicts by a value with recency, then the key, as tie-breaks."""
+    return (kf[a, score], ki[a, last], ki[a, LAYER], ki[a, EXPERT]) < (
+        kf[b, score],
+        ki[b, last],
+        ki[b, LAYER],
+        ki[b, EXPERT],
+    )
 
 
 @njit(ADMIT_SIG, cache=True)

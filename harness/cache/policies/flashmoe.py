@@ -81,27 +81,20 @@ def _victim(
     now: int,
 ) -> int:
     """The candidate with the largest predicted distance to its next use; ties to the larger key."""
-    # Selects, not branches (as `harness.cache.ranked.lowest`).
-    best, best_score, best_layer, best_expert = -1, 0.0, -1, -1
+    best, best_score = -1, 0.0
     e, predictions = g[EXPERTS], g[PREDICTIONS]
     for key in resident:
         if key >= 0 and mark[key] != tag:
             layer = ki[key, LAYER_INDEX]
             if g[PREDICTED + layer] != now:  # `_predict`'s own test, here to skip a call per candidate
                 _predict(g, gf, ki, kf, layer, now)
-            score, key_layer, expert = gf[predictions + layer * e + ki[key, EXPERT]], ki[key, LAYER], ki[key, EXPERT]
-            higher = (
-                (best < 0)
-                | (score > best_score)
-                | (
-                    (score == best_score)
-                    & ((key_layer > best_layer) | ((key_layer == best_layer) & (expert > best_expert)))
-                )
-            )
-            best = key if higher else best
-            best_score = score if higher else best_score
-            best_layer = key_layer if higher else best_layer
-            best_expert = expert if higher else best_expert
+            score = gf[predictions + layer * e + ki[key, EXPERT]]
+            if (
+                best < 0
+                or score > best_score
+                or (score == best_score and (ki[key, LAYER], ki[key, EXPERT]) > (ki[best, LAYER], ki[best, EXPERT]))
+            ):
+                best, best_score = key, score
     return best
 
 

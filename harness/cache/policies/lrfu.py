@@ -58,8 +58,8 @@ def lrfu_victim(
     it goes first."""
     best = -1
     for key in resident:
-        lower = (key >= 0 and mark[key] != tag) & ((best < 0) | ranks_below(kf, ki, key, best, SCORE, LAST))
-        best = key if lower else best  # a select, not a branch (as `harness.cache.ranked.lowest`)
+        if key >= 0 and mark[key] != tag and (best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST)):
+            best = key
     return best
 
 

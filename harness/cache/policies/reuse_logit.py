@@ -215,7 +215,8 @@ def _victim(
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
-            best = key if (best < 0) | ranks_below(kf, ki, key, best, SCORE, LAST) else best  # a select
+            if best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST):
+                best = key
     return best
 
 
