@@ -8,7 +8,8 @@ Cold start: an expert never used yet has recency feature 0 and frequency 0.
 
 Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
 engine's hot path): the same functions build the training samples, score in the policy's kernel
-(`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The model
+(`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
+runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost). The model
 file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
 with `weights_only=True`).
 """

@@ -7,9 +7,11 @@ runs it as well as the simulator. Spec: `flashmoe:PATH` (a model file from `harn
 
 Its decisions are compiled kernels (`harness.cache.compiled`) over rows for every (layer, expert) the
 model has, bound in that order when the policy is built (a key outside the model is refused): per key its
-last use and access count; per layer, in the float globals, the network's weights (`LayerNet.transposed`)
+last use and access count; per layer, in the float globals, the network's weights (`LayerNet.flat`, float32)
 and its last prediction, valid while the layer's step clock in the int globals says so (an access to the
-layer clears it). The live engine's hooks and the simulator's compiled replay call the same kernels.
+layer clears it). The network runs once per layer step that evicts, whatever the number of victims (they
+all read that prediction), as the paper's per-step inference. The live engine's hooks and the simulator's
+compiled replay call the same kernels.
 """
 
 from __future__ import annotations
