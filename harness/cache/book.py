@@ -426,24 +426,29 @@ class PreparedCalls:
     key_code: np.ndarray  # [keys] index into `universe`
     universe: list[ExpertKey]  # distinct keys, sorted
     universe_layer: np.ndarray  # [universe] layer of each key
-    by_group: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    by_group: dict[tuple[int, ...], tuple[list[ExpertKey], np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
+    """Per group's layers: its keys (of `universe`), their positions in the last policy seen, and `for_group`'s
+    arrays for those."""
 
     def for_group(self, policy: RankedPolicy | CompiledPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(key positions in `policy`'s arrays for every key of the calls, the group's call indices)."""
-        wanted = np.isin(self.universe_layer, layers)
-        ids = np.flatnonzero(wanted)
-        positions = policy.bind([self.universe[i] for i in ids.tolist()])
         cached = self.by_group.get(tuple(layers))
-        # A fresh policy numbers the universe 0, 1, ...: the mapping of an earlier replay holds again.
-        if cached is not None and np.array_equal(positions, np.arange(len(ids))):
-            return cached
+        group_keys = (
+            cached[0] if cached else [self.universe[i] for i in np.flatnonzero(np.isin(self.universe_layer, layers))]
+        )
+        positions = policy.bind(group_keys)
+        # Policies that number the group's keys alike (a fresh policy of a kind numbers them 0, 1, ...;
+        # flashmoe binds its model's keys in order) share the arrays of an earlier replay.
+        if cached is not None and np.array_equal(positions, cached[1]):
+            return cached[2], cached[3]
         lut = np.full(len(self.universe), -1, dtype=np.int64)
-        lut[ids] = positions
+        lut[np.isin(self.universe_layer, layers)] = positions
         layer_ids = np.flatnonzero(np.isin(np.array(self.layer_list), layers))
-        result = (lut[self.key_code], np.flatnonzero(np.isin(self.call_layer, layer_ids)).astype(np.int64))
-        if np.array_equal(positions, np.arange(len(ids))):
-            self.by_group[tuple(layers)] = result
-        return result
+        keys, mine = lut[self.key_code], np.flatnonzero(np.isin(self.call_layer, layer_ids)).astype(np.int64)
+        self.by_group[tuple(layers)] = (group_keys, positions, keys, mine)
+        return keys, mine
 
 
 _PREPARED: OrderedDict[int, PreparedCalls] = OrderedDict()

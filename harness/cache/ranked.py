@@ -75,29 +75,34 @@ COUNT, STAMP = 1, 2
 """What `touch` does to a key: bump its lifetime count, renew its stamp (flags, combined with |)."""
 
 
-@njit("void(int64[:], int64, int64)", cache=True)
-def touch(state: np.ndarray, key: int, how: int) -> None:
-    """`state` is [clock, stamp_0, count_0, stamp_1, count_1, ...]. An access bumps the count where the
-    policy counts (COUNT); a hit's access or an insert renews the stamp to the clock, which then ticks."""
+@njit("void(int64[:], int64, int64, int64)", cache=True)
+def touch(state: np.ndarray, at: int, key: int, how: int) -> None:
+    """state[at:] is [clock, stamp_0, count_0, stamp_1, count_1, ...] (an offset, not a view: a view costs
+    reference counting, ~20 ns a call, where a policy keeps several such states in one array). An access
+    bumps the count where the policy counts (COUNT); a hit's access or an insert renews the stamp to the
+    clock, which then ticks."""
     if how & COUNT:
-        state[2 + 2 * key] += 1
+        state[at + 2 + 2 * key] += 1
     if how & STAMP:
-        state[1 + 2 * key] = state[0]
-        state[0] += 1
+        state[at + 1 + 2 * key] = state[at]
+        state[at] += 1
 
 
-@njit("int64(int64[:], boolean, int64[:], int64[:], int64)", cache=True)
-def lowest(state: np.ndarray, counted: bool, keys: np.ndarray, skip: np.ndarray, tag: int) -> int:
-    """The key of lowest rank, (count, stamp) or stamp alone, among `keys` (those >= 0 whose `skip` mark
-    is not `tag`); -1 if none."""
+@njit("int64(int64[:], int64, boolean, int64[:], int64[:], int64)", cache=True)
+def lowest(state: np.ndarray, at: int, counted: bool, keys: np.ndarray, skip: np.ndarray, tag: int) -> int:
+    """The key of lowest rank in state[at:] (`touch`), (count, stamp) or stamp alone, among `keys` (those >= 0
+    whose `skip` mark is not `tag`); -1 if none."""
+    # Selects, not branches: which key ranks lower is a coin toss that the branch predictor loses (a scan
+    # 20-40% faster on 16 to 32 keys).
     best, best_count, best_stamp = -1, 0, 0
     for key in keys:
-        if key < 0 or skip[key] == tag:
-            continue
-        c = state[2 + 2 * key] if counted else 0
-        stamp = state[1 + 2 * key]
-        if best < 0 or c < best_count or (c == best_count and stamp < best_stamp):
-            best, best_count, best_stamp = key, c, stamp
+        usable = key >= 0 and skip[key] != tag
+        c = state[at + 2 + 2 * key] if counted else 0
+        stamp = state[at + 1 + 2 * key]
+        lower = usable & ((best < 0) | (c < best_count) | ((c == best_count) & (stamp < best_stamp)))
+        best = key if lower else best
+        best_count = c if lower else best_count
+        best_stamp = stamp if lower else best_stamp
     return best
 
 
@@ -112,44 +117,45 @@ def replay_group(state: np.ndarray, counted: bool, observes_misses: bool, r: Gro
     first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group: the book streams what finds no slot), or len(calls)."""
+    keys, bounds, _, calls, slot_of, key_of_slot, first_slot, free, n_free, mark, hits, misses = r
     width_max = 0
-    for c in r.calls:
-        width_max = max(width_max, r.bounds[c + 1] - r.bounds[c])
+    for c in calls:
+        width_max = max(width_max, bounds[c + 1] - bounds[c])
     missed = np.empty(width_max, dtype=np.int64)
-    capacity = len(r.key_of_slot)
+    capacity = len(key_of_slot)
     on_hit = STAMP | (COUNT if counted else 0)
     on_miss = COUNT if counted and observes_misses else 0
-    for i in range(start, len(r.calls)):
-        c = r.calls[i]
-        a, b = r.bounds[c], r.bounds[c + 1]
+    for i in range(start, len(calls)):
+        c = calls[i]
+        a, b = bounds[c], bounds[c + 1]
         if b - a > capacity:
             return i
         tag = c + 1
         m = 0
         for j in range(a, b):
-            key = r.keys[j]
-            r.mark[key] = tag
-            if r.slot_of[key] >= 0:
-                touch(state, key, on_hit)
+            key = keys[j]
+            mark[key] = tag
+            if slot_of[key] >= 0:
+                touch(state, 0, key, on_hit)
             else:
                 missed[m] = key
                 m += 1
-                touch(state, key, on_miss)
+                touch(state, 0, key, on_miss)
         for j in range(m):
             key = missed[j]
-            if r.n_free[0]:
-                r.n_free[0] -= 1
-                slot = r.free[r.n_free[0]]
+            if n_free[0]:
+                n_free[0] -= 1
+                slot = free[n_free[0]]
             else:
-                victim = lowest(state, counted, r.key_of_slot, r.mark, tag)
-                slot = r.slot_of[victim]
-                r.slot_of[victim] = -1
-            r.slot_of[key] = slot
-            r.key_of_slot[slot - r.first_slot] = key
-            touch(state, key, STAMP)
-        r.hits[c] = b - a - m
-        r.misses[c] = m
-    return len(r.calls)
+                victim = lowest(state, 0, counted, key_of_slot, mark, tag)
+                slot = slot_of[victim]
+                slot_of[victim] = -1
+            slot_of[key] = slot
+            key_of_slot[slot - first_slot] = key
+            touch(state, 0, key, STAMP)
+        hits[c] = b - a - m
+        misses[c] = m
+    return len(calls)
 
 
 class RankedPolicy(CachePolicy):
@@ -196,18 +202,18 @@ class RankedPolicy(CachePolicy):
         how = self._on_hit if hit else self._on_miss
         if how:  # LRU ignores misses: no call (LeCaR reports them to its LRU part)
             at = self._at(key)  # first: a new key may grow (replace) the state array
-            touch(self.state, at, how)
+            touch(self.state, 0, at, how)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         at = self._at(key)  # first: a new key may grow (replace) the state array
-        touch(self.state, at, STAMP)
+        touch(self.state, 0, at, STAMP)
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         try:  # candidates are resident, so known; bind would also take new keys, at a Python loop's cost
             at = np.fromiter(map(self.index.__getitem__, candidates), np.int64, len(candidates))
         except KeyError:
             at = self.bind(list(candidates))
-        chosen = lowest(self.state, self.counted, at, self._unmarked, 1)
+        chosen = lowest(self.state, 0, self.counted, at, self._unmarked, 1)
         if chosen < 0:
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]

@@ -49,14 +49,18 @@ class Stream:
     seq_ids: list[int]
     calls: list[tuple[int, tuple[ExpertKey, ...], int, Phase]]
     tokens: dict[Phase, int]
+    _future: FutureAccesses | None = field(default=None, repr=False, compare=False)
 
     def future(self) -> FutureAccesses:
-        # From the arrays the book prepares for the compiled replay (kept for this very call list).
-        prepared = prepared_calls(self.calls)
-        times = np.repeat(prepared.now, np.diff(prepared.bounds))
-        counts = np.bincount(prepared.key_code, minlength=len(prepared.universe))
-        order = np.argsort(prepared.key_code, kind="stable")  # stable: each key's times stay ascending
-        return FutureAccesses.of_arrays(prepared.universe, np.cumsum(counts) - counts, times[order])
+        """Every key's access times, built once (the simulator replays a stream many times; policies only read it)."""
+        if self._future is None:
+            # From the arrays the book prepares for the compiled replay (kept for this very call list).
+            prepared = prepared_calls(self.calls)
+            times = np.repeat(prepared.now, np.diff(prepared.bounds))
+            counts = np.bincount(prepared.key_code, minlength=len(prepared.universe))
+            order = np.argsort(prepared.key_code, kind="stable")  # stable: each key's times stay ascending
+            self._future = FutureAccesses.of_arrays(prepared.universe, np.cumsum(counts) - counts, times[order])
+        return self._future
 
 
 @dataclass

@@ -99,10 +99,20 @@ def _victim(
 ) -> int:
     """The candidate of the largest (next use, key): ties (several never used again) go to the largest key, so
     the choice is the same on every run."""
-    best, best_rank = -1, (0, 0, 0)
+    # Selects, not branches (as `harness.cache.ranked.lowest`).
+    best, best_next, best_layer, best_expert = -1, -1, -1, -1
     for key in resident:
-        if key >= 0 and mark[key] != tag and (best < 0 or (ki[key, NEXT], ki[key, LAYER], ki[key, EXPERT]) > best_rank):
-            best, best_rank = key, (ki[key, NEXT], ki[key, LAYER], ki[key, EXPERT])
+        usable = key >= 0 and mark[key] != tag
+        n, layer, expert = ki[key, NEXT], ki[key, LAYER], ki[key, EXPERT]
+        higher = usable & (
+            (best < 0)
+            | (n > best_next)
+            | ((n == best_next) & ((layer > best_layer) | ((layer == best_layer) & (expert > best_expert))))
+        )
+        best = key if higher else best
+        best_next = n if higher else best_next
+        best_layer = layer if higher else best_layer
+        best_expert = expert if higher else best_expert
     return best
 
 

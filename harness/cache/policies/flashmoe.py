@@ -7,9 +7,11 @@ runs it as well as the simulator. Spec: `flashmoe:PATH` (a model file from `harn
 
 Its decisions are compiled kernels (`harness.cache.compiled`) over rows for every (layer, expert) the
 model has, bound in that order when the policy is built (a key outside the model is refused): per key its
-last use and access count; per layer, in the float globals, the network's weights (`LayerNet.transposed`)
+last use and access count; per layer, in the float globals, the network's weights (`LayerNet.flat`, float32)
 and its last prediction, valid while the layer's step clock in the int globals says so (an access to the
-layer clears it). The live engine's hooks and the simulator's compiled replay call the same kernels.
+layer clears it). The network runs once per layer step that evicts, whatever the number of victims (they
+all read that prediction), as the paper's per-step inference. The live engine's hooks and the simulator's
+compiled replay call the same kernels.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, STATE, VICTIM_SIG, CompiledPolicy, Kernel
-from harness.cache.learned import FlashMoEModel, features, mlp
+from harness.cache.learned import FlashMoEModel, features_into, mlp, scratch_floats
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
@@ -36,39 +39,27 @@ LAST, LAYER_INDEX = FIRST_COLUMN, FIRST_COLUMN + 1
 """Int key columns: the last access (-1: none), the position of the key's layer among the model's layers."""
 FREQ = 0
 """Float key column: accesses so far."""
-EXPERTS, HIDDEN, PREDICTED = 0, 1, 2
-"""Int globals: experts per layer, hidden width, then per layer the step its prediction is for (_STALE: none)."""
+EXPERTS, BLOCK, PREDICTIONS, SCRATCH, PREDICTED = range(5)
+"""Int globals: experts per layer, the float32 values of one layer's weights (`block_floats`, rounded up to
+even), where the predictions start in `gf`, where the network's scratch starts among the float32 values of
+`gf`, then per layer the step its prediction is for (_STALE: none)."""
 _STALE = -(1 << 62)
 PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
 
-@njit(cache=True)
-def _sizes(g: np.ndarray) -> tuple[int, int, int]:
-    """Experts, hidden width and the floats of one layer's block in `gf` (weights, then the prediction)."""
-    e, h = g[EXPERTS], g[HIDDEN]
-    return e, h, 2 * e * h + h + h * h + h + h * e + e + e
-
-
 @njit(PREDICT_SIG, cache=True)
 def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, layer: int, now: int) -> None:
-    """The layer's prediction at step `now`, unless it holds one already."""
+    """The layer's prediction at step `now`, unless it holds one already. `gf` holds, as float32 values, every
+    layer's weights, then (as float64) the predictions, E per layer, then (float32) the features and the
+    network's scratch (`FlashMoE.globals_`)."""
     if g[PREDICTED + layer] == now:
         return
-    e, h, block = _sizes(g)
+    e, block, at, scratch = g[EXPERTS], g[BLOCK], g[PREDICTIONS] + layer * g[EXPERTS], g[SCRATCH]
     first = layer * e  # the layer's rows: its experts in order
-    x = features(ki[first : first + e, LAST].copy(), kf[first : first + e, FREQ].copy(), now)
-    at = layer * block
-    ends = np.cumsum(np.array([at, 2 * e * h, h, h * h, h, h * e, e, e]))
-    pred = mlp(
-        gf[ends[0] : ends[1]],
-        gf[ends[1] : ends[2]],
-        gf[ends[2] : ends[3]],
-        gf[ends[3] : ends[4]],
-        gf[ends[4] : ends[5]],
-        gf[ends[5] : ends[6]],
-        x,
-    )
-    gf[ends[6] : ends[7]] = pred
+    floats = gf.view(np.float32)
+    x = floats[scratch : scratch + 2 * e]
+    features_into(ki[first : first + e, LAST], kf[first : first + e, FREQ], now, x)
+    mlp(floats[layer * block : (layer + 1) * block], x, gf[at : at + e], floats[scratch + 2 * e :])
     g[PREDICTED + layer] = now
 
 
@@ -92,14 +83,19 @@ def _victim(
     now: int,
 ) -> int:
     """The candidate with the largest predicted distance to its next use; ties to the larger key."""
-    e, _, block = _sizes(g)
     best, best_score = -1, 0.0
+    e, predictions = g[EXPERTS], g[PREDICTIONS]
     for key in resident:
         if key >= 0 and mark[key] != tag:
             layer = ki[key, LAYER_INDEX]
-            _predict(g, gf, ki, kf, layer, now)
-            score = gf[layer * block + block - e + ki[key, EXPERT]]
-            if best < 0 or (score, ki[key, LAYER], ki[key, EXPERT]) > (best_score, ki[best, LAYER], ki[best, EXPERT]):
+            if g[PREDICTED + layer] != now:  # `_predict`'s own test, here to skip a call per candidate
+                _predict(g, gf, ki, kf, layer, now)
+            score = gf[predictions + layer * e + ki[key, EXPERT]]
+            if (
+                best < 0
+                or score > best_score
+                or (score == best_score and (ki[key, LAYER], ki[key, EXPERT]) > (ki[best, LAYER], ki[best, EXPERT]))
+            ):
                 best, best_score = key, score
     return best
 
@@ -124,6 +120,9 @@ class FlashMoE(CompiledPolicy):
     kernel = Kernel(access=_access, victim=_victim)
     int_columns = (-1, 0)
     float_columns = (0.0,)
+    _bound: ClassVar[tuple[FlashMoEModel, dict[ExpertKey, int], list[ExpertKey], np.ndarray, np.ndarray] | None] = None
+    """The model last built on and the rows its keys got (index, keys, ki, kf): the simulator builds a policy
+    per layer and capacity on one model, and binding its keys is most of a policy's construction."""
 
     def __init__(self, capacity: int, seed: int = 0, model: FlashMoEModel | None = None) -> None:
         if model is None:
@@ -131,13 +130,19 @@ class FlashMoE(CompiledPolicy):
         self.model = model
         self.layers = sorted(model.nets)
         super().__init__(capacity, seed)
-        super().bind([(layer, e) for layer in self.layers for e in range(model.num_experts)])
+        bound = FlashMoE._bound
+        if bound is None or bound[0] is not model:
+            super().bind([(layer, e) for layer in self.layers for e in range(model.num_experts)])
+            bound = FlashMoE._bound = (model, dict(self.index), list(self.keys), self.ki.copy(), self.kf.copy())
+        else:  # the rows of the model's keys as the last policy built on it bound them (the same every time)
+            self.index, self.keys, self.ki, self.kf = dict(bound[1]), list(bound[2]), bound[3].copy(), bound[4].copy()
+            self._marks = np.ones(len(self.keys), dtype=np.int64)
 
     def globals_(self) -> tuple[list[int], np.ndarray]:
-        e, nets = self.model.num_experts, [self.model.nets[layer] for layer in self.layers]
-        hidden = nets[0].b1.shape[0]
-        blocks = [np.concatenate([*net.transposed(), np.zeros(e)]) for net in nets]
-        return [e, hidden] + [_STALE] * len(nets), np.concatenate(blocks)
+        e, weights, n = self.model.num_experts, self.model.packed, len(self.layers)
+        scratch = 2 * e + scratch_floats(e, self.model.hidden)
+        ints = [e, 2 * len(weights) // n, len(weights), 2 * (len(weights) + n * e)] + [_STALE] * n
+        return ints, np.concatenate([weights, np.zeros(n * e + (scratch + 1) // 2)])
 
     def new_rows(self, keys: Sequence[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
         ki, kf = super().new_rows(list(keys))

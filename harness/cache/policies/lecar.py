@@ -52,21 +52,20 @@ EVICTED_AT = (FIRST_COLUMN + 7, FIRST_COLUMN + 8)
 
 
 @njit(cache=True)
-def _experts(g: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The LRU and the LFU expert's states: views of the globals."""
-    n = 1 + 2 * ki.shape[0]
-    return g[EXPERTS : EXPERTS + n], g[EXPERTS + n : EXPERTS + 2 * n]
+def _experts(ki: np.ndarray) -> tuple[int, int]:
+    """Where the LRU and the LFU expert's states start in the globals."""
+    return EXPERTS, EXPERTS + 1 + 2 * ki.shape[0]
 
 
 @njit(ACCESS_SIG, cache=True)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     g[CLOCK] += 1
-    lru, lfu = _experts(g, ki)
+    lru, lfu = _experts(ki)
     if hit:
-        touch(lru, key, STAMP)
-        touch(lfu, key, STAMP | COUNT)
+        touch(g, lru, key, STAMP)
+        touch(g, lfu, key, STAMP | COUNT)
         return
-    touch(lfu, key, COUNT)  # LRU ignores a miss
+    touch(g, lfu, key, COUNT)  # LRU ignores a miss
     w_lru, w_lfu = gf[W_LRU], 1.0 - gf[W_LRU]
     if ki[key, LINKS[HIST_LRU]] == HIST_LRU:
         w_lfu *= math.exp(LEARNING_RATE * gf[DISCOUNT] ** (g[CLOCK] - ki[key, EVICTED_AT[HIST_LRU]]))
@@ -91,9 +90,9 @@ def _victim(
     incoming: int,
     now: int,
 ) -> int:
-    lru, lfu = _experts(g, ki)
+    lru, lfu = _experts(ki)
     by_lru = mt_random(g, RNG) < gf[W_LRU]
-    key = lowest(lru, False, resident, mark, tag) if by_lru else lowest(lfu, True, resident, mark, tag)
+    key = lowest(g, lru, False, resident, mark, tag) if by_lru else lowest(g, lfu, True, resident, mark, tag)
     if key >= 0:
         ki[key, CHOSEN] = 1 if by_lru else 2
     return key
@@ -114,9 +113,9 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
 
 @njit(KEY_SIG, cache=True)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    lru, lfu = _experts(g, ki)
-    touch(lru, key, STAMP)
-    touch(lfu, key, STAMP)
+    lru, lfu = _experts(ki)
+    touch(g, lru, key, STAMP)
+    touch(g, lfu, key, STAMP)
 
 
 @register_policy

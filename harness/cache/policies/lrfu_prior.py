@@ -44,20 +44,29 @@ PRIOR_STEPS = 10.0
 """Weight of the profile, in token steps of its rate: 10 steps at rate r count as 10 r accesses."""
 PRIOR = SCORE + 1
 """Float key column: PRIOR_STEPS x the key's profiled rate (0 without a profile or for an unprofiled key)."""
+VALUE, VALUE_SCORE = PRIOR + 1, PRIOR + 2
+VALUE_AT = LAST + 1
+"""The key's last value (float), the score it was computed from (float) and its step (int): a step
+with several misses ranks the same candidates again, and their values (a power of 2 each) are unchanged where
+the step and the score are (no step: -2^62)."""
 
 
 @njit(cache=True)
-def _value(gf: np.ndarray, kf: np.ndarray, key: int, now: int) -> float:
+def _value(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> float:
     """CRF at `now` (from LRFU's log2 score: CRF(now) = 2^(score - lambda x now)) plus the prior."""
     score = kf[key, SCORE]
+    if ki[key, VALUE_AT] == now and kf[key, VALUE_SCORE] == score:
+        return kf[key, VALUE]
     crf = 0.0 if score == -np.inf else 2.0 ** (score - gf[DECAY] * now)
-    return crf + kf[key, PRIOR]
+    value = crf + kf[key, PRIOR]
+    ki[key, VALUE_AT], kf[key, VALUE_SCORE], kf[key, VALUE] = now, score, value
+    return value
 
 
 @njit(cache=True)
 def _rank(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> tuple[float, int, int, int]:
     """(value, last access, key): the smallest leaves first."""
-    return _value(gf, kf, key, now), ki[key, LAST], ki[key, LAYER], ki[key, EXPERT]
+    return _value(gf, ki, kf, key, now), ki[key, LAST], ki[key, LAYER], ki[key, EXPERT]
 
 
 @njit(VICTIM_SIG, cache=True)
@@ -103,8 +112,8 @@ class PriorLRFU(CompiledAdmission):
     name = "lrfu-prior"
     profiled = True
     kernel = Kernel(access=lrfu_access, victim=_victim, admit=_admit)
-    int_columns = (-1,)
-    float_columns = (-math.inf, 0.0)
+    int_columns = (-1, -(1 << 62))
+    float_columns = (-math.inf, 0.0, 0.0, 0.0)
 
     def __init__(self, capacity: int, seed: int = 0, profile: FrequencyProfile | None = None) -> None:
         self.profile = profile

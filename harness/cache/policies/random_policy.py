@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import EXPERT, LAYER, VICTIM_SIG, CompiledPolicy, Kernel, mt_below, mt_state
+from harness.cache.compiled import EXPERT, LAYER, MT_WORDS, VICTIM_SIG, CompiledPolicy, Kernel, mt_below, mt_state
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 
 RNG = 0
 """The generator's globals start here (`compiled.MT_WORDS` of them)."""
+SCRATCH = RNG + MT_WORDS
+"""Then room for the candidates of a draw: twice the capacity."""
 SMALL = 32
-"""Candidates up to which the draw sorts them by insertion."""
-
-
-@njit(cache=True)
-def _row(ki: np.ndarray, layer: int, expert: int, resident: np.ndarray) -> int:
-    """The row among `resident` of key (layer, expert)."""
-    for key in resident:
-        if key >= 0 and ki[key, LAYER] == layer and ki[key, EXPERT] == expert:
-            return key
-    return -1
+"""Candidates up to which the draw ranks them by comparing every pair (beyond: by sorting)."""
 
 
 @njit(VICTIM_SIG, cache=True)
@@ -36,25 +29,31 @@ def _victim(
     now: int,
 ) -> int:
     """A uniform draw among the candidates sorted by key, so that it depends on the seed and the candidates only."""
-    codes = np.empty(len(resident), dtype=np.int64)
+    size = len(resident)
+    # The candidates' keys and rows, in the globals' scratch (room for the policy's capacity, which bounds the
+    # candidates; anything wider gets arrays of its own).
+    scratch = g[SCRATCH:] if len(g) - SCRATCH >= 2 * size else np.empty(2 * size, dtype=np.int64)
+    codes, rows = scratch[:size], scratch[size : 2 * size]
     n = 0
     for key in resident:
         if key >= 0 and mark[key] != tag:
             codes[n] = (ki[key, LAYER] << 32) | ki[key, EXPERT]
+            rows[n] = key
             n += 1
     if n == 0:
         return -1
+    k = mt_below(g, RNG, n)
     if n > SMALL:
-        codes[:n].sort()
-    else:  # insertion sort: numba's sort takes ~0.4 us on 16 keys, several times the rest of the draw
-        for i in range(1, n):
-            code, j = codes[i], i - 1
-            while j >= 0 and codes[j] > code:
-                codes[j + 1] = codes[j]
-                j -= 1
-            codes[j + 1] = code
-    chosen = codes[mt_below(g, RNG, n)]
-    return _row(ki, chosen >> 32, chosen & 0xFFFFFFFF, resident)
+        return rows[np.argsort(codes[:n])[k]]
+    # The candidate with k smaller keys (keys are distinct): n^2 comparisons in loops without branches, faster
+    # than sorting for a few dozen candidates.
+    for i in range(n):
+        below = 0
+        for j in range(n):
+            below += codes[j] < codes[i]
+        if below == k:
+            return rows[i]
+    return -1
 
 
 @register_policy
@@ -64,7 +63,7 @@ class RandomEviction(CompiledPolicy):
     kernel = Kernel(victim=_victim)
 
     def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
-        return mt_state(self.seed), []
+        return mt_state(self.seed) + [0] * (2 * self.capacity), []
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "seed": self.seed}
