@@ -380,6 +380,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     scope: Scope = strategy.forced_scope or spec.scope
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
+    strategy.check_pack(index)
     if spec.tiers is None and (spec.cache_experts is not None or spec.ram_budget_bytes is not None):
         # The budget's expert slots as far as known before any load (a RAM budget's with this process's memory
         # now, less than after the load on any device): what cannot fit the strategy is refused now.

@@ -5,6 +5,7 @@ step of the weights."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from transformers import AutoTokenizer
 from harness.errors import HarnessError
 from harness.models.adapters import load_config
 from harness.models.loader import reference_model
-from harness.models.packer import pack_paths
+from harness.models.packer import pack_model, pack_paths
 from harness.run import execute
 from harness.runtime.generation import generate
 from harness.runtime.strategies import CacheRequest, make_strategy
-from harness.runtime.strategies.shadow import dequantize, quantize, shadow_expert_bytes
+from harness.runtime.strategies.shadow import dequantize, fit_budget, quantize, shadow_expert_bytes
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
@@ -145,3 +146,31 @@ def test_shadow_budget_at_plan_time_and_the_verdict(tiny_model, tmp_path):
     assert stats["budget_expert_slots"] == 12 and stats["shadow_slots"] == math.ceil(planned / 24576) == 7
     assert stats["shadow_and_staging_within_budget"] is True
     assert not any("shadow" in reason for reason in result["validity"]["reasons"])
+
+
+def test_fit_budget_counts_and_advice():
+    stride = 3 << 20
+    # 100 slots of shadow out of 200 leave 100, beside 40 staging slots.
+    assert fit_budget("int8", 100 * stride - 1, "x", 200, 40, stride, 4, 64) == 100
+    # olmoe-small's fp16 shadow (770 slots) at 50% (384 of 768): 73 slots per layer would be needed, of 64.
+    with pytest.raises(HarnessError, match=r"no --cache-experts can hold it \(it needs 73 slots per layer, the model"):
+        fit_budget("fp16", 770 * stride, "x", 384, 96, stride, 12, 64)
+    with pytest.raises(HarnessError, match=r"more than the budget's 192 expert slots; use --cache-experts 41 "):
+        fit_budget("int8", 387 * stride, "x", 192, 96, stride, 12, 64)
+
+
+def test_shadow_refuses_a_quantized_pack_at_plan_time(tiny_model, tmp_path):
+    """A quantized pack holds integer codes and scales, not the weights the shadow would quantise: refused before
+    any load, nothing written; the gate predictor runs on it."""
+    model_dir = tmp_path / "int4"
+    shutil.copytree(tiny_model("olmoe"), model_dir)
+    pack_model(model_dir, force=True, expert_dtype="int4")
+    spec = RunSpec(
+        model=str(model_dir), strategy="on-demand:shadow-int8:1", prompt="the fox", decode="greedy", max_new_tokens=2
+    )
+    results = tmp_path / "results"
+    with pytest.raises(HarnessError, match="this pack stores them as int4: run it on a pack of the model's own"):
+        execute(spec, results)
+    assert not results.exists() or not any(results.iterdir())
+    with pytest.raises(HarnessError, match="stores them as int4"):
+        shadow_expert_bytes(PackIndex.load(pack_paths(model_dir)["index"]), "int8")

@@ -88,6 +88,9 @@ class Strategy(ABC):
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertSource:
         """Create the expert source (and whatever the strategy keeps beside it) for `engine`."""
 
+    def check_pack(self, index: PackIndex) -> None:  # noqa: B027 - optional
+        """Refuse, before any load, a pack the strategy cannot run on."""
+
     def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:  # noqa: B027 - optional
         """Refuse, before any load, a budget of `slots` expert slots per eviction group that cannot hold what
         the strategy keeps beside its expert slots (`kv_cache_bytes`: the model's KV cache, longest sequence)."""

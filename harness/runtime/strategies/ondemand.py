@@ -30,7 +30,13 @@ from harness.runtime.strategies.base import (
     register_strategy,
 )
 from harness.runtime.strategies.prefetch import GatePrefetcher
-from harness.runtime.strategies.shadow import ShadowModel, fit_budget, parse_predictor, shadow_expert_bytes
+from harness.runtime.strategies.shadow import (
+    ShadowModel,
+    check_unquantized,
+    fit_budget,
+    parse_predictor,
+    shadow_expert_bytes,
+)
 
 if TYPE_CHECKING:
     from harness.runtime.engine import OffloadEngine
@@ -87,7 +93,14 @@ class OnDemand(Strategy):
         if self.budgeted:
             counted = "weights and KV cache"
             left = fit_budget(
-                str(precision), planned_bytes, counted, self.budget_slots, self.staging_slots, self.stride_bytes, groups
+                str(precision),
+                planned_bytes,
+                counted,
+                self.budget_slots,
+                self.staging_slots,
+                self.stride_bytes,
+                groups,
+                engine.index.num_experts,
             )
             budget_line = (
                 f"memory budget: the shadow's {self.shadow_slots} expert slots (its weights and its KV cache at the "
@@ -109,6 +122,10 @@ class OnDemand(Strategy):
         ]
         return cache
 
+    def check_pack(self, index: PackIndex) -> None:
+        if parse_predictor(str(self.params["predictor"]))[0] == "shadow":
+            check_unquantized(index)
+
     def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:
         """The shadow's experts and KV cache, known from the pack's index, must fit the budget with the staging
         slots (the rest of its layers is counted once it is built)."""
@@ -118,7 +135,16 @@ class OnDemand(Strategy):
         groups = len(index.moe_layers)
         shadow_bytes = shadow_expert_bytes(index, precision) + kv_cache_bytes
         counted = "its experts and KV cache alone"
-        fit_budget(precision, shadow_bytes, counted, slots * groups, index.top_k * groups, index.stride_bytes, groups)
+        fit_budget(
+            precision,
+            shadow_bytes,
+            counted,
+            slots * groups,
+            index.top_k * groups,
+            index.stride_bytes,
+            groups,
+            index.num_experts,
+        )
 
     def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
         ctx, shadow = module.ctx, self.shadow

@@ -117,9 +117,21 @@ def _stacked_experts(engine: OffloadEngine, layer: int, precision: ShadowPrecisi
     }
 
 
+def check_unquantized(index: PackIndex) -> None:
+    """The shadow quantises the model's own expert weights, as read from the pack: a pack whose experts are
+    stored quantized (int8, int4, MXFP4) holds integer codes and scales, not weights, and is refused."""
+    if index.expert_dtype not in ("", index.dtype):
+        raise HarnessError(
+            f"the shadow predictor quantises the model's expert weights, but this pack stores them as "
+            f"{index.expert_dtype}: run it on a pack of the model's own dtype ({index.dtype}), or use the gate "
+            "predictor"
+        )
+
+
 def shadow_expert_bytes(index: PackIndex, precision: ShadowPrecision) -> int:
     """Bytes the shadow's experts take (every MoE layer's, quantised as `_stacked_experts` stores them),
     from the pack's index alone: `quantize` applied to shape-only (meta) tensors."""
+    check_unquantized(index)
     per_expert = 0
     for t in index.tensors:
         stored, scale = quantize(
@@ -133,6 +145,7 @@ class ShadowModel:
     """The shadow's decoder layers, its KV cache, and where it stands in the current token."""
 
     def __init__(self, engine: OffloadEngine, precision: ShadowPrecision, distance: int) -> None:
+        check_unquantized(engine.index)
         self.precision, self.distance = precision, distance
         self.experts: dict[int, ShadowExperts] = {}
 
@@ -226,13 +239,21 @@ def fit_budget(
     own_slots: int,
     stride_bytes: int,
     groups: int,
+    experts_per_group: int,
 ) -> int:
     """Expert slots a budget of `budget_slots` leaves once the shadow's `shadow_bytes` (`counted` says of
     what) come out of it: budget_slots - ceil(shadow_bytes / stride_bytes). Refused when the shadow alone does
-    not fit, or leaves fewer than the `own_slots` the strategy needs (over `groups` eviction groups)."""
+    not fit, or leaves fewer than the `own_slots` the strategy needs (over `groups` eviction groups of at most
+    `experts_per_group` slots each: a --cache-experts beyond that cannot be asked for)."""
     taken = math.ceil(shadow_bytes / stride_bytes)
     need = -(-(taken + own_slots) // groups)
-    advice = f"use --cache-experts {need} (slots per layer) or more, a larger --ram-budget, or the gate predictor"
+    if need <= experts_per_group:
+        advice = f"use --cache-experts {need} (slots per layer) or more, a larger --ram-budget, or the gate predictor"
+    else:
+        advice = (
+            f"no --cache-experts can hold it (it needs {need} slots per layer, the model has {experts_per_group} "
+            "experts per layer): use a --ram-budget, or the gate predictor"
+        )
     what = (
         f"the {precision} shadow model takes {format_bytes(shadow_bytes)} ({counted}: {taken} expert slots of "
         f"{format_bytes(stride_bytes)})"
