@@ -5,7 +5,8 @@ the layer's post-attention norm as the router's real input is): the predicted ex
 cache and read in the background while attention runs. The residual stream changes little across one
 attention block, so the prediction is close to the routing the layer then computes. `lookahead+gate`
 adds the next-layer gate of `prefetch` (layer l+1's router on layer l's MoE input, read during layer
-l's experts). Exact: the model computes with its own routing; a mispredicted expert is a demand read.
+l's experts; `distance=d`: layer l+d's). Exact: the model computes with its own routing; a mispredicted
+expert is a demand read.
 
 With `prefill=1` (default) both predictions also run during prefill, over all the prompt's tokens, so a
 long prompt's experts are read in the order the layers need them, layer l+1's reads overlapping layer
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from harness.errors import HarnessError
 from harness.keys import Phase
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
@@ -44,8 +46,6 @@ if TYPE_CHECKING:
 class LookAhead(Strategy):
     name = "lookahead"
     parameters: ClassVar[dict[str, object]] = {"prefill": 1, "top": 0}
-    gate_distance: ClassVar[int] = 0
-    """The next-layer gate's distance (0: no gate prediction)."""
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
         cache = engine.configure_cache(request.slots, request.scope, request.policy, request.seed, request.io_threads)
@@ -56,9 +56,10 @@ class LookAhead(Strategy):
         self.combined = Recall()
         self._pending: dict[int, set[int]] = {}
         self.top = int(self.params["top"])  # type: ignore[call-overload]
-        self.gate = (
-            GatePrefetcher(engine, cache, self.gate_distance, self.phases, top=self.top) if self.gate_distance else None
-        )
+        distance = int(self.params.get("distance", 0))  # type: ignore[call-overload]
+        if "distance" in self.params and distance < 1:
+            raise HarnessError(f"{self.name}: the gate's distance must be at least 1 MoE layer")
+        self.gate = GatePrefetcher(engine, cache, distance, self.phases, top=self.top) if distance else None
         before_attention(engine, self._before_attention)
         self._norms = {m.layer: moe_input_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [
@@ -107,4 +108,4 @@ class LookAhead(Strategy):
 @register_strategy
 class LookAheadGate(LookAhead):
     name = "lookahead+gate"
-    gate_distance = 1
+    parameters: ClassVar[dict[str, object]] = {**LookAhead.parameters, "distance": 1}
