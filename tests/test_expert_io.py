@@ -3,6 +3,8 @@ queued prefetches, greedy tokens identical to the resident model, the backend na
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from harness.errors import HarnessError
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.runtime.expert_io import UringReads, queue_depth_from_profile
+from harness.runtime.expert_io import ThreadReads, UringReads, queue_depth_from_profile
 from harness.runtime.generation import generate
 from harness.ssd import uring
 from harness.ssd.readtime import ReadTimeModel
@@ -136,6 +138,38 @@ def test_uring_prefetches_wait_for_demand_reads_in_flight(tiny_model):
         backend.result(after)
         assert after.record.start_ns >= needed.record.end_ns
     finally:
+        backend.close()
+        reader.close()
+
+
+def test_thread_prefetches_wait_for_demand_reads_and_can_be_withdrawn(tiny_model):
+    paths = pack_paths(tiny_model("olmoe"))
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    release = threading.Event()
+    read_into = reader.read_into
+
+    def held(key, buffer):  # the demand read of expert 3 lasts until the test releases it
+        if key == (0, 3):
+            assert release.wait(timeout=60)
+        return read_into(key, buffer)
+
+    reader.read_into = held  # type: ignore[method-assign]
+    backend = ThreadReads(reader, queue_depth=4)
+    pool = AlignedPool(4, index.stride_bytes)
+    try:
+        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
+        waiting, dropped, needed = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
+        pool.slot(1)[:] = b"\xab" * index.stride_bytes
+        assert backend.cancel(dropped)  # waiting for the demand read: withdrawn before reading a byte
+        backend.promote([needed])  # a step needs it: it is read while the demand read is still in progress
+        assert needed.future.result(timeout=60).key == (0, 2)
+        assert not demand.future.done() and not backend.landed(waiting)
+        release.set()
+        assert backend.result(waiting).start_ns >= backend.result(demand).end_ns
+        assert bytes(pool.slot(1)) == b"\xab" * index.stride_bytes  # the withdrawn read never wrote its buffer
+    finally:
+        release.set()
         backend.close()
         reader.close()
 

@@ -6,14 +6,16 @@ handle per read; handles complete in any order (`as_completed`) and every comple
 `ExpertReader.complete_read`, the one place for the checks after a read. With io_uring a batch is one system call,
 at most `queue_depth` reads are in flight (fio's `iodepth`), demand reads go ahead of queued prefetches (a queued
 read can also be withdrawn, or moved ahead once a step needs it), a finished read's place in the ring is refilled
-at once and its bytes are checked on a helper thread, and reads proceed while the caller computes. A prefetch
-starts only while no demand read is in flight: once on the device a read shares its bandwidth with every other read
-in flight, so at a queue depth of 16 a next-layer prefetch started beside a step's demand reads would slow the
-reads that step waits for (measured on olmoe-small at 25% cached: look-ahead ran 15-20% slower than plain `cache`
-that way). Prefetches fill the disk's idle time. The ring is used only from the thread that made it (it is set up
-single-issuer), so a read's end time is when that thread sees its completion: the expert cache polls at every
-expert boundary, and a read's recorded latency is an upper bound by at most one expert's compute (or one attention
-block, for a prefetch).
+at once and its bytes are checked on a helper thread, and reads proceed while the caller computes. The ring is used
+only from the thread that made it (it is set up single-issuer), so a read's end time is when that thread sees its
+completion: the expert cache polls at every expert boundary, and a read's recorded latency is an upper bound by at
+most one expert's compute (or one attention block, for a prefetch).
+
+With either backend a prefetch starts only while no demand read is in flight (a prefetch a step needs counts as a
+demand read): once on the device a read shares its bandwidth with every other read in flight, so at a queue depth
+of 16 a next-layer prefetch started beside a step's demand reads would slow the reads that step waits for (measured
+on olmoe-small at 25% cached: look-ahead ran 15-20% slower than plain `cache` that way). Prefetches fill the disk's
+idle time.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class PendingRead:
     start_ns: int = 0
     background: bool = False
     """A prefetch no step waits for yet (it yields the device to demand reads)."""
+    started: bool = False
+    withdrawn: bool = False
+    """Threads backend: the read began (its buffer is being written), or was cancelled before it began."""
 
 
 class ReadBackend(Protocol):
@@ -93,7 +98,8 @@ class ReadBackend(Protocol):
 
 
 class ThreadReads:
-    """Blocking positional reads on two pools (demand, background) of `queue_depth` threads each."""
+    """Blocking positional reads on two pools (demand, background) of `queue_depth` threads each. As with
+    io_uring, a prefetch's read starts only while no demand read is in progress (unless a step needs it)."""
 
     name = "threads"
 
@@ -101,10 +107,36 @@ class ThreadReads:
         self.reader, self.queue_depth = reader, queue_depth
         self._demand = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-io")
         self._background = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-prefetch")
+        self._demand_reads = 0
+        """Demand reads submitted and not yet finished (read and checked)."""
+        self._changed = threading.Condition()
+
+    def _read_demand(self, key: ExpertKey, buffer: memoryview) -> IoRecord:
+        try:
+            return self.reader.read_into(key, buffer)
+        finally:
+            with self._changed:
+                self._demand_reads -= 1
+                self._changed.notify_all()
+
+    def _read_background(self, read: PendingRead) -> IoRecord | None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._demand_reads == 0 or not read.background or read.withdrawn)
+            if read.withdrawn:
+                return None  # cancelled while it waited: its buffer is no longer its own
+            read.started = True
+        return self.reader.read_into(read.key, read.buffer)
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
-        pool = self._background if background else self._demand
-        return [PendingRead(key, buf, future=pool.submit(self.reader.read_into, key, buf)) for key, buf in reads]
+        pending = [PendingRead(key, buf, background=background) for key, buf in reads]
+        for read in pending:
+            if background:
+                read.future = self._background.submit(self._read_background, read)
+            else:
+                with self._changed:
+                    self._demand_reads += 1
+                read.future = self._demand.submit(self._read_demand, read.key, read.buffer)
+        return pending
 
     def result(self, read: PendingRead) -> IoRecord:
         if read.record is None:
@@ -125,10 +157,24 @@ class ThreadReads:
         return read.future is not None and read.future.done()  # a worker reads and checks in one task
 
     def cancel(self, read: PendingRead) -> bool:
-        return read.future is not None and read.future.cancel()
+        if read.future is None:
+            return False
+        if read.future.cancel():
+            return True
+        with self._changed:  # a prefetch still waiting for demand reads to finish has read nothing yet
+            if read.background and not read.started and not read.future.done():
+                read.withdrawn = True
+                self._changed.notify_all()
+                return True
+        return False
 
     def promote(self, reads: list[PendingRead]) -> None:
-        """The background pool runs its reads in order; a started one cannot move."""
+        """A step needs `reads`: they no longer wait for demand reads (the background pool still runs its
+        reads in order; a started one cannot move)."""
+        with self._changed:
+            for read in reads:
+                read.background = False
+            self._changed.notify_all()
 
     def close(self) -> None:
         self._background.shutdown(wait=True)
