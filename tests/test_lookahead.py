@@ -74,6 +74,9 @@ def test_lookahead_top_reads_fewer_and_scores_the_whole_prediction(tiny_model):
     assert part.stats()["gate_prediction"] == full.stats()["gate_prediction"]
     calls = part.stats()["prediction"]["predictions"] + part.stats()["gate_prediction"]["predictions"]
     assert part.stats()["prefetch"]["requested"] == calls
+    # The result names the deviation from the published predictors, which read the whole prediction.
+    assert any(f"heaviest predicted experts of its {index.top_k}" in d for d in part.deviations)
+    assert not any("heaviest" in d for d in full.deviations)
     assert part.stats()["prefetch"]["requested"] < full.stats()["prefetch"]["requested"]
 
 

@@ -219,6 +219,16 @@ def layer_experts(top_k_index: torch.Tensor) -> set[int]:
     return set(top_k_index.reshape(-1).tolist())
 
 
+def top_deviations(top: int, top_k: int) -> list[str]:
+    """The result's deviation line for a prediction read only in part (`top=N`), or none."""
+    if 0 < top < top_k:
+        return [
+            f"reads only each token's {top} heaviest predicted experts of its {top_k} (the whole prediction keeps "
+            "its slots and is scored for recall), where the published predictor reads them all"
+        ]
+    return []
+
+
 def likely_experts(weights: torch.Tensor, indices: torch.Tensor, top: int) -> set[int]:
     """The experts among each token's `top` heaviest of its routed top-k (weights and ids [T, k], as a `Router`
     returns them); all of them when `top` is 0 or at least k. A prediction's heavier experts are the likelier

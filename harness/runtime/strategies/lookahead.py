@@ -35,6 +35,7 @@ from harness.runtime.strategies.base import (
     likely_experts,
     moe_input_norm,
     register_strategy,
+    top_deviations,
 )
 from harness.runtime.strategies.prefetch import GatePrefetcher
 
@@ -67,6 +68,7 @@ class LookAhead(Strategy):
             "router's own input normalisation), before the attention block runs",
             "a prefetched expert is staged outside the policy until used; one its layer's step does not use is "
             "dropped (counted as wasted)",
+            *top_deviations(self.top, engine.index.top_k),
         ]
         return cache
 

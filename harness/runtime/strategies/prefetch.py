@@ -26,6 +26,7 @@ from harness.runtime.strategies.base import (
     likely_experts,
     protect_keys,
     register_strategy,
+    top_deviations,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class NextLayerPrefetch(Strategy):
             "prefetches during decode only (prefill routes many tokens per layer; no prediction is made there)",
             "a prefetched expert is staged outside the policy until used; one its layer's next step does not "
             "use is dropped (counted as wasted)",
+            *top_deviations(self.prefetcher.top, engine.index.top_k),
         ]
         return cache
 
