@@ -381,7 +381,7 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
     encoded = encode_prompts(model_dir, config, prompts, spec.max_new_tokens)
     device_tier = plan_device_tier(spec, index, config, encoded, scope)
     strategy.check_pack(index)
-    if spec.tiers is None and (spec.cache_experts is not None or spec.ram_budget_bytes is not None):
+    if spec.tiers is None and spec.bounds_expert_slots:
         # The budget's expert slots as far as known before any load (a RAM budget's with this process's memory
         # now, less than after the load on any device): what cannot fit the strategy is refused now.
         kv_bytes = planned_kv_bytes(spec, index, config, encoded)
@@ -492,8 +492,9 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
         slots, slots_how = plan.tiers[0].capacity, f"tiers {','.join(t.label for t in plan.tiers)} (top tier)"
         return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
     slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
-    budgeted = spec.cache_experts is not None or spec.ram_budget_bytes is not None
-    request = CacheRequest(slots, plan.scope, spec.policy, spec.seed, spec.io_threads, budgeted, kv_bytes)
+    request = CacheRequest(
+        slots, plan.scope, spec.policy, spec.seed, spec.io_threads, spec.bounds_expert_slots, kv_bytes
+    )
     cache = plan.strategy.build(engine, request)
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)
     return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)

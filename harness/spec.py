@@ -124,6 +124,11 @@ class RunSpec(BaseModel):
     def vram_budget_bytes(self) -> int | None:
         return None if self.vram_budget is None else parse_size(self.vram_budget)
 
+    @property
+    def bounds_expert_slots(self) -> bool:
+        """Whether the expert slots are a memory bound (--cache-experts or --ram-budget), not a default."""
+        return self.cache_experts is not None or self.ram_budget is not None
+
     def canonical(self) -> dict:
         """The spec as JSON, the run_id's input. A field added later is left out while unset (None), so the
         specs written before it keep their run ids."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,13 +151,18 @@ def test_shadow_budget_at_plan_time_and_the_verdict(tiny_model, tmp_path):
 
 def test_fit_budget_counts_and_advice():
     stride = 3 << 20
-    # 100 slots of shadow out of 200 leave 100, beside 40 staging slots.
-    assert fit_budget("int8", 100 * stride - 1, "x", 200, 40, stride, 4, 64) == 100
+
+    def pack(layers: int, top_k: int) -> SimpleNamespace:  # what fit_budget reads of a PackIndex
+        return SimpleNamespace(stride_bytes=stride, top_k=top_k, moe_layers=list(range(layers)), num_experts=64)
+
+    # 100 slots of shadow out of 200 leave 100, beside 40 staging slots (4 layers x top-10).
+    assert fit_budget(pack(4, 10), "int8", 100 * stride - 1, "x", 200) == 100
     # olmoe-small's fp16 shadow (770 slots) at 50% (384 of 768): 73 slots per layer would be needed, of 64.
+    olmoe_small = pack(12, 8)  # 96 staging slots
     with pytest.raises(HarnessError, match=r"no --cache-experts can hold it \(it needs 73 slots per layer, the model"):
-        fit_budget("fp16", 770 * stride, "x", 384, 96, stride, 12, 64)
+        fit_budget(olmoe_small, "fp16", 770 * stride, "x", 384)
     with pytest.raises(HarnessError, match=r"more than the budget's 192 expert slots; use --cache-experts 41 "):
-        fit_budget("int8", 387 * stride, "x", 192, 96, stride, 12, 64)
+        fit_budget(olmoe_small, "int8", 387 * stride, "x", 192)
 
 
 def test_shadow_refuses_a_quantized_pack_at_plan_time(tiny_model, tmp_path):

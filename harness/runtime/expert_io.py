@@ -208,10 +208,12 @@ class UringReads:
     def _fill(self) -> None:
         """Prepare queued reads while the ring has room, a prefetch only while no demand read is in flight (demand
         reads queue ahead of prefetches, so a prefetch at the head means none is queued)."""
+        demand_busy = any(not r.background for r in self._inflight.values())
         while self._queued and len(self._inflight) < self.queue_depth:
-            if self._queued[0].background and any(not r.background for r in self._inflight.values()):
+            if self._queued[0].background and demand_busy:
                 break
             read = self._queued.popleft()
+            demand_busy = demand_busy or not read.background
             self._next_id += 1
             entry = self.reader.index.entry(*read.key)
             self.ring.prepare(

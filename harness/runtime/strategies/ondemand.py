@@ -13,7 +13,6 @@ the shadow and the staging slots is refused.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -36,6 +35,8 @@ from harness.runtime.strategies.shadow import (
     fit_budget,
     parse_predictor,
     shadow_expert_bytes,
+    slots_of,
+    staging_slots,
 )
 
 if TYPE_CHECKING:
@@ -84,24 +85,14 @@ class OnDemand(Strategy):
         self.shadow = ShadowModel(engine, precision, distance)  # type: ignore[arg-type]
         self.recall = Recall()
         self._pending: dict[int, set[int]] = {}
-        groups, self.stride_bytes = len(engine.index.moe_layers), engine.index.stride_bytes
-        self.budgeted, self.budget_slots = request.budgeted, request.slots * groups
-        self.staging_slots = engine.index.top_k * groups
+        self.index = engine.index
+        self.budgeted, self.budget_slots = request.budgeted, request.slots * len(self.index.moe_layers)
+        self.staging_slots = staging_slots(self.index)
         # Its KV cache is planned at the run's longest sequence (as large as the model's own).
         planned_bytes = self.shadow.nbytes + request.kv_cache_bytes
-        self.shadow_slots = math.ceil(planned_bytes / self.stride_bytes)
+        self.shadow_slots = slots_of(planned_bytes, self.index)
         if self.budgeted:
-            counted = "weights and KV cache"
-            left = fit_budget(
-                str(precision),
-                planned_bytes,
-                counted,
-                self.budget_slots,
-                self.staging_slots,
-                self.stride_bytes,
-                groups,
-                engine.index.num_experts,
-            )
+            left = fit_budget(self.index, str(precision), planned_bytes, "weights and KV cache", self.budget_slots)
             budget_line = (
                 f"memory budget: the shadow's {self.shadow_slots} expert slots (its weights and its KV cache at the "
                 f"longest sequence) come out of the budget's {self.budget_slots}, leaving {left}, of which the "
@@ -132,19 +123,8 @@ class OnDemand(Strategy):
         _, precision = parse_predictor(str(self.params["predictor"]))
         if precision is None:
             return
-        groups = len(index.moe_layers)
         shadow_bytes = shadow_expert_bytes(index, precision) + kv_cache_bytes
-        counted = "its experts and KV cache alone"
-        fit_budget(
-            precision,
-            shadow_bytes,
-            counted,
-            slots * groups,
-            index.top_k * groups,
-            index.stride_bytes,
-            groups,
-            index.num_experts,
-        )
+        fit_budget(index, precision, shadow_bytes, "its experts and KV cache alone", slots * len(index.moe_layers))
 
     def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
         ctx, shadow = module.ctx, self.shadow
@@ -174,7 +154,7 @@ class OnDemand(Strategy):
         self.shadow.note_kv()
         # The shadow's memory is its weights and its own KV cache (as long as the longest sequence).
         shadow_bytes = self.shadow.nbytes + self.shadow.kv_peak_bytes
-        used_slots = math.ceil(shadow_bytes / self.stride_bytes) + self.staging_slots
+        used_slots = slots_of(shadow_bytes, self.index) + self.staging_slots
         return {
             "predictor": f"shadow-{self.shadow.precision}",
             "prediction": self.recall.to_dict(),
@@ -184,8 +164,8 @@ class OnDemand(Strategy):
             "shadow_weight_bytes": self.shadow.nbytes,
             "shadow_kv_cache_bytes": self.shadow.kv_peak_bytes,
             "shadow_compute_s_by_phase": dict(self.shadow.compute_s),
-            "staging_bytes": self.staging_slots * self.stride_bytes,
-            "budget_expert_bytes": self.budget_slots * self.stride_bytes if self.budgeted else None,
+            "staging_bytes": self.staging_slots * self.index.stride_bytes,
+            "budget_expert_bytes": self.budget_slots * self.index.stride_bytes if self.budgeted else None,
             "budget_expert_slots": self.budget_slots if self.budgeted else None,
             "shadow_slots": self.shadow_slots,
             "expert_slots_left": self.budget_slots - self.shadow_slots if self.budgeted else None,

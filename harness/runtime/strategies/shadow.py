@@ -231,21 +231,22 @@ class ShadowModel:
         return ran
 
 
-def fit_budget(
-    precision: str,
-    shadow_bytes: int,
-    counted: str,
-    budget_slots: int,
-    own_slots: int,
-    stride_bytes: int,
-    groups: int,
-    experts_per_group: int,
-) -> int:
+def slots_of(nbytes: int, index: PackIndex) -> int:
+    """Expert slots that `nbytes` of memory take from a budget (whole slots of the pack's stride)."""
+    return math.ceil(nbytes / index.stride_bytes)
+
+
+def staging_slots(index: PackIndex) -> int:
+    """The slots on-demand stages a step's experts in: top-k per MoE layer."""
+    return index.top_k * len(index.moe_layers)
+
+
+def fit_budget(index: PackIndex, precision: str, shadow_bytes: int, counted: str, budget_slots: int) -> int:
     """Expert slots a budget of `budget_slots` leaves once the shadow's `shadow_bytes` (`counted` says of
-    what) come out of it: budget_slots - ceil(shadow_bytes / stride_bytes). Refused when the shadow alone does
-    not fit, or leaves fewer than the `own_slots` the strategy needs (over `groups` eviction groups of at most
-    `experts_per_group` slots each: a --cache-experts beyond that cannot be asked for)."""
-    taken = math.ceil(shadow_bytes / stride_bytes)
+    what) come out of it. Refused when the shadow alone does not fit, or leaves fewer than on-demand's staging
+    slots (a --cache-experts beyond the model's experts per layer cannot be asked for)."""
+    taken, own_slots, groups = slots_of(shadow_bytes, index), staging_slots(index), len(index.moe_layers)
+    experts_per_group, stride_bytes = index.num_experts, index.stride_bytes
     need = -(-(taken + own_slots) // groups)
     if need <= experts_per_group:
         advice = f"use --cache-experts {need} (slots per layer) or more, a larger --ram-budget, or the gate predictor"
