@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from harness.errors import HarnessError
 from harness.keys import Phase
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
@@ -57,10 +56,11 @@ class LookAhead(Strategy):
         self.combined = Recall()
         self._pending: dict[int, set[int]] = {}
         self.top = int(self.params["top"])  # type: ignore[call-overload]
-        distance = int(self.params.get("distance", 0))  # type: ignore[call-overload]
-        if "distance" in self.params and distance < 1:
-            raise HarnessError(f"{self.name}: the gate's distance must be at least 1 MoE layer")
-        self.gate = GatePrefetcher(engine, cache, distance, self.phases, top=self.top) if distance else None
+        self.gate = (
+            GatePrefetcher(engine, cache, int(self.params["distance"]), self.phases, top=self.top)  # type: ignore[call-overload]
+            if "distance" in self.params
+            else None
+        )
         before_attention(engine, self._before_attention)
         self._norms = {m.layer: moe_input_norm(engine, m.layer) for m in engine.modules}
         self.deviations = [

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from harness.errors import HarnessError
 from harness.runtime.expert_cache import ExpertCache
 from harness.runtime.offloaded import OffloadedExperts, Routing
 from harness.runtime.strategies.base import (
@@ -63,8 +62,6 @@ class OnDemand(Strategy):
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
         distance = int(self.params["distance"])  # type: ignore[call-overload]
-        if distance < 1:
-            raise HarnessError("on-demand prediction distance must be at least 1 MoE layer")
         kind, precision = parse_predictor(str(self.params["predictor"]))
         # top_k slots per layer: a decode step needs at most k experts, so one prediction's keys fit.
         cache = engine.configure_cache(engine.index.top_k, "per-layer", "lru", request.seed, request.io_threads)

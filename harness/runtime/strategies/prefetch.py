@@ -45,6 +45,8 @@ class GatePrefetcher:
         stage: bool = True,
         top: int = 0,
     ) -> None:
+        if distance < 1:
+            raise HarnessError(f"the prediction distance must be at least 1 MoE layer (got {distance})")
         self.gates = GatePredictor(engine)
         self.cache, self.distance, self.phases, self.stage, self.top = cache, distance, phases, stage, top
         """`stage` False: predictions are scored, not read. `top` > 0: only each token's `top` heaviest
@@ -91,8 +93,6 @@ class NextLayerPrefetch(Strategy):
     positional = "distance"
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
-        if int(self.params["distance"]) < 1:  # type: ignore[call-overload]
-            raise HarnessError("prefetch distance must be at least 1 MoE layer")
         cache = engine.configure_cache(request.slots, request.scope, request.policy, request.seed, request.io_threads)
         self.prefetcher = GatePrefetcher(
             engine,
