@@ -1,6 +1,6 @@
-"""The learned held-out policy (`reuse-logit`, shown beside the goal policy `lrfu-prior`): its warm start on a
-profile's steps, the same decisions through the live engine's per-key loop and the replay path, and the
-held-out table of `harness.benchmarks.heldout_policies`."""
+"""The held-out goal policy (`reuse-logit`; `lrfu-prior` is shown beside it): its warm start on a profile's
+steps, the same decisions through the live engine's per-key loop and the replay path, and the held-out table
+of `harness.benchmarks.heldout_policies`."""
 
 import numpy as np
 import pytest

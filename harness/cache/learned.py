@@ -164,9 +164,10 @@ class FlashMoEModel:
         """Every layer's `LayerNet.flat`, in layer order, each padded to an even length, as float64 words of two
         float32 values: the flashmoe kernel's weights (`harness.cache.policies.flashmoe`), built once per model."""
         block = block_floats(self.num_experts, self.hidden)
-        words = np.zeros(len(self.nets) * (block + block % 2), dtype=np.float32)
+        stride = block + block % 2
+        words = np.zeros(len(self.nets) * stride, dtype=np.float32)
         for i, layer in enumerate(sorted(self.nets)):
-            words[i * (block + block % 2) : i * (block + block % 2) + block] = self.nets[layer].flat()
+            words[i * stride : i * stride + block] = self.nets[layer].flat()
         return words.view(np.float64)
 
     def save(self, path: Path) -> Path:

@@ -17,7 +17,6 @@ compiled replay call the same kernels.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -144,8 +143,8 @@ class FlashMoE(CompiledPolicy):
         ints = [e, 2 * len(weights) // n, len(weights), 2 * (len(weights) + n * e)] + [_STALE] * n
         return ints, np.concatenate([weights, np.zeros(n * e + (scratch + 1) // 2)])
 
-    def new_rows(self, keys: Sequence[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
-        ki, kf = super().new_rows(list(keys))
+    def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
+        ki, kf = super().new_rows(keys)
         position = {layer: i for i, layer in enumerate(self.layers)}
         ki[:, LAYER_INDEX] = [position[layer] for layer, _ in keys]
         return ki, kf
