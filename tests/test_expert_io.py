@@ -4,6 +4,10 @@ queued prefetches, greedy tokens identical to the resident model, the backend na
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -27,12 +31,30 @@ BACKENDS = [
     ),
 ]
 
+Backend = TypeVar("Backend", ThreadReads, UringReads)
+
 
 def _engine(model_dir, backend: str) -> tuple[OffloadEngine, PackIndex, bytes]:
     paths = pack_paths(model_dir)
     index = PackIndex.load(paths["index"])
     engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"], io_backend=backend)  # type: ignore[arg-type]
     return engine, index, paths["experts"].read_bytes()
+
+
+@contextmanager
+def _reads(
+    model_dir: Path, backend_class: type[Backend], queue_depth: int, slots: int
+) -> Iterator[tuple[Backend, ExpertReader, AlignedPool, PackIndex]]:
+    """A bare read backend over the pack's experts and `slots` aligned buffers; closed (backend, then reader) after."""
+    paths = pack_paths(model_dir)
+    index = PackIndex.load(paths["index"])
+    reader = ExpertReader(paths["experts"], index)
+    backend = backend_class(reader, queue_depth=queue_depth)
+    try:
+        yield backend, reader, AlignedPool(slots, index.stride_bytes), index
+    finally:
+        backend.close()
+        reader.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,35 +115,23 @@ def test_queue_depth_from_profile():
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_demand_reads_go_ahead_of_queued_prefetches(tiny_model):
-    paths = pack_paths(tiny_model("olmoe"))
-    index = PackIndex.load(paths["index"])
-    reader = ExpertReader(paths["experts"], index)
-    backend = UringReads(reader, queue_depth=1)
-    pool = AlignedPool(4, index.stride_bytes)
-    try:
+    model_dir = tiny_model("olmoe")
+    with _reads(model_dir, UringReads, 1, 4) as (backend, _, pool, index):
         background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
         (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
         backend.result(background[2])
         # Depth 1: the first prefetch was in flight; the demand read went next, then the other prefetches.
         starts = [r.record.start_ns for r in (background[0], demand, background[1], background[2])]
         assert starts == sorted(starts)
-        blob = paths["experts"].read_bytes()
+        blob = pack_paths(model_dir)["experts"].read_bytes()
         for read in [*background, demand]:
             offset = index.entry(*read.key).offset
             assert bytes(read.buffer) == blob[offset : offset + index.stride_bytes]
-    finally:
-        backend.close()
-        reader.close()
 
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_prefetches_wait_for_demand_reads_in_flight(tiny_model):
-    paths = pack_paths(tiny_model("olmoe"))
-    index = PackIndex.load(paths["index"])
-    reader = ExpertReader(paths["experts"], index)
-    backend = UringReads(reader, queue_depth=4)
-    pool = AlignedPool(6, index.stride_bytes)
-    try:
+    with _reads(tiny_model("olmoe"), UringReads, 4, 6) as (backend, _, pool, _):
         # No demand read in flight: prefetches fill the ring together.
         idle = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
         backend.result(idle[2])
@@ -137,51 +147,37 @@ def test_uring_prefetches_wait_for_demand_reads_in_flight(tiny_model):
         (after,) = backend.submit([((0, 1), pool.slot(1))], background=True)
         backend.result(after)
         assert after.record.start_ns >= needed.record.end_ns
-    finally:
-        backend.close()
-        reader.close()
 
 
 def test_thread_prefetches_wait_for_demand_reads_and_can_be_withdrawn(tiny_model):
-    paths = pack_paths(tiny_model("olmoe"))
-    index = PackIndex.load(paths["index"])
-    reader = ExpertReader(paths["experts"], index)
     release = threading.Event()
-    read_into = reader.read_into
+    with _reads(tiny_model("olmoe"), ThreadReads, 4, 4) as (backend, reader, pool, index):
+        read_into = reader.read_into
 
-    def held(key, buffer):  # the demand read of expert 3 lasts until the test releases it
-        if key == (0, 3):
-            assert release.wait(timeout=60)
-        return read_into(key, buffer)
+        def held(key, buffer):  # the demand read of expert 3 lasts until the test releases it
+            if key == (0, 3):
+                assert release.wait(timeout=60)
+            return read_into(key, buffer)
 
-    reader.read_into = held  # type: ignore[method-assign]
-    backend = ThreadReads(reader, queue_depth=4)
-    pool = AlignedPool(4, index.stride_bytes)
-    try:
-        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
-        waiting, dropped, needed = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
-        pool.slot(1)[:] = b"\xab" * index.stride_bytes
-        assert backend.cancel(dropped)  # waiting for the demand read: withdrawn before reading a byte
-        backend.promote([needed])  # a step needs it: it is read while the demand read is still in progress
-        assert needed.future.result(timeout=60).key == (0, 2)
-        assert not demand.future.done() and not backend.landed(waiting)
-        release.set()
-        assert backend.result(waiting).start_ns >= backend.result(demand).end_ns
-        assert bytes(pool.slot(1)) == b"\xab" * index.stride_bytes  # the withdrawn read never wrote its buffer
-    finally:
-        release.set()
-        backend.close()
-        reader.close()
+        reader.read_into = held  # type: ignore[method-assign]  # the backend looks it up at each read
+        try:
+            (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
+            waiting, dropped, needed = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
+            pool.slot(1)[:] = b"\xab" * index.stride_bytes
+            assert backend.cancel(dropped)  # waiting for the demand read: withdrawn before reading a byte
+            backend.promote([needed])  # a step needs it: it is read while the demand read is still in progress
+            assert needed.future.result(timeout=60).key == (0, 2)
+            assert not demand.future.done() and not backend.landed(waiting)
+            release.set()
+            assert backend.result(waiting).start_ns >= backend.result(demand).end_ns
+            assert bytes(pool.slot(1)) == b"\xab" * index.stride_bytes  # the withdrawn read never wrote its buffer
+        finally:
+            release.set()  # before the backend closes: it waits for the held read
 
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_cancels_queued_reads_and_promotes_needed_ones(tiny_model):
-    paths = pack_paths(tiny_model("olmoe"))
-    index = PackIndex.load(paths["index"])
-    reader = ExpertReader(paths["experts"], index)
-    backend = UringReads(reader, queue_depth=1)
-    pool = AlignedPool(4, index.stride_bytes)
-    try:
+    with _reads(tiny_model("olmoe"), UringReads, 1, 4) as (backend, _, pool, _):
         background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
         assert not backend.cancel(background[0])  # in flight: it cannot be withdrawn
         assert backend.cancel(background[2])  # still queued: withdrawn, never read
@@ -191,9 +187,6 @@ def test_uring_cancels_queued_reads_and_promotes_needed_ones(tiny_model):
         assert background[2].record is None
         starts = [r.record.start_ns for r in (background[0], background[1], demand)]
         assert starts == sorted(starts)
-    finally:
-        backend.close()
-        reader.close()
 
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")

@@ -26,13 +26,17 @@ from harness.models.factory import (
 MLA = {"self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight"}
 
 
-def _sharpened(arch: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _tiny(arch: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The tiny preset's model of `arch` at its default init, and a copy of its parameters."""
     config = _config(arch, preset_for(arch, "tiny"), seed=0)
     torch.manual_seed(0)
     model = _model_class(config).from_config(config, dtype=torch.float32)
-    before = {name: param.clone() for name, param in model.named_parameters()}
-    _sharpen_attention(model)
-    return model, before
+    return model, {name: param.clone() for name, param in model.named_parameters()}
+
+
+def _changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    """The names, below `model.layers.N.`, of the parameters that differ from `before`."""
+    return {n.split(".", 3)[3] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
 @pytest.mark.parametrize(
@@ -47,14 +51,15 @@ def _sharpened(arch: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     ],
 )
 def test_gain_reaches_the_attention(arch, expected):
-    model, before = _sharpened(arch)
-    changed = {n.split(".", 3)[3] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == expected
+    model, before = _tiny(arch)
+    _sharpen_attention(model)
+    assert _changed(model, before) == expected
 
 
 def test_fused_query_gate_projection_scales_query_rows_only():
     # A.X K2: per head, qk_nope + qk_rope query rows, then v_head_dim output-gate rows.
-    model, before = _sharpened("axk2")
+    model, before = _tiny("axk2")
+    _sharpen_attention(model)
     text = model.config
     query = text.qk_nope_head_dim + text.qk_rope_head_dim
     name = "model.layers.0.self_attn.q_gate_proj.weight"
@@ -68,22 +73,12 @@ def test_fused_query_gate_projection_scales_query_rows_only():
 
 def test_zero_initialised_router_gets_a_random_init():
     # AFMoE's router starts at zero: every expert would tie for every token.
-    config = _config("afmoe", preset_for("afmoe", "tiny"), seed=0)
-    model = _model_class(config).from_config(config, dtype=torch.float32)
+    model, before = _tiny("afmoe")
     routers = {n: p for n, p in model.named_parameters() if n.endswith("mlp.router.gate.weight")}
     assert routers and not any(p.any() for p in routers.values())
-    others = {n: p.clone() for n, p in model.named_parameters() if n not in routers}
     _init_zero_routers(model)
     assert all(p.all() for p in routers.values())
-    assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if n in others)
-
-
-def _linear_sharpened(arch: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
-    config = _config(arch, preset_for(arch, "tiny"), seed=0)
-    torch.manual_seed(0)
-    model = _model_class(config).from_config(config, dtype=torch.float32)
-    before = {name: param.clone() for name, param in model.named_parameters()}
-    return model, before, _sharpen_linear_attention(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in routers)
 
 
 def _kept_per_token(a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
@@ -111,9 +106,9 @@ def _kept_per_token(a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     ],
 )
 def test_linear_attention_rule_reaches_its_tensors_and_sets_the_decay(arch, prefix, expected, kind):
-    model, before, changed_layers = _linear_sharpened(arch)
-    changed = {n.split(".", 3)[3] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {prefix + name for name in expected}
+    model, before = _tiny(arch)
+    changed_layers = _sharpen_linear_attention(model)
+    assert _changed(model, before) == {prefix + name for name in expected}
     assert changed_layers == len({n.split(".")[2] for n, p in model.named_parameters() if ".A_log" in n})
     params = dict(model.named_parameters())
     gate = "forget_gate." if kind == "kimi_delta" else ""
@@ -126,7 +121,8 @@ def test_linear_attention_rule_reaches_its_tensors_and_sets_the_decay(arch, pref
 
 def test_gated_deltanet_value_rows_keep_their_init():
     # in_proj_qkvz, per key-head group: q and k rows (gain), then v rows (kept), then z rows (gain).
-    model, before, _ = _linear_sharpened("qwen3_next")
+    model, before = _tiny("qwen3_next")
+    _sharpen_linear_attention(model)
     layer = next(m for m in model.modules() if hasattr(m, "in_proj_qkvz"))
     name = next(n for n, p in model.named_parameters() if p is layer.in_proj_qkvz.weight)
     weight = layer.in_proj_qkvz.weight
@@ -140,6 +136,6 @@ def test_gated_deltanet_value_rows_keep_their_init():
 
 
 def test_linear_attention_rule_leaves_other_architectures_alone():
-    model, before, changed_layers = _linear_sharpened("qwen3_moe")
-    assert changed_layers == 0
+    model, before = _tiny("qwen3_moe")
+    assert _sharpen_linear_attention(model) == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -21,6 +21,10 @@ from harness.ssd.readtime import ReadTimeModel
 from harness.store.layout import PackIndex
 from tests.test_run_counts import ROUTING, ScriptedRouter
 
+PROMPTS = [([5, 17, 99, 3], None)]
+SETTINGS = {"device": "cpu", "decode_mode": "greedy", "max_new_tokens": 5, "warmup_steps": 1}
+"""The compute-time tests' prompts and decode settings (both part of the cache key)."""
+
 
 def test_floor_ratio_by_hand(tiny_model):
     model_dir = tiny_model("olmoe")
@@ -60,20 +64,18 @@ def test_compute_time_measured_once_then_cached(tiny_model, tmp_path, monkeypatc
     monkeypatch.setattr(floor, "cpu_sample", lambda: floor.CpuSample(0.0, 0.0, 0.0, 1.0))  # a quiet machine
     model_dir = tiny_model("olmoe")
     pack = pack_paths(model_dir)
-    prompts = [([5, 17, 99, 3], None)]
-    settings = {"device": "cpu", "decode_mode": "greedy", "max_new_tokens": 5, "warmup_steps": 1}
-    refused = compute_time(model_dir, pack, prompts, settings, "budget enforced")
+    refused = compute_time(model_dir, pack, PROMPTS, SETTINGS, "budget enforced")
     assert refused == ComputeTime(None, "unavailable: budget enforced")
-    first = compute_time(model_dir, pack, prompts, settings, None)
+    first = compute_time(model_dir, pack, PROMPTS, SETTINGS, None)
     assert first.s_per_token > 0 and first.source.startswith("measured now (cached in ")
-    second = compute_time(model_dir, pack, prompts, settings, "budget enforced")
+    second = compute_time(model_dir, pack, PROMPTS, SETTINGS, "budget enforced")
     assert second.s_per_token == first.s_per_token and second.source.startswith("cached from ")
-    other = compute_time(model_dir, pack, [([5, 17], None)], settings, "no")
+    other = compute_time(model_dir, pack, [([5, 17], None)], SETTINGS, "no")
     assert other.s_per_token is None  # other prompts: another key
-    one_thread = settings | {"decode_threads": 1}
-    assert compute_time(model_dir, pack, prompts, one_thread, "no").s_per_token is None  # another decode setting
+    one_thread = SETTINGS | {"decode_threads": 1}
+    assert compute_time(model_dir, pack, PROMPTS, one_thread, "no").s_per_token is None  # another decode setting
     threads = torch.get_num_threads()
-    assert compute_time(model_dir, pack, prompts, one_thread, None).source.startswith("measured now")
+    assert compute_time(model_dir, pack, PROMPTS, one_thread, None).source.startswith("measured now")
     assert torch.get_num_threads() == threads  # put back after the decode steps
 
 
@@ -95,10 +97,10 @@ def test_every_result_has_the_floor(tiny_model, tmp_path, monkeypatch):
         telemetry_hz=5,
     )
     metrics = json.loads(json.dumps(execute(spec, tmp_path / "results")))["metrics"]
-    floor = metrics["decode_floor"]
+    doc = metrics["decode_floor"]
     assert "decode_floor_ratio" in metrics
-    assert floor["compute_source"].startswith("measured now") and floor["compute_s_per_token"] > 0
-    assert floor["decode_bytes_per_token"] == metrics["ssd_read_bytes_per_token"]
+    assert doc["compute_source"].startswith("measured now") and doc["compute_s_per_token"] > 0
+    assert doc["decode_bytes_per_token"] == metrics["ssd_read_bytes_per_token"]
 
 
 def test_machine_load_by_hand(monkeypatch):
@@ -138,23 +140,21 @@ def test_a_compute_time_measured_under_load_is_not_cached(tiny_model, tmp_path, 
     monkeypatch.setattr(floor, "measure_compute", fake_measure)
     monkeypatch.setattr(floor, "cpu_sample", lambda: next(samples))
     pack = pack_paths(tiny_model("olmoe"))
-    prompts = [([5, 17, 99, 3], None)]
-    settings = {"device": "cpu", "decode_mode": "greedy", "max_new_tokens": 5, "warmup_steps": 1}
-    loaded = compute_time(Path("m"), pack, prompts, settings, None)
+    loaded = compute_time(Path("m"), pack, PROMPTS, SETTINGS, None)
     assert loaded.s_per_token == 0.02 and loaded.load.others_cpu_share == pytest.approx(0.4)
     assert loaded.source.startswith("measured now under load (other processes took 40% of the CPUs")
     assert not (tmp_path / "cache").exists()
     out = decode_floor(0.05, None, loaded, None, 4096, 1)["decode_floor"]
     assert out["compute_under_load"] is True and out["compute_load"]["others_cpu_share"] == pytest.approx(0.4)
-    quiet = compute_time(Path("m"), pack, prompts, settings, None)  # measured again
+    quiet = compute_time(Path("m"), pack, PROMPTS, SETTINGS, None)  # measured again
     assert len(measured) == 2 and quiet.source.startswith("measured now (cached in ")
     (path,) = (tmp_path / "cache" / "compute").iterdir()
     doc = json.loads(path.read_text())
     assert doc["load"]["others_cpu_share"] == pytest.approx(0.025) and doc["load"]["under_load"] is False
-    cached = compute_time(Path("m"), pack, prompts, settings, "no measuring")
+    cached = compute_time(Path("m"), pack, PROMPTS, SETTINGS, "no measuring")
     assert len(measured) == 2 and cached.s_per_token == 0.02 and cached.load == quiet.load
     assert cached.source == f"cached from {path} (measured while other processes took 2% of the CPUs)"
     assert decode_floor(0.05, None, cached, None, 4096, 1)["decode_floor"]["compute_under_load"] is False
     # A version-1 file says nothing of its load: not trusted.
     path.write_text(json.dumps({"schema": "harness.compute/1", "s_per_token": 0.5, "steady_steps": 5}))
-    assert compute_time(Path("m"), pack, prompts, settings, "no measuring").s_per_token is None
+    assert compute_time(Path("m"), pack, PROMPTS, SETTINGS, "no measuring").s_per_token is None

@@ -84,16 +84,16 @@ def test_lookahead_gate_distance(tiny_model):
     model_dir = tiny_model("olmoe")
     reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
     index = PackIndex.load(pack_paths(model_dir)["index"])
-    layers = len(index.moe_layers)
-    tokens, strategy, _ = strategy_tokens(model_dir, "lookahead+gate:distance=2", index.num_experts // 2)
+    layers, slots = len(index.moe_layers), index.num_experts // 2
+    tokens, strategy, _ = strategy_tokens(model_dir, "lookahead+gate:distance=2", slots)
     assert tokens == reference
     # Layer l predicts layer l+d: every decode step scores the gate on all but the first d MoE layers (the tiny
     # model has 2: distance 2 reaches past the last, so only the look-ahead reads, as `lookahead` alone does).
-    _, near, _ = strategy_tokens(model_dir, "lookahead+gate:distance=1", index.num_experts // 2)
-    _, alone, _ = strategy_tokens(model_dir, "lookahead", index.num_experts // 2)
+    _, near, _ = strategy_tokens(model_dir, "lookahead+gate:distance=1", slots)
+    _, alone, _ = strategy_tokens(model_dir, "lookahead", slots)
     assert near.stats()["gate_prediction"]["predictions"] == (NEW_TOKENS - 1) * (layers - 1) > 0
     assert strategy.stats()["gate_prediction"]["predictions"] == (NEW_TOKENS - 1) * max(layers - 2, 0)
     counted = ("requested", "already_resident", "issued", "not_admitted", "used")  # not timing-dependent
     assert [strategy.stats()["prefetch"][k] for k in counted] == [alone.stats()["prefetch"][k] for k in counted]
     with pytest.raises(HarnessError, match="distance must be at least 1"):
-        strategy_tokens(model_dir, "lookahead+gate:distance=0", index.num_experts // 2)
+        strategy_tokens(model_dir, "lookahead+gate:distance=0", slots)

@@ -25,6 +25,12 @@ from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
 
 
+def _kv_bytes_per_token(config) -> int:
+    """The shadow's float32 KV cache per token: keys and values of every decoder layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+
+
 @pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
 def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
     model_dir = tiny_model(arch)
@@ -43,9 +49,7 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
         assert stats["staging_bytes"] == index.top_k * layers * index.stride_bytes
         # Its memory is its weights and its own KV cache: keys and values of every decoder layer for the prompt
         # and each decode step (the last token's are never needed: the sequence ends).
-        config = strategy.shadow.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32
+        kv_per_token = _kv_bytes_per_token(strategy.shadow.config)
         assert stats["shadow_kv_cache_bytes"] == (len(PROMPT) + NEW_TOKENS - 1) * kv_per_token
         assert stats["shadow_bytes"] == stats["shadow_weight_bytes"] + stats["shadow_kv_cache_bytes"]
         pf = stats["prefetch"]
@@ -97,7 +101,7 @@ def test_shadow_comes_out_of_the_budget(tiny_model):
     layers, stride = len(index.moe_layers), index.stride_bytes
     config = load_config(model_dir)
     weights = _tiny_int8_shadow_weight_bytes(config)
-    kv_bytes = (len(PROMPT) + NEW_TOKENS) * 2 * config.num_hidden_layers * config.hidden_size * 4  # float32
+    kv_bytes = (len(PROMPT) + NEW_TOKENS) * _kv_bytes_per_token(config)
     assert (weights, kv_bytes, stride) == (142336, 22528, 24576)  # 164864 bytes: 6.7 slots -> 7
     budget = CacheRequest(6, "per-layer", "lru", 0, 2, budgeted=True, kv_cache_bytes=kv_bytes)
     tokens, strategy, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", budget)
@@ -143,7 +147,8 @@ def test_shadow_budget_at_plan_time_and_the_verdict(tiny_model, tmp_path):
     stats = result["strategy"]["stats"]
     # The shadow's slots: its weights (the hand count above) and the KV cache planned for prompt + 4 new tokens.
     prompt_tokens = len(AutoTokenizer.from_pretrained(str(model_dir)).encode(spec.prompt))
-    planned = _tiny_int8_shadow_weight_bytes(load_config(model_dir)) + (prompt_tokens + 4) * 1024
+    config = load_config(model_dir)
+    planned = _tiny_int8_shadow_weight_bytes(config) + (prompt_tokens + 4) * _kv_bytes_per_token(config)
     assert stats["budget_expert_slots"] == 12 and stats["shadow_slots"] == math.ceil(planned / 24576) == 7
     assert stats["shadow_and_staging_within_budget"] is True
     assert not any("shadow" in reason for reason in result["validity"]["reasons"])

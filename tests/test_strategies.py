@@ -27,18 +27,14 @@ NEW_TOKENS = 12
 def strategy_tokens(model_dir, spec: str, slots: int | CacheRequest, scope: str = "per-layer"):
     paths = pack_paths(model_dir)
     index = PackIndex.load(paths["index"])
-    engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"])
     strategy = make_strategy(spec)
     request = (
         slots if isinstance(slots, CacheRequest) else CacheRequest(slots, strategy.forced_scope or scope, "lru", 0, 2)
     )
+    engine = OffloadEngine(model_dir, index, paths["experts"], paths["dense"])
     try:
         source = strategy.build(engine, request)
-    except BaseException:
-        engine.close()
-        raise
-    engine.use_source(source, strategy if strategy.has_hooks else None)
-    try:
+        engine.use_source(source, strategy if strategy.has_hooks else None)
         log = generate(engine.model, PROMPT, NEW_TOKENS, "greedy", ctx=engine.ctx)
         strategy.finish()
     finally:

@@ -392,9 +392,12 @@ _INDEXER_PART = ".indexer."
 (index_topk, 2048 by default, keeps every token of a 512-token chunk), so it is not the attention's q/k norm."""
 
 
-def _query_key_rows(name: str, text: PretrainedConfig) -> tuple[int, int] | None:
-    """For a fused projection whose head blocks hold the query or key rows first and other rows after (values,
-    gates): (leading rows to scale, rows per head block); None for any other tensor."""
+def _query_key_rows(name: str, rows: int, text: PretrainedConfig) -> tuple[int, int] | None:
+    """The query or key rows of an attention projection with `rows` output rows, as (leading rows to scale, rows
+    per head block): a fused projection holds other rows (values, gates) after them in each head block; None for
+    any other tensor."""
+    if name.endswith(("q_proj.weight", "k_proj.weight", "q_b_proj.weight")):  # query or key rows only
+        return rows, rows
     if name.endswith("kv_b_proj.weight"):  # MLA: nope key rows, then value rows
         return text.qk_nope_head_dim, text.qk_nope_head_dim + text.v_head_dim
     if name.endswith("q_gate_proj.weight"):  # A.X K2: query rows, then output-gate rows
@@ -423,16 +426,16 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     text = model.config.get_text_config()  # type: ignore[union-attr,operator]
     changed = 0
     for name, param in attention:
-        scale = _gain(param.shape[-1])
-        rows = None if has_qk_norm else _query_key_rows(name, text)
-        if has_qk_norm and name.endswith(_QK_NORMS):
+        if has_qk_norm:
+            if not name.endswith(_QK_NORMS):
+                continue
             param.fill_(ATTENTION_GAIN)
-        elif not has_qk_norm and name.endswith(("q_proj.weight", "k_proj.weight", "q_b_proj.weight")):
-            param.mul_(scale)
-        elif rows is not None:
-            param.view(-1, rows[1], param.shape[-1])[:, : rows[0]].mul_(scale)
         else:
-            continue
+            rows = _query_key_rows(name, param.shape[0], text)
+            if rows is None:
+                continue
+            lead, block = rows
+            param.view(-1, block, param.shape[-1])[:, :lead].mul_(_gain(param.shape[-1]))
         changed += 1
     return changed
 
@@ -483,16 +486,16 @@ def _sharpen_linear_attention(model: torch.nn.Module) -> int:
         if hasattr(module, "A_log") and hasattr(module, "num_k_heads"):  # gated DeltaNet (Qwen3-Next, Qwen3.5)
             module.conv1d.reset_parameters()
             _set_decay(module, LINEAR_KEEP["gated_deltanet"])
+            gain = _gain(module.hidden_size)  # the fan-in of its input projections
             if hasattr(module, "in_proj_qkvz"):  # per key-head group: q, k, then its v and z rows
                 weight = module.in_proj_qkvz.weight
                 rows = weight.view(module.num_k_heads, -1, weight.shape[-1])
                 z_rows = module.value_dim // module.num_k_heads
-                rows[:, : 2 * module.head_k_dim].mul_(_gain(weight.shape[-1]))
-                rows[:, -z_rows:].mul_(_gain(weight.shape[-1]))
+                rows[:, : 2 * module.head_k_dim].mul_(gain)
+                rows[:, -z_rows:].mul_(gain)
             else:  # q, k, v rows; z apart
-                weight = module.in_proj_qkv.weight
-                weight[: 2 * module.key_dim].mul_(_gain(weight.shape[-1]))
-                module.in_proj_z.weight.mul_(_gain(weight.shape[-1]))
+                module.in_proj_qkv.weight[: 2 * module.key_dim].mul_(gain)
+                module.in_proj_z.weight.mul_(gain)
         elif hasattr(module, "forget_gate") and hasattr(module, "g_a_proj"):  # Kimi Delta Attention
             # q_proj / k_proj already have the gain (_sharpen_attention); the gate is low-rank, g_b(g_a(x)).
             module.conv1d.reset_parameters()
