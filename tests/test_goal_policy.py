@@ -11,6 +11,9 @@ from harness.cache.policies.reuse_logit import (
     BLOCK_FLOATS,
     LAMBDAS,
     LAST,
+    PRIOR_HITS,
+    PRIOR_STEPS,
+    RATE,
     RECENT,
     RECENT_STEPS,
     STEPS,
@@ -38,6 +41,27 @@ def test_a_profile_records_each_layers_steps_in_order():
     profile = FrequencyProfile.from_calls([(0, ((0, 3), (0, 5))), (1, ((1, 2),)), (0, ((0, 3),))])
     assert profile.history == {0: [(3, 5), (3,)], 1: [(2,)]}
     assert profile.counts == {(0, 3): 2, (0, 5): 1, (1, 2): 1} and profile.steps == {0: 2, 1: 1}
+
+
+def test_log_rates_updated_only_on_use_equal_their_definition():
+    # Expert 0 at steps 0-6, 1 at steps 0 and 3, 2 at step 1, 3 at step 7 only. Each expert's log count is
+    # written at its uses alone; the log-rates of the step learned from last (7) must still be the definition's.
+    steps = [[0, 1], [0, 2], [0], [0, 1], [0], [0], [0]]
+    policy = ReuseLogit(4, 0)
+    for now, experts in enumerate(steps):
+        for e in experts:
+            policy.on_access((0, e), now, True)
+    policy.on_access((0, 3), len(steps), True)  # 3 joins the layer (4 experts), its step learned from below
+    settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[0])
+    end = len(steps)
+    rows = policy.bind([(0, e) for e in range(4)])
+    for i, lam in enumerate(LAMBDAS):
+        n = sum(2.0 ** (-lam * (end - t)) for t in range(end + 1))  # the layer's steps 0..end, decayed to `end`
+        for e, row in enumerate(rows.tolist()):
+            uses = [t for t, experts in enumerate([*steps, [3]]) if e in experts]
+            crf = sum(2.0 ** (-lam * (end - t)) for t in uses)
+            expected = np.log(max(crf, PRIOR_HITS) / (n + PRIOR_STEPS))
+            assert policy.kf[row, RATE + i] == pytest.approx(expected, rel=1e-12, abs=1e-12), (lam, e)
 
 
 def test_warm_start_learns_on_the_profile_steps_then_starts_its_history_afresh():
