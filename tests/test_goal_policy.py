@@ -43,9 +43,9 @@ def test_a_profile_records_each_layers_steps_in_order():
     assert profile.counts == {(0, 3): 2, (0, 5): 1, (1, 2): 1} and profile.steps == {0: 2, 1: 1}
 
 
-def test_log_rates_updated_only_on_use_equal_their_definition():
-    # Expert 0 at steps 0-6, 1 at steps 0 and 3, 2 at step 1, 3 at step 7 only. Each expert's log count is
-    # written at its uses alone; the log-rates of the step learned from last (7) must still be the definition's.
+def test_log_rates_equal_their_definition():
+    # Expert 0 at steps 0-6, 1 at steps 0 and 3, 2 at step 1, 3 at step 7 only: the decayed counts, kept step
+    # by step, give the log-rates of the definition at the step learned from last (7).
     steps = [[0, 1], [0, 2], [0], [0, 1], [0], [0], [0]]
     policy = ReuseLogit(4, 0)
     for now, experts in enumerate(steps):
@@ -60,7 +60,7 @@ def test_log_rates_updated_only_on_use_equal_their_definition():
         for e, row in enumerate(rows.tolist()):
             uses = [t for t, experts in enumerate([*steps, [3]]) if e in experts]
             crf = sum(2.0 ** (-lam * (end - t)) for t in uses)
-            expected = np.log(max(crf, PRIOR_HITS) / (n + PRIOR_STEPS))
+            expected = np.log((crf + PRIOR_HITS) / (n + PRIOR_STEPS))
             assert policy.kf[row, RATE + i] == pytest.approx(expected, rel=1e-12, abs=1e-12), (lam, e)
 
 

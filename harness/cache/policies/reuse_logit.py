@@ -5,15 +5,9 @@ token step from features of its history, and learns from every step (one SGD ste
 all experts of the layer seen so far, the step's experts being the positives). Eviction takes the candidate
 with the lowest predicted reuse; admission streams a miss whose prediction is below the would-be victim's,
 as in `lrfu-admit`. Features of expert e, from its accesses before the step:
-- log-rates at five time scales: `log(max(CRF_lambda(e), 0.25) / (N_lambda + 5))` for lambda in LAMBDAS,
-  where CRF is LRFU's decayed count and N_lambda the decayed number of the layer's steps (0.25 / 5: a prior
-  rate of 0.05 for experts seen rarely). The floor is a max, not a sum (until 2026-11 it was
-  `log((CRF + 0.5) / (N + 5))`), because between two uses of an expert the log of its decayed count falls by
-  lambda * ln 2 a step: only the step's own experts take a logarithm, where the sum made every expert of
-  the layer take five a step (on the FLAME slice, 28% of the policy's replay time). The held-out hit rates of
-  `harness.benchmarks.heldout_policies` moved by at most 0.13 points either way, the sum of the leads over
-  the best heuristic is unchanged (24.90 against 24.91 points over its 12 cells), and the same cells meet
-  the goal; the 0.25 was chosen among 0.25, 0.5 and 1 on those same splits;
+- log-rates at five time scales: `log((CRF_lambda(e) + 0.5) / (N_lambda + 5))` for lambda in LAMBDAS, where
+  CRF is LRFU's decayed count and N_lambda the decayed number of the layer's steps (0.5 / 5: a prior rate of
+  0.1 for experts seen rarely);
 - recency: 1 / (steps since the last use), 0 if never used;
 - whether e was needed at each of the layer's last RECENT_STEPS steps (0 or 1 each);
 - the log-rate of the expert in a frequency profile (`--split`'s training part, or `reuse-logit:TRACE`),
@@ -35,7 +29,7 @@ The decisions are compiled kernels (`harness.cache.compiled`): the live engine's
 compiled replay call the same functions. State: per layer a block of globals (`g`: step clocks, the number
 of experts seen, the first and last rows of the layer's experts; `gf`: the weights and the decayed step
 counts); per key a row (its layer's block, the next expert's row, last use, pending flag, recent-step
-indicators; the logs of its decayed counts, its log-rates, the prediction, the profile feature). Every expert below a
+indicators; decayed counts, their log-rates, the prediction, the profile feature). Every expert below a
 bound key's id gets a row too (`bind`), so a layer's experts form a list in id order for the SGD sweep.
 """
 
@@ -80,10 +74,7 @@ START_LAMBDA_INDEX = 1
 """The feature whose weight starts at 1: LRFU's default lambda (0.01)."""
 LEARNING_RATE = 0.1
 """SGD step on the mean logistic-loss gradient of a layer's experts, per token step."""
-PRIOR_HITS, PRIOR_STEPS = 0.25, 5.0
-LOG_PRIOR_HITS = math.log(PRIOR_HITS)
-SLOPES = LAMBDAS * math.log(2.0)
-"""Per step without a use, the log of a decayed count falls by lambda * ln 2."""
+PRIOR_HITS, PRIOR_STEPS = 0.5, 5.0
 PROFILE_FLOOR = 1e-3
 _NEVER = -(1 << 40)  # last-use step of an expert never used: recency feature 1 / huge = 0
 _UNSET = -(1 << 62)
@@ -96,18 +87,17 @@ FEATURES = 1 + RATES + 1 + RECENT_STEPS + 1
 # Key columns. Int: the layer's block, the row of the next expert of the layer (id order), the last use,
 # whether the key is needed at the layer's pending step, the recent-step indicators (1: needed k+1 steps ago).
 BLOCK, NEXT, LAST, PENDING, RECENT = range(FIRST_COLUMN, FIRST_COLUMN + 5)
-# Float: the logs of the decayed counts per lambda as of the last use (-inf: never used), the log-rates (as of
-# the layer's decayed step counts at the last step learned from), the predicted
+# Float: decayed counts per lambda, their log-rates (as of the layer's decayed step counts), the predicted
 # reuse logit (-inf until the first step learned after the key's expert joined the layer), the profile feature.
-LOG_COUNT, RATE, SCORE, PROFILE = 0, RATES, 2 * RATES, 2 * RATES + 1
+CRF, RATE, SCORE, PROFILE = 0, RATES, 2 * RATES, 2 * RATES + 1
 # A layer's block: ints at g[BLOCK_INTS * b:], floats at gf[BLOCK_FLOATS * b:].
 PENDING_NOW, SETTLED_NOW, SIZE, SCORED, FIRST_ROW, TOP_ROW, BOUND_TOP = range(7)
 """The step being accumulated, the last step learned from, the experts seen (and of them, those predicted at
 the last step learned from), the rows of expert 0 and of expert SIZE - 1, and the row of the largest expert
 id bound (where the next bound expert is linked)."""
 BLOCK_INTS = 7
-WEIGHTS, STEPS, GRADIENT, LOG_STEPS = 0, FEATURES, FEATURES + RATES, 2 * FEATURES + RATES
-"""A layer's floats: its weights, decayed step counts, and `settle`'s scratch (the gradient, log(N + 5))."""
+WEIGHTS, STEPS, GRADIENT, DECAYS = 0, FEATURES, FEATURES + RATES, 2 * FEATURES + RATES
+"""A layer's floats: its weights, decayed step counts, and `settle`'s scratch (the gradient, the step's decays)."""
 BLOCK_FLOATS = 2 * FEATURES + 2 * RATES
 
 _KERNEL: dict[str, Any] = {"cache": True, "error_model": "numpy", "_nrt": False}
@@ -162,19 +152,15 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
         gf[w + j] += LEARNING_RATE * gf[grad + j] / size
     steps = fat + STEPS
     for i in range(RATES):
-        decay = math.exp(-SLOPES[i] * (now - settled)) if settled != _UNSET else 1.0
-        gf[steps + i] = gf[steps + i] * decay + 1.0
-        gf[fat + LOG_STEPS + i] = math.log(gf[steps + i] + PRIOR_STEPS)
+        gf[fat + DECAYS + i] = np.exp2(-LAMBDAS[i] * (now - settled)) if settled != _UNSET else 1.0
+        gf[steps + i] = gf[steps + i] * gf[fat + DECAYS + i] + 1.0
     row = g[at + FIRST_ROW]
     for _ in range(size):
         needed = ki[row, PENDING]
-        idle = now - ki[row, LAST]  # steps since the count was last written (-inf stays -inf)
         for i in range(RATES):
-            log_count = kf[row, LOG_COUNT + i] - SLOPES[i] * idle
-            if needed:  # log(count + 1) from log(count), either sign
-                log_count = max(log_count, 0.0) + math.log1p(math.exp(-abs(log_count)))
-                kf[row, LOG_COUNT + i] = log_count
-            kf[row, RATE + i] = max(log_count, LOG_PRIOR_HITS) - gf[fat + LOG_STEPS + i]
+            crf = kf[row, CRF + i] * gf[fat + DECAYS + i] + needed
+            kf[row, CRF + i] = crf
+            kf[row, RATE + i] = math.log((crf + PRIOR_HITS) / (gf[steps + i] + PRIOR_STEPS))
         if needed:
             ki[row, LAST] = now
         for k in range(RECENT_STEPS - 1, 0, -1):
@@ -199,7 +185,7 @@ def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: in
     for e in range(size, ki[key, EXPERT] + 1):
         row = g[at + FIRST_ROW] if e == 0 else ki[row, NEXT]
         for i in range(RATES):
-            kf[row, RATE + i] = LOG_PRIOR_HITS - math.log(gf[fat + STEPS + i] + PRIOR_STEPS)
+            kf[row, RATE + i] = math.log((kf[row, CRF + i] + PRIOR_HITS) / (gf[fat + STEPS + i] + PRIOR_STEPS))
     g[at + TOP_ROW] = row
     g[at + SIZE] = ki[key, EXPERT] + 1
 
@@ -283,7 +269,7 @@ class ReuseLogit(CompiledAdmission):
     profiled = True
     kernel = Kernel(access=_access, insert=_grow, victim=_victim, admit=_admit)
     int_columns = (NONE, NONE, _NEVER, 0) + (0,) * RECENT_STEPS
-    float_columns = (-math.inf,) * RATES + (0.0,) * RATES + (-math.inf, 0.0)
+    float_columns = (0.0,) * (2 * RATES) + (-math.inf, 0.0)
 
     def __init__(self, capacity: int, seed: int = 0, profile: FrequencyProfile | None = None) -> None:
         self.profile = profile
