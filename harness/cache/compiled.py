@@ -65,6 +65,12 @@ if types is not None:
 else:
     STATE = ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
 
+KERNEL: dict[str, Any] = {"cache": True, "error_model": "numpy", "_nrt": False}
+"""Compile options of the policies' kernels and their helpers (not `drive`, which allocates): without reference
+counting (they allocate nothing) and without exceptions (numpy's error model: x / 0 is inf, not an error). A
+call that may raise makes numba count references to every array argument on entry and exit, two atomic
+operations each, and a kernel's own work is often a few dozen operations."""
+
 LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
 FIRST_COLUMN = 5
 """The policy's own int columns start here."""
@@ -74,9 +80,7 @@ OLDEST, NEWEST, SIZE = 0, 1, 2
 """Offsets of a queue's ends and size within its three globals."""
 
 
-@njit(
-    types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, cache=True
-)
+@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, **KERNEL)
 def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
     """Append `key` at the newest end of queue `q`, whose links are the key columns `links` and the next two
     (which queue, older, newer); a key already in `q` keeps its place (as in a dict)."""
@@ -92,7 +96,7 @@ def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
     g[3 * q + SIZE] += 1
 
 
-@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, cache=True)
+@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, **KERNEL)
 def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
     """Take `key` out of its queue among those linked by the columns from `links`."""
     q, older, newer = ki[key, links], ki[key, links + 1], ki[key, links + 2]
@@ -108,7 +112,7 @@ def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
     ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
 
 
-@njit(cache=True)
+@njit(**KERNEL)
 def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last: int) -> bool:
     """Key `a` ranks below key `b`: smaller (float column `score`, int column `last`, layer, expert), the order
     of every policy that evicts by a value with recency, then the key, as tie-breaks."""
@@ -120,7 +124,7 @@ def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last
     )
 
 
-@njit(ADMIT_SIG, cache=True)
+@njit(ADMIT_SIG, **KERNEL)
 def admit_all(
     g: np.ndarray,
     gf: np.ndarray,
@@ -136,12 +140,12 @@ def admit_all(
     return True
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def no_op(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """A hook the policy does not need."""
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def no_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     """An access the policy keeps no state about."""
 
@@ -373,7 +377,7 @@ def mt_state(seed: int) -> list[int]:
     return list(random.Random(seed).getstate()[1])
 
 
-@njit(types.int64(types.int64[:], types.int64) if types else None, cache=True)
+@njit(types.int64(types.int64[:], types.int64) if types else None, **KERNEL)
 def mt_word(g: np.ndarray, at: int) -> int:
     """The next 32-bit output of the Mersenne Twister whose state is g[at:at + MT_WORDS] (MT19937, as CPython)."""
     n, m = 624, 397
@@ -391,7 +395,7 @@ def mt_word(g: np.ndarray, at: int) -> int:
     return y & 0xFFFFFFFF
 
 
-@njit(types.float64(types.int64[:], types.int64) if types else None, cache=True)
+@njit(types.float64(types.int64[:], types.int64) if types else None, **KERNEL)
 def mt_random(g: np.ndarray, at: int) -> float:
     """`random.Random.random()`: a float in [0, 1) of 53 random bits."""
     a = mt_word(g, at) >> 5
@@ -399,7 +403,7 @@ def mt_random(g: np.ndarray, at: int) -> float:
     return (a * 67108864.0 + b) * (1.0 / 9007199254740992.0)
 
 
-@njit(types.int64(types.int64[:], types.int64, types.int64) if types else None, cache=True)
+@njit(types.int64(types.int64[:], types.int64, types.int64) if types else None, **KERNEL)
 def mt_below(g: np.ndarray, at: int, n: int) -> int:
     """`random.Random._randbelow(n)` for 0 < n < 2**32: k-bit draws until one is below n."""
     k = 0

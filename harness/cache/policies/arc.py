@@ -13,6 +13,7 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     NEWER,
     NONE,
@@ -41,7 +42,7 @@ IN_B1, IN_B2 = FIRST_COLUMN + 2, FIRST_COLUMN + 5
 in its ghost list, so a key can be in a T list, B1 and B2 at once."""
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     if hit:
         # Resident and seen again: most recent end of T2.
@@ -61,7 +62,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
         ki[key, FROM_B2] = 1
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -85,7 +86,7 @@ def _victim(
     return NONE
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     in_t1 = ki[key, WHERE] == T1
     unlink(g, ki, key, WHERE)
@@ -95,7 +96,7 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
         push(g, ki, B2, key, IN_B2)
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     if ki[key, TO_T2]:
         ki[key, TO_T2] = 0

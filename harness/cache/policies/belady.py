@@ -18,6 +18,7 @@ from harness.cache.compiled import (
     ADMIT_SIG,
     EXPERT,
     FIRST_COLUMN,
+    KERNEL,
     LAYER,
     VICTIM_SIG,
     CompiledAdmission,
@@ -75,7 +76,7 @@ class FutureAccesses:
         return self._arrays
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     i = ki[key, AT]
     if i >= ki[key, END] or g[i] != now:
@@ -85,7 +86,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     ki[key, NEXT] = g[i + 1] if i + 1 < ki[key, END] else NEVER
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -116,7 +117,7 @@ def _victim(
     return best
 
 
-@njit(ADMIT_SIG, cache=True)
+@njit(ADMIT_SIG, **KERNEL)
 def _admit(
     g: np.ndarray,
     gf: np.ndarray,

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, KEY_SIG, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import (
+    ACCESS_SIG,
+    EXPERT,
+    FIRST_COLUMN,
+    KERNEL,
+    KEY_SIG,
+    LAYER,
+    VICTIM_SIG,
+    CompiledPolicy,
+    Kernel,
+)
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
@@ -25,14 +35,14 @@ WEIGHT = 0
 """Float global: the weight."""
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     if hit:
         ki[key, COUNT] += 1
     ki[key, LAST] = now
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     # A miss was seen by access (last used = now); a placed key (engine) was never used: now.
     ki[key, COUNT] = 1
@@ -40,12 +50,12 @@ def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
         ki[key, LAST] = now
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     ki[key, LAST] = ABSENT
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,

@@ -30,6 +30,7 @@ from harness.cache.compiled import (
     ACCESS_SIG,
     EXPERT,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     LAYER,
     VICTIM_SIG,
@@ -47,25 +48,25 @@ STEP, USE = FIRST_COLUMN, FIRST_COLUMN + 1
 """Key columns: the token step of the last use, and the use counter then."""
 
 
-@njit("int64(int64, int64)", cache=True)
+@njit("int64(int64, int64)", **KERNEL)
 def _wait(layer: int, current: int) -> int:
     """Layer visits (in id units) until `layer` is visited again, seen from the step of `current`."""
     return layer - current if layer > current else layer - current + _WRAP
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _touch(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     g[USES] += 1
     ki[key, STEP] = now
     ki[key, USE] = g[USES]
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     _touch(g, gf, ki, kf, key, now)
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _least_stale(
     g: np.ndarray,
     gf: np.ndarray,
@@ -88,7 +89,7 @@ def _least_stale(
     return best
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _layer_lru(
     g: np.ndarray,
     gf: np.ndarray,

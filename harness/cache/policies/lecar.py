@@ -16,6 +16,7 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     MT_WORDS,
     NONE,
@@ -51,13 +52,13 @@ EVICTED_AT = (FIRST_COLUMN + 7, FIRST_COLUMN + 8)
 """Key columns: the clock at the key's eviction, in each history."""
 
 
-@njit(cache=True)
+@njit(**KERNEL)
 def _experts(ki: np.ndarray) -> tuple[int, int]:
     """Where the LRU and the LFU expert's states start in the globals."""
     return EXPERTS, EXPERTS + 1 + 2 * ki.shape[0]
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     g[CLOCK] += 1
     lru, lfu = _experts(ki)
@@ -78,7 +79,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     gf[W_LRU] = w_lru / (w_lru + w_lfu)
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -98,7 +99,7 @@ def _victim(
     return key
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     chosen = ki[key, CHOSEN]
     ki[key, CHOSEN] = 0
@@ -111,7 +112,7 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
         unlink(g, ki, g[3 * history + OLDEST], LINKS[history])
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     lru, lfu = _experts(ki)
     touch(g, lru, key, STAMP)

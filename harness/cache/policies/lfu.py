@@ -12,6 +12,7 @@ from harness.cache.compiled import (
     ACCESS_SIG,
     EXPERT,
     FIRST_COLUMN,
+    KERNEL,
     LAYER,
     VICTIM_SIG,
     CompiledPolicy,
@@ -46,7 +47,7 @@ COUNT, LAST = FIRST_COLUMN, FIRST_COLUMN + 1
 """Key columns: accesses in the window, the last access (-1: none)."""
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _windowed_access(
     g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool
 ) -> None:
@@ -66,7 +67,7 @@ def _windowed_access(
     g[SIZE] += 1
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _windowed_victim(
     g: np.ndarray,
     gf: np.ndarray,

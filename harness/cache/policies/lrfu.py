@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, VICTIM_SIG, CompiledPolicy, Kernel, ranks_below
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, KERNEL, VICTIM_SIG, CompiledPolicy, Kernel, ranks_below
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
@@ -33,7 +33,7 @@ DECAY = 0
 """Float global: lambda."""
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def lrfu_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     base = gf[DECAY] * now
     old = kf[key, SCORE]
@@ -42,7 +42,7 @@ def lrfu_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, k
     ki[key, LAST] = now
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def lrfu_victim(
     g: np.ndarray,
     gf: np.ndarray,

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel, ranks_below
+from harness.cache.compiled import ADMIT_SIG, KERNEL, CompiledAdmission, Kernel, ranks_below
 from harness.cache.policies.lrfu import LAST, LRFU, SCORE, lrfu_access, lrfu_victim
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 
 
-@njit(ADMIT_SIG, cache=True)
+@njit(ADMIT_SIG, **KERNEL)
 def _admit(
     g: np.ndarray,
     gf: np.ndarray,

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.compiled import ADMIT_SIG, EXPERT, KERNEL, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
 from harness.cache.policies.lrfu import DECAY, LAST, SCORE, lrfu_access
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
@@ -51,7 +51,7 @@ with several misses ranks the same candidates again, and their values (a power o
 the step and the score are (no step: -2^62)."""
 
 
-@njit(cache=True)
+@njit(**KERNEL)
 def _value(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> float:
     """CRF at `now` (from LRFU's log2 score: CRF(now) = 2^(score - lambda x now)) plus the prior."""
     score = kf[key, SCORE]
@@ -63,13 +63,13 @@ def _value(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -
     return value
 
 
-@njit(cache=True)
+@njit(**KERNEL)
 def _rank(gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> tuple[float, int, int, int]:
     """(value, last access, key): the smallest leaves first."""
     return _value(gf, ki, kf, key, now), ki[key, LAST], ki[key, LAYER], ki[key, EXPERT]
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -90,7 +90,7 @@ def _victim(
     return best
 
 
-@njit(ADMIT_SIG, cache=True)
+@njit(ADMIT_SIG, **KERNEL)
 def _admit(
     g: np.ndarray,
     gf: np.ndarray,

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import EXPERT, LAYER, MT_WORDS, VICTIM_SIG, CompiledPolicy, Kernel, mt_below, mt_state
+from harness.cache.compiled import (
+    EXPERT,
+    LAYER,
+    MT_WORDS,
+    VICTIM_SIG,
+    CompiledPolicy,
+    Kernel,
+    mt_below,
+    mt_state,
+)
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 
@@ -16,7 +25,7 @@ SMALL = 32
 """Candidates up to which the draw ranks them by comparing every pair (beyond: by sorting)."""
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, cache=True)  # allocates for wide candidate lists: not KERNEL
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,

@@ -46,6 +46,7 @@ from harness.cache.compiled import (
     ADMIT_SIG,
     EXPERT,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     NONE,
     STATE,
@@ -100,15 +101,11 @@ WEIGHTS, STEPS, GRADIENT, DECAYS = 0, FEATURES, FEATURES + RATES, 2 * FEATURES +
 """A layer's floats: its weights, decayed step counts, and `settle`'s scratch (the gradient, the step's decays)."""
 BLOCK_FLOATS = 2 * FEATURES + 2 * RATES
 
-_KERNEL: dict[str, Any] = {"cache": True, "error_model": "numpy", "_nrt": False}
-"""Compile options of the kernels: without reference counting (they allocate nothing) and without exceptions
-(numpy's error model: x / 0 is inf, not ZeroDivisionError), so no array argument is counted in and out of a
-call (two atomic operations each) where a step's work is a few hundred arithmetic operations."""
 BLOCK_SIG: Any = types.none(*STATE, types.int64) if types is not None else None
 LEARN_SIG: Any = types.none(*STATE, types.int64[:], types.int64[:]) if types is not None else None
 
 
-@njit(**_KERNEL, inline="always")
+@njit(**KERNEL, inline="always")
 def _logit(gf: np.ndarray, weights: int, ki: np.ndarray, kf: np.ndarray, row: int, now: int) -> float:
     """The weights at gf[weights:] times the features of key `row` at step `now` (its log-rates as stored)."""
     z = gf[weights]
@@ -120,10 +117,10 @@ def _logit(gf: np.ndarray, weights: int, ki: np.ndarray, kf: np.ndarray, row: in
     return z + kf[row, PROFILE] * gf[weights + FEATURES - 1]
 
 
-@njit(BLOCK_SIG, **_KERNEL, inline="always")
+@njit(BLOCK_SIG, **KERNEL, inline="always")
 def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block: int) -> None:
     """Learn from the layer's pending step (its experts are the positives), then add it to the history and
-    predict every expert's reuse at the next step. Inlined where it is called (`_KERNEL`)."""
+    predict every expert's reuse at the next step. Inlined where it is called."""
     at, fat = BLOCK_INTS * block, BLOCK_FLOATS * block
     now = g[at + PENDING_NOW]
     if now == _UNSET:
@@ -174,7 +171,7 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
     g[at + PENDING_NOW] = _UNSET
 
 
-@njit(KEY_SIG, **_KERNEL)
+@njit(KEY_SIG, **KERNEL)
 def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """The key's expert and every smaller id join the layer's experts (never used, no prediction yet)."""
     at, fat = BLOCK_INTS * ki[key, BLOCK], BLOCK_FLOATS * ki[key, BLOCK]
@@ -190,7 +187,7 @@ def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: in
     g[at + SIZE] = ki[key, EXPERT] + 1
 
 
-@njit(ACCESS_SIG, **_KERNEL)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     at = BLOCK_INTS * ki[key, BLOCK]
     if g[at + PENDING_NOW] != now:
@@ -200,7 +197,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     g[at + PENDING_NOW] = now
 
 
-@njit(VICTIM_SIG, **_KERNEL)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -224,7 +221,7 @@ def _victim(
     return best
 
 
-@njit(ADMIT_SIG, **_KERNEL)
+@njit(ADMIT_SIG, **KERNEL)
 def _admit(
     g: np.ndarray,
     gf: np.ndarray,
@@ -240,7 +237,7 @@ def _admit(
     return ranks_below(kf, ki, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now), incoming, SCORE, LAST)
 
 
-@njit(LEARN_SIG, **_KERNEL)
+@njit(LEARN_SIG, **KERNEL)
 def learn(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, rows: np.ndarray, bounds: np.ndarray) -> None:
     """Learn from steps of one layer in order, step i needing rows[bounds[i]:bounds[i + 1]] at now = i."""
     for i in range(len(bounds) - 1):

@@ -19,6 +19,7 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     NEWER,
     NEWEST,
@@ -47,13 +48,13 @@ SMALL_TARGET, GHOST_SIZE = 9, 10
 COUNT = FIRST_COLUMN
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     if hit:
         ki[key, COUNT] = min(MAX_COUNT, ki[key, COUNT] + 1)
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     ki[key, COUNT] = 0
     if ki[key, WHERE] == GHOST:
@@ -63,7 +64,7 @@ def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
         push(g, ki, SMALL, key, WHERE)
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     small = ki[key, WHERE] == SMALL
     unlink(g, ki, key, WHERE)
@@ -73,7 +74,7 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
             unlink(g, ki, g[3 * GHOST + OLDEST], WHERE)
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,

@@ -15,6 +15,7 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
+    KERNEL,
     KEY_SIG,
     NEWER,
     NONE,
@@ -37,18 +38,18 @@ HAND = 3
 VISITED = FIRST_COLUMN
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     ki[key, VISITED] = 1
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     ki[key, VISITED] = 0
     push(g, ki, QUEUE, key, WHERE)
 
 
-@njit(KEY_SIG, cache=True)
+@njit(KEY_SIG, **KERNEL)
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     newer = ki[key, NEWER]
     unlink(g, ki, key, WHERE)
@@ -56,7 +57,7 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
         g[HAND] = newer  # the hand stays where the victim was: its newer neighbour (NONE: the tail)
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, KERNEL, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.profile import FrequencyProfile
 from harness.cache.ranked import njit
@@ -34,13 +34,13 @@ RANK = FIRST_COLUMN
 """Key column: the rank in the profile (0 the most frequent; unknown keys: after every known one)."""
 
 
-@njit(cache=True)
+@njit(**KERNEL)
 def _rank(ki: np.ndarray, key: int) -> tuple[int, int, int]:
     """(rank in the profile, key): the larger leaves first."""
     return ki[key, RANK], ki[key, LAYER], ki[key, EXPERT]
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -60,7 +60,7 @@ def _victim(
     return worst
 
 
-@njit(ADMIT_SIG, cache=True)
+@njit(ADMIT_SIG, **KERNEL)
 def _admit(
     g: np.ndarray,
     gf: np.ndarray,
