@@ -186,23 +186,28 @@ def drive(
     resident keys the call does not need (`evict(victim)`), and is inserted; a miss not admitted streams.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group), or len(calls)."""
+    # The replay's arrays as locals, taken once: reading `r.field` takes and drops a reference (two atomic
+    # operations), several times per kernel call where it is read inside the loop.
+    keys, bounds, nows, calls = r.keys, r.bounds, r.nows, r.calls
+    slot_of, key_of_slot, free, n_free, mark = r.slot_of, r.key_of_slot, r.free, r.n_free, r.mark
+    hits, misses, first_slot = r.hits, r.misses, r.first_slot
     width_max = 0
-    for c in r.calls:
-        width_max = max(width_max, r.bounds[c + 1] - r.bounds[c])
+    for c in calls:
+        width_max = max(width_max, bounds[c + 1] - bounds[c])
     missed = np.empty(width_max, dtype=np.int64)
-    capacity = len(r.key_of_slot)
-    for i in range(start, len(r.calls)):
-        c = r.calls[i]
-        a, b = r.bounds[c], r.bounds[c + 1]
+    capacity = len(key_of_slot)
+    for i in range(start, len(calls)):
+        c = calls[i]
+        a, b = bounds[c], bounds[c + 1]
         if b - a > capacity:
             return i
-        now = r.nows[c]
+        now = nows[c]
         tag = c + 1
         m = 0
         for j in range(a, b):
-            key = r.keys[j]
-            r.mark[key] = tag
-            if r.slot_of[key] >= 0:
+            key = keys[j]
+            mark[key] = tag
+            if slot_of[key] >= 0:
                 access(g, gf, ki, kf, key, now, True)
             else:
                 missed[m] = key
@@ -211,22 +216,22 @@ def drive(
                     access(g, gf, ki, kf, key, now, False)
         for j in range(m):
             key = missed[j]
-            if r.n_free[0]:
-                r.n_free[0] -= 1
-                slot = r.free[r.n_free[0]]
+            if n_free[0]:
+                n_free[0] -= 1
+                slot = free[n_free[0]]
             else:
-                if admits and not admit(g, gf, ki, kf, r.key_of_slot, r.mark, tag, key, now):
+                if admits and not admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now):
                     continue
-                out = victim(g, gf, ki, kf, r.key_of_slot, r.mark, tag, key, now)
+                out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
                 evict(g, gf, ki, kf, out, now)
-                slot = r.slot_of[out]
-                r.slot_of[out] = -1
-            r.slot_of[key] = slot
-            r.key_of_slot[slot - r.first_slot] = key
+                slot = slot_of[out]
+                slot_of[out] = -1
+            slot_of[key] = slot
+            key_of_slot[slot - first_slot] = key
             insert(g, gf, ki, kf, key, now)
-        r.hits[c] = b - a - m
-        r.misses[c] = m
-    return len(r.calls)
+        hits[c] = b - a - m
+        misses[c] = m
+    return len(calls)
 
 
 class CompiledPolicy(CachePolicy):
