@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.learned import FlashMoEModel, LayerNet, TrainSettings, distance_cap, features, layer_samples
+from harness.cache.learned import (
+    FlashMoEModel,
+    LayerNet,
+    TrainSettings,
+    distance_cap,
+    expf,
+    features,
+    layer_samples,
+)
 from harness.cache.registry import policy_factory
 from harness.errors import HarnessError
 from harness.trace.schema import TraceMeta, TraceWriter
@@ -20,17 +28,38 @@ def test_features_by_hand():
     assert np.allclose(x, [0, 1 / 3, 1, 0, 1, 0.5])
 
 
-def test_the_compiled_network_computes_the_layer_mlp():
+@pytest.mark.parametrize("experts, hidden", [(3, 5), (64, 64)])
+def test_the_compiled_network_computes_the_layer_mlp(experts, hidden):
     # LayerNet.predict runs the compiled `mlp` (the policy kernel's) in float32, the precision the network is
-    # trained in: numpy's float64 matrix products agree to float32 rounding.
+    # trained in: torch's float32 network and numpy's float64 matrix products agree to float32 rounding. The
+    # sizes cover the remainder loops (2E = 6 inputs, 5 hidden) and the vectorised ones (the FLAME slice's).
     rng = np.random.default_rng(0)
-    shapes = [(5, 6), (5,), (5, 5), (5,), (3, 5), (3,)]
-    net = LayerNet(*(rng.standard_normal(shape) for shape in shapes))
-    x = features(np.array([0, -1, 2]), np.array([1.0, 0.0, 3.0]), 4)
+    shapes = [(hidden, 2 * experts), (hidden,), (hidden, hidden), (hidden,), (experts, hidden), (experts,)]
+    net = LayerNet(*(rng.standard_normal(shape) / np.sqrt(shape[-1]) for shape in shapes))
+    x = features(rng.integers(-1, 9, experts), rng.integers(0, 5, experts).astype(np.float64), 9)
     h = net.w1 @ x + net.b1
     h = net.w2 @ (h / (1 + np.exp(-h))) + net.b2
     expected = np.abs(net.w3 @ (h / (1 + np.exp(-h))) + net.b3)
     assert np.allclose(net.predict(x), expected, rtol=1e-5, atol=1e-6)
+    linears = [torch.nn.Linear(2 * experts, hidden), torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, experts)]
+    with torch.no_grad():
+        for linear, w, b in zip(linears, (net.w1, net.w2, net.w3), (net.b1, net.b2, net.b3), strict=True):
+            linear.weight.copy_(torch.from_numpy(w))
+            linear.bias.copy_(torch.from_numpy(b))
+        torch_net = torch.nn.Sequential(linears[0], torch.nn.SiLU(), linears[1], torch.nn.SiLU(), linears[2])
+        trained = torch_net(torch.from_numpy(x)).abs().numpy()
+    assert np.allclose(net.predict(x), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_expf_is_exp_rounded_to_float32_through_both_saturations():
+    # The SiLU's vectorisable exp against numpy's float64 exp rounded to float32 (the correctly rounded value):
+    # equal over the whole float32 range, where exp overflows (t > 88.7) or underflows (t < -103.9) included.
+    t = np.concatenate([np.linspace(-120, 120, 24001), np.linspace(-1, 1, 2001), [-1e30, -104.0, 89.0, 1e30]])
+    got = np.array([expf(v) for v in t], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        expected = np.exp(t.clip(-200, 200)).astype(np.float32)
+    assert np.array_equal(got, expected)
+    assert got[-1] == np.inf and got[0] == 0.0
 
 
 def test_labels_are_clamped_normalised_next_use_distances():

@@ -9,7 +9,8 @@ Cold start: an expert never used yet has recency feature 0 and frequency 0.
 Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
 engine's hot path): the same functions build the training samples, score in the policy's kernel
 (`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
-runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost). The model
+runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU's
+exp a branch-free polynomial (`expf`) so that it vectorises too, where libm's is one scalar call per value. The model
 file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
 with `weights_only=True`).
 """
@@ -48,7 +49,11 @@ def distance_cap(num_experts: int) -> int:
     return max(2, round(DISTANCE_FRACTION * num_experts))
 
 
-@njit(types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None, cache=True)
+@njit(
+    types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None,
+    cache=True,
+    error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0): the loop vectorises
+)
 def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
     """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used."""
     e = len(last)
@@ -71,12 +76,55 @@ def block_floats(num_experts: int, hidden: int) -> int:
     return 2 * num_experts * hidden + hidden + hidden * hidden + hidden + hidden * num_experts + num_experts
 
 
+_LN2 = math.log(2.0)
+_LN2_HI = float(np.float32(_LN2))
+"""ln 2 to float32's 24 bits, so that n * _LN2_HI is exact in float64 for any |n| < 2^29 (Cody and Waite's
+range reduction); _LN2_LO the rest, exact by Sterbenz's lemma."""
+_LN2_LO = _LN2 - _LN2_HI
+_ROUND = 1.5 * 2.0**52
+"""Adding it to a float64 of magnitude below 2^51 rounds it to an integer, held in the low mantissa bits."""
+_ROUND_BITS = int(np.float64(_ROUND).view(np.int64))
+_EXP_LOW, _EXP_HIGH = -110.0, 100.0
+"""exp's input clamp: exp(-110) rounds to float32 0 and exp(100) to float32 infinity, as exp of anything
+beyond them does; inside it, 2^n below is a normal float64."""
+_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(12))
+
+
+@njit(types.float32(types.float64) if types else None, cache=True)
+def expf(t: float) -> float:
+    """exp(t) rounded to float32, branch-free so that a loop over it vectorises (numba has no vector exp
+    here: libm's expf is scalar). t = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor polynomial to
+    degree 11 in Estrin's form (truncation below 1e-14 relative, then float64 rounding: the float32 result
+    is the correctly rounded one but where exp(t) lies within about 1e-14 of a rounding boundary); 2^n from
+    the exponent bits."""
+    t = min(max(t, _EXP_LOW), _EXP_HIGH)
+    k = t * (1.0 / _LN2) + _ROUND
+    n = k - _ROUND
+    r = (t - n * _LN2_HI) - n * _LN2_LO
+    c = _TAYLOR
+    r2 = r * r
+    r4 = r2 * r2
+    low = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)
+    mid = (c[4] + c[5] * r) + r2 * (c[6] + c[7] * r)
+    high = (c[8] + c[9] * r) + r2 * (c[10] + c[11] * r)
+    two_n = np.int64((np.float64(k).view(np.int64) - _ROUND_BITS + 1023) << 52).view(np.float64)
+    return np.float32(((low + r4 * mid) + (r4 * r4) * high) * two_n)
+
+
+@njit(cache=True, error_model="numpy")  # no ZeroDivisionError test (1 + exp is >= 1): the loop vectorises
+def _silu(y: np.ndarray) -> None:
+    """y <- y / (1 + exp(-y)), exp rounded to float32 (`expf`) and the rest in float64, as libm's expf did."""
+    for i in range(len(y)):
+        v = np.float64(y[i])
+        y[i] = v / (1.0 + expf(-v))
+
+
 @njit(cache=True)
-def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray, silu: bool) -> int:
-    """y = `W @ x + b` (then SiLU) for the W (transposed, [in, out] flattened) and b at w[at:], the sizes
-    those of x and y; returns where the next layer's weights start. The inputs are summed in order, four at
-    a time (y += w_j x_j + ... + w_j+3 x_j+3), over contiguous outputs: SIMD loops that keep y in memory a
-    quarter as often as one input at a time would."""
+def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
+    """y = `W @ x + b` for the W (transposed, [in, out] flattened) and b at w[at:], the sizes those of x and
+    y; returns where the next layer's weights start. The inputs are summed in order, four at a time
+    (y += w_j x_j + ... + w_j+3 x_j+3), over contiguous outputs: SIMD loops that keep y in memory a quarter
+    as often as one input at a time would."""
     n_in, n_out = len(x), len(y)
     y[:] = 0.0
     quads = n_in - n_in % 4
@@ -95,8 +143,6 @@ def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray, silu: bool) -> 
     bias = w[at + n_in * n_out : at + n_in * n_out + n_out]
     for i in range(n_out):
         y[i] = y[i] + bias[i]
-        if silu:
-            y[i] = y[i] / (1.0 + math.exp(-y[i]))
     return at + n_in * n_out + n_out
 
 
@@ -110,9 +156,11 @@ def mlp(w: np.ndarray, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> N
     hidden width twice and the outputs (`scratch_floats`)."""
     hidden = (len(scratch) - len(out)) // 2
     h1, h2, y = scratch[:hidden], scratch[hidden : 2 * hidden], scratch[2 * hidden :]
-    at = _dense(w, 0, x, h1, True)
-    at = _dense(w, at, h1, h2, True)
-    _dense(w, at, h2, y, False)
+    at = _dense(w, 0, x, h1)
+    _silu(h1)
+    at = _dense(w, at, h1, h2)
+    _silu(h2)
+    _dense(w, at, h2, y)
     for i in range(len(out)):
         out[i] = abs(y[i])
 
