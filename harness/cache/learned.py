@@ -52,7 +52,7 @@ def distance_cap(num_experts: int) -> int:
 @njit(
     types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None,
     cache=True,
-    error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0): the loop vectorises
+    error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0)
 )
 def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
     """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used."""
