@@ -9,8 +9,8 @@ Cold start: an expert never used yet has recency feature 0 and frequency 0.
 Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
 engine's hot path): the same functions build the training samples, score in the policy's kernel
 (`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
-runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU's
-exp a branch-free polynomial (`expf`) so that it vectorises too, where libm's is one scalar call per value. The model
+runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU
+too, with a branch-free exp (`expf`) so that it vectorises, where libm's is one scalar call per value. The model
 file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
 with `weights_only=True`).
 """
@@ -77,46 +77,42 @@ def block_floats(num_experts: int, hidden: int) -> int:
 
 
 _LN2 = math.log(2.0)
-_LN2_HI = float(np.float32(_LN2))
-"""ln 2 to float32's 24 bits, so that n * _LN2_HI is exact in float64 for any |n| < 2^29 (Cody and Waite's
-range reduction); _LN2_LO the rest, exact by Sterbenz's lemma."""
-_LN2_LO = _LN2 - _LN2_HI
-_ROUND = 1.5 * 2.0**52
-"""Adding it to a float64 of magnitude below 2^51 rounds it to an integer, held in the low mantissa bits."""
-_ROUND_BITS = int(np.float64(_ROUND).view(np.int64))
-_EXP_LOW, _EXP_HIGH = -110.0, 100.0
-"""exp's input clamp: exp(-110) rounds to float32 0 and exp(100) to float32 infinity, as exp of anything
-beyond them does; inside it, 2^n below is a normal float64."""
-_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(12))
+_LN2_HI = np.float32(_LN2 - _LN2 % 2.0**-12)
+"""ln 2 to 12 bits, so that n * _LN2_HI is exact in float32 for every |n| < 2^12 (Cody and Waite's range
+reduction); _LN2_LO the rest."""
+_LN2_LO = np.float32(_LN2 - float(_LN2_HI))
+_INV_LN2 = np.float32(1.0 / _LN2)
+_ROUND = np.float32(1.5 * 2.0**23)
+"""Adding it to a float32 of magnitude below 2^22 rounds it to an integer, held in the low mantissa bits."""
+_ROUND_BITS = int(_ROUND.view(np.int32))
+_EXP_LOW, _EXP_HIGH = np.float32(-87.0), np.float32(88.0)
+"""exp's input clamp: 2^n below stays a normal float32 (exp(88) = 1.7e38, exp(-87) = 1.7e-38)."""
+_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 
-@njit(types.float32(types.float64) if types else None, cache=True)
+@njit(types.float32(types.float32) if types else None, cache=True)
 def expf(t: float) -> float:
-    """exp(t) rounded to float32, branch-free so that a loop over it vectorises (numba has no vector exp
-    here: libm's expf is scalar). t = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor polynomial to
-    degree 11 in Estrin's form (truncation below 1e-14 relative, then float64 rounding: the float32 result
-    is the correctly rounded one but where exp(t) lies within about 1e-14 of a rounding boundary); 2^n from
-    the exponent bits."""
+    """exp(t) in float32 within 1 ulp, branch-free so that a loop over it vectorises (numba has no vector
+    exp here: libm's expf is one scalar call per value). t = n ln2 + r with |r| <= ln2 / 2; exp(r) = 1 + q,
+    q by the Taylor polynomial to degree 7 (truncation 5e-9 relative) in Estrin's form, 1 added last so
+    that q's rounding errors count at q's scale; 2^n from the exponent bits. t is clamped to [-87, 88]."""
     t = min(max(t, _EXP_LOW), _EXP_HIGH)
-    k = t * (1.0 / _LN2) + _ROUND
+    k = t * _INV_LN2 + _ROUND
     n = k - _ROUND
     r = (t - n * _LN2_HI) - n * _LN2_LO
     c = _TAYLOR
     r2 = r * r
-    r4 = r2 * r2
-    low = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)
-    mid = (c[4] + c[5] * r) + r2 * (c[6] + c[7] * r)
-    high = (c[8] + c[9] * r) + r2 * (c[10] + c[11] * r)
-    two_n = np.int64((np.float64(k).view(np.int64) - _ROUND_BITS + 1023) << 52).view(np.float64)
-    return np.float32(((low + r4 * mid) + (r4 * r4) * high) * two_n)
+    q = r + r2 * (((c[2] + c[3] * r) + r2 * (c[4] + c[5] * r)) + (r2 * r2) * (c[6] + c[7] * r))
+    two_n = np.int32((np.float32(k).view(np.int32) - _ROUND_BITS + 127) << 23).view(np.float32)
+    return (np.float32(1.0) + q) * two_n
 
 
-@njit(cache=True, error_model="numpy")  # no ZeroDivisionError test (1 + exp is >= 1): the loop vectorises
+@njit(cache=True, error_model="numpy")  # no ZeroDivisionError test (1 + exp >= 1): the loop vectorises
 def _silu(y: np.ndarray) -> None:
-    """y <- y / (1 + exp(-y)), exp rounded to float32 (`expf`) and the rest in float64, as libm's expf did."""
+    """y <- y / (1 + exp(-y)) in float32, as torch computes it. Beyond the clamp of `expf`, y > 87 gives y
+    (as exp's underflow does) and y < -88 about 1e-37 (where an overflowing exp gives -0)."""
     for i in range(len(y)):
-        v = np.float64(y[i])
-        y[i] = v / (1.0 + expf(-v))
+        y[i] = y[i] / (np.float32(1.0) + expf(-y[i]))
 
 
 @njit(cache=True)
