@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.learned import FlashMoEModel, LayerNet, TrainSettings, distance_cap, features, layer_samples
+from harness.cache.learned import (
+    FlashMoEModel,
+    LayerNet,
+    TrainSettings,
+    distance_cap,
+    expf,
+    features,
+    layer_samples,
+)
 from harness.cache.registry import policy_factory
 from harness.errors import HarnessError
 from harness.trace.schema import TraceMeta, TraceWriter
@@ -20,17 +28,41 @@ def test_features_by_hand():
     assert np.allclose(x, [0, 1 / 3, 1, 0, 1, 0.5])
 
 
-def test_the_compiled_network_computes_the_layer_mlp():
+@pytest.mark.parametrize("experts, hidden, bias", [(3, 5, 1.0), (64, 64, 1.0), (64, 64, 400.0)])
+def test_the_compiled_network_computes_the_layer_mlp(experts, hidden, bias):
     # LayerNet.predict runs the compiled `mlp` (the policy kernel's) in float32, the precision the network is
-    # trained in: numpy's float64 matrix products agree to float32 rounding.
+    # trained in: torch's float32 network and numpy's float64 matrix products agree to float32 rounding. The
+    # sizes cover the remainder loops (2E = 6 inputs, 5 hidden) and the vectorised ones (the FLAME slice's);
+    # first-layer biases scaled 400-fold drive hidden units beyond both ends of the clamp of `expf`.
     rng = np.random.default_rng(0)
-    shapes = [(5, 6), (5,), (5, 5), (5,), (3, 5), (3,)]
-    net = LayerNet(*(rng.standard_normal(shape) for shape in shapes))
-    x = features(np.array([0, -1, 2]), np.array([1.0, 0.0, 3.0]), 4)
-    h = net.w1 @ x + net.b1
-    h = net.w2 @ (h / (1 + np.exp(-h))) + net.b2
-    expected = np.abs(net.w3 @ (h / (1 + np.exp(-h))) + net.b3)
-    assert np.allclose(net.predict(x), expected, rtol=1e-5, atol=1e-6)
+    shapes = [(hidden, 2 * experts), (hidden,), (hidden, hidden), (hidden,), (experts, hidden), (experts,)]
+    net = LayerNet(*(rng.standard_normal(shape) / np.sqrt(shape[-1]) for shape in shapes))
+    net.b1 *= bias
+    x = features(rng.integers(-1, 9, experts), rng.integers(0, 5, experts).astype(np.float64), 9)
+    with np.errstate(over="ignore"):
+        h = net.w1 @ x + net.b1
+        h = net.w2 @ (h / (1 + np.exp(-h))) + net.b2
+        expected = np.abs(net.w3 @ (h / (1 + np.exp(-h))) + net.b3)
+    assert np.allclose(net.predict(x), expected, rtol=1e-5, atol=1e-5)
+    linears = [torch.nn.Linear(2 * experts, hidden), torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, experts)]
+    with torch.no_grad():
+        for linear, w, b in zip(linears, (net.w1, net.w2, net.w3), (net.b1, net.b2, net.b3), strict=True):
+            linear.weight.copy_(torch.from_numpy(w))
+            linear.bias.copy_(torch.from_numpy(b))
+        torch_net = torch.nn.Sequential(linears[0], torch.nn.SiLU(), linears[1], torch.nn.SiLU(), linears[2])
+        trained = torch_net(torch.from_numpy(x)).abs().numpy()
+    assert np.allclose(net.predict(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_expf_is_within_one_ulp_of_exp_and_clamps():
+    # The SiLU's vectorisable float32 exp against numpy's float64 exp rounded to float32 (the correctly rounded
+    # value), over its whole range [-87, 88]; beyond it, the value at the bound.
+    t = np.concatenate([np.linspace(-87, 88, 40001), np.linspace(-1, 1, 2001)]).astype(np.float32)
+    got = np.array([expf(v) for v in t], dtype=np.float32)
+    correct = np.exp(t.astype(np.float64)).astype(np.float32)
+    assert np.abs(got.view(np.int32) - correct.view(np.int32)).max() <= 1
+    assert expf(np.float32(1e30)) == expf(np.float32(88.0)) and expf(np.float32(-1e30)) == expf(np.float32(-87.0))
+    assert expf(np.float32(0.0)) == 1.0
 
 
 def test_labels_are_clamped_normalised_next_use_distances():

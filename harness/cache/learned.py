@@ -9,7 +9,8 @@ Cold start: an expert never used yet has recency feature 0 and frequency 0.
 Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
 engine's hot path): the same functions build the training samples, score in the policy's kernel
 (`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
-runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost). The model
+runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU
+too, with a branch-free exp (`expf`) so that it vectorises, where libm's is one scalar call per value. The model
 file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
 with `weights_only=True`).
 """
@@ -48,7 +49,11 @@ def distance_cap(num_experts: int) -> int:
     return max(2, round(DISTANCE_FRACTION * num_experts))
 
 
-@njit(types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None, cache=True)
+@njit(
+    types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None,
+    cache=True,
+    error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0)
+)
 def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
     """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used."""
     e = len(last)
@@ -71,12 +76,51 @@ def block_floats(num_experts: int, hidden: int) -> int:
     return 2 * num_experts * hidden + hidden + hidden * hidden + hidden + hidden * num_experts + num_experts
 
 
+_LN2 = math.log(2.0)
+_LN2_HI = np.float32(_LN2 - _LN2 % 2.0**-12)
+"""ln 2 to 12 bits, so that n * _LN2_HI is exact in float32 for every |n| < 2^12 (Cody and Waite's range
+reduction); _LN2_LO the rest."""
+_LN2_LO = np.float32(_LN2 - float(_LN2_HI))
+_INV_LN2 = np.float32(1.0 / _LN2)
+_ROUND = np.float32(1.5 * 2.0**23)
+"""Adding it to a float32 of magnitude below 2^22 rounds it to an integer, held in the low mantissa bits."""
+_ROUND_BITS = int(_ROUND.view(np.int32))
+_EXP_LOW, _EXP_HIGH = np.float32(-87.0), np.float32(88.0)
+"""exp's input clamp: 2^n below stays a normal float32 (exp(88) = 1.7e38, exp(-87) = 1.7e-38)."""
+_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
+
+
+@njit(types.float32(types.float32) if types else None, cache=True)
+def expf(t: float) -> float:
+    """exp(t) in float32 within 1 ulp, branch-free so that a loop over it vectorises (numba has no vector
+    exp here: libm's expf is one scalar call per value). t = n ln2 + r with |r| <= ln2 / 2; exp(r) = 1 + q,
+    q by the Taylor polynomial to degree 7 (truncation 5e-9 relative) in Estrin's form, 1 added last so
+    that q's rounding errors count at q's scale; 2^n from the exponent bits. t is clamped to [-87, 88]."""
+    t = min(max(t, _EXP_LOW), _EXP_HIGH)
+    k = t * _INV_LN2 + _ROUND
+    n = k - _ROUND
+    r = (t - n * _LN2_HI) - n * _LN2_LO
+    c = _TAYLOR
+    r2 = r * r
+    q = r + r2 * (((c[2] + c[3] * r) + r2 * (c[4] + c[5] * r)) + (r2 * r2) * (c[6] + c[7] * r))
+    two_n = np.int32((np.float32(k).view(np.int32) - _ROUND_BITS + 127) << 23).view(np.float32)
+    return (np.float32(1.0) + q) * two_n
+
+
+@njit(cache=True, error_model="numpy")  # no ZeroDivisionError test (1 + exp >= 1): the loop vectorises
+def _silu(y: np.ndarray) -> None:
+    """y <- y / (1 + exp(-y)) in float32, as torch computes it. Beyond the clamp of `expf`, y > 87 gives y
+    (as exp's underflow does) and y < -88 about 1e-37 (where an overflowing exp gives -0)."""
+    for i in range(len(y)):
+        y[i] = y[i] / (np.float32(1.0) + expf(-y[i]))
+
+
 @njit(cache=True)
-def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray, silu: bool) -> int:
-    """y = `W @ x + b` (then SiLU) for the W (transposed, [in, out] flattened) and b at w[at:], the sizes
-    those of x and y; returns where the next layer's weights start. The inputs are summed in order, four at
-    a time (y += w_j x_j + ... + w_j+3 x_j+3), over contiguous outputs: SIMD loops that keep y in memory a
-    quarter as often as one input at a time would."""
+def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
+    """y = `W @ x + b` for the W (transposed, [in, out] flattened) and b at w[at:], the sizes those of x and
+    y; returns where the next layer's weights start. The inputs are summed in order, four at a time
+    (y += w_j x_j + ... + w_j+3 x_j+3), over contiguous outputs: SIMD loops that keep y in memory a quarter
+    as often as one input at a time would."""
     n_in, n_out = len(x), len(y)
     y[:] = 0.0
     quads = n_in - n_in % 4
@@ -95,8 +139,6 @@ def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray, silu: bool) -> 
     bias = w[at + n_in * n_out : at + n_in * n_out + n_out]
     for i in range(n_out):
         y[i] = y[i] + bias[i]
-        if silu:
-            y[i] = y[i] / (1.0 + math.exp(-y[i]))
     return at + n_in * n_out + n_out
 
 
@@ -110,9 +152,11 @@ def mlp(w: np.ndarray, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> N
     hidden width twice and the outputs (`scratch_floats`)."""
     hidden = (len(scratch) - len(out)) // 2
     h1, h2, y = scratch[:hidden], scratch[hidden : 2 * hidden], scratch[2 * hidden :]
-    at = _dense(w, 0, x, h1, True)
-    at = _dense(w, at, h1, h2, True)
-    _dense(w, at, h2, y, False)
+    at = _dense(w, 0, x, h1)
+    _silu(h1)
+    at = _dense(w, at, h1, h2)
+    _silu(h2)
+    _dense(w, at, h2, y)
     for i in range(len(out)):
         out[i] = abs(y[i])
 

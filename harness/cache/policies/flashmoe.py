@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, LAYER, STATE, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, STATE, VICTIM_SIG, CompiledPolicy, Kernel
 from harness.cache.learned import FlashMoEModel, features_into, mlp, scratch_floats
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
@@ -81,20 +81,18 @@ def _victim(
     incoming: int,
     now: int,
 ) -> int:
-    """The candidate with the largest predicted distance to its next use; ties to the larger key."""
+    """The candidate with the largest predicted distance to its next use; ties to the larger key. The rows are
+    every (layer, expert) of the model in order (`FlashMoE.__init__`): row `key` is the model's
+    layer index * E + expert, so its prediction is at predictions + key and the larger key is the larger row."""
     best, best_score = -1, 0.0
-    e, predictions = g[EXPERTS], g[PREDICTIONS]
+    predictions = g[PREDICTIONS]
     for key in resident:
         if key >= 0 and mark[key] != tag:
             layer = ki[key, LAYER_INDEX]
             if g[PREDICTED + layer] != now:  # `_predict`'s own test, here to skip a call per candidate
                 _predict(g, gf, ki, kf, layer, now)
-            score = gf[predictions + layer * e + ki[key, EXPERT]]
-            if (
-                best < 0
-                or score > best_score
-                or (score == best_score and (ki[key, LAYER], ki[key, EXPERT]) > (ki[best, LAYER], ki[best, EXPERT]))
-            ):
+            score = gf[predictions + key]
+            if best < 0 or score > best_score or (score == best_score and key > best):
                 best, best_score = key, score
     return best
 
