@@ -91,12 +91,12 @@ _TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 
 @njit(types.float32(types.float32) if types else None, cache=True)
-def expf(t: float) -> float:
+def expf(t: np.float32) -> np.float32:
     """exp(t) in float32 within 1 ulp, branch-free so that a loop over it vectorises (numba has no vector
     exp here: libm's expf is one scalar call per value). t = n ln2 + r with |r| <= ln2 / 2; exp(r) = 1 + q,
     q by the Taylor polynomial to degree 7 (truncation 5e-9 relative) in Estrin's form, 1 added last so
     that q's rounding errors count at q's scale; 2^n from the exponent bits. t is clamped to [-87, 88]."""
-    t = min(max(t, _EXP_LOW), _EXP_HIGH)
+    t = np.float32(min(max(t, _EXP_LOW), _EXP_HIGH))
     k = t * _INV_LN2 + _ROUND
     n = k - _ROUND
     r = (t - n * _LN2_HI) - n * _LN2_LO

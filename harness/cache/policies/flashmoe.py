@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, STATE, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, KERNEL, STATE, VICTIM_SIG, CompiledPolicy, Kernel
 from harness.cache.learned import FlashMoEModel, features_into, mlp, scratch_floats
 from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
@@ -46,7 +46,7 @@ _STALE = -(1 << 62)
 PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
 
-@njit(PREDICT_SIG, cache=True)
+@njit(PREDICT_SIG, **KERNEL)
 def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, layer: int, now: int) -> None:
     """The layer's prediction at step `now`, unless it holds one already. `gf` holds, as float32 values, every
     layer's weights, then (as float64) the predictions, E per layer, then (float32) the features and the
@@ -62,14 +62,14 @@ def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, laye
     g[PREDICTED + layer] = now
 
 
-@njit(ACCESS_SIG, cache=True)
+@njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     ki[key, LAST] = now
     kf[key, FREQ] += 1.0
     g[PREDICTED + ki[key, LAYER_INDEX]] = _STALE
 
 
-@njit(VICTIM_SIG, cache=True)
+@njit(VICTIM_SIG, **KERNEL)
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
