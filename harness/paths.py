@@ -1,4 +1,5 @@
-"""Output paths checked before the work starts, so a finished measurement is never lost to a bad `--out`."""
+"""Where the harness writes: output paths checked before the work starts, so a finished measurement is never lost
+to a bad `--out`, and the harness's own cache folder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import HarnessError
+
+
+def harness_cache_dir() -> Path:
+    """The harness's own cache folder: `HARNESS_CACHE`, else `$XDG_CACHE_HOME/harness`, else ~/.cache/harness."""
+    explicit = os.environ.get("HARNESS_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "harness"
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from harness.models.archs import SUPPORTED as ARCHS
+from harness.paths import harness_cache_dir
+
+# The compiled policies' cache (`harness.cache.jit`) is under HARNESS_CACHE, which each test points at a
+# temporary folder: the CLI subprocesses the tests start keep the session's one cache instead of compiling
+# every policy again.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(harness_cache_dir() / "numba"))
 
 __all__ = ["ARCHS"]
 

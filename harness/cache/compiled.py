@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.ranked import GROUP_REPLAY, GroupReplay, njit
+from harness.cache.jit import njit
+from harness.cache.ranked import GROUP_REPLAY, GroupReplay
 from harness.keys import ExpertKey
 
 try:

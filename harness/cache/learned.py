@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.errors import HarnessError
 
 try:

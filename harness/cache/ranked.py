@@ -7,11 +7,8 @@ policy's per-key hooks (the live engine, and any step the compiled loop does not
 `replay_group`, the compiled replay of a whole stream of one cache group's steps, which the simulator
 uses: one implementation of each policy, whichever path runs it.
 
-numba, not a C extension: the functions stay Python source (readable beside the other policies, and
-they run as plain Python where numba is missing), need no compiler at install (wheels on every
-platform torch has), and are called alike from Python and from other compiled functions. They are
-compiled for their one signature when this module is imported (cached on disk after the first time),
-so that no compilation pause falls inside a measured run.
+The functions are compiled with numba (`harness.cache.jit`) for their one signature when this module is
+imported (cached on disk after the first time), so that no compilation pause falls inside a measured run.
 
 Any other policy keeps working through the Python hooks: the compiled replay is opt-in, taken only
 where every group's policy is a `RankedPolicy`.
@@ -25,15 +22,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from harness.cache.base import CachePolicy
+from harness.cache.jit import njit
 from harness.keys import ExpertKey
-
-try:
-    from numba import njit
-except ImportError:  # the same functions, interpreted: correct, only slower
-
-    def njit(*args, **kwargs):  # type: ignore[no-redef]
-        return args[0] if args and callable(args[0]) else (lambda fn: fn)
-
 
 try:
     from numba import types

@@ -25,6 +25,7 @@ from pathlib import Path
 import xxhash
 
 from harness.errors import HarnessError
+from harness.paths import harness_cache_dir
 from harness.store.layout import DENSE_FILE, EXPERTS_FILE, INDEX_FILE, PACK_DIR
 
 HF_MODEL_PREFIX = "models--"
@@ -65,14 +66,6 @@ def model_name(model_dir: Path) -> str:
     else the folder's name."""
     snapshot = hf_snapshot(model_dir)
     return snapshot[0] if snapshot else Path(model_dir).name
-
-
-def harness_cache_dir() -> Path:
-    """The harness's own cache folder: `HARNESS_CACHE`, else `$XDG_CACHE_HOME/harness`, else ~/.cache/harness."""
-    explicit = os.environ.get("HARNESS_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "harness"
 
 
 def artifact_dir(model_dir: Path, name: str) -> Path:

@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.paths import harness_cache_dir
 from harness.results import read_json, write_json_atomic
 from harness.ssd.readtime import ReadTimeModel
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "HARNESS_CACHE"
-"""Environment variable naming the harness cache folder (default ~/.cache/harness)."""
 COMPUTE_CACHE_SCHEMA = "harness.compute/2"
 """Version 2 records the machine's load during the measurement; a version-1 file (load unknown) is not trusted."""
 OTHERS_CPU_SHARE_MAX = 0.10
@@ -45,7 +44,7 @@ RESIDENT_MARGIN = 1.5
 
 
 def compute_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/harness").expanduser() / "compute"
+    return harness_cache_dir() / "compute"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 
 T1, T2, B1, B2 = 0, 1, 2, 3

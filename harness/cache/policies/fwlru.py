@@ -21,7 +21,7 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 

@@ -37,7 +37,7 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 
 _WRAP = 1 << 30

@@ -30,7 +30,8 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.ranked import COUNT, STAMP, lowest, njit, touch
+from harness.cache.jit import njit
+from harness.cache.ranked import COUNT, STAMP, lowest, touch
 from harness.cache.registry import register_policy
 from harness.keys import ExpertKey
 

@@ -18,7 +18,8 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.ranked import GroupReplay, RankedPolicy, njit
+from harness.cache.jit import njit
+from harness.cache.ranked import GroupReplay, RankedPolicy
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey

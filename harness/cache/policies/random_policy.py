@@ -14,7 +14,7 @@ from harness.cache.compiled import (
     mt_below,
     mt_state,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 
 RNG = 0

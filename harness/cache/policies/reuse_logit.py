@@ -55,9 +55,9 @@ from harness.cache.compiled import (
     Kernel,
     ranks_below,
 )
+from harness.cache.jit import njit
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
-from harness.cache.ranked import njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey

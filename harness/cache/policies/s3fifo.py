@@ -33,7 +33,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 
 SMALL_SHARE = 0.1

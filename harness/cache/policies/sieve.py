@@ -28,7 +28,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.ranked import njit
+from harness.cache.jit import njit
 from harness.cache.registry import register_policy
 
 QUEUE = 0
