@@ -6,12 +6,12 @@ queue depth). `decode_floor_ratio` = measured steady decode seconds per token / 
 means the run hides all its reads behind compute (or all compute behind reads).
 
 The compute per token is measured once per (model pack, prompts, machine and device, decode settings)
-with the fully resident model, and cached as a small JSON file under `$HARNESS_CACHE/compute/`
-(default `~/.cache/harness/compute/`); the result says whether it was measured now, read from the
-cache, or is unavailable and why. A measurement records the machine's load while it ran (this process's CPU
-time against wall time, the share of all CPUs' time other processes took, the 1-minute load average); one
-taken while others took more than OTHERS_CPU_SHARE_MAX is used for its own run, said to be under load, and
-never cached (the next run measures again): a slow figure would lower every later decode_floor_ratio.
+with the fully resident model, and cached as a small JSON file under `$HARNESS_CACHE/compute/` (default
+`$XDG_CACHE_HOME/harness/compute/`, else `~/.cache/harness/compute/`); the result says whether it was measured
+now, read from the cache, or is unavailable and why. A measurement records the machine's load while it ran
+(this process's CPU time against wall time, the share of all CPUs' time other processes took, the 1-minute
+load average); one taken while others took more than OTHERS_CPU_SHARE_MAX is used for its own run, said to be
+under load, and never cached (the next run measures again): a slow figure would lower every later decode_floor_ratio.
 """
 
 from __future__ import annotations
