@@ -3,7 +3,7 @@ an edit of a callee's file cannot leave its callers running the old code; old di
 
 import os
 
-from harness.cache.jit import CACHES_KEPT, numba_cache_dir, sources_digest
+from harness.cache.jit import CACHES_KEPT, kernel_options, numba_cache_dir, sources_digest
 
 
 def test_the_digest_follows_every_source_file(tmp_path):
@@ -37,3 +37,11 @@ def test_the_cache_folder_is_the_digests_and_only_the_latest_folders_are_kept(tm
 def test_a_cache_root_that_cannot_hold_folders_leaves_numbas_default(tmp_path):
     (tmp_path / "numba").write_text("a file where the folder would go")
     assert numba_cache_dir(tmp_path / "numba", "abc") is None
+
+
+def test_kernels_count_no_references_where_numba_offers_it():
+    class WithNrt:
+        _nrt = True
+
+    assert kernel_options(WithNrt) == {"cache": True, "error_model": "numpy", "_nrt": False}
+    assert kernel_options(object) == {"cache": True, "error_model": "numpy"}  # a numba without the option

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.ranked import GROUP_REPLAY, GroupReplay
 from harness.keys import ExpertKey
 
@@ -65,12 +65,6 @@ if types is not None:
     )
 else:
     STATE = ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
-
-KERNEL: dict[str, Any] = {"cache": True, "error_model": "numpy", "_nrt": False}
-"""Compile options of the policies' kernels and their helpers (not `drive`, which allocates): without reference
-counting (they allocate nothing) and without exceptions (numpy's error model: x / 0 is inf, not an error). A
-call that may raise makes numba count references to every array argument on entry and exit, two atomic
-operations each, and a kernel's own work is often a few dozen operations."""
 
 LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
 FIRST_COLUMN = 5

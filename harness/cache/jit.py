@@ -1,4 +1,4 @@
-"""numba for the cache policies: `njit`, and where its compiled functions are cached on disk.
+"""numba for the cache policies: `njit`, the kernels' compile options (`KERNEL`), where compiled code is cached.
 
 numba, not a C extension: the functions stay Python source (readable beside the other policies, and they run
 as plain Python where numba is missing), need no compiler at install (wheels on every platform torch has),
@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from harness.paths import harness_cache_dir
 
@@ -60,13 +61,29 @@ def _last_used(folder: Path) -> float:
         return 0.0
 
 
+def kernel_options(target: type) -> dict[str, Any]:
+    """Compile options of the policies' kernels and their helpers (not `compiled.drive`, which allocates): without
+    reference counting (they allocate nothing) and without exceptions (numpy's error model: x / 0 is inf, not an
+    error). A call that may raise makes numba count references to every array argument on entry and exit, two
+    atomic operations each, and a kernel's own work is often a few dozen operations. `_nrt` is a private option
+    of numba's CPU target (`target`): where a numba version lacks it, the kernels count references (slower, same
+    results)."""
+    options: dict[str, Any] = {"cache": True, "error_model": "numpy"}
+    if hasattr(target, "_nrt"):
+        options["_nrt"] = False
+    return options
+
+
 try:
     from numba import config as _numba_config
     from numba import njit
+    from numba.core.cpu import CPUTargetOptions
 except ImportError:  # the same functions, interpreted: correct, only slower
 
     def njit(*args, **kwargs):  # type: ignore[no-redef]
         return args[0] if args and callable(args[0]) else (lambda fn: fn)
+
+    KERNEL: dict[str, Any] = {}
 
 else:
     # Read by numba when each cached function is decorated, so before any policy module defines one. A cache
@@ -75,3 +92,4 @@ else:
     _cache = numba_cache_dir(Path(_chosen) if _chosen else harness_cache_dir() / "numba", sources_digest())
     if _cache is not None:
         _numba_config.CACHE_DIR = str(_cache)  # type: ignore[attr-defined]
+    KERNEL = kernel_options(CPUTargetOptions)

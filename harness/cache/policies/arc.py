@@ -13,7 +13,6 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
-    KERNEL,
     KEY_SIG,
     NEWER,
     NONE,
@@ -26,7 +25,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 
 T1, T2, B1, B2 = 0, 1, 2, 3

@@ -18,14 +18,13 @@ from harness.cache.compiled import (
     ADMIT_SIG,
     EXPERT,
     FIRST_COLUMN,
-    KERNEL,
     LAYER,
     VICTIM_SIG,
     CompiledAdmission,
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError

@@ -22,8 +22,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, KERNEL, STATE, VICTIM_SIG, CompiledPolicy, Kernel
-from harness.cache.jit import njit
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, STATE, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.jit import KERNEL, njit
 from harness.cache.learned import FlashMoEModel, features_into, mlp, scratch_floats
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError

@@ -14,14 +14,13 @@ from harness.cache.compiled import (
     ACCESS_SIG,
     EXPERT,
     FIRST_COLUMN,
-    KERNEL,
     KEY_SIG,
     LAYER,
     VICTIM_SIG,
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 

@@ -16,7 +16,6 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
-    KERNEL,
     KEY_SIG,
     MT_WORDS,
     NONE,
@@ -30,7 +29,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.ranked import COUNT, STAMP, lowest, touch
 from harness.cache.registry import register_policy
 from harness.keys import ExpertKey

@@ -12,13 +12,12 @@ from harness.cache.compiled import (
     ACCESS_SIG,
     EXPERT,
     FIRST_COLUMN,
-    KERNEL,
     LAYER,
     VICTIM_SIG,
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.ranked import GroupReplay, RankedPolicy
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError

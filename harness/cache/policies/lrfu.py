@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, KERNEL, VICTIM_SIG, CompiledPolicy, Kernel, ranks_below
-from harness.cache.jit import njit
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, VICTIM_SIG, CompiledPolicy, Kernel, ranks_below
+from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, KERNEL, CompiledAdmission, Kernel, ranks_below
-from harness.cache.jit import njit
+from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel, ranks_below
+from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lrfu import LAST, LRFU, SCORE, lrfu_access, lrfu_victim
 from harness.cache.registry import register_policy
 

@@ -30,8 +30,8 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, KERNEL, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
-from harness.cache.jit import njit
+from harness.cache.compiled import ADMIT_SIG, EXPERT, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lrfu import DECAY, LAST, SCORE, lrfu_access
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile

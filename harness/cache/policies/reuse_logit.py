@@ -46,7 +46,6 @@ from harness.cache.compiled import (
     ADMIT_SIG,
     EXPERT,
     FIRST_COLUMN,
-    KERNEL,
     KEY_SIG,
     NONE,
     STATE,
@@ -55,7 +54,7 @@ from harness.cache.compiled import (
     Kernel,
     ranks_below,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import register_policy

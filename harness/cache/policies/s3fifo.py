@@ -19,7 +19,6 @@ import numpy as np
 from harness.cache.compiled import (
     ACCESS_SIG,
     FIRST_COLUMN,
-    KERNEL,
     KEY_SIG,
     NEWER,
     NEWEST,
@@ -33,7 +32,7 @@ from harness.cache.compiled import (
     push,
     unlink,
 )
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 
 SMALL_SHARE = 0.1

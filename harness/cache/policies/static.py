@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, KERNEL, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
-from harness.cache.jit import njit
+from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import register_policy
