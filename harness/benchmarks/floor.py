@@ -3,7 +3,7 @@ the runtime's expert-read throughput against fio's on the same file, block size 
 
     python -m harness.benchmarks.floor --model models/olmoe-small --ssd /mnt/nvme/scratch \\
         [--shares 25%,50%] [--strategy cache --strategy lookahead+gate ...] [--decode-threads default,1] \\
-        [--rounds 3] [--max-new-tokens 48] [--io-repeats 5] [--results results/floor-bench]
+        [--rounds 3] [--max-new-tokens 48] [--io-repeats 5] [--results results/floor-bench] [--reads-only]
 
 Each (round, cache share, decode threads, strategy) cell is one `harness run` in its own process (policy
 LRU, the same prompts, teacher-forced where the model is random-init), cells interleaved so a drift of the
@@ -12,7 +12,8 @@ decode_floor_ratio and prediction recall (a shadow predictor's beside OD-MoE's p
 expert file is read at random, expert-sized blocks at the runtime's queue depth, by the runtime's own read
 backend (every read checked, as in a run) and by fio (io_uring, --direct=1, the same huge-page-aligned
 buffers), each with the same ramp and duration, in `--io-repeats` pairs whose order alternates; it prints
-each pair's ratio and the median and range of the ratios.
+each pair's ratio and the median and range of the ratios. `--reads-only` runs that comparison alone (no cell), on
+the model's pack, or its copy in `--ssd`.
 The floor needs an SSD profile of the disk (`harness profile-ssd`) and, once, a run without a RAM budget
 (the compute time is measured with the whole model resident and cached). Run it on a quiet machine.
 """
@@ -32,6 +33,7 @@ from typing import Any
 import click
 
 from harness.errors import ExitCode
+from harness.models.locate import model_name
 from harness.models.packer import pack_paths
 from harness.runtime.expert_io import make_backend, queue_depth_from_profile
 from harness.spec import RunSpec
@@ -39,6 +41,7 @@ from harness.ssd.fio import fio_command, fio_path, run_fio
 from harness.ssd.jobs import JobSpec
 from harness.ssd.readtime import load_profile_for_path
 from harness.store.layout import PackIndex
+from harness.store.placement import place_expert_file
 from harness.store.reader import AlignedPool, ExpertReader
 
 
@@ -208,6 +211,7 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
 @click.option("--read-seconds", default=10.0, show_default=True, help="Duration of each throughput measurement.")
 @click.option("--io-repeats", default=5, show_default=True, help="Runtime/fio throughput pairs.")
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results/floor-bench"), show_default=True)
+@click.option("--reads-only", is_flag=True, help="Only the runtime/fio read comparison, on the model's packed experts.")
 def main(
     model: str,
     ssd: str | None,
@@ -222,7 +226,15 @@ def main(
     read_seconds: float,
     io_repeats: int,
     results: Path,
+    reads_only: bool,
 ) -> None:
+    packed = pack_paths(Path(model))
+    if reads_only:
+        if not packed["index"].is_file():
+            raise click.UsageError(f"{model} is not packed ({packed['index']} is missing): run `harness run` once")
+        index = PackIndex.load(packed["index"])
+        read_comparison(place_expert_file(index, packed, ssd, model_name(Path(model))), index, read_seconds, io_repeats)
+        return
     names = list(strategies)
     threads = parse_threads(decode_threads)
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -284,7 +296,11 @@ def main(
         click.echo(f"{share:>5}  {name}: refused ({why})")
 
     assert experts_file is not None
-    index = PackIndex.load(pack_paths(Path(model))["index"])
+    read_comparison(experts_file, PackIndex.load(packed["index"]), read_seconds, io_repeats)
+
+
+def read_comparison(experts_file: Path, index: PackIndex, read_seconds: float, io_repeats: int) -> None:
+    """`compare_reads` at the queue depth a run takes from the disk's SSD profile."""
     depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
     click.echo(f"\nexpert reads of {index.stride_bytes} B at queue depth {depth} ({how}) on {experts_file}")
     compare_reads(experts_file, index, depth, read_seconds, io_repeats)
