@@ -41,7 +41,7 @@ try:
     from numba import types
     from numba.core.types.function_type import CompileResultWAP
     from numba.extending import typeof_impl
-except ImportError:  # no signatures: njit is the identity (ranked.py)
+except ImportError:  # no signatures: njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
 if types is not None:

@@ -32,7 +32,7 @@ from harness.errors import HarnessError
 
 try:
     from numba import types
-except ImportError:  # njit is the identity (ranked.py)
+except ImportError:  # njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)

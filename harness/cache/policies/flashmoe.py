@@ -31,7 +31,7 @@ from harness.keys import ExpertKey
 
 try:
     from numba import types
-except ImportError:  # njit is the identity (ranked.py)
+except ImportError:  # njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
 LAST, LAYER_INDEX = FIRST_COLUMN, FIRST_COLUMN + 1

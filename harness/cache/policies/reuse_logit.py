@@ -63,7 +63,7 @@ from harness.keys import ExpertKey
 
 try:
     from numba import types
-except ImportError:  # njit is the identity (ranked.py)
+except ImportError:  # njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
 LAMBDAS = np.array([0.0, 0.01, 0.03, 0.1, 0.3])
