@@ -181,11 +181,9 @@ def drive(
     resident keys the call does not need (`evict(victim)`), and is inserted; a miss not admitted streams.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group), or len(calls)."""
-    # The replay's arrays as locals, taken once: reading `r.field` takes and drops a reference (two atomic
-    # operations), several times per kernel call where it is read inside the loop.
-    keys, bounds, nows, calls = r.keys, r.bounds, r.nows, r.calls
-    slot_of, key_of_slot, free, n_free, mark = r.slot_of, r.key_of_slot, r.free, r.n_free, r.mark
-    hits, misses, first_slot = r.hits, r.misses, r.first_slot
+    # The replay's arrays as locals, taken once (as `ranked.replay_group`): reading `r.field` inside the loop
+    # takes and drops a reference (two atomic operations) at each read.
+    keys, bounds, nows, calls, slot_of, key_of_slot, first_slot, free, n_free, mark, hits, misses = r
     width_max = 0
     for c in calls:
         width_max = max(width_max, bounds[c + 1] - bounds[c])

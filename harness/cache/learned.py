@@ -6,7 +6,7 @@ this step; freq = its accesses so far) and predicts each expert's normalised dis
 `(clamp(d, 1, D) - 1) / (D - 1)` with d the Belady next-use distance in steps (never used again: D).
 Cold start: an expert never used yet has recency feature 0 and frequency 0.
 
-Inference is compiled (`features` and `mlp`, numba as in `harness.cache.ranked`; no torch in the live
+Inference is compiled (`features` and `mlp`, numba: `harness.cache.jit`; no torch in the live
 engine's hot path): the same functions build the training samples, score in the policy's kernel
 (`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
 runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU

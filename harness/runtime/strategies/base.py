@@ -239,6 +239,16 @@ def likely_experts(weights: torch.Tensor, indices: torch.Tensor, top: int) -> se
     return layer_experts(indices)
 
 
+def prediction_reads(
+    layer: int, weights: torch.Tensor, indices: torch.Tensor, top: int
+) -> tuple[set[int], list[int], tuple[ExpertKey, ...]]:
+    """A prediction of `layer`'s routing (weights and ids [T, k]) as a prefetch takes it: the predicted experts
+    (scored for recall), those to read (`likely_experts`, in order), and the keys whose slots the prefetch must
+    keep (the whole prediction: a resident expert predicted below `top` is not evicted for a likelier one)."""
+    predicted = layer_experts(indices)
+    return predicted, sorted(likely_experts(weights, indices, top)), tuple((layer, e) for e in sorted(predicted))
+
+
 def protect_keys(layer: int, routing: Routing) -> tuple[ExpertKey, ...]:
     """The keys a layer's step in flight uses: a prefetch must not take their slots."""
     return tuple((layer, e) for e in sorted(layer_experts(routing.top_k_index)))

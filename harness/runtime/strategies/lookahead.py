@@ -31,8 +31,8 @@ from harness.runtime.strategies.base import (
     Strategy,
     before_attention,
     layer_experts,
-    likely_experts,
     moe_input_norm,
+    prediction_reads,
     register_strategy,
     top_deviations,
 )
@@ -78,12 +78,10 @@ class LookAhead(Strategy):
             return
         normed = self._norms[module.layer](hidden).reshape(-1, hidden.shape[-1])
         _, weights, indices = self.predictor.predict(module.layer, normed)
-        predicted = layer_experts(indices)
+        predicted, staged, protect = prediction_reads(module.layer, weights, indices, self.top)
         if ctx.phase == "decode":
             self._pending[module.layer] = predicted
-        staged = likely_experts(weights, indices, self.top)
-        protect = tuple((module.layer, e) for e in sorted(predicted))  # a resident expert predicted below `top`
-        self.cache.prefetch(module.layer, sorted(staged), ctx.now, ctx.phase, protect)
+        self.cache.prefetch(module.layer, staged, ctx.now, ctx.phase, protect)
 
     def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
         predicted = self._pending.pop(module.layer, None)

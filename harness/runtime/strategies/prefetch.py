@@ -23,7 +23,7 @@ from harness.runtime.strategies.base import (
     Recall,
     Strategy,
     layer_experts,
-    likely_experts,
+    prediction_reads,
     protect_keys,
     register_strategy,
     top_deviations,
@@ -70,17 +70,14 @@ class GatePrefetcher:
         if target is None:
             return
         _, weights, indices = self.gates.predict(target, hidden_states)
-        predicted = layer_experts(indices)
+        predicted, staged, kept = prediction_reads(target, weights, indices, self.top)
         if ctx.phase == "decode":
             self._pending[target] = predicted
         if not self.stage:
             return
-        # The step in flight's keys and the whole prediction keep their slots (a resident expert predicted
-        # below `top` is not evicted for a likelier one). Deferred: this layer's demand loads, submitted
-        # next, go to the device first.
-        protect = protect_keys(layer, routing) + tuple((target, e) for e in sorted(predicted))
-        staged = likely_experts(weights, indices, self.top)
-        self.cache.prefetch(target, sorted(staged), ctx.now, ctx.phase, protect, defer=True)
+        # The step in flight's keys keep their slots too. Deferred: this layer's demand loads, submitted next,
+        # go to the device first.
+        self.cache.prefetch(target, staged, ctx.now, ctx.phase, protect_keys(layer, routing) + kept, defer=True)
 
     def stats(self) -> dict[str, object]:
         return {"prediction": self.recall.to_dict(), "prefetch": self.cache.prefetch_stats.to_dict()}
