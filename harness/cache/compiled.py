@@ -227,6 +227,16 @@ def drive(
     return len(calls)
 
 
+@dataclass(frozen=True)
+class BoundRows:
+    """A compiled policy's bound keys and their rows (`CompiledPolicy.rows`)."""
+
+    index: dict[ExpertKey, int]
+    keys: list[ExpertKey]
+    ki: np.ndarray
+    kf: np.ndarray
+
+
 class CompiledPolicy(CachePolicy):
     """A policy whose hooks call its `kernel` on its state arrays; subclasses set the class attributes and
     may extend `globals_` and `new_rows`."""
@@ -284,6 +294,15 @@ class CompiledPolicy(CachePolicy):
             self.kf = np.concatenate([self.kf, kf])
             self._marks = np.ones(len(self.keys), dtype=np.int64)
         return np.array([index[key] for key in keys], dtype=np.int64)
+
+    def rows(self) -> BoundRows:
+        """A copy of the rows bound so far (`adopt_rows` gives them to another policy of the same kind)."""
+        return BoundRows(dict(self.index), list(self.keys), self.ki.copy(), self.kf.copy())
+
+    def adopt_rows(self, rows: BoundRows) -> None:
+        """Take `rows` (a fresh policy's: its keys' state as first bound) instead of binding the keys again."""
+        self.index, self.keys, self.ki, self.kf = dict(rows.index), list(rows.keys), rows.ki.copy(), rows.kf.copy()
+        self._marks = np.ones(len(self.keys), dtype=np.int64)
 
     def _at(self, key: ExpertKey) -> int:
         i = self.index.get(key)

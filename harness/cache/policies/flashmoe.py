@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, STATE, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, STATE, VICTIM_SIG, BoundRows, CompiledPolicy, Kernel
 from harness.cache.jit import KERNEL, njit
 from harness.cache.learned import FlashMoEModel, features_into, mlp, scratch_floats
 from harness.cache.registry import register_policy
@@ -117,9 +117,9 @@ class FlashMoE(CompiledPolicy):
     kernel = Kernel(access=_access, victim=_victim)
     int_columns = (-1, 0)
     float_columns = (0.0,)
-    _bound: ClassVar[tuple[FlashMoEModel, dict[ExpertKey, int], list[ExpertKey], np.ndarray, np.ndarray] | None] = None
-    """The model last built on and the rows its keys got (index, keys, ki, kf): the simulator builds a policy
-    per layer and capacity on one model, and binding its keys is most of a policy's construction."""
+    _bound: ClassVar[tuple[FlashMoEModel, BoundRows] | None] = None
+    """The model last built on and the rows its keys got: the simulator builds a policy per layer and capacity on
+    one model, and binding its keys is most of a policy's construction."""
 
     def __init__(self, capacity: int, seed: int = 0, model: FlashMoEModel | None = None) -> None:
         if model is None:
@@ -130,10 +130,9 @@ class FlashMoE(CompiledPolicy):
         bound = FlashMoE._bound
         if bound is None or bound[0] is not model:
             super().bind([(layer, e) for layer in self.layers for e in range(model.num_experts)])
-            bound = FlashMoE._bound = (model, dict(self.index), list(self.keys), self.ki.copy(), self.kf.copy())
+            FlashMoE._bound = (model, self.rows())
         else:  # the rows of the model's keys as the last policy built on it bound them (the same every time)
-            self.index, self.keys, self.ki, self.kf = dict(bound[1]), list(bound[2]), bound[3].copy(), bound[4].copy()
-            self._marks = np.ones(len(self.keys), dtype=np.int64)
+            self.adopt_rows(bound[1])
 
     def globals_(self) -> tuple[list[int], np.ndarray]:
         e, weights, n = self.model.num_experts, self.model.packed, len(self.layers)
