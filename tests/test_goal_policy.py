@@ -8,7 +8,7 @@ import pytest
 from harness.benchmarks.heldout_policies import GOAL, Row, format_rows, heldout_rows
 from harness.cache.book import ExpertCacheBook
 from harness.cache.policies.reuse_logit import (
-    BLOCK_FLOATS,
+    BLOCK_INTS,
     LAMBDAS,
     LAST,
     PRIOR_HITS,
@@ -16,7 +16,7 @@ from harness.cache.policies.reuse_logit import (
     RATE,
     RECENT,
     RECENT_STEPS,
-    STEPS,
+    WIDTH,
     ReuseLogit,
     settle,
     start_weights,
@@ -54,14 +54,15 @@ def test_log_rates_equal_their_definition():
     policy.on_access((0, 3), len(steps), True)  # 3 joins the layer (4 experts), its step learned from below
     settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[0])
     end = len(steps)
-    rows = policy.bind([(0, e) for e in range(4)])
+    panel = policy.panel(0)
+    assert panel.shape[1] == 4
     for i, lam in enumerate(LAMBDAS):
         n = sum(2.0 ** (-lam * (end - t)) for t in range(end + 1))  # the layer's steps 0..end, decayed to `end`
-        for e, row in enumerate(rows.tolist()):
+        for e in range(4):
             uses = [t for t, experts in enumerate([*steps, [3]]) if e in experts]
             crf = sum(2.0 ** (-lam * (end - t)) for t in uses)
             expected = np.log((crf + PRIOR_HITS) / (n + PRIOR_STEPS))
-            assert policy.kf[row, RATE + i] == pytest.approx(expected, rel=1e-12, abs=1e-12), (lam, e)
+            assert panel[RATE + i, e] == pytest.approx(expected, rel=1e-12, abs=1e-12), (lam, e)
 
 
 def test_warm_start_learns_on_the_profile_steps_then_starts_its_history_afresh():
@@ -78,11 +79,10 @@ def test_warm_start_learns_on_the_profile_steps_then_starts_its_history_afresh()
     assert np.array_equal(policy.weights(0), cold.weights(0)) and not np.allclose(policy.weights(0), start_weights())
     # ... and a history of the scored step only (0 and 1 at t0, learned here), not of the profile's.
     settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[0])
-    rows = policy.bind([(0, 0), (0, 1)])
-    assert policy.ki[rows, LAST].tolist() == [0, 0] and policy.slots == 2
-    at = BLOCK_FLOATS * policy.blocks[0] + STEPS
-    assert policy.gf[at : at + len(LAMBDAS)].tolist() == [1.0] * len(LAMBDAS)
-    assert policy.ki[rows, RECENT].tolist() == [1, 1] and policy.ki[rows, RECENT + 1 : RECENT + RECENT_STEPS].sum() == 0
+    panel = policy.panel(0)
+    assert panel[LAST].tolist() == [0, 0] and policy.slots == 2
+    assert policy.decayed_steps(0).tolist() == [1.0] * len(LAMBDAS)
+    assert panel[RECENT].tolist() == [1, 1] and panel[RECENT + 1 : RECENT + RECENT_STEPS].sum() == 0
     assert len(policy.weights(0)) == 1 + 5 + 1 + RECENT_STEPS + 1
     # A profile of counts only (no steps) has nothing to warm up on.
     (counts_only,) = replay("reuse-logit", [[0, 1]], 4, profile=FrequencyProfile({(0, 0): 5}, {0: 10}))[0].policies
@@ -183,3 +183,32 @@ def test_a_live_run_profiled_on_a_trace_gives_its_replays_counts(tiny_model, tmp
             counts = replayed.counts[phase][int(layer)]
             assert (counts.hits, counts.misses) == (hits, misses), (phase, layer)
     assert described.items() <= replayed.description.items() and live["decode"]["hits"] > 0
+
+
+def test_panels_widened_as_ids_arrive_hold_what_panels_bound_at_once_hold():
+    # Live, a layer's experts are bound one by one as they are first seen, so its panel is widened (moved to the
+    # end of the floats, other layers' areas closing up) several times; bound at once (replay) it never is. Both
+    # must decide alike and hold the same state: widening copies every column, for every layer.
+    rng = np.random.default_rng(3)
+    steps = [
+        (layer, sorted(rng.choice(min(4 + 3 * t, 40), 3, replace=False).tolist()))
+        for t in range(40)
+        for layer in (0, 1)
+    ]
+    grown, bound = ReuseLogit(6, 0), ReuseLogit(6, 0)
+    bound.bind([(layer, e) for layer in (0, 1) for e in range(40)])
+    widths = set()
+    for now, (layer, experts) in enumerate(steps):
+        for policy in (grown, bound):
+            for e in experts:
+                policy.on_access((layer, e), now // 2, True)
+        widths.add(int(grown.g[BLOCK_INTS * grown.blocks[0] + WIDTH]))
+    for policy in (grown, bound):
+        settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[0])
+        settle(policy.g, policy.gf, policy.ki, policy.kf, policy.blocks[1])
+    assert sorted(widths) == [8, 16, 32, 64]  # 8 at first, then doubled as larger ids arrived
+    for layer in (0, 1):
+        assert np.array_equal(grown.panel(layer), bound.panel(layer))
+        assert np.array_equal(grown.weights(layer), bound.weights(layer))
+    candidates = {(layer, e) for layer in (0, 1) for e in range(0, 36, 5)}
+    assert grown.victim(candidates, (0, 1), 40) == bound.victim(candidates, (0, 1), 40)

@@ -165,7 +165,5 @@ def test_reuse_logit_reads_a_profile_when_given_one():
     steps = [[t % 2, 2 + t] for t in range(20)]
     (with_profile,) = replay("reuse-logit", steps, 2, profile=profile)[0].policies
     (without,) = replay("reuse-logit", steps, 2)[0].policies
-    assert np.allclose(
-        with_profile.kf[with_profile.bind([(0, e) for e in range(4)]), PROFILE], np.log([0.5, 0.5, 1e-3, 1e-3])
-    )
+    assert np.allclose(with_profile.panel(0)[PROFILE, :4], np.log([0.5, 0.5, 1e-3, 1e-3]))
     assert with_profile.weights(0)[-1] != 0 and without.weights(0)[-1] == 0

@@ -8,6 +8,9 @@ what the live engine calls) call those functions for one key; `drive`, the compi
 stream of one cache group's steps, calls the very same functions, passed to it as first-class functions.
 One implementation of each policy, whichever path runs it; `drive` is the one simulator loop.
 
+`admit` returns the key the miss would replace (the policy's victim) where the miss goes in, or NONE where it
+streams: a policy's admission compares the miss with its victim, which `drive` then need not look for again.
+
 Candidates: `victim` and `admit` see `resident` (key positions, -1 for none) and a `mark` array; a key is a
 candidate where its mark is not `tag`. `drive` passes the group's slots and marks the step's own keys; a
 hook call passes the candidates themselves, with every other key marked. Scan policies read `resident`;
@@ -50,7 +53,7 @@ if types is not None:
     ACCESS_SIG: Any = types.none(*STATE, types.int64, types.int64, types.boolean)
     KEY_SIG: Any = types.none(*STATE, types.int64, types.int64)
     VICTIM_SIG: Any = types.int64(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
-    ADMIT_SIG: Any = types.boolean(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
+    ADMIT_SIG: Any = types.int64(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
     DRIVE_SIG: Any = types.int64(
         types.FunctionType(ACCESS_SIG),
         types.FunctionType(KEY_SIG),
@@ -120,7 +123,7 @@ def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last
 
 
 @njit(ADMIT_SIG, **KERNEL)
-def admit_all(
+def no_admission(
     g: np.ndarray,
     gf: np.ndarray,
     ki: np.ndarray,
@@ -130,9 +133,9 @@ def admit_all(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
-    """The admission of a policy without one: every miss is inserted."""
-    return True
+) -> int:
+    """The `admit` that `drive` takes for a policy without admission, which it never calls (`admits` is False)."""
+    return NONE
 
 
 @njit(KEY_SIG, **KERNEL)
@@ -154,7 +157,8 @@ class Kernel:
     evict: Any = no_op
     victim: Any = None
     admit: Any = None
-    """None: every miss is admitted (the policy defines no `admit`)."""
+    """None: every miss is admitted (the policy defines no `admit`). Else: the victim the miss replaces, or NONE
+    where it streams."""
 
 
 @njit(DRIVE_SIG, cache=True)
@@ -177,8 +181,9 @@ def drive(
     `ExpertCacheBook.account` would, calling the policy's kernel where the book calls its hooks: each call's
     keys (keys[bounds[c]:bounds[c+1]], distinct, at step nows[c]) are accessed in order (misses only where
     `observes_misses`) before any miss is placed; each miss then takes a free slot (free[:n_free[0]], the
-    last first), or, where `admit` lets it in (`admits`; else always), the slot of the victim among the
-    resident keys the call does not need (`evict(victim)`), and is inserted; a miss not admitted streams.
+    last first), or the slot of the victim among the resident keys the call does not need (`victim`, or where the
+    policy admits (`admits`) the victim `admit` returns, NONE for a miss that streams), `evict(victim)`, and is
+    inserted.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group), or len(calls)."""
     # The replay's arrays as locals, taken once (as `ranked.replay_group`): reading `r.field` inside the loop
@@ -213,9 +218,12 @@ def drive(
                 n_free[0] -= 1
                 slot = free[n_free[0]]
             else:
-                if admits and not admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now):
-                    continue
-                out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                if admits:
+                    out = admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                    if out == NONE:
+                        continue
+                else:
+                    out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
                 evict(g, gf, ki, kf, out, now)
                 slot = slot_of[out]
                 slot_of[out] = -1
@@ -372,7 +380,7 @@ if types is not None:
 @functools.cache
 def _addresses(kernel: Kernel) -> tuple[Any, ...]:
     """The kernel's access, insert, evict, victim and admit functions as `drive` takes them (`_Compiled`)."""
-    functions = (kernel.access, kernel.insert, kernel.evict, kernel.victim, kernel.admit or admit_all)
+    functions = (kernel.access, kernel.insert, kernel.evict, kernel.victim, kernel.admit or no_admission)
     return functions if types is None else tuple(_Compiled(fn) for fn in functions)
 
 
@@ -380,7 +388,7 @@ class CompiledAdmission(CompiledPolicy):
     """A compiled policy with an admission kernel: `admit` is a hook the book calls."""
 
     def admit(self, incoming: ExpertKey, candidates: Set[ExpertKey], now: int) -> bool:
-        return bool(self._choose(self.kernel.admit, candidates, incoming, now))
+        return bool(self._choose(self.kernel.admit, candidates, incoming, now) != NONE)
 
 
 MT_WORDS = 625

@@ -10,9 +10,9 @@ Inference is compiled (`features` and `mlp`, numba: `harness.cache.jit`; no torc
 engine's hot path): the same functions build the training samples, score in the policy's kernel
 (`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
 runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU
-too, with a branch-free exp (`expf`) so that it vectorises, where libm's is one scalar call per value. The model
-file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors (loadable
-with `weights_only=True`).
+too, with a branch-free exp (`harness.cache.vmath.expf`) so that it vectorises, where libm's is one scalar call per
+value. The model file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors
+(loadable with `weights_only=True`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harness.cache.jit import njit
+from harness.cache.vmath import expf
 from harness.errors import HarnessError
 
 try:
@@ -49,62 +50,37 @@ def distance_cap(num_experts: int) -> int:
     return max(2, round(DISTANCE_FRACTION * num_experts))
 
 
+_ROW = types.float64[::1] if types else None
+_FEATURES_SIG = types.none(_ROW, _ROW, types.float64, types.int64, types.float32[::1]) if types else None
+
+
 @njit(
-    types.none(types.int64[:], types.float64[:], types.int64, types.float32[::1]) if types else None,
+    _FEATURES_SIG,
     cache=True,
     error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0)
 )
-def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
-    """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used."""
+def features_into(last: np.ndarray, freq: np.ndarray, top: float, now: int, x: np.ndarray) -> None:
+    """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used, `top` the
+    largest of `freq`. Contiguous float inputs and no branch, so that the loop vectorises (AVX2 converts no int64
+    to float); the values are those of integer last uses (every step below 2^53 is exact in float64)."""
     e = len(last)
-    top = freq.max()
     for i in range(e):
-        x[i] = 1.0 / max(now - last[i] + 1, 1) if last[i] >= 0 else 0.0
+        x[i] = 1.0 / max(now - last[i] + 1.0, 1.0) if last[i] >= 0 else 0.0
+    for i in range(e):
         x[e + i] = freq[i] / top if top > 0 else 0.0
 
 
 @njit(types.float32[::1](types.int64[:], types.float64[:], types.int64) if types else None, cache=True)
 def features(last: np.ndarray, freq: np.ndarray, now: int) -> np.ndarray:
-    """[2E] float32 features of one layer at step `now` (`features_into`)."""
+    """[2E] float32 features of one layer at step `now` (`features_into`) from integer last uses."""
     x = np.empty(2 * len(last), dtype=np.float32)
-    features_into(last, freq, now, x)
+    features_into(last.astype(np.float64), np.ascontiguousarray(freq), freq.max(), now, x)
     return x
 
 
 def block_floats(num_experts: int, hidden: int) -> int:
     """float32 values of one layer's network as `mlp` reads them (`LayerNet.flat`)."""
     return 2 * num_experts * hidden + hidden + hidden * hidden + hidden + hidden * num_experts + num_experts
-
-
-_LN2 = math.log(2.0)
-_LN2_HI = np.float32(_LN2 - _LN2 % 2.0**-12)
-"""ln 2 to 12 bits, so that n * _LN2_HI is exact in float32 for every |n| < 2^12 (Cody and Waite's range
-reduction); _LN2_LO the rest."""
-_LN2_LO = np.float32(_LN2 - float(_LN2_HI))
-_INV_LN2 = np.float32(1.0 / _LN2)
-_ROUND = np.float32(1.5 * 2.0**23)
-"""Adding it to a float32 of magnitude below 2^22 rounds it to an integer, held in the low mantissa bits."""
-_ROUND_BITS = int(_ROUND.view(np.int32))
-_EXP_LOW, _EXP_HIGH = np.float32(-87.0), np.float32(88.0)
-"""exp's input clamp: 2^n below stays a normal float32 (exp(88) = 1.7e38, exp(-87) = 1.7e-38)."""
-_TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
-
-
-@njit(types.float32(types.float32) if types else None, cache=True)
-def expf(t: np.float32) -> np.float32:
-    """exp(t) in float32 within 1 ulp, branch-free so that a loop over it vectorises (numba has no vector
-    exp here: libm's expf is one scalar call per value). t = n ln2 + r with |r| <= ln2 / 2; exp(r) = 1 + q,
-    q by the Taylor polynomial to degree 7 (truncation 5e-9 relative) in Estrin's form, 1 added last so
-    that q's rounding errors count at q's scale; 2^n from the exponent bits. t is clamped to [-87, 88]."""
-    t = np.float32(min(max(t, _EXP_LOW), _EXP_HIGH))
-    k = t * _INV_LN2 + _ROUND
-    n = k - _ROUND
-    r = (t - n * _LN2_HI) - n * _LN2_LO
-    c = _TAYLOR
-    r2 = r * r
-    q = r + r2 * (((c[2] + c[3] * r) + r2 * (c[4] + c[5] * r)) + (r2 * r2) * (c[6] + c[7] * r))
-    two_n = np.int32((np.float32(k).view(np.int32) - _ROUND_BITS + 127) << 23).view(np.float32)
-    return (np.float32(1.0) + q) * two_n
 
 
 @njit(cache=True, error_model="numpy")  # no ZeroDivisionError test (1 + exp >= 1): the loop vectorises

@@ -19,6 +19,7 @@ from harness.cache.compiled import (
     EXPERT,
     FIRST_COLUMN,
     LAYER,
+    NONE,
     VICTIM_SIG,
     CompiledAdmission,
     CompiledPolicy,
@@ -128,9 +129,9 @@ def _admit(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
+) -> int:
     farthest = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
-    return ki[incoming, NEXT] < ki[farthest, NEXT]
+    return farthest if ki[incoming, NEXT] < ki[farthest, NEXT] else NONE
 
 
 @register_policy

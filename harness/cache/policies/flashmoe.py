@@ -6,11 +6,12 @@ the candidate with the largest prediction leaves. It needs only the step's acces
 runs it as well as the simulator. Spec: `flashmoe:PATH` (a model file from `harness policy train`).
 
 Its decisions are compiled kernels (`harness.cache.compiled`) over rows for every (layer, expert) the
-model has, bound in that order when the policy is built (a key outside the model is refused): per key its
-last use and access count; per layer, in the float globals, the network's weights (`LayerNet.flat`, float32)
-and its last prediction, valid while the layer's step clock in the int globals says so (an access to the
-layer clears it). The network runs once per layer step that evicts, whatever the number of victims (they
-all read that prediction), as the paper's per-step inference. The live engine's hooks and the simulator's
+model has, bound in that order when the policy is built (a key outside the model is refused). The float globals
+hold per layer the network's weights (`LayerNet.flat`, float32), its last prediction, valid while the layer's
+step clock in the int globals says so (an access to the layer clears it), and its experts' last uses and access
+counts (contiguous, indexed by row: the features' loop vectorises) with the largest count. The network runs
+once per layer step that evicts, whatever the number of victims (they all read that prediction), as the paper's
+per-step inference. The live engine's hooks and the simulator's
 compiled replay call the same kernels.
 """
 
@@ -34,14 +35,13 @@ try:
 except ImportError:  # njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
-LAST, LAYER_INDEX = FIRST_COLUMN, FIRST_COLUMN + 1
-"""Int key columns: the last access (-1: none), the position of the key's layer among the model's layers."""
-FREQ = 0
-"""Float key column: accesses so far."""
-EXPERTS, BLOCK, PREDICTIONS, SCRATCH, PREDICTED = range(5)
+LAYER_INDEX = FIRST_COLUMN
+"""Int key column: the position of the key's layer among the model's layers."""
+EXPERTS, BLOCK, PREDICTIONS, LAST, FREQ, TOP, SCRATCH, PREDICTED = range(8)
 """Int globals: experts per layer, the float32 values of one layer's weights (`block_floats`, rounded up to
-even), where the predictions start in `gf`, where the network's scratch starts among the float32 values of
-`gf`, then per layer the step its prediction is for (_STALE: none)."""
+even), where in `gf` the predictions start (one per row), the last uses (one per row, -1: none), the access counts
+(one per row) and the largest count of each layer, where the network's scratch starts among the float32 values
+of `gf`, then per layer the step its prediction is for (_STALE: none)."""
 _STALE = -(1 << 62)
 PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
@@ -53,20 +53,25 @@ def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, laye
     network's scratch (`FlashMoE.globals_`)."""
     if g[PREDICTED + layer] == now:
         return
-    e, block, at, scratch = g[EXPERTS], g[BLOCK], g[PREDICTIONS] + layer * g[EXPERTS], g[SCRATCH]
+    e, block, scratch = g[EXPERTS], g[BLOCK], g[SCRATCH]
     first = layer * e  # the layer's rows: its experts in order
     floats = gf.view(np.float32)
     x = floats[scratch : scratch + 2 * e]
-    features_into(ki[first : first + e, LAST], kf[first : first + e, FREQ], now, x)
+    last, freq = gf[g[LAST] + first : g[LAST] + first + e], gf[g[FREQ] + first : g[FREQ] + first + e]
+    features_into(last, freq, gf[g[TOP] + layer], now, x)
+    at = g[PREDICTIONS] + first
     mlp(floats[layer * block : (layer + 1) * block], x, gf[at : at + e], floats[scratch + 2 * e :])
     g[PREDICTED + layer] = now
 
 
 @njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
-    ki[key, LAST] = now
-    kf[key, FREQ] += 1.0
-    g[PREDICTED + ki[key, LAYER_INDEX]] = _STALE
+    layer = ki[key, LAYER_INDEX]
+    gf[g[LAST] + key] = now
+    count = gf[g[FREQ] + key] + 1.0
+    gf[g[FREQ] + key] = count
+    gf[g[TOP] + layer] = max(gf[g[TOP] + layer], count)
+    g[PREDICTED + layer] = _STALE
 
 
 @njit(VICTIM_SIG, **KERNEL)
@@ -115,8 +120,7 @@ def load_model(path: str) -> FlashMoEModel:
 class FlashMoE(CompiledPolicy):
     name = "flashmoe"
     kernel = Kernel(access=_access, victim=_victim)
-    int_columns = (-1, 0)
-    float_columns = (0.0,)
+    int_columns = (0,)
     _bound: ClassVar[tuple[FlashMoEModel, BoundRows] | None] = None
     """The model last built on and the rows its keys got: the simulator builds a policy per layer and capacity on
     one model, and binding its keys is most of a policy's construction."""
@@ -137,8 +141,12 @@ class FlashMoE(CompiledPolicy):
     def globals_(self) -> tuple[list[int], np.ndarray]:
         e, weights, n = self.model.num_experts, self.model.packed, len(self.layers)
         scratch = 2 * e + scratch_floats(e, self.model.hidden)
-        ints = [e, 2 * len(weights) // n, len(weights), 2 * (len(weights) + n * e)] + [_STALE] * n
-        return ints, np.concatenate([weights, np.zeros(n * e + (scratch + 1) // 2)])
+        # After the weights: predictions, last uses (-1: none) and counts, n * e each, then the n largest counts.
+        rows = np.zeros((3, n * e))
+        rows[1] = -1.0
+        predictions, last, freq, top = (len(weights) + i * n * e for i in range(4))
+        ints = [e, 2 * len(weights) // n, predictions, last, freq, top, 2 * (top + n)] + [_STALE] * n
+        return ints, np.concatenate([weights, rows.ravel(), np.zeros(n), np.zeros((scratch + 1) // 2)])
 
     def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
         ki, kf = super().new_rows(keys)

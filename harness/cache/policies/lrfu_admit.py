@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, CompiledAdmission, Kernel, ranks_below
+from harness.cache.compiled import ADMIT_SIG, NONE, CompiledAdmission, Kernel, ranks_below
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lrfu import LAST, LRFU, SCORE, lrfu_access, lrfu_victim
 from harness.cache.registry import register_policy
@@ -32,11 +32,11 @@ def _admit(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
+) -> int:
     # The same ranking as the victim's, ties included: the incoming key was used at `now`, so on equal CRF it
     # ranks above every candidate (used before `now`) and is admitted.
     victim = lrfu_victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
-    return ranks_below(kf, ki, victim, incoming, SCORE, LAST)  # smaller (CRF, last access, key)
+    return victim if ranks_below(kf, ki, victim, incoming, SCORE, LAST) else NONE  # smaller (CRF, last use, key)
 
 
 @register_policy

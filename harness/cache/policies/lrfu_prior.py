@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.compiled import ADMIT_SIG, EXPERT, LAYER, NONE, VICTIM_SIG, CompiledAdmission, Kernel
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lrfu import DECAY, LAST, SCORE, lrfu_access
 from harness.cache.policies.static import load_profile
@@ -101,10 +101,10 @@ def _admit(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
+) -> int:
     # The incoming key was used at `now`: on an equal value it ranks above every candidate and is admitted.
     victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
-    return _rank(gf, ki, kf, victim, now) < _rank(gf, ki, kf, incoming, now)
+    return victim if _rank(gf, ki, kf, victim, now) < _rank(gf, ki, kf, incoming, now) else NONE
 
 
 @register_policy

@@ -26,11 +26,14 @@ predictions, whichever comes first (the same result either way: nothing in betwe
 Ties go to the less recent last use, then the smaller key. No future, no bytes: it runs live as in replay.
 
 The decisions are compiled kernels (`harness.cache.compiled`): the live engine's hooks and the simulator's
-compiled replay call the same functions. State: per layer a block of globals (`g`: step clocks, the number
-of experts seen, the first and last rows of the layer's experts; `gf`: the weights and the decayed step
-counts); per key a row (its layer's block, the next expert's row, last use, pending flag, recent-step
-indicators; decayed counts, their log-rates, the prediction, the profile feature). Every expert below a
-bound key's id gets a row too (`bind`), so a layer's experts form a list in id order for the SGD sweep.
+compiled replay call the same functions. State: per layer a block of int globals (`g`: step clocks, the
+number of experts seen and of them those predicted, where its floats start and for how many experts) and an
+area of `gf`: the weights, the decayed step counts and their logarithms, then a panel of per-expert columns,
+each one contiguous and indexed by expert id (decayed counts, log-rates, prediction, profile feature, last use,
+pending flag, recent-step indicators, the SGD's error), so that the per-step sweep over a layer's experts runs
+as SIMD loops (its exp and log: `harness.cache.vmath`). A key's row holds only its layer's block. A panel is
+allocated for the largest expert id bound in the layer, rounded up to `PANEL_ROUND`, and moved to a wider one
+(`bind`) when a larger id is bound.
 """
 
 from __future__ import annotations
@@ -47,17 +50,18 @@ from harness.cache.compiled import (
     EXPERT,
     FIRST_COLUMN,
     KEY_SIG,
+    LAYER,
     NONE,
     STATE,
     VICTIM_SIG,
     CompiledAdmission,
     Kernel,
-    ranks_below,
 )
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import register_policy
+from harness.cache.vmath import exp64, log64
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
 
@@ -76,7 +80,7 @@ LEARNING_RATE = 0.1
 """SGD step on the mean logistic-loss gradient of a layer's experts, per token step."""
 PRIOR_HITS, PRIOR_STEPS = 0.5, 5.0
 PROFILE_FLOOR = 1e-3
-_NEVER = -(1 << 40)  # last-use step of an expert never used: recency feature 1 / huge = 0
+_NEVER = -float(1 << 40)  # last-use step of an expert never used: recency feature 1 / huge = 0
 _UNSET = -(1 << 62)
 """A layer's pending or settled step where there is none."""
 
@@ -84,87 +88,139 @@ RATES = len(LAMBDAS)
 FEATURES = 1 + RATES + 1 + RECENT_STEPS + 1
 """Bias, log-rates, recency, recent-step indicators, profile."""
 
-# Key columns. Int: the layer's block, the row of the next expert of the layer (id order), the last use,
-# whether the key is needed at the layer's pending step, the recent-step indicators (1: needed k+1 steps ago).
-BLOCK, NEXT, LAST, PENDING, RECENT = range(FIRST_COLUMN, FIRST_COLUMN + 5)
-# Float: decayed counts per lambda, their log-rates (as of the layer's decayed step counts), the predicted
-# reuse logit (-inf until the first step learned after the key's expert joined the layer), the profile feature.
-CRF, RATE, SCORE, PROFILE = 0, RATES, 2 * RATES, 2 * RATES + 1
-# A layer's block: ints at g[BLOCK_INTS * b:], floats at gf[BLOCK_FLOATS * b:].
-PENDING_NOW, SETTLED_NOW, SIZE, SCORED, FIRST_ROW, TOP_ROW, BOUND_TOP = range(7)
-"""The step being accumulated, the last step learned from, the experts seen (and of them, those predicted at
-the last step learned from), the rows of expert 0 and of expert SIZE - 1, and the row of the largest expert
-id bound (where the next bound expert is linked)."""
-BLOCK_INTS = 7
-WEIGHTS, STEPS, GRADIENT, DECAYS = 0, FEATURES, FEATURES + RATES, 2 * FEATURES + RATES
-"""A layer's floats: its weights, decayed step counts, and `settle`'s scratch (the gradient, the step's decays)."""
-BLOCK_FLOATS = 2 * FEATURES + 2 * RATES
+BLOCK = FIRST_COLUMN
+"""The key's one own column: its layer's block."""
+PENDING_NOW, SETTLED_NOW, SIZE, SCORED, AREA, WIDTH = range(6)
+"""A layer's int globals, at g[BLOCK_INTS * block:]: the step being accumulated, the last step learned from, the
+experts seen (and of them, those predicted at the last step learned from), where the layer's floats start in `gf`
+and the experts its panel has room for."""
+BLOCK_INTS = 6
+WEIGHTS, STEPS, LOG_STEPS = 0, FEATURES, FEATURES + RATES
+"""A layer's floats, from gf[AREA]: its weights, decayed step counts, log(decayed step count + PRIOR_STEPS)."""
+HEAD = FEATURES + 2 * RATES
+"""Where the layer's panel starts in its floats."""
+CRF, RATE = 0, RATES
+"""Panel columns (each WIDTH long, indexed by expert id): decayed counts per lambda, their log-rates (as of the
+layer's decayed step counts), the predicted reuse logit (-inf until the first step learned after the expert
+joined the layer), the profile feature, the last use (_NEVER: none), whether the expert is needed at the pending
+step (0 or 1), the recent-step indicators (1: needed k + 1 steps ago), the SGD's per-expert error (scratch)."""
+SCORE, PROFILE, LAST, PENDING = 2 * RATES, 2 * RATES + 1, 2 * RATES + 2, 2 * RATES + 3
+RECENT = PENDING + 1
+ERROR = RECENT + RECENT_STEPS
+COLUMNS = ERROR + 1
+PANEL_ROUND = 8
+"""A panel's width is a multiple of it (whole SIMD vectors per column)."""
 
 BLOCK_SIG: Any = types.none(*STATE, types.int64) if types is not None else None
 LEARN_SIG: Any = types.none(*STATE, types.int64[:], types.int64[:]) if types is not None else None
 
 
 @njit(**KERNEL, inline="always")
-def _logit(gf: np.ndarray, weights: int, ki: np.ndarray, kf: np.ndarray, row: int, now: int) -> float:
-    """The weights at gf[weights:] times the features of key `row` at step `now` (its log-rates as stored)."""
-    z = gf[weights]
+def _column(gf: np.ndarray, g: np.ndarray, at: int, column: int, n: int) -> np.ndarray:
+    """The first n values of panel column `column` of the layer whose int globals start at g[at:]."""
+    start = g[at + AREA] + HEAD + column * g[at + WIDTH]
+    return gf[start : start + n]
+
+
+@njit(**KERNEL, inline="always")
+def _logits(gf: np.ndarray, g: np.ndarray, at: int, first: int, size: int, now: int, out: np.ndarray) -> None:
+    """out[e - first] = the layer's weights times the features of expert e at step `now`, for first <= e < size
+    (its log-rates as stored)."""
+    w = gf[g[at + AREA] + WEIGHTS : g[at + AREA] + WEIGHTS + FEATURES]
+    last = _column(gf, g, at, LAST, size)
+    profile = _column(gf, g, at, PROFILE, size)
+    for e in range(first, size):
+        out[e - first] = w[0]
     for i in range(RATES):
-        z += kf[row, RATE + i] * gf[weights + 1 + i]
-    z += (1.0 / max(now - ki[row, LAST], 1)) * gf[weights + 1 + RATES]
+        rate, wi = _column(gf, g, at, RATE + i, size), w[1 + i]
+        for e in range(first, size):
+            out[e - first] += rate[e] * wi
+    wr = w[1 + RATES]
+    for e in range(first, size):
+        out[e - first] += (1.0 / max(now - last[e], 1.0)) * wr
     for k in range(RECENT_STEPS):
-        z += ki[row, RECENT + k] * gf[weights + 2 + RATES + k]
-    return z + kf[row, PROFILE] * gf[weights + FEATURES - 1]
+        recent, wk = _column(gf, g, at, RECENT + k, size), w[2 + RATES + k]
+        for e in range(first, size):
+            out[e - first] += recent[e] * wk
+    wp = w[FEATURES - 1]
+    for e in range(first, size):
+        out[e - first] += profile[e] * wp
+
+
+@njit(**KERNEL, inline="always")
+def _dot(a: np.ndarray, b: np.ndarray, n: int) -> float:
+    """sum(a[:n] * b[:n]) in four interleaved partial sums (four independent chains of additions, which also
+    vectorise): a fixed order, the same on every machine."""
+    s0 = s1 = s2 = s3 = 0.0
+    quads = n - n % 4
+    for e in range(0, quads, 4):
+        s0 += a[e] * b[e]
+        s1 += a[e + 1] * b[e + 1]
+        s2 += a[e + 2] * b[e + 2]
+        s3 += a[e + 3] * b[e + 3]
+    for e in range(quads, n):
+        s0 += a[e] * b[e]
+    return (s0 + s1) + (s2 + s3)
 
 
 @njit(BLOCK_SIG, **KERNEL, inline="always")
 def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block: int) -> None:
     """Learn from the layer's pending step (its experts are the positives), then add it to the history and
     predict every expert's reuse at the next step. Inlined where it is called."""
-    at, fat = BLOCK_INTS * block, BLOCK_FLOATS * block
+    at = BLOCK_INTS * block
     now = g[at + PENDING_NOW]
     if now == _UNSET:
         return
     size = g[at + SIZE]
     settled = g[at + SETTLED_NOW]
+    area = g[at + AREA]
     # The prediction made at the last step learned from is this step's logit (same weights and features)
     # where this step is the next one; experts seen since have none.
     predicted = g[at + SCORED] if settled != _UNSET and now == settled + 1 else 0
-    w, grad = fat + WEIGHTS, fat + GRADIENT
-    for j in range(FEATURES):
-        gf[grad + j] = 0.0
-    row = g[at + FIRST_ROW]
+    score, pending = _column(gf, g, at, SCORE, size), _column(gf, g, at, PENDING, size)
+    error = _column(gf, g, at, ERROR, size)
+    for e in range(predicted):
+        error[e] = score[e]
+    _logits(gf, g, at, predicted, size, now, error[predicted:])
     for e in range(size):
-        z = kf[row, SCORE] if e < predicted else _logit(gf, w, ki, kf, row, now)
-        err = ki[row, PENDING] - 1.0 / (1.0 + math.exp(-z))
-        gf[grad] += err
-        for i in range(RATES):
-            gf[grad + 1 + i] += kf[row, RATE + i] * err
-        gf[grad + 1 + RATES] += (1.0 / max(now - ki[row, LAST], 1)) * err
-        for k in range(RECENT_STEPS):
-            gf[grad + 2 + RATES + k] += ki[row, RECENT + k] * err
-        gf[grad + FEATURES - 1] += kf[row, PROFILE] * err
-        row = ki[row, NEXT]
-    for j in range(FEATURES):
-        gf[w + j] += LEARNING_RATE * gf[grad + j] / size
-    steps = fat + STEPS
+        error[e] = pending[e] - 1.0 / (1.0 + exp64(-error[e]))
+    # One SGD step on the mean gradient: the error times each feature, summed over the layer's experts.
+    w = gf[area + WEIGHTS : area + WEIGHTS + FEATURES]
+    last = _column(gf, g, at, LAST, size)
+    recency = 0.0
+    for e in range(size):
+        recency += (1.0 / max(now - last[e], 1.0)) * error[e]
+    gradient_bias = 0.0
+    for e in range(size):
+        gradient_bias += error[e]
+    w[0] += LEARNING_RATE * gradient_bias / size
     for i in range(RATES):
-        gf[fat + DECAYS + i] = np.exp2(-LAMBDAS[i] * (now - settled)) if settled != _UNSET else 1.0
-        gf[steps + i] = gf[steps + i] * gf[fat + DECAYS + i] + 1.0
-    row = g[at + FIRST_ROW]
-    for _ in range(size):
-        needed = ki[row, PENDING]
-        for i in range(RATES):
-            crf = kf[row, CRF + i] * gf[fat + DECAYS + i] + needed
-            kf[row, CRF + i] = crf
-            kf[row, RATE + i] = math.log((crf + PRIOR_HITS) / (gf[steps + i] + PRIOR_STEPS))
-        if needed:
-            ki[row, LAST] = now
-        for k in range(RECENT_STEPS - 1, 0, -1):
-            ki[row, RECENT + k] = ki[row, RECENT + k - 1]
-        ki[row, RECENT] = needed
-        ki[row, PENDING] = 0
-        kf[row, SCORE] = _logit(gf, w, ki, kf, row, now + 1)
-        row = ki[row, NEXT]
+        w[1 + i] += LEARNING_RATE * _dot(_column(gf, g, at, RATE + i, size), error, size) / size
+    w[1 + RATES] += LEARNING_RATE * recency / size
+    for k in range(RECENT_STEPS):
+        w[2 + RATES + k] += LEARNING_RATE * _dot(_column(gf, g, at, RECENT + k, size), error, size) / size
+    w[FEATURES - 1] += LEARNING_RATE * _dot(_column(gf, g, at, PROFILE, size), error, size) / size
+    # The step joins the history: decayed counts and their log-rates, last uses, recent-step indicators.
+    for i in range(RATES):
+        decay = np.exp2(-LAMBDAS[i] * (now - settled)) if settled != _UNSET else 1.0
+        steps = gf[area + STEPS + i] * decay + 1.0
+        gf[area + STEPS + i] = steps
+        log_steps = math.log(steps + PRIOR_STEPS)
+        gf[area + LOG_STEPS + i] = log_steps
+        crf, rate = _column(gf, g, at, CRF + i, size), _column(gf, g, at, RATE + i, size)
+        for e in range(size):
+            count = crf[e] * decay + pending[e]
+            crf[e] = count
+            rate[e] = log64(count + PRIOR_HITS) - log_steps
+    for e in range(size):
+        last[e] = now if pending[e] != 0.0 else last[e]
+    for k in range(RECENT_STEPS - 1, -1, -1):  # each indicator a step older; the column before RECENT is PENDING
+        recent, newer = _column(gf, g, at, RECENT + k, size), _column(gf, g, at, RECENT + k - 1, size)
+        for e in range(size):
+            recent[e] = newer[e]
+    for e in range(size):
+        pending[e] = 0.0
+    _logits(gf, g, at, 0, size, now + 1, score)
     g[at + SETTLED_NOW] = now
     g[at + SCORED] = size
     g[at + PENDING_NOW] = _UNSET
@@ -173,17 +229,16 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
 @njit(KEY_SIG, **KERNEL)
 def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """The key's expert and every smaller id join the layer's experts (never used, no prediction yet)."""
-    at, fat = BLOCK_INTS * ki[key, BLOCK], BLOCK_FLOATS * ki[key, BLOCK]
-    size = g[at + SIZE]
-    if ki[key, EXPERT] < size:
+    at = BLOCK_INTS * ki[key, BLOCK]
+    size, top = g[at + SIZE], ki[key, EXPERT] + 1
+    if top <= size:
         return
-    row = g[at + TOP_ROW]
-    for e in range(size, ki[key, EXPERT] + 1):
-        row = g[at + FIRST_ROW] if e == 0 else ki[row, NEXT]
-        for i in range(RATES):
-            kf[row, RATE + i] = math.log((kf[row, CRF + i] + PRIOR_HITS) / (gf[fat + STEPS + i] + PRIOR_STEPS))
-    g[at + TOP_ROW] = row
-    g[at + SIZE] = ki[key, EXPERT] + 1
+    for i in range(RATES):
+        crf, rate = _column(gf, g, at, CRF + i, top), _column(gf, g, at, RATE + i, top)
+        log_steps = gf[g[at + AREA] + LOG_STEPS + i]
+        for e in range(size, top):
+            rate[e] = log64(crf[e] + PRIOR_HITS) - log_steps
+    g[at + SIZE] = top
 
 
 @njit(ACCESS_SIG, **KERNEL)
@@ -192,8 +247,28 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     if g[at + PENDING_NOW] != now:
         settle(g, gf, ki, kf, ki[key, BLOCK])
     _grow(g, gf, ki, kf, key, now)
-    ki[key, PENDING] = 1
+    _column(gf, g, at, PENDING, ki[key, EXPERT] + 1)[ki[key, EXPERT]] = 1.0
     g[at + PENDING_NOW] = now
+
+
+@njit(**KERNEL, inline="always")
+def _standing(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, key: int) -> tuple[float, float]:
+    """The key's predicted reuse and last use, the first two places of the eviction order."""
+    at = BLOCK_INTS * ki[key, BLOCK]
+    start, width = g[at + AREA] + HEAD + ki[key, EXPERT], g[at + WIDTH]
+    return gf[start + SCORE * width], gf[start + LAST * width]
+
+
+@njit(**KERNEL, inline="always")
+def _below(
+    score: float, last: float, key: int, other_score: float, other_last: float, other: int, ki: np.ndarray
+) -> bool:
+    """(score, last use, layer, expert) of `key` is smaller than of `other`: the order in which keys leave."""
+    if score != other_score:
+        return score < other_score
+    if last != other_last:
+        return last < other_last
+    return (ki[key, LAYER], ki[key, EXPERT]) < (ki[other, LAYER], ki[other, EXPERT])
 
 
 @njit(VICTIM_SIG, **KERNEL)
@@ -210,13 +285,14 @@ def _victim(
 ) -> int:
     """The candidate of lowest predicted reuse, each layer's pending step learned first."""
     settle(g, gf, ki, kf, ki[incoming, BLOCK])
-    best = -1
+    best, best_score, best_last = NONE, 0.0, 0.0
     for key in resident:
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
-            if best < 0 or ranks_below(kf, ki, key, best, SCORE, LAST):
-                best = key
+            score, last = _standing(g, gf, ki, key)
+            if best == NONE or _below(score, last, key, best_score, best_last, best, ki):
+                best, best_score, best_last = key, score, last
     return best
 
 
@@ -231,9 +307,12 @@ def _admit(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
+) -> int:
     """The miss goes in where its predicted reuse ranks above the would-be victim's."""
-    return ranks_below(kf, ki, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now), incoming, SCORE, LAST)
+    victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
+    score, last = _standing(g, gf, ki, victim)
+    incoming_score, incoming_last = _standing(g, gf, ki, incoming)
+    return victim if _below(score, last, victim, incoming_score, incoming_last, incoming, ki) else NONE
 
 
 @njit(LEARN_SIG, **KERNEL)
@@ -264,8 +343,7 @@ class ReuseLogit(CompiledAdmission):
     name = "reuse-logit"
     profiled = True
     kernel = Kernel(access=_access, insert=_grow, victim=_victim, admit=_admit)
-    int_columns = (NONE, NONE, _NEVER, 0) + (0,) * RECENT_STEPS
-    float_columns = (0.0,) * (2 * RATES) + (-math.inf, 0.0)
+    int_columns = (NONE,)
 
     def __init__(self, capacity: int, seed: int = 0, profile: FrequencyProfile | None = None) -> None:
         self.profile = profile
@@ -283,36 +361,52 @@ class ReuseLogit(CompiledAdmission):
         return cls(capacity, seed, profile)
 
     def bind(self, keys: list[ExpertKey]) -> np.ndarray:
-        """Rows of `keys`; a new key's layer gets experts 0 .. its id (a block first, for a new layer),
-        linked in id order."""
-        index = self.index
+        """Rows of `keys`; a new key's layer gets a block (a new layer) or a panel wide enough for its id."""
         top: dict[int, int] = {}
         for layer, expert in keys:
-            if (layer, expert) not in index:
+            if (layer, expert) not in self.index:
                 if expert < 0:
                     raise HarnessError(f"{self.name}: negative expert id {expert}")
                 top[layer] = max(top.get(layer, -1), expert)
-        if top:
-            for layer in top:
-                if layer not in self.blocks:
-                    self._add_block(layer)
-            dense = [(layer, e) for layer in sorted(top) for e in range(top[layer] + 1) if (layer, e) not in index]
-            rows = super().bind(dense)
-            for (layer, _), row in zip(dense, rows.tolist(), strict=True):
-                at = BLOCK_INTS * self.blocks[layer]
-                if self.g[at + BOUND_TOP] == NONE:
-                    self.g[at + FIRST_ROW] = row
-                else:
-                    self.ki[self.g[at + BOUND_TOP], NEXT] = row
-                self.g[at + BOUND_TOP] = row
+        for layer, expert in top.items():
+            if layer not in self.blocks:
+                self._add_block(layer, expert + 1)
+            elif expert >= self.g[BLOCK_INTS * self.blocks[layer] + WIDTH]:
+                self._widen(layer, expert + 1)
         return super().bind(keys)
 
-    def _add_block(self, layer: int) -> None:
+    def _panel(self, layer: int, width: int) -> np.ndarray:
+        """A fresh panel [COLUMNS, width]: experts never used, no prediction, their profile feature."""
+        panel = np.zeros((COLUMNS, width))
+        panel[SCORE] = -math.inf
+        panel[LAST] = _NEVER
+        if self.profile is not None:
+            rates = np.array([self.profile.rate((layer, e)) for e in range(width)], dtype=np.float64)
+            panel[PROFILE] = np.log(np.maximum(rates, PROFILE_FLOOR))
+        return panel
+
+    def _add_block(self, layer: int, experts: int) -> None:
         self.blocks[layer] = len(self.blocks)
-        ints = np.array([_UNSET, _UNSET, 0, 0, NONE, NONE, NONE], dtype=np.int64)
-        floats = np.concatenate([self._warm_weights(layer), np.zeros(BLOCK_FLOATS - FEATURES)])
+        width = -(-experts // PANEL_ROUND) * PANEL_ROUND
+        head = np.concatenate([self._warm_weights(layer), np.zeros(RATES), np.full(RATES, math.log(PRIOR_STEPS))])
+        ints = np.array([_UNSET, _UNSET, 0, 0, len(self.gf), width], dtype=np.int64)
         self.g = np.concatenate([self.g, ints])
-        self.gf = np.concatenate([self.gf, floats])
+        self.gf = np.concatenate([self.gf, head, self._panel(layer, width).ravel()])
+
+    def _widen(self, layer: int, experts: int) -> None:
+        """Move the layer's floats to the end of `gf` with a panel for `experts` at least (twice its width at
+        least, so that a live run's ids found one by one move it a few times only), the rest of `gf` closing up."""
+        at = BLOCK_INTS * self.blocks[layer]
+        area, width = int(self.g[at + AREA]), int(self.g[at + WIDTH])
+        wider = -(-max(experts, 2 * width) // PANEL_ROUND) * PANEL_ROUND
+        panel = self._panel(layer, wider)
+        panel[:, :width] = self.gf[area + HEAD : area + HEAD + COLUMNS * width].reshape(COLUMNS, width)
+        end = area + HEAD + COLUMNS * width
+        moved = np.concatenate([self.gf[:area], self.gf[end:], self.gf[area : area + HEAD], panel.ravel()])
+        blocks = self.g[: BLOCK_INTS * len(self.blocks)].reshape(-1, BLOCK_INTS)
+        blocks[blocks[:, AREA] > area, AREA] -= end - area
+        self.g[at + AREA], self.g[at + WIDTH] = len(self.gf) - (end - area), wider
+        self.gf = moved
 
     def _warm_weights(self, layer: int) -> np.ndarray:
         """The layer's starting weights: learned on the profile's steps of the layer where it has them, by a
@@ -338,15 +432,27 @@ class ReuseLogit(CompiledAdmission):
     def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
         ki, kf = super().new_rows(keys)
         ki[:, BLOCK] = [self.blocks[layer] for layer, _ in keys]
-        if self.profile is not None:
-            rates = np.array([self.profile.rate(key) for key in keys], dtype=np.float64)
-            kf[:, PROFILE] = np.log(np.maximum(rates, PROFILE_FLOOR))
         return ki, kf
+
+    def _area(self, layer: int) -> tuple[int, int]:
+        at = BLOCK_INTS * self.blocks[layer]
+        return int(self.g[at + AREA]), int(self.g[at + WIDTH])
 
     def weights(self, layer: int) -> np.ndarray:
         """A copy of the layer's current weights (bias, log-rates, recency, recent steps, profile)."""
-        at = BLOCK_FLOATS * self.blocks[layer] + WEIGHTS
-        return self.gf[at : at + FEATURES].copy()
+        area, _ = self._area(layer)
+        return self.gf[area + WEIGHTS : area + WEIGHTS + FEATURES].copy()
+
+    def decayed_steps(self, layer: int) -> np.ndarray:
+        """A copy of the layer's decayed step counts, one per lambda."""
+        area, _ = self._area(layer)
+        return self.gf[area + STEPS : area + STEPS + RATES].copy()
+
+    def panel(self, layer: int) -> np.ndarray:
+        """A copy of the layer's per-expert columns [COLUMNS, experts seen] (`CRF`, `RATE`, ... `ERROR`)."""
+        area, width = self._area(layer)
+        size = int(self.g[BLOCK_INTS * self.blocks[layer] + SIZE])
+        return self.gf[area + HEAD : area + HEAD + COLUMNS * width].reshape(COLUMNS, width)[:, :size].copy()
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.profile)  # type: ignore[misc]

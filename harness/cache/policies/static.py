@@ -22,7 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, LAYER, VICTIM_SIG, CompiledAdmission, Kernel
+from harness.cache.compiled import (
+    ADMIT_SIG,
+    EXPERT,
+    FIRST_COLUMN,
+    LAYER,
+    NONE,
+    VICTIM_SIG,
+    CompiledAdmission,
+    Kernel,
+)
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.profile import FrequencyProfile
@@ -71,8 +80,9 @@ def _admit(
     tag: int,
     incoming: int,
     now: int,
-) -> bool:
-    return _rank(ki, incoming) < _rank(ki, _victim(g, gf, ki, kf, resident, mark, tag, incoming, now))
+) -> int:
+    victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
+    return victim if _rank(ki, incoming) < _rank(ki, victim) else NONE
 
 
 class _StaticRanked(CompiledAdmission):
