@@ -50,8 +50,8 @@ def distance_cap(num_experts: int) -> int:
     return max(2, round(DISTANCE_FRACTION * num_experts))
 
 
-_ROW = types.float64[::1] if types else None
-_FEATURES_SIG = types.none(_ROW, _ROW, types.float64, types.int64, types.float32[::1]) if types else None
+_ROW: Any = types.float64[::1] if types else None
+_FEATURES_SIG: Any = types.none(_ROW, _ROW, types.float64, types.int64, types.float32[::1]) if types else None
 
 
 @njit(
