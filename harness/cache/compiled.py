@@ -110,16 +110,20 @@ def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
     ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
 
 
+@njit(**KERNEL, inline="always")
+def ranks_below_by(
+    score: float, last: float, a: int, other_score: float, other_last: float, b: int, ki: np.ndarray
+) -> bool:
+    """Key `a`, of value `score` and last use `last`, ranks below key `b`: smaller (value, last use, layer, expert),
+    the order of every policy that evicts by a value with recency, then the key, as tie-breaks. For a policy that
+    keeps the value and the last use elsewhere than in key columns (`ranks_below`)."""
+    return (score, last, ki[a, LAYER], ki[a, EXPERT]) < (other_score, other_last, ki[b, LAYER], ki[b, EXPERT])
+
+
 @njit(**KERNEL)
 def ranks_below(kf: np.ndarray, ki: np.ndarray, a: int, b: int, score: int, last: int) -> bool:
-    """Key `a` ranks below key `b`: smaller (float column `score`, int column `last`, layer, expert), the order
-    of every policy that evicts by a value with recency, then the key, as tie-breaks."""
-    return (kf[a, score], ki[a, last], ki[a, LAYER], ki[a, EXPERT]) < (
-        kf[b, score],
-        ki[b, last],
-        ki[b, LAYER],
-        ki[b, EXPERT],
-    )
+    """`ranks_below_by` with the value in float column `score` and the last use in int column `last`."""
+    return ranks_below_by(kf[a, score], ki[a, last], a, kf[b, score], ki[b, last], b, ki)
 
 
 @njit(ADMIT_SIG, **KERNEL)

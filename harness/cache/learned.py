@@ -51,7 +51,7 @@ def distance_cap(num_experts: int) -> int:
 
 
 _ROW: Any = types.float64[::1] if types else None
-_FEATURES_SIG: Any = types.none(_ROW, _ROW, types.float64, types.int64, types.float32[::1]) if types else None
+_FEATURES_SIG: Any = types.none(_ROW, _ROW, types.int64, types.float32[::1]) if types else None
 
 
 @njit(
@@ -59,11 +59,12 @@ _FEATURES_SIG: Any = types.none(_ROW, _ROW, types.float64, types.int64, types.fl
     cache=True,
     error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0)
 )
-def features_into(last: np.ndarray, freq: np.ndarray, top: float, now: int, x: np.ndarray) -> None:
-    """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used, `top` the
-    largest of `freq`. Contiguous float inputs and no branch, so that the loop vectorises (AVX2 converts no int64
-    to float); the values are those of integer last uses (every step below 2^53 is exact in float64)."""
+def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
+    """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used.
+    Contiguous float inputs and no branch, so that the loops vectorise (AVX2 converts no int64 to float); the
+    values are those of integer last uses (every step below 2^53 is exact in float64)."""
     e = len(last)
+    top = freq.max()
     for i in range(e):
         x[i] = 1.0 / max(now - last[i] + 1.0, 1.0) if last[i] >= 0 else 0.0
     for i in range(e):
@@ -74,7 +75,7 @@ def features_into(last: np.ndarray, freq: np.ndarray, top: float, now: int, x: n
 def features(last: np.ndarray, freq: np.ndarray, now: int) -> np.ndarray:
     """[2E] float32 features of one layer at step `now` (`features_into`) from integer last uses."""
     x = np.empty(2 * len(last), dtype=np.float32)
-    features_into(last.astype(np.float64), np.ascontiguousarray(freq), freq.max(), now, x)
+    features_into(last.astype(np.float64), np.ascontiguousarray(freq), now, x)
     return x
 
 

@@ -9,10 +9,9 @@ Its decisions are compiled kernels (`harness.cache.compiled`) over rows for ever
 model has, bound in that order when the policy is built (a key outside the model is refused). The float globals
 hold per layer the network's weights (`LayerNet.flat`, float32), its last prediction, valid while the layer's
 step clock in the int globals says so (an access to the layer clears it), and its experts' last uses and access
-counts (contiguous, indexed by row: the features' loop vectorises) with the largest count. The network runs
-once per layer step that evicts, whatever the number of victims (they all read that prediction), as the paper's
-per-step inference. The live engine's hooks and the simulator's
-compiled replay call the same kernels.
+counts (contiguous, indexed by row: the features' loop vectorises). The network runs once per layer step that
+evicts, whatever the number of victims (they all read that prediction), as the paper's per-step inference. The
+live engine's hooks and the simulator's compiled replay call the same kernels.
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ except ImportError:  # njit is the identity (harness.cache.jit)
 
 LAYER_INDEX = FIRST_COLUMN
 """Int key column: the position of the key's layer among the model's layers."""
-EXPERTS, BLOCK, PREDICTIONS, LAST, FREQ, TOP, SCRATCH, PREDICTED = range(8)
+EXPERTS, BLOCK, PREDICTIONS, LAST, FREQ, SCRATCH, PREDICTED = range(7)
 """Int globals: experts per layer, the float32 values of one layer's weights (`block_floats`, rounded up to
-even), where in `gf` the predictions start (one per row), the last uses (one per row, -1: none), the access counts
-(one per row) and the largest count of each layer, where the network's scratch starts among the float32 values
-of `gf`, then per layer the step its prediction is for (_STALE: none)."""
+even), where in `gf` the predictions, the last uses (-1: none) and the access counts start (one per row each),
+where the network's scratch starts among the float32 values of `gf`, then per layer the step its prediction is
+for (_STALE: none)."""
 _STALE = -(1 << 62)
 PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
@@ -58,7 +57,7 @@ def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, laye
     floats = gf.view(np.float32)
     x = floats[scratch : scratch + 2 * e]
     last, freq = gf[g[LAST] + first : g[LAST] + first + e], gf[g[FREQ] + first : g[FREQ] + first + e]
-    features_into(last, freq, gf[g[TOP] + layer], now, x)
+    features_into(last, freq, now, x)
     at = g[PREDICTIONS] + first
     mlp(floats[layer * block : (layer + 1) * block], x, gf[at : at + e], floats[scratch + 2 * e :])
     g[PREDICTED + layer] = now
@@ -66,12 +65,9 @@ def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, laye
 
 @njit(ACCESS_SIG, **KERNEL)
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
-    layer = ki[key, LAYER_INDEX]
     gf[g[LAST] + key] = now
-    count = gf[g[FREQ] + key] + 1.0
-    gf[g[FREQ] + key] = count
-    gf[g[TOP] + layer] = max(gf[g[TOP] + layer], count)
-    g[PREDICTED + layer] = _STALE
+    gf[g[FREQ] + key] += 1.0
+    g[PREDICTED + ki[key, LAYER_INDEX]] = _STALE
 
 
 @njit(VICTIM_SIG, **KERNEL)
@@ -141,12 +137,12 @@ class FlashMoE(CompiledPolicy):
     def globals_(self) -> tuple[list[int], np.ndarray]:
         e, weights, n = self.model.num_experts, self.model.packed, len(self.layers)
         scratch = 2 * e + scratch_floats(e, self.model.hidden)
-        # After the weights: predictions, last uses (-1: none) and counts, n * e each, then the n largest counts.
+        # After the weights: predictions, last uses (-1: none) and counts, n * e each, then the scratch.
         rows = np.zeros((3, n * e))
         rows[1] = -1.0
-        predictions, last, freq, top = (len(weights) + i * n * e for i in range(4))
-        ints = [e, 2 * len(weights) // n, predictions, last, freq, top, 2 * (top + n)] + [_STALE] * n
-        return ints, np.concatenate([weights, rows.ravel(), np.zeros(n), np.zeros((scratch + 1) // 2)])
+        predictions, last, freq, end = (len(weights) + i * n * e for i in range(4))
+        ints = [e, 2 * len(weights) // n, predictions, last, freq, 2 * end] + [_STALE] * n
+        return ints, np.concatenate([weights, rows.ravel(), np.zeros((scratch + 1) // 2)])
 
     def new_rows(self, keys: list[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
         ki, kf = super().new_rows(keys)

@@ -10,16 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import (
-    ACCESS_SIG,
-    EXPERT,
-    FIRST_COLUMN,
-    KEY_SIG,
-    LAYER,
-    VICTIM_SIG,
-    CompiledPolicy,
-    Kernel,
-)
+from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, KEY_SIG, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
 from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError

@@ -28,7 +28,7 @@ Ties go to the less recent last use, then the smaller key. No future, no bytes: 
 The decisions are compiled kernels (`harness.cache.compiled`): the live engine's hooks and the simulator's
 compiled replay call the same functions. State: per layer a block of int globals (`g`: step clocks, the
 number of experts seen and of them those predicted, where its floats start and for how many experts) and an
-area of `gf`: the weights, the decayed step counts and their logarithms, then a panel of per-expert columns,
+area of `gf`: the weights, the decayed step counts, then a panel of per-expert columns,
 each one contiguous and indexed by expert id (decayed counts, log-rates, prediction, profile feature, last use,
 pending flag, recent-step indicators, the SGD's error), so that the per-step sweep over a layer's experts runs
 as SIMD loops (its exp and log: `harness.cache.vmath`). A key's row holds only its layer's block. A panel is
@@ -50,12 +50,12 @@ from harness.cache.compiled import (
     EXPERT,
     FIRST_COLUMN,
     KEY_SIG,
-    LAYER,
     NONE,
     STATE,
     VICTIM_SIG,
     CompiledAdmission,
     Kernel,
+    ranks_below_by,
 )
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.static import load_profile
@@ -95,9 +95,9 @@ PENDING_NOW, SETTLED_NOW, SIZE, SCORED, AREA, WIDTH = range(6)
 experts seen (and of them, those predicted at the last step learned from), where the layer's floats start in `gf`
 and the experts its panel has room for."""
 BLOCK_INTS = 6
-WEIGHTS, STEPS, LOG_STEPS = 0, FEATURES, FEATURES + RATES
-"""A layer's floats, from gf[AREA]: its weights, decayed step counts, log(decayed step count + PRIOR_STEPS)."""
-HEAD = FEATURES + 2 * RATES
+WEIGHTS, STEPS = 0, FEATURES
+"""A layer's floats, from gf[AREA]: its weights, its decayed step counts (one per lambda)."""
+HEAD = FEATURES + RATES
 """Where the layer's panel starts in its floats."""
 CRF, RATE = 0, RATES
 """Panel columns (each WIDTH long, indexed by expert id): decayed counts per lambda, their log-rates (as of the
@@ -206,7 +206,6 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
         steps = gf[area + STEPS + i] * decay + 1.0
         gf[area + STEPS + i] = steps
         log_steps = math.log(steps + PRIOR_STEPS)
-        gf[area + LOG_STEPS + i] = log_steps
         crf, rate = _column(gf, g, at, CRF + i, size), _column(gf, g, at, RATE + i, size)
         for e in range(size):
             count = crf[e] * decay + pending[e]
@@ -235,7 +234,7 @@ def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: in
         return
     for i in range(RATES):
         crf, rate = _column(gf, g, at, CRF + i, top), _column(gf, g, at, RATE + i, top)
-        log_steps = gf[g[at + AREA] + LOG_STEPS + i]
+        log_steps = math.log(gf[g[at + AREA] + STEPS + i] + PRIOR_STEPS)
         for e in range(size, top):
             rate[e] = log64(crf[e] + PRIOR_HITS) - log_steps
     g[at + SIZE] = top
@@ -253,22 +252,10 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
 
 @njit(**KERNEL, inline="always")
 def _standing(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, key: int) -> tuple[float, float]:
-    """The key's predicted reuse and last use, the first two places of the eviction order."""
+    """The key's predicted reuse and last use, the first two places of the eviction order (`ranks_below_by`)."""
     at = BLOCK_INTS * ki[key, BLOCK]
     start, width = g[at + AREA] + HEAD + ki[key, EXPERT], g[at + WIDTH]
     return gf[start + SCORE * width], gf[start + LAST * width]
-
-
-@njit(**KERNEL, inline="always")
-def _below(
-    score: float, last: float, key: int, other_score: float, other_last: float, other: int, ki: np.ndarray
-) -> bool:
-    """(score, last use, layer, expert) of `key` is smaller than of `other`: the order in which keys leave."""
-    if score != other_score:
-        return score < other_score
-    if last != other_last:
-        return last < other_last
-    return (ki[key, LAYER], ki[key, EXPERT]) < (ki[other, LAYER], ki[other, EXPERT])
 
 
 @njit(VICTIM_SIG, **KERNEL)
@@ -291,7 +278,7 @@ def _victim(
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
             score, last = _standing(g, gf, ki, key)
-            if best == NONE or _below(score, last, key, best_score, best_last, best, ki):
+            if best == NONE or ranks_below_by(score, last, key, best_score, best_last, best, ki):
                 best, best_score, best_last = key, score, last
     return best
 
@@ -312,7 +299,7 @@ def _admit(
     victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
     score, last = _standing(g, gf, ki, victim)
     incoming_score, incoming_last = _standing(g, gf, ki, incoming)
-    return victim if _below(score, last, victim, incoming_score, incoming_last, incoming, ki) else NONE
+    return victim if ranks_below_by(score, last, victim, incoming_score, incoming_last, incoming, ki) else NONE
 
 
 @njit(LEARN_SIG, **KERNEL)
@@ -388,7 +375,7 @@ class ReuseLogit(CompiledAdmission):
     def _add_block(self, layer: int, experts: int) -> None:
         self.blocks[layer] = len(self.blocks)
         width = -(-experts // PANEL_ROUND) * PANEL_ROUND
-        head = np.concatenate([self._warm_weights(layer), np.zeros(RATES), np.full(RATES, math.log(PRIOR_STEPS))])
+        head = np.concatenate([self._warm_weights(layer), np.zeros(RATES)])
         ints = np.array([_UNSET, _UNSET, 0, 0, len(self.gf), width], dtype=np.int64)
         self.g = np.concatenate([self.g, ints])
         self.gf = np.concatenate([self.gf, head, self._panel(layer, width).ravel()])

@@ -22,16 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache.compiled import (
-    ADMIT_SIG,
-    EXPERT,
-    FIRST_COLUMN,
-    LAYER,
-    NONE,
-    VICTIM_SIG,
-    CompiledAdmission,
-    Kernel,
-)
+from harness.cache.compiled import ADMIT_SIG, EXPERT, FIRST_COLUMN, LAYER, NONE, VICTIM_SIG, CompiledAdmission, Kernel
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.belady import FutureAccesses
 from harness.cache.profile import FrequencyProfile
