@@ -28,12 +28,16 @@ Ties go to the less recent last use, then the smaller key. No future, no bytes: 
 The decisions are compiled kernels (`harness.cache.compiled`): the live engine's hooks and the simulator's
 compiled replay call the same functions. State: per layer a block of int globals (`g`: step clocks, the
 number of experts seen and of them those predicted, where its floats start and for how many experts) and an
-area of `gf`: the weights, the decayed step counts, then a panel of per-expert columns,
-each one contiguous and indexed by expert id (decayed counts, log-rates, prediction, profile feature, last use,
-pending flag, recent-step indicators, the SGD's error), so that the per-step sweep over a layer's experts runs
-as SIMD loops (its exp and log: `harness.cache.vmath`). A key's row holds only its layer's block. A panel is
-allocated for the largest expert id bound in the layer, rounded up to `PANEL_ROUND`, and moved to a wider one
-(`bind`) when a larger id is bound.
+area of `gf`: the weights and the decayed step counts (float64), then a panel of per-expert columns (float32,
+each one contiguous and indexed by expert id: decayed counts, log-rates, prediction, profile feature, age,
+pending flag, recent-step indicators, recency, the SGD's error), so that the per-step sweep over a layer's
+experts runs as SIMD loops, 8 experts a vector (its exp and log: `harness.cache.vmath`). A key's row holds only
+its layer's block. A panel is allocated for the largest expert id bound in the layer, rounded up to
+`PANEL_ROUND`, and moved to a wider one (`bind`) when a larger id is bound.
+
+Precision: the per-expert values are float32, as the FlashMoE network's; the gradient sums each feature over the
+experts in a fixed order, the same on every machine. An expert's last use is kept as its age at the layer's last
+step learned from, exact up to 2^24 steps (beyond, its recency feature is below 6e-8 either way).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.static import load_profile
 from harness.cache.profile import FrequencyProfile
 from harness.cache.registry import register_policy
-from harness.cache.vmath import exp64, log64
+from harness.cache.vmath import expf, logf
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
 
@@ -72,6 +76,8 @@ except ImportError:  # njit is the identity (harness.cache.jit)
 
 LAMBDAS = np.array([0.0, 0.01, 0.03, 0.1, 0.3])
 """Decays per token step of the log-rate features (LRFU's lambda): lifetime counts to a few steps."""
+STEP_DECAYS = np.exp2(-LAMBDAS)
+"""The decays over one step (the usual time between a layer's steps), so that a step needs no exp2 call."""
 RECENT_STEPS = 3
 """Indicator features: needed at the layer's previous step, the one before, and so on."""
 START_LAMBDA_INDEX = 1
@@ -80,9 +86,14 @@ LEARNING_RATE = 0.1
 """SGD step on the mean logistic-loss gradient of a layer's experts, per token step."""
 PRIOR_HITS, PRIOR_STEPS = 0.5, 5.0
 PROFILE_FLOOR = 1e-3
-_NEVER = -float(1 << 40)  # last-use step of an expert never used: recency feature 1 / huge = 0
 _UNSET = -(1 << 62)
 """A layer's pending or settled step where there is none."""
+_ZERO, _ONE, _PRIOR_HITS = np.float32(0.0), np.float32(1.0), np.float32(PRIOR_HITS)
+"""float32 constants: a Python float in a float32 expression would make numba compute it in float64."""
+_NEGLIGIBLE = np.float32(2.0**-25)
+"""A decayed count below it is kept as 0: added to PRIOR_HITS (0.5) or to an access (1) it rounds away in float32,
+so the log-rates are the same, and it would otherwise decay into subnormal floats (below 2^-126, after 420
+steps without a use at lambda = 0.3), whose arithmetic is many times slower."""
 
 RATES = len(LAMBDAS)
 FEATURES = 1 + RATES + 1 + RECENT_STEPS + 1
@@ -96,20 +107,28 @@ experts seen (and of them, those predicted at the last step learned from), where
 and the experts its panel has room for."""
 BLOCK_INTS = 6
 WEIGHTS, STEPS = 0, FEATURES
-"""A layer's floats, from gf[AREA]: its weights, its decayed step counts (one per lambda)."""
+"""A layer's float64 values, from gf[AREA]: its weights, its decayed step counts (one per lambda)."""
 HEAD = FEATURES + RATES
-"""Where the layer's panel starts in its floats."""
+"""Where the layer's panel starts in its float64 values."""
 CRF, RATE = 0, RATES
-"""Panel columns (each WIDTH long, indexed by expert id): decayed counts per lambda, their log-rates (as of the
-layer's decayed step counts), the predicted reuse logit (-inf until the first step learned after the expert
-joined the layer), the profile feature, the last use (_NEVER: none), whether the expert is needed at the pending
-step (0 or 1), the recent-step indicators (1: needed k + 1 steps ago), the SGD's per-expert error (scratch)."""
-SCORE, PROFILE, LAST, PENDING = 2 * RATES, 2 * RATES + 1, 2 * RATES + 2, 2 * RATES + 3
+"""Panel columns (float32, each WIDTH long, indexed by expert id): decayed counts per lambda, their log-rates (as
+of the layer's decayed step counts), the predicted reuse logit (-inf until the first step learned after the expert
+joined the layer), the profile feature, the age (steps from the last use to the layer's last step learned from;
+inf: never used), whether the expert is needed at the pending step (0 or 1), the recent-step indicators (1: needed
+k + 1 steps ago), the recency feature at the step being scored and the SGD's per-expert error (scratch)."""
+SCORE, PROFILE, AGE, PENDING = 2 * RATES, 2 * RATES + 1, 2 * RATES + 2, 2 * RATES + 3
 RECENT = PENDING + 1
-ERROR = RECENT + RECENT_STEPS
+RECENCY = RECENT + RECENT_STEPS
+ERROR = RECENCY + 1
 COLUMNS = ERROR + 1
+FEATURE_COLUMNS = (*range(RATE, RATE + RATES), RECENCY, *range(RECENT, RECENT + RECENT_STEPS), PROFILE)
+"""The panel column of each feature after the bias, in the order of the weights (an even number of them: the
+gradient takes them two at a time)."""
+assert len(FEATURE_COLUMNS) == FEATURES - 1 and len(FEATURE_COLUMNS) % 2 == 0
+assert RATES == 5 and RECENT_STEPS == 3, "_logits spells out five log-rates and three recent-step indicators"
 PANEL_ROUND = 8
-"""A panel's width is a multiple of it (whole SIMD vectors per column)."""
+"""A panel's width is a multiple of it: whole float32 SIMD vectors per column, and an even number of float32
+values, so that the panel fills whole float64 words of `gf`."""
 
 BLOCK_SIG: Any = types.none(*STATE, types.int64) if types is not None else None
 LEARN_SIG: Any = types.none(*STATE, types.int64[:], types.int64[:]) if types is not None else None
@@ -117,56 +136,107 @@ LEARN_SIG: Any = types.none(*STATE, types.int64[:], types.int64[:]) if types is 
 
 @njit(**KERNEL, inline="always")
 def _column(gf: np.ndarray, g: np.ndarray, at: int, column: int, n: int) -> np.ndarray:
-    """The first n values of panel column `column` of the layer whose int globals start at g[at:]."""
-    start = g[at + AREA] + HEAD + column * g[at + WIDTH]
-    return gf[start : start + n]
+    """The first n values of panel column `column` (float32) of the layer whose int globals start at g[at:]."""
+    start = 2 * (g[at + AREA] + HEAD) + column * g[at + WIDTH]
+    return gf.view(np.float32)[start : start + n]
 
 
 @njit(**KERNEL, inline="always")
-def _logits(gf: np.ndarray, g: np.ndarray, at: int, first: int, size: int, now: int, out: np.ndarray) -> None:
-    """out[e - first] = the layer's weights times the features of expert e at step `now`, for first <= e < size
-    (its log-rates as stored)."""
+def _recency(gf: np.ndarray, g: np.ndarray, at: int, size: int, ahead: np.float32) -> None:
+    """The recency feature, 1 / (steps since the last use), at `ahead` steps after the layer's last step learned
+    from, into the RECENCY column: 0 for an expert never used (1 / inf)."""
+    age, recency = _column(gf, g, at, AGE, size), _column(gf, g, at, RECENCY, size)
+    for e in range(size):
+        recency[e] = _ONE / max(age[e] + ahead, _ONE)
+
+
+@njit(**KERNEL, inline="always")
+def _logits(gf: np.ndarray, g: np.ndarray, at: int, first: int, size: int, out: np.ndarray) -> None:
+    """out[e - first] = the layer's weights times the features of expert e, for first <= e < size (its log-rates
+    as stored, the RECENCY column as filled), in float32, the features added in their order. Two passes of a few
+    columns each, not one per feature: fewer passes over `out`, and few enough columns for LLVM's overlap checks,
+    beyond which it would not vectorise the loop. The features are spelled out (RATES = 5, RECENT_STEPS = 3)."""
     w = gf[g[at + AREA] + WEIGHTS : g[at + AREA] + WEIGHTS + FEATURES]
-    last = _column(gf, g, at, LAST, size)
-    profile = _column(gf, g, at, PROFILE, size)
+    bias = np.float32(w[0])
+    w0, w1, w2, w3, w4 = np.float32(w[1]), np.float32(w[2]), np.float32(w[3]), np.float32(w[4]), np.float32(w[5])
+    r0, r1, r2 = _column(gf, g, at, RATE, size), _column(gf, g, at, RATE + 1, size), _column(gf, g, at, RATE + 2, size)
+    r3, r4 = _column(gf, g, at, RATE + 3, size), _column(gf, g, at, RATE + 4, size)
+    recency, wr = _column(gf, g, at, RECENCY, size), np.float32(w[1 + RATES])
     for e in range(first, size):
-        out[e - first] = w[0]
-    for i in range(RATES):
-        rate, wi = _column(gf, g, at, RATE + i, size), w[1 + i]
-        for e in range(first, size):
-            out[e - first] += rate[e] * wi
-    wr = w[1 + RATES]
+        rates = (((bias + r0[e] * w0) + r1[e] * w1) + r2[e] * w2) + r3[e] * w3
+        out[e - first] = (rates + r4[e] * w4) + recency[e] * wr
+    k0, k1, k2 = np.float32(w[2 + RATES]), np.float32(w[3 + RATES]), np.float32(w[4 + RATES])
+    recent0, recent1 = _column(gf, g, at, RECENT, size), _column(gf, g, at, RECENT + 1, size)
+    recent2, profile = _column(gf, g, at, RECENT + 2, size), _column(gf, g, at, PROFILE, size)
+    wp = np.float32(w[FEATURES - 1])
     for e in range(first, size):
-        out[e - first] += (1.0 / max(now - last[e], 1.0)) * wr
-    for k in range(RECENT_STEPS):
-        recent, wk = _column(gf, g, at, RECENT + k, size), w[2 + RATES + k]
-        for e in range(first, size):
-            out[e - first] += recent[e] * wk
-    wp = w[FEATURES - 1]
-    for e in range(first, size):
-        out[e - first] += profile[e] * wp
+        out[e - first] = (((out[e - first] + recent0[e] * k0) + recent1[e] * k1) + recent2[e] * k2) + profile[e] * wp
 
 
 @njit(**KERNEL, inline="always")
-def _dot(a: np.ndarray, b: np.ndarray, n: int) -> float:
-    """sum(a[:n] * b[:n]) in four interleaved partial sums (four independent chains of additions, which also
-    vectorise): a fixed order, the same on every machine."""
-    s0 = s1 = s2 = s3 = 0.0
+def _dot2(a: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> tuple[float, float]:
+    """(sum(a[:n] * x[:n]), sum(b[:n] * x[:n])) in float32, each in four interleaved partial sums: a fixed order,
+    the same on every machine, and eight independent chains of additions, where one sum's four would wait on
+    the latency of each addition."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = _ZERO
     quads = n - n % 4
     for e in range(0, quads, 4):
-        s0 += a[e] * b[e]
-        s1 += a[e + 1] * b[e + 1]
-        s2 += a[e + 2] * b[e + 2]
-        s3 += a[e + 3] * b[e + 3]
+        a0 += a[e] * x[e]
+        a1 += a[e + 1] * x[e + 1]
+        a2 += a[e + 2] * x[e + 2]
+        a3 += a[e + 3] * x[e + 3]
+        b0 += b[e] * x[e]
+        b1 += b[e + 1] * x[e + 1]
+        b2 += b[e + 2] * x[e + 2]
+        b3 += b[e + 3] * x[e + 3]
     for e in range(quads, n):
-        s0 += a[e] * b[e]
-    return (s0 + s1) + (s2 + s3)
+        a0 += a[e] * x[e]
+        b0 += b[e] * x[e]
+    return float((a0 + a1) + (a2 + a3)), float((b0 + b1) + (b2 + b3))
+
+
+@njit(**KERNEL, inline="always")
+def _sum(a: np.ndarray, n: int) -> float:
+    """sum(a[:n]) in float32, summed as `_dot2` sums."""
+    s0 = s1 = s2 = s3 = _ZERO
+    quads = n - n % 4
+    for e in range(0, quads, 4):
+        s0 += a[e]
+        s1 += a[e + 1]
+        s2 += a[e + 2]
+        s3 += a[e + 3]
+    for e in range(quads, n):
+        s0 += a[e]
+    return float((s0 + s1) + (s2 + s3))
+
+
+@njit(**KERNEL, inline="always")
+def _decay_step(gf: np.ndarray, area: int, i: int, now: int, settled: int) -> tuple[np.float32, np.float32]:
+    """Decay the layer's step count for LAMBDAS[i] to step `now` and count that step; returns the decay (float32)
+    and log(step count + PRIOR_STEPS), the log-rates' denominator."""
+    if settled == _UNSET:
+        decay = 1.0
+    elif now == settled + 1:
+        decay = STEP_DECAYS[i]
+    else:
+        decay = np.exp2(-LAMBDAS[i] * (now - settled))
+    steps = gf[area + STEPS + i] * decay + 1.0
+    gf[area + STEPS + i] = steps
+    return np.float32(decay), logf(np.float32(steps + PRIOR_STEPS))
+
+
+@njit(**KERNEL, inline="always")
+def _decayed(count: np.float32, decay: np.float32, used: np.float32) -> np.float32:
+    """A decayed count at the next step: count * decay + used (1: needed at it), negligible counts kept as 0."""
+    count = count * decay + used
+    return count if count >= _NEGLIGIBLE else _ZERO
 
 
 @njit(BLOCK_SIG, **KERNEL, inline="always")
 def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block: int) -> None:
     """Learn from the layer's pending step (its experts are the positives), then add it to the history and
-    predict every expert's reuse at the next step. Inlined where it is called."""
+    predict every expert's reuse at the next step. Per-expert values in float32 (8 SIMD lanes), the weights and
+    decayed step counts in float64. Inlined where it is called."""
     at = BLOCK_INTS * block
     now = g[at + PENDING_NOW]
     if now == _UNSET:
@@ -174,52 +244,52 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
     size = g[at + SIZE]
     settled = g[at + SETTLED_NOW]
     area = g[at + AREA]
+    elapsed = np.float32(now - settled) if settled != _UNSET else _ZERO  # ages are inf before any step
     # The prediction made at the last step learned from is this step's logit (same weights and features)
     # where this step is the next one; experts seen since have none.
     predicted = g[at + SCORED] if settled != _UNSET and now == settled + 1 else 0
     score, pending = _column(gf, g, at, SCORE, size), _column(gf, g, at, PENDING, size)
-    error = _column(gf, g, at, ERROR, size)
+    error, recency = _column(gf, g, at, ERROR, size), _column(gf, g, at, RECENCY, size)
+    _recency(gf, g, at, size, elapsed)
     for e in range(predicted):
         error[e] = score[e]
-    _logits(gf, g, at, predicted, size, now, error[predicted:])
+    _logits(gf, g, at, predicted, size, error[predicted:])
     for e in range(size):
-        error[e] = pending[e] - 1.0 / (1.0 + exp64(-error[e]))
+        error[e] = pending[e] - _ONE / (_ONE + expf(-error[e]))
     # One SGD step on the mean gradient: the error times each feature, summed over the layer's experts.
     w = gf[area + WEIGHTS : area + WEIGHTS + FEATURES]
-    last = _column(gf, g, at, LAST, size)
-    recency = 0.0
-    for e in range(size):
-        recency += (1.0 / max(now - last[e], 1.0)) * error[e]
-    gradient_bias = 0.0
-    for e in range(size):
-        gradient_bias += error[e]
-    w[0] += LEARNING_RATE * gradient_bias / size
-    for i in range(RATES):
-        w[1 + i] += LEARNING_RATE * _dot(_column(gf, g, at, RATE + i, size), error, size) / size
-    w[1 + RATES] += LEARNING_RATE * recency / size
-    for k in range(RECENT_STEPS):
-        w[2 + RATES + k] += LEARNING_RATE * _dot(_column(gf, g, at, RECENT + k, size), error, size) / size
-    w[FEATURES - 1] += LEARNING_RATE * _dot(_column(gf, g, at, PROFILE, size), error, size) / size
-    # The step joins the history: decayed counts and their log-rates, last uses, recent-step indicators.
-    for i in range(RATES):
-        decay = np.exp2(-LAMBDAS[i] * (now - settled)) if settled != _UNSET else 1.0
-        steps = gf[area + STEPS + i] * decay + 1.0
-        gf[area + STEPS + i] = steps
-        log_steps = math.log(steps + PRIOR_STEPS)
+    w[0] += LEARNING_RATE * _sum(error, size) / size
+    for j in range(0, FEATURES - 1, 2):
+        first, second = _column(gf, g, at, FEATURE_COLUMNS[j], size), _column(gf, g, at, FEATURE_COLUMNS[j + 1], size)
+        gradient_first, gradient_second = _dot2(first, second, error, size)
+        w[1 + j] += LEARNING_RATE * gradient_first / size
+        w[2 + j] += LEARNING_RATE * gradient_second / size
+    # The step joins the history: decayed counts and their log-rates, ages, recent-step indicators.
+    for i in range(0, RATES, 2):  # two lambdas a pass (the last alone): a few columns for LLVM's overlap checks
         crf, rate = _column(gf, g, at, CRF + i, size), _column(gf, g, at, RATE + i, size)
-        for e in range(size):
-            count = crf[e] * decay + pending[e]
-            crf[e] = count
-            rate[e] = log64(count + PRIOR_HITS) - log_steps
-    for e in range(size):
-        last[e] = now if pending[e] != 0.0 else last[e]
-    for k in range(RECENT_STEPS - 1, -1, -1):  # each indicator a step older; the column before RECENT is PENDING
-        recent, newer = _column(gf, g, at, RECENT + k, size), _column(gf, g, at, RECENT + k - 1, size)
-        for e in range(size):
-            recent[e] = newer[e]
-    for e in range(size):
-        pending[e] = 0.0
-    _logits(gf, g, at, 0, size, now + 1, score)
+        decay, log_step = _decay_step(gf, area, i, now, settled)
+        if i + 1 < RATES:
+            crf2, rate2 = _column(gf, g, at, CRF + i + 1, size), _column(gf, g, at, RATE + i + 1, size)
+            decay2, log_step2 = _decay_step(gf, area, i + 1, now, settled)
+            for e in range(size):
+                count = _decayed(crf[e], decay, pending[e])
+                count2 = _decayed(crf2[e], decay2, pending[e])
+                crf[e], crf2[e] = count, count2
+                rate[e], rate2[e] = logf(count + _PRIOR_HITS) - log_step, logf(count2 + _PRIOR_HITS) - log_step2
+        else:
+            for e in range(size):
+                count = _decayed(crf[e], decay, pending[e])
+                crf[e] = count
+                rate[e] = logf(count + _PRIOR_HITS) - log_step
+    age = _column(gf, g, at, AGE, size)
+    for e in range(size):  # and the recency feature at the next step
+        age[e] = _ZERO if pending[e] != _ZERO else age[e] + elapsed
+        recency[e] = _ONE / max(age[e] + _ONE, _ONE)
+    recent0, recent1 = _column(gf, g, at, RECENT, size), _column(gf, g, at, RECENT + 1, size)
+    recent2 = _column(gf, g, at, RECENT + 2, size)
+    for e in range(size):  # each indicator a step older
+        recent2[e], recent1[e], recent0[e], pending[e] = recent1[e], recent0[e], pending[e], _ZERO
+    _logits(gf, g, at, 0, size, score)
     g[at + SETTLED_NOW] = now
     g[at + SCORED] = size
     g[at + PENDING_NOW] = _UNSET
@@ -234,9 +304,9 @@ def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: in
         return
     for i in range(RATES):
         crf, rate = _column(gf, g, at, CRF + i, top), _column(gf, g, at, RATE + i, top)
-        log_steps = math.log(gf[g[at + AREA] + STEPS + i] + PRIOR_STEPS)
+        log_steps = logf(np.float32(gf[g[at + AREA] + STEPS + i] + PRIOR_STEPS))
         for e in range(size, top):
-            rate[e] = log64(crf[e] + PRIOR_HITS) - log_steps
+            rate[e] = logf(crf[e] + _PRIOR_HITS) - log_steps
     g[at + SIZE] = top
 
 
@@ -246,16 +316,18 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     if g[at + PENDING_NOW] != now:
         settle(g, gf, ki, kf, ki[key, BLOCK])
     _grow(g, gf, ki, kf, key, now)
-    _column(gf, g, at, PENDING, ki[key, EXPERT] + 1)[ki[key, EXPERT]] = 1.0
+    _column(gf, g, at, PENDING, ki[key, EXPERT] + 1)[ki[key, EXPERT]] = _ONE
     g[at + PENDING_NOW] = now
 
 
 @njit(**KERNEL, inline="always")
 def _standing(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, key: int) -> tuple[float, float]:
-    """The key's predicted reuse and last use, the first two places of the eviction order (`ranks_below_by`)."""
+    """The key's predicted reuse and last use (its layer's last step learned from, less its age; -inf: never used),
+    the first two places of the eviction order (`ranks_below_by`). The key's layer has learned its pending step."""
     at = BLOCK_INTS * ki[key, BLOCK]
-    start, width = g[at + AREA] + HEAD + ki[key, EXPERT], g[at + WIDTH]
-    return gf[start + SCORE * width], gf[start + LAST * width]
+    start, width = 2 * (g[at + AREA] + HEAD) + ki[key, EXPERT], g[at + WIDTH]
+    values = gf.view(np.float32)
+    return float(values[start + SCORE * width]), float(g[at + SETTLED_NOW]) - float(values[start + AGE * width])
 
 
 @njit(VICTIM_SIG, **KERNEL)
@@ -363,10 +435,10 @@ class ReuseLogit(CompiledAdmission):
         return super().bind(keys)
 
     def _panel(self, layer: int, width: int) -> np.ndarray:
-        """A fresh panel [COLUMNS, width]: experts never used, no prediction, their profile feature."""
-        panel = np.zeros((COLUMNS, width))
+        """A fresh panel [COLUMNS, width] (float32): experts never used, no prediction, their profile feature."""
+        panel = np.zeros((COLUMNS, width), dtype=np.float32)
         panel[SCORE] = -math.inf
-        panel[LAST] = _NEVER
+        panel[AGE] = math.inf
         if self.profile is not None:
             rates = np.array([self.profile.rate((layer, e)) for e in range(width)], dtype=np.float64)
             panel[PROFILE] = np.log(np.maximum(rates, PROFILE_FLOOR))
@@ -378,7 +450,7 @@ class ReuseLogit(CompiledAdmission):
         head = np.concatenate([self._warm_weights(layer), np.zeros(RATES)])
         ints = np.array([_UNSET, _UNSET, 0, 0, len(self.gf), width], dtype=np.int64)
         self.g = np.concatenate([self.g, ints])
-        self.gf = np.concatenate([self.gf, head, self._panel(layer, width).ravel()])
+        self.gf = np.concatenate([self.gf, head, self._panel(layer, width).ravel().view(np.float64)])
 
     def _widen(self, layer: int, experts: int) -> None:
         """Move the layer's floats to the end of `gf` with a panel for `experts` at least (twice its width at
@@ -387,9 +459,10 @@ class ReuseLogit(CompiledAdmission):
         area, width = int(self.g[at + AREA]), int(self.g[at + WIDTH])
         wider = -(-max(experts, 2 * width) // PANEL_ROUND) * PANEL_ROUND
         panel = self._panel(layer, wider)
-        panel[:, :width] = self.gf[area + HEAD : area + HEAD + COLUMNS * width].reshape(COLUMNS, width)
-        end = area + HEAD + COLUMNS * width
-        moved = np.concatenate([self.gf[:area], self.gf[end:], self.gf[area : area + HEAD], panel.ravel()])
+        end = area + HEAD + COLUMNS * width // 2  # the panel's float32 values fill whole float64 words
+        panel[:, :width] = self.gf[area + HEAD : end].view(np.float32).reshape(COLUMNS, width)
+        words = panel.ravel().view(np.float64)
+        moved = np.concatenate([self.gf[:area], self.gf[end:], self.gf[area : area + HEAD], words])
         blocks = self.g[: BLOCK_INTS * len(self.blocks)].reshape(-1, BLOCK_INTS)
         blocks[blocks[:, AREA] > area, AREA] -= end - area
         self.g[at + AREA], self.g[at + WIDTH] = len(self.gf) - (end - area), wider
@@ -436,10 +509,11 @@ class ReuseLogit(CompiledAdmission):
         return self.gf[area + STEPS : area + STEPS + RATES].copy()
 
     def panel(self, layer: int) -> np.ndarray:
-        """A copy of the layer's per-expert columns [COLUMNS, experts seen] (`CRF`, `RATE`, ... `ERROR`)."""
+        """A copy of the layer's per-expert columns [COLUMNS, experts seen] (`CRF`, `RATE`, ... `ERROR`), float32."""
         area, width = self._area(layer)
         size = int(self.g[BLOCK_INTS * self.blocks[layer] + SIZE])
-        return self.gf[area + HEAD : area + HEAD + COLUMNS * width].reshape(COLUMNS, width)[:, :size].copy()
+        words = self.gf[area + HEAD : area + HEAD + COLUMNS * width // 2]
+        return words.view(np.float32).reshape(COLUMNS, width)[:, :size].copy()
 
     def reset(self) -> None:
         self.__init__(self.capacity, self.seed, self.profile)  # type: ignore[misc]
