@@ -8,7 +8,7 @@ bits, inlined into the loop, so that LLVM runs them 8 float32 lanes at a time (A
 
 Each takes its argument reduction from Cody and Waite (a split constant whose high part multiplies exactly)
 and a truncated series whose truncation error is below half an ulp; the coefficients are the series' own
-(1/k!, 1/(2k+1)), not fitted ones.
+(1/k!, 2/(2k+1)), not fitted ones.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ _SQRT2 = np.float32(math.sqrt(2.0))
 _ONE, _TWO, _HALF = np.float32(1.0), np.float32(2.0), np.float32(0.5)
 _MANTISSA, _ONE_BITS = (1 << 23) - 1, 127 << 23
 _ATANH_TERMS = tuple(np.float32(2.0 / (2 * k + 1)) for k in range(1, 5))
-"""log m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^9/9 + ...), s = (m - 1) / (m + 1), |s| <= 0.1716 for m in
-[sqrt(1/2), sqrt(2)): the terms past s^9 are below 3e-9 of the sum (float32's half ulp is 3e-8)."""
+"""2/3, 2/5, 2/7, 2/9: log m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^9/9 + ...), s = (m - 1) / (m + 1), |s| <= 0.1716
+for m in [sqrt(1/2), sqrt(2)): the terms past s^9 are below 3e-9 of the sum (float32's half ulp is 3e-8)."""
 
 
 @njit(types.float32(types.float32) if types else None, cache=True, inline="always", error_model="numpy")
