@@ -1,12 +1,16 @@
 """Benchmark: replay speed of every policy through the shared cache loop, in accesses per second.
 
     python -m harness.benchmarks.replay_speed [--trace T | --flame-dir DIR] [--capacity 12.5%,25%,50%] [--repeat 5]
+        [--scope per-layer|global]
 
 By default it imports the FLAME slice in the repository (`tests/data/flame-moe-290m`, two layers) with
 512-token sequences. An access is one (step, layer, distinct expert). Speed is accesses / CPU seconds of
 this process (one core; `time.process_time`, steadier than wall time on a shared machine), best of
 `--repeat` runs; the trace preparation (`build_replay`, once per trace) is timed on its own. The row
 `lru (all resident)` has room for every expert, so nothing is evicted: it measures the loop's own cost.
+`--scope global` replays one cache for all layers, the capacities a share of all layers' experts (as `harness
+simulate --scope global`): there a scan policy looks at every resident expert for each victim, so its speed
+falls as the cache grows.
 The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
 on different machines can be set side by side. Compiled policies (`harness.cache.compiled`, `ranked`) are
 compiled when the policies are imported, before the first measured run.
@@ -28,6 +32,7 @@ from typing import Any
 import click
 
 from harness.cache.learned import TrainSettings, build_model
+from harness.keys import Scope
 from harness.trace.importers import import_flame
 from harness.trace.schema import read_trace
 from harness.trace.simulate import Replay, build_replay, parse_capacities, profile_of, run_replay
@@ -66,7 +71,8 @@ TRAIN_EPOCHS = 3
 @click.option("--capacity", default="12.5%,25%,50%", show_default=True)
 @click.option("--policy", "policies", default=",".join(POLICIES), show_default=True)
 @click.option("--repeat", default=5, show_default=True, help="Runs per cell; the fastest counts.")
-def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str, repeat: int) -> None:
+@click.option("--scope", type=click.Choice(["per-layer", "global"]), default="per-layer", show_default=True)
+def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str, repeat: int, scope: Scope) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if trace_path is None:
             trace_path = Path(tmp) / "flame.parquet"
@@ -81,15 +87,17 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     if "flashmoe" in policies.split(","):
         settings = TrainSettings(max_epochs=TRAIN_EPOCHS)
         context["flashmoe_model"] = build_model(layer_streams(replay), trace.meta.num_experts, settings, {})
-    slots = parse_capacities(capacity, trace.meta.num_experts, len(trace.meta.moe_layers), "per-layer")
+    layers = len(trace.meta.moe_layers)
+    slots = parse_capacities(capacity, trace.meta.num_experts, layers, scope)
     click.echo(f"python {platform.python_version()}: {_loop_ns():.0f} ns per iteration of `for i in range(n): x += i`")
-    click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace)")
+    click.echo(f"trace {trace_path}: {accesses} accesses; build_replay {prepare_s:.3f} s CPU (once per trace); {scope}")
     click.echo(f"{'policy':<22}" + "".join(f"{f'{c} slots':>16}" for c in slots) + "   (million accesses / CPU s)")
-    cells = [(p, slots) for p in policies.split(",")] + [("lru", [trace.meta.num_experts])]
+    whole = trace.meta.num_experts * (layers if scope == "global" else 1)
+    cells = [(p, slots) for p in policies.split(",")] + [("lru", [whole])]
     for policy, capacities in cells:
         rates = []
         for c in capacities:
-            best = min(_cpu_seconds(replay, policy, c, context) for _ in range(repeat))
+            best = min(_cpu_seconds(replay, policy, c, scope, context) for _ in range(repeat))
             rates.append(f"{accesses / best / 1e6:>16.2f}")
         label = policy if capacities is slots else f"{policy} (all resident)"
         click.echo(f"{label:<22}" + "".join(rates))
@@ -107,9 +115,9 @@ def _loop_ns(n: int = 2_000_000, repeat: int = 5) -> float:
     return best / n * 1e9
 
 
-def _cpu_seconds(replay: Replay, policy: str, capacity: int, context: dict[str, Any]) -> float:
+def _cpu_seconds(replay: Replay, policy: str, capacity: int, scope: Scope, context: dict[str, Any]) -> float:
     started = time.process_time()
-    run_replay(replay, policy, capacity, **context)
+    run_replay(replay, policy, capacity, scope, **context)
     return time.process_time() - started
 
 
