@@ -37,6 +37,12 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
+from harness.cache.queues import NEWEST as NEWEST
+from harness.cache.queues import NONE as NONE
+from harness.cache.queues import OLDEST as OLDEST
+from harness.cache.queues import SIZE as SIZE
+from harness.cache.queues import push as push
+from harness.cache.queues import unlink as unlink
 from harness.cache.ranked import GROUP_REPLAY, GroupReplay
 from harness.keys import ExpertKey
 
@@ -72,42 +78,6 @@ else:
 LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
 FIRST_COLUMN = 5
 """The policy's own int columns start here."""
-NONE = -1
-"""No key (an empty queue end, a missing link); `WHERE` of a key in no queue."""
-OLDEST, NEWEST, SIZE = 0, 1, 2
-"""Offsets of a queue's ends and size within its three globals."""
-
-
-@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, **KERNEL)
-def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
-    """Append `key` at the newest end of queue `q`, whose links are the key columns `links` and the next two
-    (which queue, older, newer); a key already in `q` keeps its place (as in a dict)."""
-    if ki[key, links] == q:
-        return
-    newest = g[3 * q + NEWEST]
-    ki[key, links], ki[key, links + 1], ki[key, links + 2] = q, newest, NONE
-    if newest == NONE:
-        g[3 * q + OLDEST] = key
-    else:
-        ki[newest, links + 2] = key
-    g[3 * q + NEWEST] = key
-    g[3 * q + SIZE] += 1
-
-
-@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, **KERNEL)
-def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
-    """Take `key` out of its queue among those linked by the columns from `links`."""
-    q, older, newer = ki[key, links], ki[key, links + 1], ki[key, links + 2]
-    if older == NONE:
-        g[3 * q + OLDEST] = newer
-    else:
-        ki[older, links + 2] = newer
-    if newer == NONE:
-        g[3 * q + NEWEST] = older
-    else:
-        ki[newer, links + 1] = older
-    g[3 * q + SIZE] -= 1
-    ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
 
 
 @njit(**KERNEL, inline="always")

@@ -1,11 +1,15 @@
-"""Ranked policies with a compiled step: the victim is the candidate of lowest rank (count, stamp).
+"""LRU and LFU with a compiled step: the victim is the least recently touched candidate, or the candidate of
+lowest (count, stamp).
 
-A `RankedPolicy` keeps, per key it has seen, a lifetime access count and a stamp (the value of a clock
-that ticks at every touch: a hit's access, an insert), in one numpy array. LRU ranks by stamp alone, LFU
-by (count, stamp). The decisions are the jitted functions below (`touch`, `lowest`), called by the
-policy's per-key hooks (the live engine, and any step the compiled loop does not take) and by
-`replay_group`, the compiled replay of a whole stream of one cache group's steps, which the simulator
-uses: one implementation of each policy, whichever path runs it.
+LFU keeps, per key it has seen, a lifetime access count and a stamp (the value of a clock that ticks at every
+touch: a hit's access, an insert), in one numpy array, and scans the candidates for the lowest (count, stamp)
+(`touch`, `lowest`). LRU keeps its resident keys in a recency queue (`harness.cache.queues`): a touch moves a key
+to the newest end, and the victim is the oldest key the step does not need (`renew`, `forget`, `oldest`), found
+in a step or two where a scan of every resident key's stamp took one step a slot (a global cache of 256 slots
+replayed 3.5 million accesses a second). These jitted functions are called by the policy's per-key hooks (the
+live engine, and any step the compiled loop does not take) and by `replay_group`, the compiled replay of a
+whole stream of one cache group's steps, which the simulator uses: one implementation of each policy,
+whichever path runs it.
 
 The functions are compiled with numba (`harness.cache.jit`) for their one signature when this module is
 imported (cached on disk after the first time), so that no compilation pause falls inside a measured run.
@@ -22,7 +26,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
+from harness.cache.queues import NONE, OLDEST, push, unlink
 from harness.keys import ExpertKey
 
 try:
@@ -96,15 +101,59 @@ def lowest(state: np.ndarray, at: int, counted: bool, keys: np.ndarray, skip: np
     return best
 
 
+QUEUE_SIG = types.none(types.int64[:], types.int64[:, :], types.int64) if types is not None else None
+OLDEST_SIG = types.int64(types.int64[:], types.int64[:, :], types.int64[:], types.int64) if types is not None else None
+NEWER = 2
+"""A key's row in LRU's `links`: which queue (0, or NONE), its older and its newer neighbour (`queues`)."""
+
+
+@njit(QUEUE_SIG, **KERNEL)
+def renew(ends: np.ndarray, links: np.ndarray, key: int) -> None:
+    """LRU: `key` moves to (or joins) the newest end of the recency queue."""
+    if links[key, 0] != NONE:
+        unlink(ends, links, key, 0)
+    push(ends, links, 0, key, 0)
+
+
+@njit(QUEUE_SIG, **KERNEL)
+def forget(ends: np.ndarray, links: np.ndarray, key: int) -> None:
+    """LRU: `key` leaves the recency queue (if in it)."""
+    if links[key, 0] != NONE:
+        unlink(ends, links, key, 0)
+
+
+@njit(OLDEST_SIG, **KERNEL)
+def oldest(ends: np.ndarray, links: np.ndarray, skip: np.ndarray, tag: int) -> int:
+    """LRU's victim: the least recently touched key of the queue whose `skip` mark is not `tag`; -1 if none.
+    The keys a step marks were just touched (or are not resident), so the walk rarely passes one."""
+    key = ends[OLDEST]
+    while key != NONE and skip[key] == tag:
+        key = links[key, NEWER]
+    return key
+
+
 @njit(
-    types.int64(types.int64[:], types.boolean, types.boolean, GROUP_REPLAY, types.int64) if types else None,
+    types.int64(
+        types.int64[:], types.int64[:], types.int64[:, :], types.boolean, types.boolean, GROUP_REPLAY, types.int64
+    )
+    if types
+    else None,
     cache=True,
 )
-def replay_group(state: np.ndarray, counted: bool, observes_misses: bool, r: GroupReplay, start: int) -> int:
+def replay_group(
+    state: np.ndarray,
+    ends: np.ndarray,
+    links: np.ndarray,
+    counted: bool,
+    observes_misses: bool,
+    r: GroupReplay,
+    start: int,
+) -> int:
     """Replay r.calls[start:] of one cache group (`GroupReplay`) with nothing staged and every miss admitted, as
     `ExpertCacheBook.account` would: each call's keys (keys[bounds[c]:bounds[c+1]], distinct) are touched
     in order, hits before misses are placed; each miss then takes a free slot (free[:n_free[0]], the last
-    first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped.
+    first) or else the slot of the lowest-ranked resident key the call does not need, and is stamped (LFU,
+    `counted`) or queued as the newest (LRU: its recency queue `ends` / `links` stands for the stamps).
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group: the book streams what finds no slot), or len(calls)."""
     keys, bounds, _, calls, slot_of, key_of_slot, first_slot, free, n_free, mark, hits, misses = r
@@ -126,7 +175,10 @@ def replay_group(state: np.ndarray, counted: bool, observes_misses: bool, r: Gro
             key = keys[j]
             mark[key] = tag
             if slot_of[key] >= 0:
-                touch(state, 0, key, on_hit)
+                if counted:
+                    touch(state, 0, key, on_hit)
+                else:
+                    renew(ends, links, key)
             else:
                 missed[m] = key
                 m += 1
@@ -137,22 +189,30 @@ def replay_group(state: np.ndarray, counted: bool, observes_misses: bool, r: Gro
                 n_free[0] -= 1
                 slot = free[n_free[0]]
             else:
-                victim = lowest(state, 0, counted, key_of_slot, mark, tag)
+                if counted:
+                    victim = lowest(state, 0, counted, key_of_slot, mark, tag)
+                else:
+                    victim = oldest(ends, links, mark, tag)
+                    forget(ends, links, victim)
                 slot = slot_of[victim]
                 slot_of[victim] = -1
             slot_of[key] = slot
             key_of_slot[slot - first_slot] = key
-            touch(state, 0, key, STAMP)
+            if counted:
+                touch(state, 0, key, STAMP)
+            else:
+                renew(ends, links, key)
         hits[c] = b - a - m
         misses[c] = m
     return len(calls)
 
 
 class RankedPolicy(CachePolicy):
-    """Evict the candidate of lowest (count, stamp) (`counted`) or lowest stamp; see the module docstring."""
+    """Evict the candidate of lowest (count, stamp) (`counted`, LFU) or the least recently touched (LRU, by its
+    recency queue); see the module docstring."""
 
     counted: ClassVar[bool] = False
-    """Rank by lifetime access count first (LFU); False: by stamp alone (LRU)."""
+    """Rank by lifetime access count first (LFU); False: by recency alone (LRU)."""
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         super().__init__(capacity, seed)
@@ -161,15 +221,18 @@ class RankedPolicy(CachePolicy):
         self.keys: list[ExpertKey] = []
         """Position -> key."""
         self.state = np.zeros(1 + 2 * 64, dtype=np.int64)
-        """[clock, stamp_0, count_0, ...]: the compiled functions' view of the policy."""
-        self._unmarked = np.zeros(64, dtype=np.int64)
+        """[clock, stamp_0, count_0, ...]: the compiled functions' view of LFU."""
+        self.ends = np.array([NONE, NONE, 0], dtype=np.int64)
+        self.links = np.full((64, 3), NONE, dtype=np.int64)
+        """LRU's recency queue of the resident keys (`queues`): its ends and size, each position's links."""
+        self._marks = np.ones(64, dtype=np.int64)
         self._on_hit = STAMP | (COUNT if self.counted else 0)
         self._on_miss = COUNT if self.counted and self.observes_misses else 0
 
     @property
     def slots(self) -> int:
         """Keys the state has room for."""
-        return len(self._unmarked)
+        return len(self._marks)
 
     def bind(self, keys: list[ExpertKey]) -> np.ndarray:
         """Positions of `keys` (new ones appended, the state grown), for the compiled replay."""
@@ -181,7 +244,8 @@ class RankedPolicy(CachePolicy):
         if len(index) > self.slots:
             size = max(len(index), 2 * self.slots)
             self.state = np.concatenate([self.state, np.zeros(2 * (size - self.slots), np.int64)])
-            self._unmarked = np.zeros(size, dtype=np.int64)
+            self.links = np.concatenate([self.links, np.full((size - self.slots, 3), NONE, np.int64)])
+            self._marks = np.ones(size, dtype=np.int64)
         return np.array([index[key] for key in keys], dtype=np.int64)
 
     def _at(self, key: ExpertKey) -> int:
@@ -189,21 +253,40 @@ class RankedPolicy(CachePolicy):
         return int(self.bind([key])[0]) if i is None else i
 
     def on_access(self, key: ExpertKey, now: int, hit: bool) -> None:
+        if not self.counted:  # LRU: a hit renews (a miss is placed by on_insert)
+            if hit:
+                renew(self.ends, self.links, self._at(key))
+            return
         how = self._on_hit if hit else self._on_miss
-        if how:  # LRU ignores misses: no call (LeCaR reports them to its LRU part)
+        if how:
             at = self._at(key)  # first: a new key may grow (replace) the state array
             touch(self.state, 0, at, how)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        at = self._at(key)  # first: a new key may grow (replace) the state array
-        touch(self.state, 0, at, STAMP)
+        at = self._at(key)  # first: a new key may grow (replace) the state arrays
+        if self.counted:
+            touch(self.state, 0, at, STAMP)
+        else:
+            renew(self.ends, self.links, at)
+
+    def on_evict(self, key: ExpertKey, now: int) -> None:
+        if not self.counted:
+            forget(self.ends, self.links, self._at(key))
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         try:  # candidates are resident, so known; bind would also take new keys, at a Python loop's cost
             at = np.fromiter(map(self.index.__getitem__, candidates), np.int64, len(candidates))
         except KeyError:
             at = self.bind(list(candidates))
-        chosen = lowest(self.state, 0, self.counted, at, self._unmarked, 1)
+        marks = self._marks  # every key marked but the candidates (tag 1)
+        marks[at] = 0
+        try:
+            if self.counted:
+                chosen = lowest(self.state, 0, True, at, marks, 1)
+            else:
+                chosen = oldest(self.ends, self.links, marks, 1)
+        finally:
+            marks[at] = 1
         if chosen < 0:
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]
@@ -211,4 +294,4 @@ class RankedPolicy(CachePolicy):
     def replay(self, r: GroupReplay, start: int) -> int:
         """`replay_group` with this policy's state (the book's call, as `CompiledPolicy.replay`; the ranking
         ignores the clock `r.nows`)."""
-        return replay_group(self.state, self.counted, self.observes_misses, r, start)
+        return replay_group(self.state, self.ends, self.links, self.counted, self.observes_misses, r, start)

@@ -8,7 +8,7 @@ from harness.cache.registry import register_policy
 
 @register_policy
 class LRU(RankedPolicy):
-    """Rank by stamp alone: the oldest touch (hit or insert) leaves first. Within one step the hits, by
+    """The least recently touched (hit or insert) leaves first: a recency queue. Within one step the hits, by
     expert id, are touched before the misses are inserted, by expert id. Compiled replay (`ranked`)."""
 
     name = "lru"

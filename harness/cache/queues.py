@@ -1,0 +1,51 @@
+"""Doubly linked queues of keys over numpy arrays, for compiled policies (`harness.cache.compiled`) and LRU
+(`harness.cache.ranked`): a queue's ends and size are three int globals, a key's links three int columns of its
+row (which queue, the older and the newer neighbour)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness.cache.jit import KERNEL, njit
+
+try:
+    from numba import types
+except ImportError:  # njit is the identity (harness.cache.jit)
+    types = None  # type: ignore[assignment]
+
+NONE = -1
+"""No key (an empty queue end, a missing link); `WHERE` of a key in no queue."""
+OLDEST, NEWEST, SIZE = 0, 1, 2
+"""Offsets of a queue's ends and size within its three globals."""
+
+
+@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, **KERNEL)
+def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
+    """Append `key` at the newest end of queue `q`, whose links are the key columns `links` and the next two
+    (which queue, older, newer); a key already in `q` keeps its place (as in a dict)."""
+    if ki[key, links] == q:
+        return
+    newest = g[3 * q + NEWEST]
+    ki[key, links], ki[key, links + 1], ki[key, links + 2] = q, newest, NONE
+    if newest == NONE:
+        g[3 * q + OLDEST] = key
+    else:
+        ki[newest, links + 2] = key
+    g[3 * q + NEWEST] = key
+    g[3 * q + SIZE] += 1
+
+
+@njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, **KERNEL)
+def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
+    """Take `key` out of its queue among those linked by the columns from `links`."""
+    q, older, newer = ki[key, links], ki[key, links + 1], ki[key, links + 2]
+    if older == NONE:
+        g[3 * q + OLDEST] = newer
+    else:
+        ki[older, links + 2] = newer
+    if newer == NONE:
+        g[3 * q + NEWEST] = older
+    else:
+        ki[newer, links + 1] = older
+    g[3 * q + SIZE] -= 1
+    ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
