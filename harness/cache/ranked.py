@@ -115,25 +115,18 @@ BUCKET_COUNT, LOWER, HIGHER = 0, 1, 2
 
 
 @njit(**KERNEL, inline="always")
-def _point(order: np.ndarray, lower: int, higher: int, up: int, down: int) -> None:
-    """Bucket `lower` (NONE: the lowest-bucket header) now points up to `up`, bucket `higher` (if any) down to
-    `down`."""
-    if lower == NONE:
-        order[LOWEST] = up
-    else:
-        order[2 + 3 * lower + HIGHER] = up
-    if higher != NONE:
-        order[2 + 3 * higher + LOWER] = down
-
-
-@njit(**KERNEL, inline="always")
 def _open(order: np.ndarray, count: int, lower: int, higher: int) -> int:
     """A free bucket for `count`, linked between buckets `lower` and `higher` (NONE: an end)."""
     b = order[FREE]
     at = 2 + 3 * b
     order[FREE] = order[at + HIGHER]
     order[at + BUCKET_COUNT], order[at + LOWER], order[at + HIGHER] = count, lower, higher
-    _point(order, lower, higher, b, b)
+    if lower == NONE:
+        order[LOWEST] = b
+    else:
+        order[2 + 3 * lower + HIGHER] = b
+    if higher != NONE:
+        order[2 + 3 * higher + LOWER] = b
     return b
 
 
@@ -142,7 +135,12 @@ def _close(order: np.ndarray, b: int) -> None:
     """Bucket `b` (emptied) leaves the order and joins the free ones."""
     at = 2 + 3 * b
     lower, higher = order[at + LOWER], order[at + HIGHER]
-    _point(order, lower, higher, higher, lower)
+    if lower == NONE:
+        order[LOWEST] = higher
+    else:
+        order[2 + 3 * lower + HIGHER] = higher
+    if higher != NONE:
+        order[2 + 3 * higher + LOWER] = lower
     order[at + HIGHER] = order[FREE]
     order[FREE] = b
 
