@@ -43,7 +43,7 @@ from harness.cache.queues import OLDEST as OLDEST
 from harness.cache.queues import SIZE as SIZE
 from harness.cache.queues import push as push
 from harness.cache.queues import unlink as unlink
-from harness.cache.ranked import GROUP_REPLAY, GroupReplay
+from harness.cache.ranked import GROUP_REPLAY, GroupReplay, only
 from harness.keys import ExpertKey
 
 try:
@@ -306,12 +306,8 @@ class CompiledPolicy(CachePolicy):
         """Call `victim` or `admit` with `candidates` as the resident keys, every other key marked."""
         incoming_at = self._at(incoming)
         at = self.bind(list(candidates))
-        marks = self._marks
-        marks[at] = 0
-        try:
+        with only(self._marks, at) as marks:
             return fn(self.g, self.gf, self.ki, self.kf, at, marks, 1, incoming_at, now)
-        finally:
-            marks[at] = 1
 
     def victim(self, candidates: Set[ExpertKey], incoming: ExpertKey, now: int) -> ExpertKey:
         chosen = self._choose(self.kernel.victim, candidates, incoming, now)

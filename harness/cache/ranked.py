@@ -20,7 +20,8 @@ where every group's policy is a `RankedPolicy`.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Iterator, Set
+from contextlib import contextmanager
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -99,6 +100,17 @@ def lowest(state: np.ndarray, at: int, counted: bool, keys: np.ndarray, skip: np
         best_count = c if lower else best_count
         best_stamp = stamp if lower else best_stamp
     return best
+
+
+@contextmanager
+def only(marks: np.ndarray, at: np.ndarray) -> Iterator[np.ndarray]:
+    """`marks` (all 1) with the positions `at` at 0 for the duration: a kernel that skips the keys marked 1 (tag 1)
+    sees the candidates `at` only (a hook's victim or admission, where the replay marks the step's own keys)."""
+    marks[at] = 0
+    try:
+        yield marks
+    finally:
+        marks[at] = 1
 
 
 QUEUE_SIG = types.none(types.int64[:], types.int64[:, :], types.int64) if types is not None else None
@@ -182,7 +194,8 @@ def replay_group(
             else:
                 missed[m] = key
                 m += 1
-                touch(state, 0, key, on_miss)
+                if on_miss:
+                    touch(state, 0, key, on_miss)
         for j in range(m):
             key = missed[j]
             if n_free[0]:
@@ -190,7 +203,7 @@ def replay_group(
                 slot = free[n_free[0]]
             else:
                 if counted:
-                    victim = lowest(state, 0, counted, key_of_slot, mark, tag)
+                    victim = lowest(state, 0, True, key_of_slot, mark, tag)
                 else:
                     victim = oldest(ends, links, mark, tag)
                     forget(ends, links, victim)
@@ -278,15 +291,11 @@ class RankedPolicy(CachePolicy):
             at = np.fromiter(map(self.index.__getitem__, candidates), np.int64, len(candidates))
         except KeyError:
             at = self.bind(list(candidates))
-        marks = self._marks  # every key marked but the candidates (tag 1)
-        marks[at] = 0
-        try:
-            if self.counted:
-                chosen = lowest(self.state, 0, True, at, marks, 1)
-            else:
+        if self.counted:  # a scan of the candidates themselves: none is skipped (tag 0)
+            chosen = lowest(self.state, 0, True, at, self._marks, 0)
+        else:
+            with only(self._marks, at) as marks:
                 chosen = oldest(self.ends, self.links, marks, 1)
-        finally:
-            marks[at] = 1
         if chosen < 0:
             raise AssertionError("victim() called without a resident candidate")
         return self.keys[chosen]

@@ -147,7 +147,25 @@ def _recency(gf: np.ndarray, g: np.ndarray, at: int, size: int, ahead: np.float3
     from, into the RECENCY column: 0 for an expert never used (1 / inf)."""
     age, recency = _column(gf, g, at, AGE, size), _column(gf, g, at, RECENCY, size)
     for e in range(size):
-        recency[e] = _ONE / max(age[e] + ahead, _ONE)
+        recency[e] = _recency_of(age[e], ahead)
+
+
+@njit(**KERNEL, inline="always")
+def _recency_of(age: np.float32, ahead: np.float32) -> np.float32:
+    """1 / (steps since the last use) for an expert of age `age`, `ahead` steps on (0 where the age is inf)."""
+    return _ONE / max(age + ahead, _ONE)
+
+
+@njit(**KERNEL, inline="always")
+def _log_rate(count: np.float32, log_steps: np.float32) -> np.float32:
+    """A log-rate feature: log(count + PRIOR_HITS) - log(steps + PRIOR_STEPS), the latter given."""
+    return logf(count + _PRIOR_HITS) - log_steps
+
+
+@njit(**KERNEL, inline="always")
+def _log_steps(steps: float) -> np.float32:
+    """log(decayed step count + PRIOR_STEPS), the log-rates' denominator."""
+    return logf(np.float32(steps + PRIOR_STEPS))
 
 
 @njit(**KERNEL, inline="always")
@@ -222,7 +240,7 @@ def _decay_step(gf: np.ndarray, area: int, i: int, now: int, settled: int) -> tu
         decay = np.exp2(-LAMBDAS[i] * (now - settled))
     steps = gf[area + STEPS + i] * decay + 1.0
     gf[area + STEPS + i] = steps
-    return np.float32(decay), logf(np.float32(steps + PRIOR_STEPS))
+    return np.float32(decay), _log_steps(steps)
 
 
 @njit(**KERNEL, inline="always")
@@ -275,16 +293,16 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
                 count = _decayed(crf[e], decay, pending[e])
                 count2 = _decayed(crf2[e], decay2, pending[e])
                 crf[e], crf2[e] = count, count2
-                rate[e], rate2[e] = logf(count + _PRIOR_HITS) - log_step, logf(count2 + _PRIOR_HITS) - log_step2
+                rate[e], rate2[e] = _log_rate(count, log_step), _log_rate(count2, log_step2)
         else:
             for e in range(size):
                 count = _decayed(crf[e], decay, pending[e])
                 crf[e] = count
-                rate[e] = logf(count + _PRIOR_HITS) - log_step
+                rate[e] = _log_rate(count, log_step)
     age = _column(gf, g, at, AGE, size)
     for e in range(size):  # and the recency feature at the next step
         age[e] = _ZERO if pending[e] != _ZERO else age[e] + elapsed
-        recency[e] = _ONE / max(age[e] + _ONE, _ONE)
+        recency[e] = _recency_of(age[e], _ONE)
     recent0, recent1 = _column(gf, g, at, RECENT, size), _column(gf, g, at, RECENT + 1, size)
     recent2 = _column(gf, g, at, RECENT + 2, size)
     for e in range(size):  # each indicator a step older
@@ -304,9 +322,9 @@ def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: in
         return
     for i in range(RATES):
         crf, rate = _column(gf, g, at, CRF + i, top), _column(gf, g, at, RATE + i, top)
-        log_steps = logf(np.float32(gf[g[at + AREA] + STEPS + i] + PRIOR_STEPS))
+        log_steps = _log_steps(gf[g[at + AREA] + STEPS + i])
         for e in range(size, top):
-            rate[e] = logf(crf[e] + _PRIOR_HITS) - log_steps
+            rate[e] = _log_rate(crf[e], log_steps)
     g[at + SIZE] = top
 
 
