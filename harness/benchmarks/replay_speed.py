@@ -12,8 +12,9 @@ this process (one core; `time.process_time`, steadier than wall time on a shared
 simulate --scope global`): there a scan policy looks at every resident expert for each victim, so its speed
 falls as the cache grows.
 The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
-on different machines can be set side by side. Compiled policies (`harness.cache.compiled`, `ranked`) are
-compiled when the policies are imported, before the first measured run.
+on different machines can be set side by side. Each policy replays once untimed before its measured runs: the
+compiled policies (`harness.cache.compiled`, `ranked`) are compiled (or loaded from numba's disk cache) when the
+policies are imported, and a compiled policy class's replay loop when it first replays.
 
 The learned policies run as they would in `harness simulate`: `reuse-logit` with the trace's own profile
 (its warm start on the profile's steps is learned once per profile and kept, so the best of `--repeat`
@@ -95,6 +96,7 @@ def main(trace_path: Path | None, flame_dir: Path, capacity: str, policies: str,
     whole = trace.meta.num_experts * (layers if scope == "global" else 1)
     cells = [(p, slots) for p in policies.split(",")] + [("lru", [whole])]
     for policy, capacities in cells:
+        _cpu_seconds(replay, policy, capacities[0], scope, context)  # warm-up, untimed
         rates = []
         for c in capacities:
             best = min(_cpu_seconds(replay, policy, c, scope, context) for _ in range(repeat))

@@ -5,8 +5,9 @@ A `CompiledPolicy` keeps all its state in four arrays: `g` (int64 globals: queue
 decisions are five jitted functions over them, its `Kernel`: `access` (a hit, or a miss where the policy
 observes misses), `insert`, `evict`, `victim` and `admit`. The policy's per-key hooks (`on_access`, ...,
 what the live engine calls) call those functions for one key; `drive`, the compiled replay of a whole
-stream of one cache group's steps, calls the very same functions, passed to it as first-class functions.
-One implementation of each policy, whichever path runs it; `drive` is the one simulator loop.
+stream of one cache group's steps, calls the very same functions: each policy class compiles its own copy of
+`drive` whose globals name its kernel's functions (`driver`), so that the calls are direct. One implementation
+of each policy, whichever path runs it; `drive` is the one simulator loop.
 
 `admit` returns the key the miss would replace (the policy's victim) where the miss goes in, or NONE where it
 streams: a policy's admission compares the miss with its victim, which `drive` then need not look for again.
@@ -22,7 +23,8 @@ queue, the older and the newer neighbour; queue q's ends and size are g[3q:3q+3]
 columns from `FIRST_COLUMN` (more queue links where a key can be in several queues at once).
 
 numba as in `harness.cache.ranked` (why: see there): explicit signatures, compiled when the module is
-imported, cached on disk; without numba the same functions run as plain Python.
+imported (a policy class's `drive` when it first replays), cached on disk; without numba the same functions run
+as plain Python.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import functools
 import random
 from collections.abc import Set
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,8 +51,6 @@ from harness.keys import ExpertKey
 
 try:
     from numba import types
-    from numba.core.types.function_type import CompileResultWAP
-    from numba.extending import typeof_impl
 except ImportError:  # no signatures: njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
@@ -60,18 +61,7 @@ if types is not None:
     KEY_SIG: Any = types.none(*STATE, types.int64, types.int64)
     VICTIM_SIG: Any = types.int64(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
     ADMIT_SIG: Any = types.int64(*STATE, types.int64[:], types.int64[:], types.int64, types.int64, types.int64)
-    DRIVE_SIG: Any = types.int64(
-        types.FunctionType(ACCESS_SIG),
-        types.FunctionType(KEY_SIG),
-        types.FunctionType(KEY_SIG),
-        types.FunctionType(VICTIM_SIG),
-        types.FunctionType(ADMIT_SIG),
-        types.boolean,
-        types.boolean,
-        *STATE,
-        GROUP_REPLAY,
-        types.int64,
-    )
+    DRIVE_SIG: Any = types.int64(*STATE, GROUP_REPLAY, types.int64)
 else:
     STATE = ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
 
@@ -108,7 +98,7 @@ def no_admission(
     incoming: int,
     now: int,
 ) -> int:
-    """The `admit` that `drive` takes for a policy without admission, which it never calls (`admits` is False)."""
+    """The `admit` of a policy without admission, which its `drive` never calls (`KERNEL_ADMITS` is False)."""
     return NONE
 
 
@@ -135,31 +125,27 @@ class Kernel:
     where it streams."""
 
 
-@njit(DRIVE_SIG, cache=True)
-def drive(
-    access,  # kernels: first-class compiled functions
-    insert,
-    evict,
-    victim,
-    admit,
-    admits: bool,
-    observes_misses: bool,
-    g: np.ndarray,
-    gf: np.ndarray,
-    ki: np.ndarray,
-    kf: np.ndarray,
-    r: GroupReplay,
-    start: int,
-) -> int:
+kernel_access, kernel_insert, kernel_evict, kernel_victim, kernel_admit = (
+    no_access,
+    no_op,
+    no_op,
+    no_admission,
+    no_admission,
+)
+"""The kernel functions `drive` calls: in each policy class's copy of it (`driver`), that class's."""
+KERNEL_ADMITS = KERNEL_OBSERVES_MISSES = False
+"""In each copy of `drive`: whether the policy admits (its `Kernel` has `admit`) and observes misses."""
+
+
+def drive(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, r: GroupReplay, start: int) -> int:
     """Replay r.calls[start:] of one cache group (`GroupReplay`) with nothing staged, as
     `ExpertCacheBook.account` would, calling the policy's kernel where the book calls its hooks: each call's
-    keys (keys[bounds[c]:bounds[c+1]], distinct, at step nows[c]) are accessed in order (misses only where
-    `observes_misses`) before any miss is placed; each miss then takes a free slot (free[:n_free[0]], the
+    keys (keys[bounds[c]:bounds[c+1]], distinct, at step nows[c]) are accessed in order (misses only where the
+    policy observes misses) before any miss is placed; each miss then takes a free slot (free[:n_free[0]], the
     last first), or the slot of the victim among the resident keys the call does not need (`victim`, or where the
-    policy admits (`admits`) the victim `admit` returns, NONE for a miss that streams), `evict(victim)`, and is
-    inserted.
+    policy admits the victim `admit` returns, NONE for a miss that streams), `evict(victim)`, and is inserted.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
-    group), or len(calls)."""
+    group), or len(calls). Never called as it is: each policy class compiles its own copy (`driver`)."""
     # The replay's arrays as locals, taken once (as `ranked.replay_group`): reading `r.field` inside the loop
     # takes and drops a reference (two atomic operations) at each read.
     keys, bounds, nows, calls, slot_of, key_of_slot, first_slot, free, n_free, mark, hits, misses = r
@@ -180,33 +166,54 @@ def drive(
             key = keys[j]
             mark[key] = tag
             if slot_of[key] >= 0:
-                access(g, gf, ki, kf, key, now, True)
+                kernel_access(g, gf, ki, kf, key, now, True)
             else:
                 missed[m] = key
                 m += 1
-                if observes_misses:
-                    access(g, gf, ki, kf, key, now, False)
+                if KERNEL_OBSERVES_MISSES:
+                    kernel_access(g, gf, ki, kf, key, now, False)
         for j in range(m):
             key = missed[j]
             if n_free[0]:
                 n_free[0] -= 1
                 slot = free[n_free[0]]
             else:
-                if admits:
-                    out = admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                if KERNEL_ADMITS:
+                    out = kernel_admit(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
                     if out == NONE:
                         continue
                 else:
-                    out = victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
-                evict(g, gf, ki, kf, out, now)
+                    out = kernel_victim(g, gf, ki, kf, key_of_slot, mark, tag, key, now)
+                kernel_evict(g, gf, ki, kf, out, now)
                 slot = slot_of[out]
                 slot_of[out] = -1
             slot_of[key] = slot
             key_of_slot[slot - first_slot] = key
-            insert(g, gf, ki, kf, key, now)
+            kernel_insert(g, gf, ki, kf, key, now)
         hits[c] = b - a - m
         misses[c] = m
     return len(calls)
+
+
+@functools.cache
+def driver(policy: type[CompiledPolicy]) -> Any:
+    """`drive` compiled for one policy class: a copy of the function whose globals name that class's kernel
+    functions, so that it calls them directly. Through function pointers (one `drive` for every policy), each
+    call passed the four state arrays field by field (about 30 values) and could not be inlined: SIEVE and ARC
+    replayed at half the speed. Each copy has its own name, so numba caches each on disk under its own."""
+    k = policy.kernel
+    bound = {
+        "kernel_access": k.access,
+        "kernel_insert": k.insert,
+        "kernel_evict": k.evict,
+        "kernel_victim": k.victim,
+        "kernel_admit": k.admit or no_admission,
+        "KERNEL_ADMITS": k.admit is not None,
+        "KERNEL_OBSERVES_MISSES": policy.observes_misses,
+    }
+    copy = FunctionType(drive.__code__, {**drive.__globals__, **bound}, f"drive_{policy.__name__}")
+    copy.__qualname__ = copy.__name__
+    return njit(DRIVE_SIG, cache=True)(copy)
 
 
 @dataclass(frozen=True)
@@ -316,42 +323,8 @@ class CompiledPolicy(CachePolicy):
         return self.keys[chosen]
 
     def replay(self, r: GroupReplay, start: int) -> int:
-        """`drive` with this policy's kernel and state."""
-        k = self.kernel
-        return drive(
-            *_addresses(k),
-            k.admit is not None,
-            self.observes_misses,
-            self.g,
-            self.gf,
-            self.ki,
-            self.kf,
-            r,
-            start,
-        )
-
-
-if types is not None:
-
-    class _Compiled(CompileResultWAP):
-        """A kernel function as `drive` takes it: its compiled address and numba type, found once. Given the
-        jitted function itself, numba finds both again at every call of `drive` (about 0.1 ms a function,
-        4 ms in a replay of 8 layers)."""
-
-        def __init__(self, function: Any) -> None:
-            super().__init__(*function.overloads.values())  # compiled for its one signature
-            self.type = types.FunctionType(self.signature())
-
-    @typeof_impl.register(_Compiled)
-    def _typeof_compiled(value: _Compiled, context: Any) -> Any:
-        return value.type
-
-
-@functools.cache
-def _addresses(kernel: Kernel) -> tuple[Any, ...]:
-    """The kernel's access, insert, evict, victim and admit functions as `drive` takes them (`_Compiled`)."""
-    functions = (kernel.access, kernel.insert, kernel.evict, kernel.victim, kernel.admit or no_admission)
-    return functions if types is None else tuple(_Compiled(fn) for fn in functions)
+        """`drive` with this policy's kernel (its class's copy, `driver`) and state."""
+        return int(driver(type(self))(self.g, self.gf, self.ki, self.kf, r, start))
 
 
 class CompiledAdmission(CompiledPolicy):
