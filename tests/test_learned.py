@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from harness.cache.book import ExpertCacheBook
+from harness.cache.policies import flashmoe as flashmoe_kernels
+from harness.cache.policies.flashmoe import FlashMoE
 from harness.cache.learned import (
     FlashMoEModel,
     LayerNet,
@@ -111,6 +113,29 @@ def test_flashmoe_runs_through_the_live_entry_point_deterministically(trained):
     first, book = run()
     assert first == run()[0] and book.total().accesses == 28
     assert not book.policies[0].needs_future
+
+
+def test_the_policy_predicts_what_the_network_predicts_on_the_features(trained):
+    # The kernel keeps W1's frequency half times the counts up to date a use at a time and divides by the largest
+    # count at a prediction; LayerNet.predict computes the network on the features themselves. Same predictions.
+    _, model_path, _ = trained
+    model = FlashMoEModel.load(model_path)
+    policy = FlashMoE(2, 0, model)
+    rng = np.random.default_rng(3)
+    last, freq = np.full((2, 8), -1), np.zeros((2, 8))
+    for now in range(40):
+        for layer in (0, 1):
+            for expert in rng.choice(8, 2, replace=False):
+                policy.on_access((layer, int(expert)), now, True)
+                last[layer, expert], freq[layer, expert] = now, freq[layer, expert] + 1
+        if now % 13 == 0 or now == 39:
+            for layer in (0, 1):
+                flashmoe_kernels._predict(policy.g, policy.gf, policy.ki, policy.kf, layer, now)
+                start = policy.g[flashmoe_kernels.PREDICTIONS] + 8 * layer
+                kernel = policy.gf.view(np.float32)[start : start + 8]
+                expected = model.nets[layer].predict(features(last[layer], freq[layer], now))
+                assert np.allclose(kernel, expected, rtol=1e-5, atol=1e-6)
+    assert freq.max() > 1  # the largest count moved: the division is exercised
 
 
 def test_flashmoe_refuses_a_layer_or_expert_it_has_no_network_for(trained):

@@ -6,7 +6,7 @@ and are called alike from Python and from other compiled functions.
 
 numba keeps a compiled function valid while its own source file is unchanged, but a compiled function holds
 copies of the compiled functions it calls from other files (a policy's kernels hold `compiled.ranks_below`,
-`flashmoe`'s hold `learned.mlp`): after an edit of only the callee's file, the caller's cache would run the
+`flashmoe`'s hold `learned.network`): after an edit of only the callee's file, the caller's cache would run the
 old callee. So the cache lives under `$HARNESS_CACHE/numba/DIGEST`, DIGEST being a hash of every source file of
 this package: any edit starts a fresh cache. The folders of the CACHES_KEPT most recently used digests are
 kept. Where that folder cannot be written, numba's default (`__pycache__` beside the sources) is used.

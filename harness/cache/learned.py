@@ -6,13 +6,15 @@ this step; freq = its accesses so far) and predicts each expert's normalised dis
 `(clamp(d, 1, D) - 1) / (D - 1)` with d the Belady next-use distance in steps (never used again: D).
 Cold start: an expert never used yet has recency feature 0 and frequency 0.
 
-Inference is compiled (`features` and `mlp`, numba: `harness.cache.jit`; no torch in the live
-engine's hot path): the same functions build the training samples, score in the policy's kernel
-(`harness.cache.policies.flashmoe`) and back `LayerNet.predict`. torch is used only to train. The network
-runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its SiLU
-too, with a branch-free exp (`harness.cache.vmath.expf`) so that it vectorises, where libm's is one scalar call per
-value. The model file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays as tensors
-(loadable with `weights_only=True`).
+Inference is compiled (numba: `harness.cache.jit`; no torch in the live engine's hot path). `features` builds
+the training samples; `network` scores, in the policy's kernel (`harness.cache.policies.flashmoe`) and in
+`LayerNet.predict` (`mlp`). The kernel keeps W1's frequency half times the access counts up to date a use at a
+time (`add_frequency`, float64) and divides it by the largest count at a prediction, so that a prediction reads
+W1's recency half only; `mlp` sums the same product from the features. torch is used only to train. The network
+runs in float32, the precision torch trains it in (twice the SIMD width of float64, and the replay's cost), its
+SiLU too, with a branch-free exp (`harness.cache.vmath.expf`) so that it vectorises, where libm's is one scalar
+call per value. The model file is `torch.save` of a dict: format tag, metadata, and per layer the weight arrays
+as tensors (loadable with `weights_only=True`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.cache.jit import njit
+from harness.cache.jit import KERNEL, njit
 from harness.cache.vmath import expf
 from harness.errors import HarnessError
 
@@ -51,22 +53,25 @@ def distance_cap(num_experts: int) -> int:
 
 
 _ROW: Any = types.float64[::1] if types else None
-_FEATURES_SIG: Any = types.none(_ROW, _ROW, types.int64, types.float32[::1]) if types else None
+_VECTOR: Any = types.float32[::1] if types else None
 
 
-@njit(
-    _FEATURES_SIG,
-    cache=True,
-    error_model="numpy",  # no ZeroDivisionError test (the divisors are never 0)
-)
-def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
-    """Write the [2E] features of one layer at step `now` into `x`; `last` is -1 for experts never used.
-    Contiguous float inputs and no branch, so that the loops vectorise (AVX2 converts no int64 to float); the
-    values are those of integer last uses (every step below 2^53 is exact in float64)."""
-    e = len(last)
-    top = freq.max()
-    for i in range(e):
+@njit(types.none(_ROW, types.int64, _VECTOR) if types else None, cache=True, error_model="numpy")
+def recency_into(last: np.ndarray, now: int, x: np.ndarray) -> None:
+    """The [E] recency features of one layer at step `now` into `x`: 1 / rec, 0 for an expert never used
+    (`last` -1). Contiguous float inputs and no branch, so that the loop vectorises (AVX2 converts no int64 to
+    float); the values are those of integer last uses (every step below 2^53 is exact in float64). numpy's error
+    model: no ZeroDivisionError test (the divisor is at least 1)."""
+    for i in range(len(last)):
         x[i] = 1.0 / max(now - last[i] + 1.0, 1.0) if last[i] >= 0 else 0.0
+
+
+@njit(types.none(_ROW, _ROW, types.int64, _VECTOR) if types else None, cache=True, error_model="numpy")
+def features_into(last: np.ndarray, freq: np.ndarray, now: int, x: np.ndarray) -> None:
+    """Write the [2E] features of one layer at step `now` into `x`: `recency_into`, then freq / max(freq)."""
+    e = len(last)
+    recency_into(last, now, x[:e])
+    top = freq.max()
     for i in range(e):
         x[e + i] = freq[i] / top if top > 0 else 0.0
 
@@ -93,11 +98,10 @@ def _silu(y: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
-    """y = `W @ x + b` for the W (transposed, [in, out] flattened) and b at w[at:], the sizes those of x and
-    y; returns where the next layer's weights start. The inputs are summed in order, four at a time
-    (y += w_j x_j + ... + w_j+3 x_j+3), over contiguous outputs: SIMD loops that keep y in memory a quarter
-    as often as one input at a time would."""
+def _product(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
+    """y = `W @ x` for the W (transposed, [in, out] flattened) at w[at:], the sizes those of x and y; returns
+    where W ends. The inputs are summed in order, four at a time (y += w_j x_j + ... + w_j+3 x_j+3), over
+    contiguous outputs: SIMD loops that keep y in memory a quarter as often as one input at a time would."""
     n_in, n_out = len(x), len(y)
     y[:] = 0.0
     quads = n_in - n_in % 4
@@ -113,34 +117,68 @@ def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
         column = w[at + j * n_out : at + j * n_out + n_out]
         for i in range(n_out):
             y[i] += column[i] * xj
-    bias = w[at + n_in * n_out : at + n_in * n_out + n_out]
-    for i in range(n_out):
-        y[i] = y[i] + bias[i]
-    return at + n_in * n_out + n_out
+    return at + n_in * n_out
 
 
-@njit(
-    types.none(types.float32[::1], types.float32[::1], types.float64[:], types.float32[::1]) if types else None,
-    cache=True,
-)
-def mlp(w: np.ndarray, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """One layer's network on features `x` into `out`: |W3 SiLU(W2 SiLU(W1 x + b1) + b2) + b3|, in float32
-    (the precision it is trained in), the weights `LayerNet.flat` at the start of `w`; `scratch` holds the
-    hidden width twice and the outputs (`scratch_floats`)."""
-    hidden = (len(scratch) - len(out)) // 2
-    h1, h2, y = scratch[:hidden], scratch[hidden : 2 * hidden], scratch[2 * hidden :]
-    at = _dense(w, 0, x, h1)
+@njit(cache=True)
+def _dense(w: np.ndarray, at: int, x: np.ndarray, y: np.ndarray) -> int:
+    """y = `W @ x + b` (`_product`, then the bias that follows W); returns where the next layer's weights start."""
+    at = _product(w, at, x, y)
+    for i in range(len(y)):
+        y[i] = y[i] + w[at + i]
+    return at + len(y)
+
+
+_ADD_SIG: Any = types.none(_VECTOR, types.int64, types.int64, types.int64, types.float64, _ROW) if types else None
+_NETWORK_SIG: Any = types.none(_VECTOR, _VECTOR, _ROW, types.float64, _VECTOR, _VECTOR) if types else None
+
+
+@njit(_ADD_SIG, **KERNEL, inline="always")
+def add_frequency(w: np.ndarray, num_experts: int, hidden: int, expert: int, amount: float, sums: np.ndarray) -> None:
+    """sums += amount * W1's column of `expert`'s frequency feature (float64): W1's frequency half times the counts
+    of experts' uses, kept up to date by the policy a use at a time (`network` divides it by the largest count)."""
+    column = w[(num_experts + expert) * hidden : (num_experts + expert + 1) * hidden]
+    for i in range(hidden):
+        sums[i] += amount * column[i]
+
+
+@njit(_NETWORK_SIG, **KERNEL)
+def network(
+    w: np.ndarray, recency: np.ndarray, sums: np.ndarray, top: float, out: np.ndarray, scratch: np.ndarray
+) -> None:
+    """One layer's network into `out`: |W3 SiLU(W2 SiLU(W1 x + b1) + b2) + b3| with x = (recency, freq / top), in
+    float32 (the precision it is trained in) but for W1's frequency half, given as `sums` (`add_frequency`: the
+    frequencies times their columns, float64) and divided by `top`; the weights `LayerNet.flat` at the start of
+    `w`; `scratch` holds the hidden width twice (`scratch_floats`). The policy keeps `sums` up to date a use at a
+    time, so that a prediction reads W1's recency half only: a quarter less of the weights, which come from L2 or
+    L3 (every layer's network is 8 x 66 KB with 64 experts), the network's bound."""
+    e, hidden = len(out), len(scratch) // 2
+    h1, h2 = scratch[:hidden], scratch[hidden:]
+    at = _product(w, 0, recency, h1) + e * hidden  # past W1's frequency half: b1
+    for i in range(hidden):
+        h1[i] = (h1[i] + np.float32(sums[i] / top)) + w[at + i]
     _silu(h1)
-    at = _dense(w, at, h1, h2)
+    at = _dense(w, at + hidden, h1, h2)
     _silu(h2)
-    _dense(w, at, h2, y)
-    for i in range(len(out)):
-        out[i] = abs(y[i])
+    _dense(w, at, h2, out)
+    for i in range(e):
+        out[i] = abs(out[i])
 
 
-def scratch_floats(num_experts: int, hidden: int) -> int:
+@njit(types.none(_VECTOR, _VECTOR, _VECTOR, _VECTOR) if types else None, cache=True)
+def mlp(w: np.ndarray, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """One layer's network on features `x` (`features_into`) into `out`: `network` with W1's frequency half
+    summed from the features (`add_frequency`, top 1)."""
+    e, hidden = len(out), len(scratch) // 2
+    sums = np.zeros(hidden)
+    for expert in range(e):
+        add_frequency(w, e, hidden, expert, float(x[e + expert]), sums)
+    network(w, x[:e], sums, 1.0, out, scratch)
+
+
+def scratch_floats(hidden: int) -> int:
     """The float32 values of `mlp`'s scratch."""
-    return 2 * hidden + num_experts
+    return 2 * hidden
 
 
 @dataclass
@@ -161,10 +199,10 @@ class LayerNet:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         e, hidden = self.w3.shape
-        out = np.empty(e)
+        out = np.empty(e, dtype=np.float32)
         network: Any = mlp  # numba's Dispatcher: its stub does not know the compiled signature
-        network(self.flat(), np.asarray(x, dtype=np.float32), out, np.empty(scratch_floats(e, hidden), np.float32))
-        return out
+        network(self.flat(), np.asarray(x, dtype=np.float32), out, np.empty(scratch_floats(hidden), np.float32))
+        return out.astype(np.float64)
 
 
 @dataclass
