@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.policies import flashmoe as flashmoe_kernels
-from harness.cache.policies.flashmoe import FlashMoE
 from harness.cache.learned import (
     FlashMoEModel,
     LayerNet,
@@ -16,6 +14,8 @@ from harness.cache.learned import (
     features,
     layer_samples,
 )
+from harness.cache.policies import flashmoe as flashmoe_kernels
+from harness.cache.policies.flashmoe import FlashMoE
 from harness.cache.registry import policy_factory
 from harness.errors import HarnessError
 from harness.trace.schema import TraceMeta, TraceWriter

@@ -37,7 +37,7 @@ _EXP_LOW, _EXP_HIGH = np.float32(-87.0), np.float32(88.0)
 _TAYLOR = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 
-@njit(types.float32(types.float32) if types else None, cache=True)
+@njit(types.float32(types.float32) if types else None, cache=True, inline="always")
 def expf(t: np.float32) -> np.float32:
     """exp(t) in float32 within 1 ulp. t = n ln2 + r with |r| <= ln2 / 2; exp(r) = 1 + q, q by the Taylor
     polynomial to degree 7 (truncation 5e-9 relative) in Estrin's form, 1 added last so that q's rounding errors

@@ -301,7 +301,8 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
                 rate[e] = _log_rate(count, log_step)
     age = _column(gf, g, at, AGE, size)
     for e in range(size):  # and the recency feature at the next step
-        age[e] = _ZERO if pending[e] != _ZERO else age[e] + elapsed
+        aged = age[e] + elapsed  # read whether or not it is kept: a conditional read stops LLVM's vectoriser
+        age[e] = _ZERO if pending[e] != _ZERO else aged
         recency[e] = _recency_of(age[e], _ONE)
     recent0, recent1 = _column(gf, g, at, RECENT, size), _column(gf, g, at, RECENT + 1, size)
     recent2 = _column(gf, g, at, RECENT + 2, size)
