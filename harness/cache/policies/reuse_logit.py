@@ -340,12 +340,12 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
 
 
 @njit(**KERNEL, inline="always")
-def _standing(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, key: int) -> tuple[float, float]:
+def _standing(g: np.ndarray, values: np.ndarray, ki: np.ndarray, key: int) -> tuple[float, float]:
     """The key's predicted reuse and last use (its layer's last step learned from, less its age; -inf: never used),
-    the first two places of the eviction order (`ranks_below_by`). The key's layer has learned its pending step."""
+    the first two places of the eviction order (`ranks_below_by`). The key's layer has learned its pending step.
+    `values` is `gf` as float32 values, taken once by the caller (each view checks the array's layout)."""
     at = BLOCK_INTS * ki[key, BLOCK]
     start, width = 2 * (g[at + AREA] + HEAD) + ki[key, EXPERT], g[at + WIDTH]
-    values = gf.view(np.float32)
     return float(values[start + SCORE * width]), float(g[at + SETTLED_NOW]) - float(values[start + AGE * width])
 
 
@@ -363,12 +363,13 @@ def _victim(
 ) -> int:
     """The candidate of lowest predicted reuse, each layer's pending step learned first."""
     settle(g, gf, ki, kf, ki[incoming, BLOCK])
+    values = gf.view(np.float32)
     best, best_score, best_last = NONE, 0.0, 0.0
     for key in resident:
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
                 settle(g, gf, ki, kf, ki[key, BLOCK])
-            score, last = _standing(g, gf, ki, key)
+            score, last = _standing(g, values, ki, key)
             if best == NONE or ranks_below_by(score, last, key, best_score, best_last, best, ki):
                 best, best_score, best_last = key, score, last
     return best
@@ -388,8 +389,9 @@ def _admit(
 ) -> int:
     """The miss goes in where its predicted reuse ranks above the would-be victim's."""
     victim = _victim(g, gf, ki, kf, resident, mark, tag, incoming, now)
-    score, last = _standing(g, gf, ki, victim)
-    incoming_score, incoming_last = _standing(g, gf, ki, incoming)
+    values = gf.view(np.float32)
+    score, last = _standing(g, values, ki, victim)
+    incoming_score, incoming_last = _standing(g, values, ki, incoming)
     return victim if ranks_below_by(score, last, victim, incoming_score, incoming_last, incoming, ki) else NONE
 
 
