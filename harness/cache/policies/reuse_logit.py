@@ -265,14 +265,18 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
     elapsed = np.float32(now - settled) if settled != _UNSET else _ZERO  # ages are inf before any step
     # The prediction made at the last step learned from is this step's logit (same weights and features)
     # where this step is the next one; experts seen since have none.
-    predicted = g[at + SCORED] if settled != _UNSET and now == settled + 1 else 0
+    # The recency column holds the recency at the next step already (the last settle's age pass), and experts seen
+    # since have recency 0 (never used) either way.
+    following = settled != _UNSET and now == settled + 1
+    predicted = g[at + SCORED] if following else 0
     score, pending = _column(gf, g, at, SCORE, size), _column(gf, g, at, PENDING, size)
     error, recency = _column(gf, g, at, ERROR, size), _column(gf, g, at, RECENCY, size)
-    _recency(gf, g, at, size, elapsed)
+    if not following:
+        _recency(gf, g, at, size, elapsed)
     for e in range(predicted):
-        error[e] = score[e]
+        error[e] = pending[e] - _ONE / (_ONE + expf(-score[e]))
     _logits(gf, g, at, predicted, size, error[predicted:])
-    for e in range(size):
+    for e in range(predicted, size):
         error[e] = pending[e] - _ONE / (_ONE + expf(-error[e]))
     # One SGD step on the mean gradient: the error times each feature, summed over the layer's experts.
     w = gf[area + WEIGHTS : area + WEIGHTS + FEATURES]
