@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from numba.core.caching import NullCache
 
 from harness.cache.base import CachePolicy
 from harness.cache.book import ExpertCacheBook
-from harness.cache.compiled import CompiledPolicy, mt_below, mt_random, mt_state
+from harness.cache.compiled import CompiledPolicy, driver, mt_below, mt_random, mt_state
 from harness.cache.learned import FlashMoEModel, TrainSettings, build_model
 from harness.cache.policies.lru import LRU
+from harness.cache.policies.sieve import Sieve
 from harness.cache.ranked import RankedPolicy
 from harness.cache.registry import policy_factory
 from harness.keys import ExpertKey
@@ -176,6 +178,25 @@ def test_other_policies_take_the_python_loop():
     for call in stream.calls:
         b.account(*call)
     assert a.counts == b.counts and 0 < a.total().hits < a.total().accesses
+
+
+class _OwnSieve(Sieve):
+    """A policy class outside the harness package, on the harness's SIEVE kernel."""
+
+
+def test_each_policy_class_replays_through_its_own_compiled_loop():
+    # One copy of `drive` per class, named after its module and class; cached on disk only for the harness's own
+    # classes (the cache folder is named by the harness's sources, not by a kernel edited elsewhere).
+    assert driver(Sieve) is driver(Sieve) and driver(_OwnSieve) is not driver(Sieve)
+    assert driver(Sieve).py_func.__name__ == "drive_harness_cache_policies_sieve_Sieve"
+    assert driver(_OwnSieve).py_func.__name__.endswith("test_replay_core__OwnSieve")
+    assert not isinstance(driver(Sieve)._cache, NullCache) and isinstance(driver(_OwnSieve)._cache, NullCache)
+    trace = _trace(seed=2, rows=100, layers=2, experts=8, k=2, batch=1)
+    (stream,) = build_replay(trace).streams
+    books = [ExpertCacheBook([0, 1], 3, "per-layer", cls) for cls in (Sieve, _OwnSieve)]
+    for book in books:
+        book.account_stream(stream.calls)
+    assert books[0].counts == books[1].counts and 0 < books[0].total().hits < books[0].total().accesses
 
 
 @pytest.mark.parametrize("seed", [0, 5, 2**40 + 3])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from collections.abc import Set
 from dataclasses import dataclass
 from types import FunctionType
@@ -200,7 +201,9 @@ def driver(policy: type[CompiledPolicy]) -> Any:
     """`drive` compiled for one policy class: a copy of the function whose globals name that class's kernel
     functions, so that it calls them directly. Through function pointers (one `drive` for every policy), each
     call passed the four state arrays field by field (about 30 values) and could not be inlined: SIEVE and ARC
-    replayed at half the speed. Each copy has its own name, so numba caches each on disk under its own."""
+    replayed at half the speed. Each copy is named after its class's module and name, under which numba caches
+    it on disk: only for the harness's own policies, whose sources name the cache's folder (`harness.cache.jit`),
+    so that an edited kernel elsewhere is never run from a copy compiled with the old one."""
     k = policy.kernel
     bound = {
         "kernel_access": k.access,
@@ -211,9 +214,11 @@ def driver(policy: type[CompiledPolicy]) -> Any:
         "KERNEL_ADMITS": k.admit is not None,
         "KERNEL_OBSERVES_MISSES": policy.observes_misses,
     }
-    copy = FunctionType(drive.__code__, {**drive.__globals__, **bound}, f"drive_{policy.__name__}")
-    copy.__qualname__ = copy.__name__
-    return njit(DRIVE_SIG, cache=True)(copy)
+    name = "drive_" + re.sub(r"\W", "_", f"{policy.__module__}.{policy.__qualname__}")
+    copy = FunctionType(drive.__code__, {**drive.__globals__, **bound}, name)
+    copy.__qualname__ = name
+    own = policy.__module__.split(".")[0] == __name__.split(".")[0]
+    return njit(DRIVE_SIG, cache=own)(copy)
 
 
 @dataclass(frozen=True)
