@@ -41,6 +41,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
+from harness.cache.queues import NEWER_LINK, OLDER_LINK
 from harness.cache.queues import NEWEST as NEWEST
 from harness.cache.queues import NONE as NONE
 from harness.cache.queues import OLDEST as OLDEST
@@ -66,8 +67,9 @@ if types is not None:
 else:
     STATE = ACCESS_SIG = KEY_SIG = VICTIM_SIG = ADMIT_SIG = DRIVE_SIG = None
 
-LAYER, EXPERT, WHERE, OLDER, NEWER = 0, 1, 2, 3, 4
-FIRST_COLUMN = 5
+LAYER, EXPERT, WHERE = 0, 1, 2
+OLDER, NEWER = WHERE + OLDER_LINK, WHERE + NEWER_LINK
+FIRST_COLUMN = WHERE + 3
 """The policy's own int columns start here."""
 
 

@@ -17,20 +17,23 @@ NONE = -1
 """No key (an empty queue end, a missing link); `WHERE` of a key in no queue."""
 OLDEST, NEWEST, SIZE = 0, 1, 2
 """Offsets of a queue's ends and size within its three globals."""
+QUEUE_LINK, OLDER_LINK, NEWER_LINK = 0, 1, 2
+"""Offsets of a key's links from the first of its three link columns: which queue, the older and the newer
+neighbour."""
 
 
 @njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64, types.int64) if types else None, **KERNEL)
 def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
     """Append `key` at the newest end of queue `q`, whose links are the key columns `links` and the next two
     (which queue, older, newer); a key already in `q` keeps its place (as in a dict)."""
-    if ki[key, links] == q:
+    if ki[key, links + QUEUE_LINK] == q:
         return
     newest = g[3 * q + NEWEST]
-    ki[key, links], ki[key, links + 1], ki[key, links + 2] = q, newest, NONE
+    ki[key, links + QUEUE_LINK], ki[key, links + OLDER_LINK], ki[key, links + NEWER_LINK] = q, newest, NONE
     if newest == NONE:
         g[3 * q + OLDEST] = key
     else:
-        ki[newest, links + 2] = key
+        ki[newest, links + NEWER_LINK] = key
     g[3 * q + NEWEST] = key
     g[3 * q + SIZE] += 1
 
@@ -38,14 +41,14 @@ def push(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
 @njit(types.none(types.int64[:], types.int64[:, :], types.int64, types.int64) if types else None, **KERNEL)
 def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
     """Take `key` out of its queue among those linked by the columns from `links`."""
-    q, older, newer = ki[key, links], ki[key, links + 1], ki[key, links + 2]
+    q, older, newer = ki[key, links + QUEUE_LINK], ki[key, links + OLDER_LINK], ki[key, links + NEWER_LINK]
     if older == NONE:
         g[3 * q + OLDEST] = newer
     else:
-        ki[older, links + 2] = newer
+        ki[older, links + NEWER_LINK] = newer
     if newer == NONE:
         g[3 * q + NEWEST] = older
     else:
-        ki[newer, links + 1] = older
+        ki[newer, links + OLDER_LINK] = older
     g[3 * q + SIZE] -= 1
-    ki[key, links], ki[key, links + 1], ki[key, links + 2] = NONE, NONE, NONE
+    ki[key, links + QUEUE_LINK], ki[key, links + OLDER_LINK], ki[key, links + NEWER_LINK] = NONE, NONE, NONE

@@ -28,7 +28,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import NONE, OLDEST, push, unlink
+from harness.cache.queues import NEWER_LINK, NONE, OLDEST, QUEUE_LINK, push, unlink
 from harness.keys import ExpertKey
 
 try:
@@ -115,23 +115,23 @@ def only(marks: np.ndarray, at: np.ndarray) -> Iterator[np.ndarray]:
 
 QUEUE_SIG = types.none(types.int64[:], types.int64[:, :], types.int64) if types is not None else None
 OLDEST_SIG = types.int64(types.int64[:], types.int64[:, :], types.int64[:], types.int64) if types is not None else None
-NEWER = 2
-"""A key's row in LRU's `links`: which queue (0, or NONE), its older and its newer neighbour (`queues`)."""
+LINKS = 0
+"""A position's row in LRU's `links` holds its queue links from column 0 (`queues`: which queue, 0 or NONE, its
+older and its newer neighbour)."""
+
+
+@njit(QUEUE_SIG, **KERNEL, inline="always")
+def forget(ends: np.ndarray, links: np.ndarray, key: int) -> None:
+    """LRU: `key` leaves the recency queue (if in it)."""
+    if links[key, LINKS + QUEUE_LINK] != NONE:
+        unlink(ends, links, key, LINKS)
 
 
 @njit(QUEUE_SIG, **KERNEL)
 def renew(ends: np.ndarray, links: np.ndarray, key: int) -> None:
     """LRU: `key` moves to (or joins) the newest end of the recency queue."""
-    if links[key, 0] != NONE:
-        unlink(ends, links, key, 0)
-    push(ends, links, 0, key, 0)
-
-
-@njit(QUEUE_SIG, **KERNEL)
-def forget(ends: np.ndarray, links: np.ndarray, key: int) -> None:
-    """LRU: `key` leaves the recency queue (if in it)."""
-    if links[key, 0] != NONE:
-        unlink(ends, links, key, 0)
+    forget(ends, links, key)
+    push(ends, links, 0, key, LINKS)
 
 
 @njit(OLDEST_SIG, **KERNEL)
@@ -140,7 +140,7 @@ def oldest(ends: np.ndarray, links: np.ndarray, skip: np.ndarray, tag: int) -> i
     The keys a step marks were just touched (or are not resident), so the walk rarely passes one."""
     key = ends[OLDEST]
     while key != NONE and skip[key] == tag:
-        key = links[key, NEWER]
+        key = links[key, LINKS + NEWER_LINK]
     return key
 
 

@@ -48,18 +48,29 @@ _STALE = -(1 << 62)
 PREDICT_SIG = types.none(*STATE, types.int64, types.int64) if types else None
 
 
+@njit(**KERNEL, inline="always")
+def _weights(g: np.ndarray, gf: np.ndarray, layer: int) -> np.ndarray:
+    """The layer's network weights (`LayerNet.flat`, float32) in `gf`."""
+    return gf.view(np.float32)[layer * g[BLOCK] : (layer + 1) * g[BLOCK]]
+
+
+@njit(**KERNEL, inline="always")
+def _sums(g: np.ndarray, gf: np.ndarray, layer: int) -> np.ndarray:
+    """The layer's frequency sums (`add_frequency`, float64) in `gf`."""
+    return gf[g[SUMS] + layer * g[HIDDEN] : g[SUMS] + (layer + 1) * g[HIDDEN]]
+
+
 @njit(PREDICT_SIG, **KERNEL)
 def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, layer: int, now: int) -> None:
     """The layer's prediction at step `now` (`FlashMoE.globals_` lays out `gf`)."""
-    e, block, hidden, scratch = g[EXPERTS], g[BLOCK], g[HIDDEN], g[SCRATCH]
+    e, scratch = g[EXPERTS], g[SCRATCH]
     first = layer * e  # the layer's rows: its experts in order
     floats = gf.view(np.float32)
     recency = floats[scratch : scratch + e]
     recency_into(gf[g[LAST] + first : g[LAST] + first + e], now, recency)
-    sums = gf[g[SUMS] + layer * hidden : g[SUMS] + (layer + 1) * hidden]
     out = floats[g[PREDICTIONS] + first : g[PREDICTIONS] + first + e]
     top = max(gf[g[TOPS] + layer], 1.0)  # no use yet: the sums are 0
-    network(floats[layer * block : (layer + 1) * block], recency, sums, top, out, floats[scratch + e :])
+    network(_weights(g, gf, layer), recency, _sums(g, gf, layer), top, out, floats[scratch + e :])
     g[PREDICTED + layer] = now
 
 
@@ -67,14 +78,12 @@ def _predict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, laye
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     """The key's use: its last use and count, its layer's frequency sums and largest count; the layer's
     prediction is out of date."""
-    e, block, hidden, layer = g[EXPERTS], g[BLOCK], g[HIDDEN], ki[key, LAYER_INDEX]
+    e, layer = g[EXPERTS], ki[key, LAYER_INDEX]
     gf[g[LAST] + key] = now
     count = gf[g[FREQ] + key] + 1.0
     gf[g[FREQ] + key] = count
     gf[g[TOPS] + layer] = max(gf[g[TOPS] + layer], count)
-    weights = gf.view(np.float32)[layer * block : (layer + 1) * block]
-    sums = gf[g[SUMS] + layer * hidden : g[SUMS] + (layer + 1) * hidden]
-    add_frequency(weights, e, hidden, key - layer * e, 1.0, sums)
+    add_frequency(_weights(g, gf, layer), e, g[HIDDEN], key - layer * e, 1.0, _sums(g, gf, layer))
     g[PREDICTED + layer] = _STALE
 
 

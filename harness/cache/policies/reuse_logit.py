@@ -157,6 +157,12 @@ def _recency_of(age: np.float32, ahead: np.float32) -> np.float32:
 
 
 @njit(**KERNEL, inline="always")
+def _error(needed: np.float32, logit: np.float32) -> np.float32:
+    """The logistic loss's gradient in the logit, with the sign of an SGD step: needed (0 or 1) - sigmoid(logit)."""
+    return needed - _ONE / (_ONE + expf(-logit))
+
+
+@njit(**KERNEL, inline="always")
 def _log_rate(count: np.float32, log_steps: np.float32) -> np.float32:
     """A log-rate feature: log(count + PRIOR_HITS) - log(steps + PRIOR_STEPS), the latter given."""
     return logf(count + _PRIOR_HITS) - log_steps
@@ -274,10 +280,10 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
     if not following:
         _recency(gf, g, at, size, elapsed)
     for e in range(predicted):
-        error[e] = pending[e] - _ONE / (_ONE + expf(-score[e]))
+        error[e] = _error(pending[e], score[e])
     _logits(gf, g, at, predicted, size, error[predicted:])
     for e in range(predicted, size):
-        error[e] = pending[e] - _ONE / (_ONE + expf(-error[e]))
+        error[e] = _error(pending[e], error[e])
     # One SGD step on the mean gradient: the error times each feature, summed over the layer's experts.
     w = gf[area + WEIGHTS : area + WEIGHTS + FEATURES]
     w[0] += LEARNING_RATE * _sum(error, size) / size
