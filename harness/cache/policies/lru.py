@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from harness.cache.ranked import RankedPolicy
+from harness.cache.ranked import RecencyPolicy
 from harness.cache.registry import register_policy
 
 
 @register_policy
-class LRU(RankedPolicy):
+class LRU(RecencyPolicy):
     """The least recently touched (hit or insert) leaves first: a recency queue. Within one step the hits, by
     expert id, are touched before the misses are inserted, by expert id. Compiled replay (`ranked`)."""
 
     name = "lru"
-    observes_misses = False  # a miss is placed by on_insert; on_access only moves hits
-    counted = False
