@@ -52,3 +52,13 @@ def unlink(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
         ki[newer, links + OLDER_LINK] = older
     g[3 * q + SIZE] -= 1
     ki[key, links + QUEUE_LINK], ki[key, links + OLDER_LINK], ki[key, links + NEWER_LINK] = NONE, NONE, NONE
+
+
+@njit(**KERNEL, inline="always")
+def oldest_unmarked(g: np.ndarray, ki: np.ndarray, q: int, links: int, mark: np.ndarray, tag: int) -> int:
+    """The oldest key of queue `q` whose mark is not `tag` (NONE: none): an LRU victim, where a step marks its
+    own keys (just touched, so near the newest end: the walk rarely passes one)."""
+    key = g[3 * q + OLDEST]
+    while key != NONE and mark[key] == tag:
+        key = ki[key, links + NEWER_LINK]
+    return key

@@ -24,7 +24,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import NEWER_LINK, NONE, OLDEST, QUEUE_LINK, push, unlink
+from harness.cache.queues import NONE, QUEUE_LINK, oldest_unmarked, push, unlink
 from harness.keys import ExpertKey
 
 try:
@@ -98,12 +98,8 @@ def renew(ends: np.ndarray, links: np.ndarray, key: int) -> None:
 
 @njit(OLDEST_SIG, **KERNEL)
 def oldest(ends: np.ndarray, links: np.ndarray, skip: np.ndarray, tag: int) -> int:
-    """LRU's victim: the least recently touched key of the queue whose `skip` mark is not `tag`; -1 if none.
-    The keys a step marks were just touched (or are not resident), so the walk rarely passes one."""
-    key = ends[OLDEST]
-    while key != NONE and skip[key] == tag:
-        key = links[key, LINKS + NEWER_LINK]
-    return key
+    """LRU's victim: the least recently touched key of the queue whose `skip` mark is not `tag`; -1 if none."""
+    return oldest_unmarked(ends, links, 0, LINKS, skip, tag)
 
 
 @njit(

@@ -30,77 +30,50 @@ from harness.cache.compiled import (
     unlink,
 )
 from harness.cache.jit import KERNEL, njit
+from harness.cache.policies.lfu import FULL, LFU_COLUMNS, lfu_access, lfu_evict, lfu_globals, lfu_insert, lfu_victim
+from harness.cache.queues import oldest_unmarked
+from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
 from harness.keys import ExpertKey
-
-COUNT, STAMP = 1, 2
-"""What `touch` does to a key: bump its lifetime count, renew its stamp (flags, combined with |)."""
-
-
-@njit("void(int64[:], int64, int64, int64)", cache=True)
-def touch(state: np.ndarray, at: int, key: int, how: int) -> None:
-    """state[at:] is [clock, stamp_0, count_0, stamp_1, count_1, ...] (an offset, not a view: a view costs
-    reference counting, ~20 ns a call, where a policy keeps several such states in one array). An access
-    bumps the count where the policy counts (COUNT); a hit's access or an insert renews the stamp to the
-    clock, which then ticks."""
-    if how & COUNT:
-        state[at + 2 + 2 * key] += 1
-    if how & STAMP:
-        state[at + 1 + 2 * key] = state[at]
-        state[at] += 1
-
-
-@njit("int64(int64[:], int64, boolean, int64[:], int64[:], int64)", cache=True)
-def lowest(state: np.ndarray, at: int, counted: bool, keys: np.ndarray, skip: np.ndarray, tag: int) -> int:
-    """The key of lowest rank in state[at:] (`touch`), (count, stamp) or stamp alone, among `keys` (those >= 0
-    whose `skip` mark is not `tag`); -1 if none."""
-    # Selects, not branches: which key ranks lower is a coin toss that the branch predictor loses (a scan
-    # 20-40% faster on 16 to 32 keys).
-    best, best_count, best_stamp = -1, 0, 0
-    for key in keys:
-        usable = key >= 0 and skip[key] != tag
-        c = state[at + 2 + 2 * key] if counted else 0
-        stamp = state[at + 1 + 2 * key]
-        lower = usable & ((best < 0) | (c < best_count) | ((c == best_count) & (stamp < best_stamp)))
-        best = key if lower else best
-        best_count = c if lower else best_count
-        best_stamp = stamp if lower else best_stamp
-    return best
-
 
 LEARNING_RATE = 0.45
 DISCOUNT_BASE = 0.005
 
-HIST_LRU, HIST_LFU = 0, 1
-"""The experts' histories of their victims (queues, oldest first)."""
-CAPACITY, CLOCK, RNG = 6, 7, 8
+HIST_LRU, HIST_LFU, RECENCY = 0, 1, 2
+"""The experts' histories of their victims (queues, oldest first), and the LRU expert's recency queue of the
+resident keys (a hit's access or an insert moves a key to its newest end)."""
+CAPACITY, CLOCK, RNG = 9, 10, 11
 """Int globals after the queues': the capacity, the accesses seen (the age unit of the histories), the
-generator; then the state of the LRU expert and of the LFU expert (`touch`), 1 + 2 x keys each."""
-EXPERTS = RNG + MT_WORDS
+generator; then the LFU expert's globals (`policies.lfu`: its clock and heap of the resident keys)."""
+LFU_AT = RNG + MT_WORDS
 W_LRU, DISCOUNT = 0, 1
 CHOSEN = FIRST_COLUMN
 """Key column: the expert that chose the key as the victim (1 LRU, 2 LFU, 0 none), until its eviction files it."""
-LINKS = (FIRST_COLUMN + 1, FIRST_COLUMN + 4)
-"""Each history's links (a key the engine places without a miss stays in a history: it can be in both)."""
-EVICTED_AT = (FIRST_COLUMN + 7, FIRST_COLUMN + 8)
+LINKS = (FIRST_COLUMN + 1, FIRST_COLUMN + 4, FIRST_COLUMN + 7)
+"""Each history's links (a key the engine places without a miss stays in a history: it can be in both), then the
+recency queue's."""
+EVICTED_AT = (FIRST_COLUMN + 10, FIRST_COLUMN + 11)
 """Key columns: the clock at the key's eviction, in each history."""
+LFU_COLUMN = FIRST_COLUMN + 12
+"""The LFU expert's key columns start here (`policies.lfu`: count, stamp, place in its heap)."""
 
 
-@njit(**KERNEL)
-def _experts(ki: np.ndarray) -> tuple[int, int]:
-    """Where the LRU and the LFU expert's states start in the globals."""
-    return EXPERTS, EXPERTS + 1 + 2 * ki.shape[0]
+@njit(**KERNEL, inline="always")
+def _renew(g: np.ndarray, ki: np.ndarray, key: int) -> None:
+    """The key moves to (or joins) the newest end of the LRU expert's recency queue."""
+    if ki[key, LINKS[RECENCY]] == RECENCY:
+        unlink(g, ki, key, LINKS[RECENCY])
+    push(g, ki, RECENCY, key, LINKS[RECENCY])
 
 
-@njit(ACCESS_SIG, **KERNEL)
+@njit(ACCESS_SIG, **KERNEL, inline="always")
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     g[CLOCK] += 1
-    lru, lfu = _experts(ki)
+    lfu_access(g, ki, LFU_AT, LFU_COLUMN, key, hit)
     if hit:
-        touch(g, lru, key, STAMP)
-        touch(g, lfu, key, STAMP | COUNT)
+        _renew(g, ki, key)
         return
-    touch(g, lfu, key, COUNT)  # LRU ignores a miss
+    # LRU ignores a miss
     w_lru, w_lfu = gf[W_LRU], 1.0 - gf[W_LRU]
     if ki[key, LINKS[HIST_LRU]] == HIST_LRU:
         w_lfu *= math.exp(LEARNING_RATE * gf[DISCOUNT] ** (g[CLOCK] - ki[key, EVICTED_AT[HIST_LRU]]))
@@ -113,7 +86,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
     gf[W_LRU] = w_lru / (w_lru + w_lfu)
 
 
-@njit(VICTIM_SIG, **KERNEL)
+@njit(VICTIM_SIG, **KERNEL, inline="always")
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -125,16 +98,18 @@ def _victim(
     incoming: int,
     now: int,
 ) -> int:
-    lru, lfu = _experts(ki)
     by_lru = mt_random(g, RNG) < gf[W_LRU]
-    key = lowest(g, lru, False, resident, mark, tag) if by_lru else lowest(g, lfu, True, resident, mark, tag)
+    key = oldest_unmarked(g, ki, RECENCY, LINKS[RECENCY], mark, tag) if by_lru else lfu_victim(g, LFU_AT, mark, tag)
     if key >= 0:
         ki[key, CHOSEN] = 1 if by_lru else 2
     return key
 
 
-@njit(KEY_SIG, **KERNEL)
+@njit(KEY_SIG, **KERNEL, inline="always")
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    if ki[key, LINKS[RECENCY]] == RECENCY:
+        unlink(g, ki, key, LINKS[RECENCY])
+    lfu_evict(g, ki, LFU_AT, LFU_COLUMN, key)
     chosen = ki[key, CHOSEN]
     ki[key, CHOSEN] = 0
     if chosen == 0:
@@ -146,33 +121,35 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
         unlink(g, ki, g[3 * history + OLDEST], LINKS[history])
 
 
-@njit(KEY_SIG, **KERNEL)
+@njit(KEY_SIG, **KERNEL, inline="always")
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    lru, lfu = _experts(ki)
-    touch(g, lru, key, STAMP)
-    touch(g, lfu, key, STAMP)
+    _renew(g, ki, key)
+    lfu_insert(g, ki, LFU_AT, LFU_COLUMN, key)
 
 
 @register_policy
 class LeCaR(CompiledPolicy):
     name = "lecar"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
-    int_columns = (0, *(NONE,) * 6, 0, 0)
-    queues = 2
+    int_columns = (0, *(NONE,) * 9, 0, 0, *LFU_COLUMNS)
+    queues = 3
 
     def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
-        # The experts' states start empty (no key): clock 0 each.
-        return [self.capacity, 0, *mt_state(self.seed), 0, 0], [0.5, DISCOUNT_BASE ** (1.0 / self.capacity)]
+        weights = [0.5, DISCOUNT_BASE ** (1.0 / self.capacity)]
+        return [self.capacity, 0, *mt_state(self.seed), *lfu_globals(self.capacity)], weights
 
-    def bind(self, keys: list[ExpertKey]) -> np.ndarray:
-        old = self.slots
-        rows = super().bind(keys)
-        grown = self.slots - old
-        if grown:  # each expert's state takes (stamp, count) per key: grow both
-            lru_end = EXPERTS + 1 + 2 * old
-            pad = np.zeros(2 * grown, dtype=np.int64)
-            self.g = np.concatenate([self.g[:lru_end], pad, self.g[lru_end:], pad])
-        return rows
+    def _check(self) -> None:
+        if self.g[LFU_AT + FULL]:
+            raise AssertionError(f"lecar: more resident keys than its {self.capacity} slots")
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        super().on_insert(key, now)
+        self._check()
+
+    def replay(self, r: GroupReplay, start: int) -> int:
+        done = super().replay(r, start)
+        self._check()
+        return done
 
     @property
     def w_lru(self) -> float:

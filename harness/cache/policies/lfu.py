@@ -38,37 +38,72 @@ DEFAULT_WINDOW_STEPS = 128
 """Window of `lfu-window` without an argument, in token steps (a documented default, not a paper's)."""
 
 
-COUNT, STAMP, PLACE = FIRST_COLUMN, FIRST_COLUMN + 1, FIRST_COLUMN + 2
-"""LFU's key columns: lifetime accesses, the clock at the last touch (a hit's access or an insert), the key's
-place in the heap of resident keys (NONE: not resident)."""
+COUNT, STAMP, PLACE = 0, 1, 2
+"""LFU's key columns, from the first its owner gives it (`FIRST_COLUMN` for `lfu`): lifetime accesses, the clock
+at the last touch (a hit's access or an insert), the key's place in the heap of resident keys (NONE: not
+resident)."""
+LFU_COLUMNS = (0, 0, NONE)
+"""Their values for a key first seen."""
 CLOCK, FULL, HEAP = 0, 1, 2
-"""LFU's int globals: the touch clock, 1 where an insert found the heap full (a caller's error), the heap."""
+"""LFU's int globals, from the first its owner gives it: the touch clock, 1 where an insert found the heap full
+(a caller's error), the heap."""
+
+
+def lfu_globals(capacity: int) -> list[int]:
+    """LFU's int globals for a cache of `capacity` keys."""
+    return [0, 0, *heap_globals(capacity)]
+
+
+@njit(**KERNEL, inline="always")
+def lfu_access(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int, hit: bool) -> None:
+    """An access counts; a hit's access renews the stamp. LFU's globals from g[at], its key columns from `col`
+    (as the functions below)."""
+    ki[key, col + COUNT] += 1
+    if hit:
+        ki[key, col + STAMP] = g[at + CLOCK]
+        g[at + CLOCK] += 1
+        heap_rerank(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
+
+
+@njit(**KERNEL, inline="always")
+def lfu_insert(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int) -> None:
+    """An insert renews the stamp; the key joins the heap."""
+    ki[key, col + STAMP] = g[at + CLOCK]
+    g[at + CLOCK] += 1
+    heap = at + HEAP
+    if ki[key, col + PLACE] != NONE:
+        heap_rerank(g, ki, heap, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
+    elif g[heap + HEAP_SIZE] < g[heap + HEAP_ROOM]:
+        heap_push(g, ki, heap, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
+    else:
+        g[at + FULL] = 1
+
+
+@njit(**KERNEL, inline="always")
+def lfu_evict(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int) -> None:
+    """The key leaves the heap; its count stays."""
+    heap_remove(g, ki, at + HEAP, key, col + PLACE)
+
+
+@njit(**KERNEL, inline="always")
+def lfu_victim(g: np.ndarray, at: int, mark: np.ndarray, tag: int) -> int:
+    """The resident key of lowest (count, stamp) whose mark is not `tag` (NONE: none)."""
+    return lowest_unmarked(g, at + HEAP, mark, tag)
 
 
 @njit(ACCESS_SIG, **KERNEL, inline="always")
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
-    ki[key, COUNT] += 1
-    if hit:
-        ki[key, STAMP] = g[CLOCK]
-        g[CLOCK] += 1
-        heap_rerank(g, ki, HEAP, key, PLACE, ki[key, COUNT], ki[key, STAMP])
+    lfu_access(g, ki, 0, FIRST_COLUMN, key, hit)
 
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    ki[key, STAMP] = g[CLOCK]
-    g[CLOCK] += 1
-    if ki[key, PLACE] != NONE:
-        heap_rerank(g, ki, HEAP, key, PLACE, ki[key, COUNT], ki[key, STAMP])
-    elif g[HEAP + HEAP_SIZE] < g[HEAP + HEAP_ROOM]:
-        heap_push(g, ki, HEAP, key, PLACE, ki[key, COUNT], ki[key, STAMP])
-    else:
-        g[FULL] = 1
+    lfu_insert(g, ki, 0, FIRST_COLUMN, key)
 
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    heap_remove(g, ki, HEAP, key, PLACE)
+    lfu_evict(g, ki, 0, FIRST_COLUMN, key)
 
 
 @njit(VICTIM_SIG, **KERNEL, inline="always")
@@ -84,7 +119,7 @@ def _victim(
     now: int,
 ) -> int:
     """The resident key of lowest (count, stamp) that the step does not need: the heap's lowest unmarked."""
-    return lowest_unmarked(g, HEAP, mark, tag)
+    return lfu_victim(g, 0, mark, tag)
 
 
 @register_policy
@@ -98,10 +133,10 @@ class LFU(CompiledPolicy):
 
     name = "lfu"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
-    int_columns = (0, 0, NONE)
+    int_columns = LFU_COLUMNS
 
     def globals_(self) -> tuple[list[int], list[float]]:
-        return [0, 0, *heap_globals(self.capacity)], []
+        return lfu_globals(self.capacity), []
 
     def _check(self) -> None:
         if self.g[FULL]:
