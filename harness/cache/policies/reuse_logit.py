@@ -324,6 +324,10 @@ def settle(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, block:
     g[at + PENDING_NOW] = _UNSET
 
 
+settle_out_of_line = njit(BLOCK_SIG, **KERNEL)(settle.py_func)
+"""`settle` as a function of its own, for a call in a loop that should stay small."""
+
+
 @njit(KEY_SIG, **KERNEL)
 def _grow(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """The key's expert and every smaller id join the layer's experts (never used, no prediction yet)."""
@@ -378,7 +382,7 @@ def _victim(
     for key in resident:
         if key >= 0 and mark[key] != tag:
             if g[BLOCK_INTS * ki[key, BLOCK] + PENDING_NOW] != _UNSET:
-                settle(g, gf, ki, kf, ki[key, BLOCK])
+                settle_out_of_line(g, gf, ki, kf, ki[key, BLOCK])
             score, last = _standing(g, values, ki, key)
             if best == NONE or ranks_below_by(score, last, key, best_score, best_last, best, ki):
                 best, best_score, best_last = key, score, last
