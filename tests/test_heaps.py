@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 
 from harness.cache.book import ExpertCacheBook
-from harness.cache.heaps import HEAP_SIZE, heap_globals, heap_push, heap_remove, heap_rerank, lowest_unmarked
+from harness.cache.heaps import HEAP_SIZE, heap_globals, heap_put, heap_remove, heap_rerank, lowest_unmarked, sortable
 from harness.cache.policies.lfu import LFU
 from harness.cache.queues import NONE
 
@@ -28,10 +29,10 @@ def test_the_heap_gives_the_lowest_unmarked_key_a_scan_gives():
             del rank[key]
         elif key in rank:
             rank[key] = (rank[key][0] + rng.choice([-1, 0, 1, 2]), stamp)  # up or down
-            heap_rerank(g, ki, 0, key, PLACE, *rank[key])
+            heap_rerank(g, ki, 0, key, PLACE, *rank[key], 0)
         elif len(rank) < room:
             rank[key] = (rng.randrange(6), stamp)
-            heap_push(g, ki, 0, key, PLACE, *rank[key])
+            assert heap_put(g, ki, 0, key, PLACE, *rank[key], 0)
         assert g[HEAP_SIZE] == len(rank)
         marked = set(rng.sample(sorted(rank), min(len(rank), rng.randrange(6)))) if rank else set()
         mark = np.array([1 if k in marked else 0 for k in range(keys)], dtype=np.int64)
@@ -39,6 +40,14 @@ def test_the_heap_gives_the_lowest_unmarked_key_a_scan_gives():
         expected = min(unmarked, key=rank.__getitem__) if unmarked else NONE
         assert lowest_unmarked(g, 0, mark, 1) == expected, stamp
     assert all(ki[k, PLACE] == NONE for k in range(keys) if k not in rank)
+
+
+def test_sortable_orders_floats_as_their_values():
+    values = [-math.inf, -1e300, -2.0, -1.0, -1e-300, -0.0, 0.0, 5e-324, 1e-300, 1.0, 2.0, 1e300, math.inf]
+    codes = [sortable(v) for v in values]
+    for a, ca in zip(values, codes, strict=True):
+        for b, cb in zip(values, codes, strict=True):
+            assert (ca < cb) == (a < b) and (ca == cb) == (a == b), (a, b)
 
 
 def _scan_lfu(steps: list[list[int]], capacity: int) -> list[int]:

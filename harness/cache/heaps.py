@@ -1,20 +1,26 @@
-"""A binary min-heap of keys over numpy arrays, for compiled policies that evict the lowest rank (`lfu`).
+"""A binary min-heap of keys over numpy arrays, for compiled policies that evict the lowest rank, where a key's
+rank changes only when the key itself is touched (`lfu`, LeCaR's LFU expert, `lrfu`, `lrfu-admit`, `fwlru`).
 
-A key's rank is a pair of ints (a count, then a stamp), compared in that order; the policy keeps the pairs
-distinct (a stamp that ticks at every touch), so the lowest is unique and the heap's choice is the one a scan
-of every key would make. The heap lives in the int globals from `at`: its size, its room, then `room` entries
-of three words (the key's row and its rank: sifting compares adjacent words, not the rows of the keys), then
-`room` words of scratch for `lowest_unmarked`. A key's place in it is its int column `place` (NONE: not in the
-heap). A change of a key's rank, an insert and a removal cost O(log n) comparisons; the victim is the root, or
-close to it (`lowest_unmarked`).
+A key's rank is three ints, compared in order; the policy makes them distinct (a stamp that ticks at every
+touch, or the key's (layer, expert) code last), so the lowest is unique and the heap's choice is the one a scan
+of every key would make. A float value ranks by `sortable(value)`. The heap lives in the int globals from `at`:
+its size, its room, then `room` entries of four words (the key's row and its rank: sifting compares adjacent
+words, not the rows of the keys), then `room` words of scratch for `lowest_unmarked`. A key's place in it is its
+int column `place` (NONE: not in the heap). A change of a key's rank, an insert and a removal cost O(log n)
+comparisons; the victim is the root, or close to it (`lowest_unmarked`).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
+from harness.cache.compiled import EXPERT, LAYER, CompiledPolicy
 from harness.cache.jit import KERNEL, njit
 from harness.cache.queues import NONE
+from harness.cache.ranked import GroupReplay
+from harness.keys import ExpertKey
 
 try:
     from numba import types
@@ -23,8 +29,9 @@ except ImportError:  # njit is the identity (harness.cache.jit)
 
 HEAP_SIZE, HEAP_ROOM, HEAP_ENTRIES = 0, 1, 2
 """Offsets from the heap's first global: how many keys it holds, how many it has room for, its entries."""
-ENTRY = 3
-"""Words of an entry: the key's row, its count, its stamp."""
+ENTRY = 4
+"""Words of an entry: the key's row, then its rank."""
+_FLIP = np.int64(0x7FFFFFFFFFFFFFFF)
 
 
 def heap_globals(room: int) -> list[int]:
@@ -33,63 +40,83 @@ def heap_globals(room: int) -> list[int]:
 
 
 @njit(**KERNEL, inline="always")
-def _below(g: np.ndarray, a: int, b: int) -> bool:
-    """The entry at word `a` ranks below the entry at word `b`."""
-    return g[a + 1] < g[b + 1] or (g[a + 1] == g[b + 1] and g[a + 2] < g[b + 2])
+def sortable(value: float) -> int:
+    """An int64 that orders as the float64 `value` does (NaN aside): its bits, with those of a negative value
+    flipped below the sign; -0.0 is taken as 0.0 first, as a float comparison takes it."""
+    bits = np.float64(value + 0.0).view(np.int64)
+    return int(bits if bits >= 0 else bits ^ _FLIP)
 
 
 @njit(**KERNEL, inline="always")
-def _sift(g: np.ndarray, ki: np.ndarray, at: int, i: int, place: int, key: int, count: int, stamp: int) -> None:
-    """Put `key` of rank (count, stamp) at position i, or above or below it, where its rank belongs (the entries
-    it passes move into its way)."""
+def key_code(ki: np.ndarray, key: int) -> int:
+    """The key's (layer, expert) as one int, in their order: the last tie-break of a rank."""
+    return (ki[key, LAYER] << 32) | ki[key, EXPERT]
+
+
+@njit(**KERNEL, inline="always")
+def _below(g: np.ndarray, a: int, r1: int, r2: int, r3: int) -> bool:
+    """The entry at word `a` ranks below (r1, r2, r3)."""
+    return g[a + 1] < r1 or (g[a + 1] == r1 and (g[a + 2] < r2 or (g[a + 2] == r2 and g[a + 3] < r3)))
+
+
+@njit(**KERNEL, inline="always")
+def _move(g: np.ndarray, ki: np.ndarray, place: int, to: int, at: int, i: int) -> None:
+    """Copy the entry at word `at` to word `to`, position i."""
+    g[to], g[to + 1], g[to + 2], g[to + 3] = g[at], g[at + 1], g[at + 2], g[at + 3]
+    ki[g[to], place] = i
+
+
+@njit(**KERNEL, inline="always")
+def _sift(g: np.ndarray, ki: np.ndarray, at: int, i: int, place: int, key: int, r1: int, r2: int, r3: int) -> None:
+    """Put `key` of rank (r1, r2, r3) at position i, or above or below it, where its rank belongs (the entries it
+    passes move into its way)."""
     entries, size = at + HEAP_ENTRIES, g[at + HEAP_SIZE]
     while i > 0:  # up, while it ranks below its parent
         parent = (i - 1) >> 1
         p = entries + ENTRY * parent
-        if not (count < g[p + 1] or (count == g[p + 1] and stamp < g[p + 2])):
+        if not (r1 < g[p + 1] or (r1 == g[p + 1] and (r2 < g[p + 2] or (r2 == g[p + 2] and r3 < g[p + 3])))):
             break
-        q = entries + ENTRY * i
-        g[q], g[q + 1], g[q + 2] = g[p], g[p + 1], g[p + 2]
-        ki[g[q], place] = i
+        _move(g, ki, place, entries + ENTRY * i, p, i)
         i = parent
     while True:  # down, while a child ranks below it
         child = 2 * i + 1
         if child >= size:
             break
         c = entries + ENTRY * child
-        if child + 1 < size and _below(g, c + ENTRY, c):
+        if child + 1 < size and _below(g, c + ENTRY, g[c + 1], g[c + 2], g[c + 3]):
             child += 1
             c += ENTRY
-        if not (g[c + 1] < count or (g[c + 1] == count and g[c + 2] < stamp)):
+        if not _below(g, c, r1, r2, r3):
             break
-        q = entries + ENTRY * i
-        g[q], g[q + 1], g[q + 2] = g[c], g[c + 1], g[c + 2]
-        ki[g[q], place] = i
+        _move(g, ki, place, entries + ENTRY * i, c, i)
         i = child
     q = entries + ENTRY * i
-    g[q], g[q + 1], g[q + 2] = key, count, stamp
+    g[q], g[q + 1], g[q + 2], g[q + 3] = key, r1, r2, r3
     ki[key, place] = i
 
 
-_RANKED = (
-    (types.int64[::1], types.int64[:, ::1], types.int64, types.int64, types.int64, types.int64, types.int64)
-    if types is not None
-    else ()
-)
+_RANKED = (types.int64[::1], types.int64[:, ::1], *(types.int64,) * 6) if types is not None else ()
+
+
+@njit(types.boolean(*_RANKED) if types else None, **KERNEL, inline="always")
+def heap_put(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int, r1: int, r2: int, r3: int) -> bool:
+    """`key`'s rank is now (r1, r2, r3): it joins the heap, or moves in it where it is there already. False where
+    the heap is full (the key is then not in it)."""
+    i = ki[key, place]
+    if i == NONE:
+        i = g[at + HEAP_SIZE]
+        if i == g[at + HEAP_ROOM]:
+            return False
+        g[at + HEAP_SIZE] = i + 1
+    _sift(g, ki, at, i, place, key, r1, r2, r3)
+    return True
 
 
 @njit(types.none(*_RANKED) if types else None, **KERNEL, inline="always")
-def heap_push(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int, count: int, stamp: int) -> None:
-    """Add `key` (not in the heap, which has room for it) with rank (count, stamp)."""
-    g[at + HEAP_SIZE] += 1
-    _sift(g, ki, at, g[at + HEAP_SIZE] - 1, place, key, count, stamp)
-
-
-@njit(types.none(*_RANKED) if types else None, **KERNEL, inline="always")
-def heap_rerank(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int, count: int, stamp: int) -> None:
-    """`key`'s rank is now (count, stamp): restore the order (no-op for a key not in the heap)."""
+def heap_rerank(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int, r1: int, r2: int, r3: int) -> None:
+    """`key`'s rank is now (r1, r2, r3): restore the order (no-op for a key not in the heap)."""
     if ki[key, place] != NONE:
-        _sift(g, ki, at, ki[key, place], place, key, count, stamp)
+        _sift(g, ki, at, ki[key, place], place, key, r1, r2, r3)
 
 
 @njit(
@@ -107,7 +134,7 @@ def heap_remove(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int) ->
     g[at + HEAP_SIZE] = last
     if i < last:
         q = at + HEAP_ENTRIES + ENTRY * last
-        _sift(g, ki, at, i, place, g[q], g[q + 1], g[q + 2])
+        _sift(g, ki, at, i, place, g[q], g[q + 1], g[q + 2], g[q + 3])
 
 
 @njit(
@@ -132,7 +159,7 @@ def lowest_unmarked(g: np.ndarray, at: int, mark: np.ndarray, tag: int) -> int:
         i = g[stack + depth]
         e = entries + ENTRY * i
         if mark[g[e]] != tag:
-            if best == NONE or _below(g, e, best):
+            if best == NONE or _below(g, e, g[best + 1], g[best + 2], g[best + 3]):
                 best = e
         else:
             for child in (2 * i + 1, 2 * i + 2):
@@ -140,3 +167,24 @@ def lowest_unmarked(g: np.ndarray, at: int, mark: np.ndarray, tag: int) -> int:
                     g[stack + depth] = child
                     depth += 1
     return NONE if best == NONE else g[best]
+
+
+class HeapPolicy(CompiledPolicy):
+    """A compiled policy that keeps its resident keys in a heap: its hooks raise where an insert found the heap
+    full (more resident keys than the policy's capacity, a caller's error) instead of writing past it."""
+
+    full_at: ClassVar[int]
+    """The int global the kernel sets to 1 where an insert found the heap full."""
+
+    def _check(self) -> None:
+        if self.g[self.full_at]:
+            raise AssertionError(f"{self.name}: more resident keys than its {self.capacity} slots")
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        super().on_insert(key, now)
+        self._check()
+
+    def replay(self, r: GroupReplay, start: int) -> int:
+        done = super().replay(r, start)
+        self._check()
+        return done

@@ -4,13 +4,18 @@
 Spec `fwlru` (w = 10, the port's value) or `fwlru:W`. Reading of `access_count` (the port's cache-entry
 field; its reset rule was not read here): accesses since the expert was last loaded, the load counting as
 one, so an evicted expert starts again from one. Ties go to the smaller (last_used, key).
+
+A resident key's value changes only when it is used, so the resident keys are kept in a heap by (value,
+last_used, key) (`harness.cache.heaps`): the victim is found at its top, where a scan of every resident key
+took O(capacity) a miss.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, EXPERT, FIRST_COLUMN, KEY_SIG, LAYER, VICTIM_SIG, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, FIRST_COLUMN, KEY_SIG, NONE, VICTIM_SIG, Kernel
+from harness.cache.heaps import HeapPolicy, heap_globals, heap_put, heap_remove, key_code, lowest_unmarked, sortable
 from harness.cache.jit import KERNEL, njit
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
@@ -18,34 +23,49 @@ from harness.errors import HarnessError
 DEFAULT_WEIGHT = 10.0
 """Steps of recency one access is worth (Flash-MoE's CUDA port: `access_count * 10 + last_used`)."""
 
-COUNT, LAST = FIRST_COLUMN, FIRST_COLUMN + 1
-"""Key columns: accesses since the load, last use (`ABSENT` for a key not resident and not used since)."""
+COUNT, LAST, PLACE = FIRST_COLUMN, FIRST_COLUMN + 1, FIRST_COLUMN + 2
+"""Key columns: accesses since the load, last use (`ABSENT` for a key not resident and not used since), the key's
+place in the heap (NONE: not resident)."""
 ABSENT = -(2**62)
 WEIGHT = 0
 """Float global: the weight."""
+FULL, HEAP = 0, 1
+"""Int globals: 1 where an insert found the heap full (a caller's error), then the heap."""
 
 
-@njit(ACCESS_SIG, **KERNEL)
+@njit(KEY_SIG, **KERNEL, inline="always")
+def _rank(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    """The key's place in the heap by (w x count + last use, last use, key), where it is resident."""
+    value = gf[WEIGHT] * ki[key, COUNT] + ki[key, LAST]
+    if not heap_put(g, ki, HEAP, key, PLACE, sortable(value), ki[key, LAST], key_code(ki, key)):
+        g[FULL] = 1
+
+
+@njit(ACCESS_SIG, **KERNEL, inline="always")
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     if hit:
         ki[key, COUNT] += 1
     ki[key, LAST] = now
+    if ki[key, PLACE] != NONE:
+        _rank(g, gf, ki, kf, key, now)
 
 
-@njit(KEY_SIG, **KERNEL)
+@njit(KEY_SIG, **KERNEL, inline="always")
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     # A miss was seen by access (last used = now); a placed key (engine) was never used: now.
     ki[key, COUNT] = 1
     if ki[key, LAST] == ABSENT:
         ki[key, LAST] = now
+    _rank(g, gf, ki, kf, key, now)
 
 
-@njit(KEY_SIG, **KERNEL)
+@njit(KEY_SIG, **KERNEL, inline="always")
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     ki[key, LAST] = ABSENT
+    heap_remove(g, ki, HEAP, key, PLACE)
 
 
-@njit(VICTIM_SIG, **KERNEL)
+@njit(VICTIM_SIG, **KERNEL, inline="always")
 def _victim(
     g: np.ndarray,
     gf: np.ndarray,
@@ -57,29 +77,23 @@ def _victim(
     incoming: int,
     now: int,
 ) -> int:
-    """The smallest (w x count + last use, last use, key)."""
-    w = gf[WEIGHT]
-    best, best_rank = -1, (0.0, 0, 0, 0)
-    for key in resident:
-        if key >= 0 and mark[key] != tag:
-            rank = (w * ki[key, COUNT] + ki[key, LAST], ki[key, LAST], ki[key, LAYER], ki[key, EXPERT])
-            if best < 0 or rank < best_rank:
-                best, best_rank = key, rank
-    return best
+    """The smallest (w x count + last use, last use, key): the heap's lowest unmarked."""
+    return lowest_unmarked(g, HEAP, mark, tag)
 
 
 @register_policy
-class FrequencyWeightedLRU(CompiledPolicy):
+class FrequencyWeightedLRU(HeapPolicy):
     name = "fwlru"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
-    int_columns = (0, ABSENT)
+    int_columns = (0, ABSENT, NONE)
+    full_at = FULL
 
     def __init__(self, capacity: int, seed: int = 0, weight: float = DEFAULT_WEIGHT) -> None:
         self.weight = weight
         super().__init__(capacity, seed)
 
     def globals_(self) -> tuple[list[int], list[float]]:
-        return [], [self.weight]
+        return [0, *heap_globals(self.capacity)], [self.weight]
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> FrequencyWeightedLRU:

@@ -22,19 +22,17 @@ from harness.cache.compiled import (
     OLDEST,
     SIZE,
     VICTIM_SIG,
-    CompiledPolicy,
     Kernel,
     mt_random,
     mt_state,
     push,
     unlink,
 )
+from harness.cache.heaps import HeapPolicy
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lfu import FULL, LFU_COLUMNS, lfu_access, lfu_evict, lfu_globals, lfu_insert, lfu_victim
 from harness.cache.queues import oldest_unmarked
-from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
-from harness.keys import ExpertKey
 
 LEARNING_RATE = 0.45
 DISCOUNT_BASE = 0.005
@@ -128,28 +126,16 @@ def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
 
 
 @register_policy
-class LeCaR(CompiledPolicy):
+class LeCaR(HeapPolicy):
     name = "lecar"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
     int_columns = (0, *(NONE,) * 9, 0, 0, *LFU_COLUMNS)
     queues = 3
+    full_at = LFU_AT + FULL
 
     def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
         weights = [0.5, DISCOUNT_BASE ** (1.0 / self.capacity)]
         return [self.capacity, 0, *mt_state(self.seed), *lfu_globals(self.capacity)], weights
-
-    def _check(self) -> None:
-        if self.g[LFU_AT + FULL]:
-            raise AssertionError(f"lecar: more resident keys than its {self.capacity} slots")
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        super().on_insert(key, now)
-        self._check()
-
-    def replay(self, r: GroupReplay, start: int) -> int:
-        done = super().replay(r, start)
-        self._check()
-        return done
 
     @property
     def w_lru(self) -> float:

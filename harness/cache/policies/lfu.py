@@ -19,15 +19,7 @@ from harness.cache.compiled import (
     CompiledPolicy,
     Kernel,
 )
-from harness.cache.heaps import (
-    HEAP_ROOM,
-    HEAP_SIZE,
-    heap_globals,
-    heap_push,
-    heap_remove,
-    heap_rerank,
-    lowest_unmarked,
-)
+from harness.cache.heaps import HeapPolicy, heap_globals, heap_put, heap_remove, heap_rerank, lowest_unmarked
 from harness.cache.jit import KERNEL, njit
 from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
@@ -62,7 +54,7 @@ def lfu_access(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int, hit: 
     if hit:
         ki[key, col + STAMP] = g[at + CLOCK]
         g[at + CLOCK] += 1
-        heap_rerank(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
+        heap_rerank(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP], 0)
 
 
 @njit(**KERNEL, inline="always")
@@ -70,12 +62,7 @@ def lfu_insert(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int) -> No
     """An insert renews the stamp; the key joins the heap."""
     ki[key, col + STAMP] = g[at + CLOCK]
     g[at + CLOCK] += 1
-    heap = at + HEAP
-    if ki[key, col + PLACE] != NONE:
-        heap_rerank(g, ki, heap, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
-    elif g[heap + HEAP_SIZE] < g[heap + HEAP_ROOM]:
-        heap_push(g, ki, heap, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP])
-    else:
+    if not heap_put(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP], 0):
         g[at + FULL] = 1
 
 
@@ -123,7 +110,7 @@ def _victim(
 
 
 @register_policy
-class LFU(CompiledPolicy):
+class LFU(HeapPolicy):
     """Lifetime counts (a miss counts too; a key placed without an access counts 0); ties go to the least
     recently touched key (a hit's access or an insert ticks a clock), in LRU's order (within one step, the hits,
     by expert id, were touched before the misses were inserted, by expert id). The resident keys are kept in a
@@ -134,22 +121,10 @@ class LFU(CompiledPolicy):
     name = "lfu"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
     int_columns = LFU_COLUMNS
+    full_at = FULL
 
     def globals_(self) -> tuple[list[int], list[float]]:
         return lfu_globals(self.capacity), []
-
-    def _check(self) -> None:
-        if self.g[FULL]:
-            raise AssertionError(f"lfu: more resident keys than its {self.capacity} slots")
-
-    def on_insert(self, key: ExpertKey, now: int) -> None:
-        super().on_insert(key, now)
-        self._check()
-
-    def replay(self, r: GroupReplay, start: int) -> int:
-        done = super().replay(r, start)
-        self._check()
-        return done
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "counts": "lifetime", "window_steps": None, "ties": "least recently used"}

@@ -17,7 +17,7 @@ import numpy as np
 
 from harness.cache.compiled import ADMIT_SIG, NONE, CompiledAdmission, Kernel, ranks_below
 from harness.cache.jit import KERNEL, njit
-from harness.cache.policies.lrfu import LAST, LRFU, SCORE, lrfu_access, lrfu_victim
+from harness.cache.policies.lrfu import LAST, LRFU, LRFU_KERNEL, SCORE, lrfu_victim
 from harness.cache.registry import register_policy
 
 
@@ -42,7 +42,9 @@ def _admit(
 @register_policy
 class AdmittingLRFU(CompiledAdmission, LRFU):
     name = "lrfu-admit"
-    kernel = Kernel(access=lrfu_access, victim=lrfu_victim, admit=_admit)
+    kernel = Kernel(
+        access=LRFU_KERNEL.access, insert=LRFU_KERNEL.insert, evict=LRFU_KERNEL.evict, victim=lrfu_victim, admit=_admit
+    )
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "admission": "incoming CRF >= victim CRF"}
