@@ -62,3 +62,17 @@ def oldest_unmarked(g: np.ndarray, ki: np.ndarray, q: int, links: int, mark: np.
     while key != NONE and mark[key] == tag:
         key = ki[key, links + NEWER_LINK]
     return key
+
+
+@njit(**KERNEL, inline="always")
+def leave(g: np.ndarray, ki: np.ndarray, key: int, links: int) -> None:
+    """`key` leaves the queue it is in, among those linked by the columns from `links` (if in one)."""
+    if ki[key, links + QUEUE_LINK] != NONE:
+        unlink(g, ki, key, links)
+
+
+@njit(**KERNEL, inline="always")
+def move_to_newest(g: np.ndarray, ki: np.ndarray, q: int, key: int, links: int) -> None:
+    """`key` moves to (or joins) the newest end of queue `q`: a recency queue's touch."""
+    leave(g, ki, key, links)
+    push(g, ki, q, key, links)

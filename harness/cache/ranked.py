@@ -24,7 +24,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import NONE, QUEUE_LINK, oldest_unmarked, push, unlink
+from harness.cache.queues import NONE, leave, move_to_newest, oldest_unmarked
 from harness.keys import ExpertKey
 
 try:
@@ -85,15 +85,13 @@ older and its newer neighbour)."""
 @njit(QUEUE_SIG, **KERNEL, inline="always")
 def forget(ends: np.ndarray, links: np.ndarray, key: int) -> None:
     """LRU: `key` leaves the recency queue (if in it)."""
-    if links[key, LINKS + QUEUE_LINK] != NONE:
-        unlink(ends, links, key, LINKS)
+    leave(ends, links, key, LINKS)
 
 
 @njit(QUEUE_SIG, **KERNEL)
 def renew(ends: np.ndarray, links: np.ndarray, key: int) -> None:
     """LRU: `key` moves to (or joins) the newest end of the recency queue."""
-    forget(ends, links, key)
-    push(ends, links, 0, key, LINKS)
+    move_to_newest(ends, links, 0, key, LINKS)
 
 
 @njit(OLDEST_SIG, **KERNEL)

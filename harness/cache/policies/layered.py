@@ -37,11 +37,9 @@ from harness.cache.compiled import (
     WHERE,
     CompiledPolicy,
     Kernel,
-    push,
-    unlink,
 )
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import oldest_unmarked
+from harness.cache.queues import leave, move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
 from harness.keys import ExpertKey
 
@@ -67,9 +65,7 @@ def _touch(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
     g[USES] += 1
     ki[key, STEP] = now
     ki[key, USE] = g[USES]
-    if ki[key, WHERE] != NONE:
-        unlink(g, ki, key, WHERE)
-    push(g, ki, 1 + ki[key, LAYER], key, WHERE)
+    move_to_newest(g, ki, 1 + ki[key, LAYER], key, WHERE)
 
 
 @njit(ACCESS_SIG, **KERNEL, inline="always")
@@ -79,8 +75,7 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    if ki[key, WHERE] != NONE:
-        unlink(g, ki, key, WHERE)
+    leave(g, ki, key, WHERE)
 
 
 @njit(VICTIM_SIG, **KERNEL, inline="always")

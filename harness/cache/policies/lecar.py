@@ -31,7 +31,7 @@ from harness.cache.compiled import (
 from harness.cache.heaps import HeapPolicy
 from harness.cache.jit import KERNEL, njit
 from harness.cache.policies.lfu import FULL, LFU_COLUMNS, lfu_access, lfu_evict, lfu_globals, lfu_insert, lfu_victim
-from harness.cache.queues import oldest_unmarked
+from harness.cache.queues import leave, move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
 
 LEARNING_RATE = 0.45
@@ -56,20 +56,12 @@ LFU_COLUMN = FIRST_COLUMN + 12
 """The LFU expert's key columns start here (`policies.lfu`: count, stamp, place in its heap)."""
 
 
-@njit(**KERNEL, inline="always")
-def _renew(g: np.ndarray, ki: np.ndarray, key: int) -> None:
-    """The key moves to (or joins) the newest end of the LRU expert's recency queue."""
-    if ki[key, LINKS[RECENCY]] == RECENCY:
-        unlink(g, ki, key, LINKS[RECENCY])
-    push(g, ki, RECENCY, key, LINKS[RECENCY])
-
-
 @njit(ACCESS_SIG, **KERNEL, inline="always")
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     g[CLOCK] += 1
     lfu_access(g, ki, LFU_AT, LFU_COLUMN, key, hit)
     if hit:
-        _renew(g, ki, key)
+        move_to_newest(g, ki, RECENCY, key, LINKS[RECENCY])
         return
     # LRU ignores a miss
     w_lru, w_lfu = gf[W_LRU], 1.0 - gf[W_LRU]
@@ -105,8 +97,7 @@ def _victim(
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    if ki[key, LINKS[RECENCY]] == RECENCY:
-        unlink(g, ki, key, LINKS[RECENCY])
+    leave(g, ki, key, LINKS[RECENCY])
     lfu_evict(g, ki, LFU_AT, LFU_COLUMN, key)
     chosen = ki[key, CHOSEN]
     ki[key, CHOSEN] = 0
@@ -121,7 +112,7 @@ def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    _renew(g, ki, key)
+    move_to_newest(g, ki, RECENCY, key, LINKS[RECENCY])
     lfu_insert(g, ki, LFU_AT, LFU_COLUMN, key)
 
 
