@@ -97,6 +97,12 @@ def global_replay(policy: str, steps: list[list[list[int]]], capacity: int) -> l
     ]
 
 
+@pytest.mark.parametrize("policy", ["least-stale", "layer-lru"])
+def test_layer_aware_policies_refuse_a_negative_layer_id(policy):
+    with pytest.raises(HarnessError, match=f"{policy}: negative layer id -1"):
+        policy_factory(policy)(4).bind([(0, 1), (-1, 0)])
+
+
 def test_layer_aware_policies_keep_the_next_layers_experts():
     # Capacity 3, full after t0. At t1 layer 0 needs 0 (hit) and 1: the candidates (1, 0) and (2, 0) were both
     # last used at t0. LRU evicts (1, 0), used first in that step, though layer 1 is needed next; layer-lru

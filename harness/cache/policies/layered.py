@@ -41,6 +41,7 @@ from harness.cache.compiled import (
 from harness.cache.jit import KERNEL, njit
 from harness.cache.queues import leave, move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
+from harness.errors import HarnessError
 from harness.keys import ExpertKey
 
 _WRAP = 1 << 30
@@ -143,6 +144,9 @@ class _LayerOrdered(CompiledPolicy):
 
     def bind(self, keys: list[ExpertKey]) -> np.ndarray:
         """Rows of `keys`; a queue for each layer id up to the largest bound."""
+        for layer, _ in keys:
+            if layer < 0:  # queue 1 + layer would be the use counter's words
+                raise HarnessError(f"{self.name}: negative layer id {layer}")
         rows = super().bind(keys)
         layers = len(self.g) // 3 - 1
         wanted = max((layer + 1 for layer, _ in keys), default=0)
