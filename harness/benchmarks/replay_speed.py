@@ -13,7 +13,7 @@ simulate --scope global`): there a scan policy looks at every resident expert fo
 falls as the cache grows.
 The first line gives this interpreter's speed on a plain loop (ns per iteration), so that figures taken
 on different machines can be set side by side. Each policy replays once untimed before its measured runs: the
-compiled policies (`harness.cache.compiled`, `ranked`) are compiled (or loaded from numba's disk cache) when the
+compiled policies (`harness.cache.compiled`) are compiled (or loaded from numba's disk cache) when the
 policies are imported, and a compiled policy class's replay loop when it first replays.
 
 The learned policies run as they would in `harness simulate`: `reuse-logit` with the trace's own profile

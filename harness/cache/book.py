@@ -3,7 +3,7 @@
 `ExpertCacheBook` owns which (layer, expert) sits in which slot and the hit/miss counters; the policy
 only names victims. The live engine moves bytes according to the plans it returns, and the simulator
 replays traces through the very same object, so simulated and live counts agree exactly. For compiled
-policies (`harness.cache.ranked`: LRU; `harness.cache.compiled`: the others) the simulator's steps run
+policies (`harness.cache.compiled`) the simulator's steps run
 in a compiled copy of `account` (without prefetch, which replay never uses) that calls the policy's own
 compiled functions, the ones its hooks call live.
 """
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.cache.base import CachePolicy
-from harness.cache.compiled import CompiledPolicy
-from harness.cache.ranked import GroupReplay, RecencyPolicy
+from harness.cache.compiled import CompiledPolicy, GroupReplay
 from harness.errors import HarnessError
 from harness.keys import PHASES, ExpertKey, Phase, Scope
 
@@ -213,7 +212,7 @@ class ExpertCacheBook:
         misses: np.ndarray,
     ) -> None:
         policy = group.policy
-        assert isinstance(policy, RecencyPolicy | CompiledPolicy)
+        assert isinstance(policy, CompiledPolicy)
         keys, mine = prepared.for_group(policy, layers)
         universe = policy.keys
         mark = np.zeros(policy.slots, dtype=np.int64)
@@ -374,7 +373,7 @@ class ExpertCacheBook:
 
 def _group_replay(
     group: _Partition,
-    policy: RecencyPolicy | CompiledPolicy,
+    policy: CompiledPolicy,
     keys: np.ndarray,
     prepared: PreparedCalls,
     mine: np.ndarray,
@@ -407,10 +406,9 @@ def _group_replay(
 
 
 def _compiled(group: _Partition) -> bool:
-    """Whether the group's steps can run in its policy's compiled `replay`: a ranked policy (no admission)
-    or a `CompiledPolicy` (its admission is compiled too), whose hooks are its kernel's."""
-    policy = group.policy
-    return (isinstance(policy, RecencyPolicy) and group.admit is None) or isinstance(policy, CompiledPolicy)
+    """Whether the group's steps can run in its policy's compiled `replay`: a `CompiledPolicy`, whose hooks
+    (admission included) are its kernel's."""
+    return isinstance(group.policy, CompiledPolicy)
 
 
 @dataclass
@@ -432,7 +430,7 @@ class PreparedCalls:
     """Per group's layers: its keys (of `universe`), their positions in the last policy seen, and `for_group`'s
     arrays for those."""
 
-    def for_group(self, policy: RecencyPolicy | CompiledPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def for_group(self, policy: CompiledPolicy, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(key positions in `policy`'s arrays for every key of the calls, the group's call indices)."""
         cached = self.by_group.get(tuple(layers))
         group_keys = (

@@ -22,9 +22,9 @@ is the order keys were first seen), then the links of doubly linked queues (`WHE
 queue, the older and the newer neighbour; queue q's ends and size are g[3q:3q+3]), then the policy's own
 columns from `FIRST_COLUMN` (more queue links where a key can be in several queues at once).
 
-numba as in `harness.cache.ranked` (why: see there): explicit signatures, compiled when the module is
-imported (a policy class's `drive` when it first replays), cached on disk; without numba the same functions run
-as plain Python.
+numba (`harness.cache.jit`: why numba, where its cache lives): explicit signatures, compiled when the module is
+imported (a policy class's `drive` when it first replays), cached on disk, so that no compilation pause falls
+inside a measured run; without numba the same functions run as plain Python.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Set
+from collections.abc import Iterator, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FunctionType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -48,13 +49,55 @@ from harness.cache.queues import OLDEST as OLDEST
 from harness.cache.queues import SIZE as SIZE
 from harness.cache.queues import push as push
 from harness.cache.queues import unlink as unlink
-from harness.cache.ranked import GROUP_REPLAY, GroupReplay, only
 from harness.keys import ExpertKey
 
 try:
     from numba import types
 except ImportError:  # no signatures: njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
+
+
+class GroupReplay(NamedTuple):
+    """The arrays a compiled replay of one cache group's steps reads and writes (`drive`), built by
+    `ExpertCacheBook`. Key positions index the policy's arrays."""
+
+    keys: np.ndarray
+    """Key positions of every call's keys: call c's are keys[bounds[c]:bounds[c + 1]] (distinct)."""
+    bounds: np.ndarray
+    nows: np.ndarray
+    """Each call's token step."""
+    calls: np.ndarray
+    """The group's call indices, in order."""
+    slot_of: np.ndarray
+    """Key position -> slot (of the whole pool), -1 if not resident."""
+    key_of_slot: np.ndarray
+    """Slot - first_slot -> key position, -1 if free."""
+    first_slot: int
+    free: np.ndarray
+    """Free slots: free[:n_free[0]], taken from the end."""
+    n_free: np.ndarray
+    mark: np.ndarray
+    """Per key position: the tag (call + 1) of the last call that needed it."""
+    hits: np.ndarray
+    """Per call (all calls, not only the group's): hits and misses, written by the replay."""
+    misses: np.ndarray
+
+
+_ARRAY = types.int64[::1] if types is not None else None
+GROUP_REPLAY = types.NamedTuple([_ARRAY] * 6 + [types.int64] + [_ARRAY] * 5, GroupReplay) if types is not None else None
+"""The numba type of a `GroupReplay`: C-contiguous int64 arrays (a tuple's arrays are not converted)."""
+
+
+@contextmanager
+def only(marks: np.ndarray, at: np.ndarray) -> Iterator[np.ndarray]:
+    """`marks` (all 1) with the positions `at` at 0 for the duration: a kernel that skips the keys marked 1 (tag 1)
+    sees the candidates `at` only (a hook's victim or admission, where the replay marks the step's own keys)."""
+    marks[at] = 0
+    try:
+        yield marks
+    finally:
+        marks[at] = 1
+
 
 if types is not None:
     STATE: Any = (types.int64[::1], types.float64[::1], types.int64[:, ::1], types.float64[:, ::1])
@@ -149,7 +192,7 @@ def drive(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, r: Grou
     policy admits the victim `admit` returns, NONE for a miss that streams), `evict(victim)`, and is inserted.
     Counts go to hits[c] / misses[c]. Returns the index of the first call it cannot take (wider than the
     group), or len(calls). Never called as it is: each policy class compiles its own copy (`driver`)."""
-    # The replay's arrays as locals, taken once (as `ranked.replay_group`): reading `r.field` inside the loop
+    # The replay's arrays as locals, taken once: reading `r.field` inside the loop
     # takes and drops a reference (two atomic operations) at each read.
     keys, bounds, nows, calls, slot_of, key_of_slot, first_slot, free, n_free, mark, hits, misses = r
     width_max = 0

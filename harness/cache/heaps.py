@@ -16,10 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from harness.cache.compiled import EXPERT, LAYER, CompiledPolicy
+from harness.cache.compiled import EXPERT, LAYER, CompiledPolicy, GroupReplay
 from harness.cache.jit import KERNEL, njit
 from harness.cache.queues import NONE
-from harness.cache.ranked import GroupReplay
 from harness.keys import ExpertKey
 
 try:
@@ -27,8 +26,9 @@ try:
 except ImportError:  # njit is the identity (harness.cache.jit)
     types = None  # type: ignore[assignment]
 
-HEAP_SIZE, HEAP_ROOM, HEAP_ENTRIES = 0, 1, 2
-"""Offsets from the heap's first global: how many keys it holds, how many it has room for, its entries."""
+HEAP_SIZE, HEAP_ROOM, HEAP_FULL, HEAP_ENTRIES = 0, 1, 2, 3
+"""Offsets from the heap's first global: how many keys it holds, how many it has room for, 1 where a put found
+it full (a caller's error: `HeapPolicy` raises), its entries."""
 ENTRY = 4
 """Words of an entry: the key's row, then its rank."""
 _FLIP = np.int64(0x7FFFFFFFFFFFFFFF)
@@ -36,7 +36,7 @@ _FLIP = np.int64(0x7FFFFFFFFFFFFFFF)
 
 def heap_globals(room: int) -> list[int]:
     """The int globals of an empty heap with room for `room` keys (entries and scratch)."""
-    return [0, room] + [NONE] * ((ENTRY + 1) * room)
+    return [0, room, 0] + [NONE] * ((ENTRY + 1) * room)
 
 
 @njit(**KERNEL, inline="always")
@@ -101,11 +101,12 @@ _RANKED = (types.int64[::1], types.int64[:, ::1], *(types.int64,) * 6) if types 
 @njit(types.boolean(*_RANKED) if types else None, **KERNEL, inline="always")
 def heap_put(g: np.ndarray, ki: np.ndarray, at: int, key: int, place: int, r1: int, r2: int, r3: int) -> bool:
     """`key`'s rank is now (r1, r2, r3): it joins the heap, or moves in it where it is there already. False where
-    the heap is full (the key is then not in it)."""
+    the heap is full (the key is then not in it, and the heap's full flag is set)."""
     i = ki[key, place]
     if i == NONE:
         i = g[at + HEAP_SIZE]
         if i == g[at + HEAP_ROOM]:
+            g[at + HEAP_FULL] = 1
             return False
         g[at + HEAP_SIZE] = i + 1
     _sift(g, ki, at, i, place, key, r1, r2, r3)
@@ -173,11 +174,11 @@ class HeapPolicy(CompiledPolicy):
     """A compiled policy that keeps its resident keys in a heap: its hooks raise where an insert found the heap
     full (more resident keys than the policy's capacity, a caller's error) instead of writing past it."""
 
-    full_at: ClassVar[int]
-    """The int global the kernel sets to 1 where an insert found the heap full."""
+    heap_at: ClassVar[int]
+    """Where the heap's globals start in `g`."""
 
     def _check(self) -> None:
-        if self.g[self.full_at]:
+        if self.g[self.heap_at + HEAP_FULL]:
             raise AssertionError(f"{self.name}: more resident keys than its {self.capacity} slots")
 
     def on_insert(self, key: ExpertKey, now: int) -> None:

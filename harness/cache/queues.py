@@ -1,6 +1,6 @@
-"""Doubly linked queues of keys over numpy arrays, for compiled policies (`harness.cache.compiled`) and LRU
-(`harness.cache.ranked`): a queue's ends and size are three int globals, a key's links three int columns of its
-row (which queue, the older and the newer neighbour)."""
+"""Doubly linked queues of keys over numpy arrays, for compiled policies (`harness.cache.compiled`): a queue's
+ends and size are three int globals, a key's links three int columns of its row (which queue, the older and the
+newer neighbour)."""
 
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ from harness.cache.compiled import (
     VICTIM_SIG,
     CompiledAdmission,
     CompiledPolicy,
+    GroupReplay,
     Kernel,
 )
 from harness.cache.jit import KERNEL, njit
-from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -101,7 +101,7 @@ def _victim(
 ) -> int:
     """The candidate of the largest (next use, key): ties (several never used again) go to the largest key, so
     the choice is the same on every run."""
-    # Selects, not branches (as `harness.cache.ranked.lowest`).
+    # Selects, not branches: which key ranks lower is a coin toss that the branch predictor loses.
     best, best_next, best_layer, best_expert = -1, -1, -1, -1
     for key in resident:
         usable = key >= 0 and mark[key] != tag

@@ -29,16 +29,15 @@ place in the heap (NONE: not resident)."""
 ABSENT = -(2**62)
 WEIGHT = 0
 """Float global: the weight."""
-FULL, HEAP = 0, 1
-"""Int globals: 1 where an insert found the heap full (a caller's error), then the heap."""
+HEAP = 0
+"""The heap's int globals start here."""
 
 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _rank(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """The key's place in the heap by (w x count + last use, last use, key), where it is resident."""
     value = gf[WEIGHT] * ki[key, COUNT] + ki[key, LAST]
-    if not heap_put(g, ki, HEAP, key, PLACE, sortable(value), ki[key, LAST], key_code(ki, key)):
-        g[FULL] = 1
+    heap_put(g, ki, HEAP, key, PLACE, sortable(value), ki[key, LAST], key_code(ki, key))
 
 
 @njit(ACCESS_SIG, **KERNEL, inline="always")
@@ -86,14 +85,14 @@ class FrequencyWeightedLRU(HeapPolicy):
     name = "fwlru"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
     int_columns = (0, ABSENT, NONE)
-    full_at = FULL
+    heap_at = HEAP
 
     def __init__(self, capacity: int, seed: int = 0, weight: float = DEFAULT_WEIGHT) -> None:
         self.weight = weight
         super().__init__(capacity, seed)
 
     def globals_(self) -> tuple[list[int], list[float]]:
-        return [0, *heap_globals(self.capacity)], [self.weight]
+        return heap_globals(self.capacity), [self.weight]
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> FrequencyWeightedLRU:

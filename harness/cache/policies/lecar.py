@@ -30,7 +30,7 @@ from harness.cache.compiled import (
 )
 from harness.cache.heaps import HeapPolicy
 from harness.cache.jit import KERNEL, njit
-from harness.cache.policies.lfu import FULL, LFU_COLUMNS, lfu_access, lfu_evict, lfu_globals, lfu_insert, lfu_victim
+from harness.cache.policies.lfu import HEAP, LFU_COLUMNS, lfu_access, lfu_evict, lfu_globals, lfu_insert, lfu_victim
 from harness.cache.queues import leave, move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
 
@@ -122,7 +122,7 @@ class LeCaR(HeapPolicy):
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
     int_columns = (0, *(NONE,) * 9, 0, 0, *LFU_COLUMNS)
     queues = 3
-    full_at = LFU_AT + FULL
+    heap_at = LFU_AT + HEAP
 
     def globals_(self) -> tuple[np.ndarray | list[int], list[float]]:
         weights = [0.5, DISCOUNT_BASE ** (1.0 / self.capacity)]

@@ -17,11 +17,11 @@ from harness.cache.compiled import (
     NONE,
     VICTIM_SIG,
     CompiledPolicy,
+    GroupReplay,
     Kernel,
 )
 from harness.cache.heaps import HeapPolicy, heap_globals, heap_put, heap_remove, heap_rerank, lowest_unmarked
 from harness.cache.jit import KERNEL, njit
-from harness.cache.ranked import GroupReplay
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -36,14 +36,13 @@ at the last touch (a hit's access or an insert), the key's place in the heap of 
 resident)."""
 LFU_COLUMNS = (0, 0, NONE)
 """Their values for a key first seen."""
-CLOCK, FULL, HEAP = 0, 1, 2
-"""LFU's int globals, from the first its owner gives it: the touch clock, 1 where an insert found the heap full
-(a caller's error), the heap."""
+CLOCK, HEAP = 0, 1
+"""LFU's int globals, from the first its owner gives it: the touch clock, then the heap."""
 
 
 def lfu_globals(capacity: int) -> list[int]:
     """LFU's int globals for a cache of `capacity` keys."""
-    return [0, 0, *heap_globals(capacity)]
+    return [0, *heap_globals(capacity)]
 
 
 @njit(**KERNEL, inline="always")
@@ -62,8 +61,7 @@ def lfu_insert(g: np.ndarray, ki: np.ndarray, at: int, col: int, key: int) -> No
     """An insert renews the stamp; the key joins the heap."""
     ki[key, col + STAMP] = g[at + CLOCK]
     g[at + CLOCK] += 1
-    if not heap_put(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP], 0):
-        g[at + FULL] = 1
+    heap_put(g, ki, at + HEAP, key, col + PLACE, ki[key, col + COUNT], ki[key, col + STAMP], 0)
 
 
 @njit(**KERNEL, inline="always")
@@ -121,7 +119,7 @@ class LFU(HeapPolicy):
     name = "lfu"
     kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
     int_columns = LFU_COLUMNS
-    full_at = FULL
+    heap_at = HEAP
 
     def globals_(self) -> tuple[list[int], list[float]]:
         return lfu_globals(self.capacity), []

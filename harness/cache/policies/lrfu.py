@@ -43,8 +43,8 @@ SCORE = 0
 """Float key column: log2(CRF at last access) + lambda x last access (-inf: never accessed, CRF 0)."""
 DECAY = 0
 """Float global: lambda."""
-FULL, HEAP = 0, 1
-"""`lrfu`'s int globals: 1 where an insert found the heap full (a caller's error), then the heap."""
+HEAP = 0
+"""Where `lrfu`'s heap starts in its int globals."""
 
 
 @njit(ACCESS_SIG, **KERNEL, inline="always")
@@ -59,8 +59,7 @@ def lrfu_access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, k
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _rank(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """The key's place in the heap after its rank (s, last access, key) changed, or as it is inserted."""
-    if not heap_put(g, ki, HEAP, key, PLACE, sortable(kf[key, SCORE]), ki[key, LAST], key_code(ki, key)):
-        g[FULL] = 1
+    heap_put(g, ki, HEAP, key, PLACE, sortable(kf[key, SCORE]), ki[key, LAST], key_code(ki, key))
 
 
 @njit(ACCESS_SIG, **KERNEL, inline="always")
@@ -101,14 +100,14 @@ class LRFU(HeapPolicy):
     kernel = LRFU_KERNEL
     int_columns = (-1, NONE)
     float_columns = (-math.inf,)
-    full_at = FULL
+    heap_at = HEAP
 
     def __init__(self, capacity: int, seed: int = 0, decay: float = DEFAULT_LAMBDA) -> None:
         self.decay = decay
         super().__init__(capacity, seed)
 
     def globals_(self) -> tuple[list[int], list[float]]:
-        return [0, *heap_globals(self.capacity)], [self.decay]
+        return heap_globals(self.capacity), [self.decay]
 
     @classmethod
     def from_spec(cls, capacity: int, seed: int, argument: str | None, **_: object) -> LRFU:
