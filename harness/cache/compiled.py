@@ -42,7 +42,7 @@ import numpy as np
 
 from harness.cache.base import CachePolicy
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import NEWER_LINK, OLDER_LINK
+from harness.cache.queues import NEWER_LINK, OLDER_LINK, leave
 from harness.cache.queues import NEWEST as NEWEST
 from harness.cache.queues import NONE as NONE
 from harness.cache.queues import OLDEST as OLDEST
@@ -151,6 +151,12 @@ def no_admission(
 @njit(KEY_SIG, **KERNEL)
 def no_op(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     """A hook the policy does not need."""
+
+
+@njit(KEY_SIG, **KERNEL, inline="always")
+def dequeue(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
+    """The `evict` of a policy whose resident keys stand in queues linked from `WHERE`: the key leaves its queue."""
+    leave(g, ki, key, WHERE)
 
 
 @njit(ACCESS_SIG, **KERNEL)

@@ -37,9 +37,10 @@ from harness.cache.compiled import (
     WHERE,
     CompiledPolicy,
     Kernel,
+    dequeue,
 )
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import leave, move_to_newest, oldest_unmarked
+from harness.cache.queues import move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
@@ -72,11 +73,6 @@ def _touch(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: i
 @njit(ACCESS_SIG, **KERNEL, inline="always")
 def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int, hit: bool) -> None:
     _touch(g, gf, ki, kf, key, now)
-
-
-@njit(KEY_SIG, **KERNEL, inline="always")
-def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    leave(g, ki, key, WHERE)
 
 
 @njit(VICTIM_SIG, **KERNEL, inline="always")
@@ -158,7 +154,7 @@ class _LayerOrdered(CompiledPolicy):
 @register_policy
 class LeastStale(_LayerOrdered):
     name = "least-stale"
-    kernel = Kernel(access=_access, insert=_touch, evict=_evict, victim=_least_stale)
+    kernel = Kernel(access=_access, insert=_touch, evict=dequeue, victim=_least_stale)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "rule": "latest next layer visit first, then least recently used"}
@@ -167,7 +163,7 @@ class LeastStale(_LayerOrdered):
 @register_policy
 class LayerLRU(_LayerOrdered):
     name = "layer-lru"
-    kernel = Kernel(access=_access, insert=_touch, evict=_evict, victim=_layer_lru)
+    kernel = Kernel(access=_access, insert=_touch, evict=dequeue, victim=_layer_lru)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "rule": "oldest token step first, then latest next layer visit"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.cache.compiled import ACCESS_SIG, KEY_SIG, VICTIM_SIG, WHERE, CompiledPolicy, Kernel
+from harness.cache.compiled import ACCESS_SIG, KEY_SIG, VICTIM_SIG, WHERE, CompiledPolicy, Kernel, dequeue
 from harness.cache.jit import KERNEL, njit
-from harness.cache.queues import leave, move_to_newest, oldest_unmarked
+from harness.cache.queues import move_to_newest, oldest_unmarked
 from harness.cache.registry import register_policy
 
 QUEUE = 0
@@ -27,11 +27,6 @@ def _access(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: 
 @njit(KEY_SIG, **KERNEL, inline="always")
 def _insert(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
     move_to_newest(g, ki, QUEUE, key, WHERE)
-
-
-@njit(KEY_SIG, **KERNEL, inline="always")
-def _evict(g: np.ndarray, gf: np.ndarray, ki: np.ndarray, kf: np.ndarray, key: int, now: int) -> None:
-    leave(g, ki, key, WHERE)
 
 
 @njit(VICTIM_SIG, **KERNEL, inline="always")
@@ -56,5 +51,5 @@ class LRU(CompiledPolicy):
 
     name = "lru"
     observes_misses = False
-    kernel = Kernel(access=_access, insert=_insert, evict=_evict, victim=_victim)
+    kernel = Kernel(access=_access, insert=_insert, evict=dequeue, victim=_victim)
     queues = 1
