@@ -31,7 +31,41 @@ BACKENDS = [
     ),
 ]
 
-Backend = TypeVar("Backend", ThreadReads, UringReads)
+
+class HeldUring(UringReads):
+    """io_uring reads whose ring thread, once the first read completed and the next one took its place on the
+    device, stays in the first read's check until the test first waits for a read (or closes): the reads started
+    by then are on the device and the rest queued, whatever the disk's speed."""
+
+    def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
+        self.holding, self.release = threading.Event(), threading.Event()
+        self._held = False
+        super().__init__(reader, queue_depth)
+
+    def _check(self, read, result, end_ns):
+        if not self._held:
+            self._held = True
+            self.holding.set()
+            assert self.release.wait(timeout=60)
+        super()._check(read, result, end_ns)
+
+    def wait_until_held(self) -> None:
+        assert self.holding.wait(timeout=60), "the first read never completed"
+
+    def result(self, read):
+        self.release.set()
+        return super().result(read)
+
+    def as_completed(self, reads):
+        self.release.set()
+        return super().as_completed(reads)
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()
+
+
+Backend = TypeVar("Backend", ThreadReads, UringReads, HeldUring)
 
 
 def _engine(model_dir, backend: str) -> tuple[OffloadEngine, PackIndex, bytes]:
@@ -116,17 +150,14 @@ def test_queue_depth_from_profile():
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_demand_reads_go_ahead_of_queued_prefetches(tiny_model):
     model_dir = tiny_model("olmoe")
-    with _reads(model_dir, UringReads, 1, 4) as (backend, _, pool, index):
+    with _reads(model_dir, HeldUring, 1, 4) as (backend, _, pool, index):
         background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
-        # Depth 1: the first prefetch is in flight. (A tiny read may already have completed, and the second
-        # started, when the submit call looked for completions: those started before the demand read existed.)
-        queued = [r for r in background if r.start_ns == 0]
+        backend.wait_until_held()  # depth 1: prefetch 0 done (its check held), 1 on the device, 2 queued
         (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
         backend.result(background[2])
-        # The demand read went ahead of every prefetch still queued.
-        assert background[0] not in queued and background[2] in queued
-        assert all(demand.record.start_ns < r.record.start_ns for r in queued)
-        assert background[0].record.start_ns < demand.record.start_ns
+        # The demand read went ahead of the prefetch still queued, not of the one on the device.
+        starts = [r.record.start_ns for r in (background[0], background[1], demand, background[2])]
+        assert starts == sorted(starts)
         blob = pack_paths(model_dir)["experts"].read_bytes()
         for read in [*background, demand]:
             offset = index.entry(*read.key).offset
@@ -181,27 +212,31 @@ def test_thread_prefetches_wait_for_demand_reads_and_can_be_withdrawn(tiny_model
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_uring_cancels_queued_reads_and_promotes_needed_ones(tiny_model):
-    with _reads(tiny_model("olmoe"), UringReads, 1, 4) as (backend, _, pool, _):
-        background = backend.submit([((0, e), pool.slot(e)) for e in range(3)], background=True)
-        assert not backend.cancel(background[0])  # in flight: it cannot be withdrawn
-        assert backend.cancel(background[2])  # still queued: withdrawn, never read
-        (demand,) = backend.submit([((0, 3), pool.slot(3))], background=False)
-        backend.promote([background[1]])  # a step needs it now: ahead of the demand read queued before it
+    with _reads(tiny_model("olmoe"), HeldUring, 1, 5) as (backend, _, pool, _):
+        background = backend.submit([((0, e), pool.slot(e)) for e in range(4)], background=True)
+        backend.wait_until_held()  # depth 1: prefetch 0 done, 1 on the device, 2 and 3 queued
+        assert not backend.cancel(background[0])  # done: it cannot be withdrawn
+        assert not backend.cancel(background[1])  # on the device: neither
+        assert backend.cancel(background[3])  # still queued: withdrawn, never read
+        (demand,) = backend.submit([((0, 4), pool.slot(4))], background=False)
+        backend.promote([background[2]])  # a step needs it now: ahead of the demand read queued before it
         backend.result(demand)
-        assert background[2].record is None
-        starts = [r.record.start_ns for r in (background[0], background[1], demand)]
+        assert background[3].record is None and background[3].future.cancelled()
+        starts = [r.record.start_ns for r in (*background[:3], demand)]
         assert starts == sorted(starts)
 
 
 @pytest.mark.skipif(uring.unavailable_reason() is not None, reason="io_uring unusable here")
 def test_cache_withdraws_dropped_prefetches_and_defers_predictions(tiny_model, monkeypatch):
     monkeypatch.setattr("harness.runtime.engine.load_profile_for_path", lambda path: None)
+    monkeypatch.setattr("harness.runtime.expert_io.UringReads", HeldUring)
     engine, index, blob = _engine(tiny_model("olmoe"), "io_uring")
     # Depth 1 (io_threads=1, no profile): the order of reads on the device is the order they start.
     cache = engine.configure_cache(4, "per-layer", "lru", seed=0, io_threads=1)
     first, second = index.moe_layers[:2]
     try:
-        cache.prefetch(first, [0, 1, 2], now=0, phase="decode")  # 0 in flight, 1 and 2 queued
+        cache.prefetch(first, [0, 1, 2], now=0, phase="decode")
+        engine.io.wait_until_held()  # 0 done (its check held), 1 on the device, 2 queued
         seen = {}
         for expert, weights in cache.fetch(first, [1, 3], now=0, phase="decode"):
             seen[expert] = bytes(weights[index.tensors[0].name].view(torch.uint8).numpy())

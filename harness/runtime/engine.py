@@ -127,7 +127,7 @@ class OffloadEngine:
                 "fallback_reason": fallback,
                 "queue_depth": depth,
                 "queue_depth_how": how,
-                "read_end_time": "seen at the next poll, between experts (an upper bound)"
+                "read_end_time": "seen by the ring's own thread as the completion wakes it"
                 if self.io.name == "io_uring"
                 else "timed by the reading thread",
             }

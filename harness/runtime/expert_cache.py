@@ -196,7 +196,6 @@ class ExpertCache:
     def ready(self, layer: int, experts: list[int]) -> bool:
         """Whether every one of `experts` is in a slot (resident, or prefetched) whose read, if any, has landed: a
         step of them waits for no read (at most for the checks of the last ones) and streams nothing."""
-        self.io.poll()
         for expert in experts:
             key = (layer, expert)
             slot = self.book.slot_of(key)
@@ -236,7 +235,6 @@ class ExpertCache:
                     prefetches[id(flight.read)] = flight
                     slot_of[id(flight.read)] = slot
                     continue
-            self.io.poll()  # completions are timed when seen: look between experts
             yield key[1], self.views[slot]
         needed = [flight.read for flight in prefetches.values()]
         self.io.promote(needed)  # a queued prefetch a step needs is a demand read now
@@ -245,7 +243,6 @@ class ExpertCache:
             self._account(read.record, phase if flight is None else flight.phase)  # type: ignore[arg-type]
             if flight is not None:
                 self._book_hidden(read.record, waited_ns)  # type: ignore[arg-type]
-            self.io.poll()
             yield read.key[1], self.views[slot_of[id(read)]]
         yield from self._stream(plan.streamed, phase)
 

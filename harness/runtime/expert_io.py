@@ -2,14 +2,13 @@
 blocking reads where io_uring is unusable.
 
 A backend takes a batch of reads (one step's loads, or one prediction's prefetches) in one call and returns a
-handle per read; handles complete in any order (`as_completed`) and every completed read goes through
-`ExpertReader.complete_read`, the one place for the checks after a read. With io_uring a batch is one system call,
-at most `queue_depth` reads are in flight (fio's `iodepth`), demand reads go ahead of queued prefetches (a queued
-read can also be withdrawn, or moved ahead once a step needs it), a finished read's place in the ring is refilled
-at once and its bytes are checked on a helper thread, and reads proceed while the caller computes. The ring is used
-only from the thread that made it (it is set up single-issuer), so a read's end time is when that thread sees its
-completion: the expert cache polls at every expert boundary, and a read's recorded latency is an upper bound by at
-most one expert's compute (or one attention block, for a prefetch).
+handle per read, with a future that resolves to the read's record once its bytes are checked; handles complete in
+any order (`as_completed`) and every completed read goes through `ExpertReader.complete_read`, the one place for
+the checks after a read. With io_uring a thread of the backend owns the ring (single issuer): it sleeps in the
+kernel until a read completes or a submission wakes it (an eventfd read in the ring), refills the freed places at
+once and then checks the finished reads' bytes, so reads proceed while the caller computes, at most `queue_depth`
+in flight (fio's `iodepth`), and a read's end time is when its completion woke that thread. Demand reads go ahead
+of queued prefetches (a queued read can also be withdrawn, or moved ahead once a step needs it).
 
 With either backend a prefetch starts only while no demand read is in flight (a prefetch a step needs counts as a
 demand read): once on the device a read shares its bandwidth with every other read in flight, so at a queue depth
@@ -22,13 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import as_completed as futures_completed
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -60,6 +59,8 @@ class PendingRead:
     started: bool = False
     withdrawn: bool = False
     """Threads backend: the read began (its buffer is being written), or was cancelled before it began."""
+    landed: bool = False
+    """io_uring: the read completed (its bytes are in its buffer; their check may still be running)."""
 
 
 class ReadBackend(Protocol):
@@ -78,12 +79,8 @@ class ReadBackend(Protocol):
         """Yield `reads` as they complete."""
         ...
 
-    def poll(self) -> None:
-        """Note the completions already done, without waiting (their end times), and refill the queue."""
-        ...
-
     def landed(self, read: PendingRead) -> bool:
-        """Whether `read`'s bytes are in its buffer (as of the last `poll`); its check may still be running."""
+        """Whether `read`'s bytes are in its buffer; its check may still be running."""
         ...
 
     def cancel(self, read: PendingRead) -> bool:
@@ -97,7 +94,27 @@ class ReadBackend(Protocol):
     def close(self) -> None: ...
 
 
-class ThreadReads:
+_WAKE = 0
+"""The user_data of the io_uring ring's wake-up read (reads are numbered from 1)."""
+
+
+class FutureReads:
+    """What both backends share: every read has a future from its submission, resolved with its record."""
+
+    def result(self, read: PendingRead) -> IoRecord:
+        assert read.future is not None  # every read gets its future when submitted
+        read.record = read.future.result()
+        return read.record
+
+    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
+        by_future = {read.future: read for read in reads if read.future is not None}
+        for future in futures_completed(list(by_future)):
+            read = by_future[future]
+            self.result(read)
+            yield read
+
+
+class ThreadReads(FutureReads):
     """Blocking positional reads on two pools (demand, background) of `queue_depth` threads each. As with
     io_uring, a prefetch's read starts only while no demand read is in progress (unless a step needs it)."""
 
@@ -138,21 +155,6 @@ class ThreadReads:
                 read.future = self._demand.submit(self._read_demand, read.key, read.buffer)
         return pending
 
-    def result(self, read: PendingRead) -> IoRecord:
-        if read.record is None:
-            read.record = read.future.result()  # type: ignore[union-attr]
-        return read.record
-
-    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
-        by_future = {read.future: read for read in reads if read.future is not None}
-        for future in futures_completed(list(by_future)):
-            read = by_future[future]
-            self.result(read)
-            yield read
-
-    def poll(self) -> None:
-        """Worker threads time their own reads."""
-
     def landed(self, read: PendingRead) -> bool:
         return read.future is not None and read.future.done()  # a worker reads and checks in one task
 
@@ -189,25 +191,66 @@ def _address(buffer: memoryview) -> int:
         del view  # an export left alive would pin the buffer
 
 
-class UringReads:
-    """Expert reads through one io_uring ring of `queue_depth` entries, kept full from a queue."""
+class UringReads(FutureReads):
+    """Expert reads through one io_uring ring of `queue_depth` read entries, owned and kept full by a thread of its
+    own (the ring's only issuer), which sleeps in the kernel until a read completes or a submission wakes it."""
 
     name = "io_uring"
 
     def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
         self.reader, self.queue_depth = reader, queue_depth
-        self.ring = uring.Ring(queue_depth)
-        self._thread = threading.get_ident()
+        self._lock = threading.Lock()
+        """Guards the queue, the reads in flight, the reads' `background` flags and the flags below."""
         self._queued: deque[PendingRead] = deque()
         self._inflight: dict[int, PendingRead] = {}
-        self._next_id = 0
-        # A finished read's checksum (most of a millisecond for an expert of a few MiB) runs here, not on the
-        # compute thread; xxhash releases the GIL, so it overlaps the compute as the threads backend's does.
-        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-check")
+        self._next_id = _WAKE
+        self._wake_fd = os.eventfd(0)  # blocking: the ring's read of it waits for a write
+        self._wake_word = ctypes.c_uint64()
+        self._wake_pending = False
+        """A wake-up was written and the ring thread has not yet seen it (another write would add nothing)."""
+        self._closing = False
+        self._failure: BaseException | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="expert-io", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._failure is not None:
+            self._thread.join()
+            os.close(self._wake_fd)
+            raise self._failure
 
-    def _fill(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            # Made on this thread: a single-issuer ring belongs to the thread that sets it up. One more entry
+            # than the depth, for the wake-up read.
+            ring = uring.Ring(self.queue_depth + 1)
+        except OSError as exc:
+            self._failure = exc
+            ready.set()
+            return
+        ready.set()
+        failure = None
+        try:
+            self._arm_wake(ring)
+            while True:
+                with self._lock:
+                    self._fill(ring)
+                    if self._closing and not self._inflight:
+                        break
+                ring.submit(wait=1)  # the GIL is released while the thread sleeps in the kernel
+                self._complete(ring)
+        except BaseException as exc:  # every waiting read must learn why it will never complete
+            failure = exc
+        ring.close()  # the kernel cancels what is still in flight and waits for it: the buffers are free after
+        if failure is not None:
+            self._fail(failure)
+
+    def _arm_wake(self, ring: uring.Ring) -> None:
+        ring.prepare(uring.OP_READ, self._wake_fd, ctypes.addressof(self._wake_word), 8, 0, _WAKE)
+
+    def _fill(self, ring: uring.Ring) -> None:
         """Prepare queued reads while the ring has room, a prefetch only while no demand read is in flight (demand
-        reads queue ahead of prefetches, so a prefetch at the head means none is queued)."""
+        reads queue ahead of prefetches, so a prefetch at the head means none is queued). Under the lock."""
         demand_busy = any(not r.background for r in self._inflight.values())
         while self._queued and len(self._inflight) < self.queue_depth:
             if self._queued[0].background and demand_busy:
@@ -216,88 +259,121 @@ class UringReads:
             demand_busy = demand_busy or not read.background
             self._next_id += 1
             entry = self.reader.index.entry(*read.key)
-            self.ring.prepare(
+            ring.prepare(
                 uring.OP_READ, self.reader.fd, _address(read.buffer), len(read.buffer), entry.offset, self._next_id
             )
             read.start_ns = time.perf_counter_ns()
             self._inflight[self._next_id] = read
 
-    def _pump(self, wait: bool) -> None:
-        """Submit what fits, wait for one completion if `wait`, and complete what is done."""
-        self._fill()
-        self.ring.submit(wait=1 if wait and self._inflight else 0, post=True)
-        done = [(self._inflight.pop(user_data), result) for user_data, result in self.ring.reap()]
+    def _complete(self, ring: uring.Ring) -> None:
+        """Note the completions ready, refill the ring at once (as fio keeps its queue full), then check the
+        finished reads' bytes."""
+        done = ring.reap()
         end_ns = time.perf_counter_ns()
-        if done and self._queued:  # room freed: start the next queued reads now, as fio keeps its queue full
-            self._fill()
-            self.ring.submit()
-        for read, result in done:
-            read.future = self._checker.submit(self._check, read, result, end_ns)
+        finished = []
+        with self._lock:
+            for user_data, result in done:
+                if user_data == _WAKE:
+                    self._wake_pending = False
+                    self._arm_wake(ring)
+                    continue
+                read = self._inflight.pop(user_data)
+                read.landed = True
+                finished.append((read, result))
+            if finished:
+                self._fill(ring)
+        if finished:
+            ring.submit()
+        for read, result in finished:
+            self._check(read, result, end_ns)
 
-    def _check(self, read: PendingRead, result: int, end_ns: int) -> IoRecord:
-        read.record = self.reader.complete_read(read.key, read.buffer, result, read.start_ns, end_ns)
-        return read.record
+    def _check(self, read: PendingRead, result: int, end_ns: int) -> None:
+        assert read.future is not None  # every read gets its future when submitted
+        try:
+            read.record = self.reader.complete_read(read.key, read.buffer, result, read.start_ns, end_ns)
+        except BaseException as exc:  # raised to whoever waits for the read
+            read.future.set_exception(exc)
+        else:
+            read.future.set_result(read.record)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._failure = exc
+            reads = [*self._inflight.values(), *self._queued]
+            self._inflight.clear()
+            self._queued.clear()
+        for read in reads:
+            assert read.future is not None
+            read.future.set_exception(HarnessError(f"expert reads through io_uring failed: {exc}"))
+
+    def _needs_wake(self) -> bool:
+        """Whether the ring thread must be woken (asked under the lock; `_wake` is called after it is released): a
+        read may start now, or the backend is closing. A full ring, or a prefetch behind a demand read, starts when
+        a read completes, which wakes the thread anyway."""
+        startable = bool(self._queued) and len(self._inflight) < self.queue_depth
+        if startable and self._queued[0].background:
+            startable = all(r.background for r in self._inflight.values())
+        if (startable or self._closing) and not self._wake_pending:
+            self._wake_pending = True
+            return True
+        return False
+
+    def _wake(self) -> None:
+        os.eventfd_write(self._wake_fd, 1)  # completes the ring's wake-up read
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
-        if threading.get_ident() != self._thread:
-            raise HarnessError("io_uring expert reads submitted from a thread other than the ring's (single issuer)")
-        pending = [PendingRead(key, buf, background=background) for key, buf in reads]
-        if background:
-            self._queued.extend(pending)
-        else:
-            self._queued.extendleft(reversed(pending))
-        self._pump(wait=False)
+        pending = [PendingRead(key, buf, background=background, future=Future()) for key, buf in reads]
+        with self._lock:
+            if self._failure is not None:
+                raise HarnessError(f"expert reads through io_uring failed: {self._failure}")
+            if background:
+                self._queued.extend(pending)
+            else:
+                self._queued.extendleft(reversed(pending))
+            wake = self._needs_wake()
+        if wake:
+            self._wake()
         return pending
 
-    def result(self, read: PendingRead) -> IoRecord:
-        while read.future is None:
-            self._pump(wait=True)
-        return read.future.result()
-
-    def as_completed(self, reads: list[PendingRead]) -> Iterator[PendingRead]:
-        waiting = list(reads)
-        while waiting:
-            ready = [r for r in waiting if r.future is not None and r.future.done()]
-            if not ready:
-                checking = [r.future for r in waiting if r.future is not None]
-                if checking:  # a check ends within a millisecond: wait for it rather than for the device
-                    futures_wait(checking, return_when=FIRST_COMPLETED)
-                else:
-                    self._pump(wait=True)
-                continue
-            for read in ready:
-                assert read.future is not None  # `ready` holds reads with a future only
-                read.future.result()  # raises what the check raised
-                waiting.remove(read)
-                yield read
-
-    def poll(self) -> None:
-        if self._inflight:
-            self._pump(wait=False)
-
     def landed(self, read: PendingRead) -> bool:
-        return read.future is not None  # its check is submitted as its completion is seen
+        return read.landed
 
     def cancel(self, read: PendingRead) -> bool:
-        if read.future is not None or read not in self._queued:
-            return False
-        self._queued.remove(read)
+        with self._lock:
+            if read not in self._queued:
+                return False
+            self._queued.remove(read)
+        assert read.future is not None
+        read.future.cancel()
         return True
 
     def promote(self, reads: list[PendingRead]) -> None:
-        for read in reads:
-            read.background = False  # a step waits for it now, queued or in flight
-        queued = [read for read in reads if read in self._queued]
-        for read in queued:
-            self._queued.remove(read)
-        self._queued.extendleft(reversed(queued))
+        with self._lock:
+            for read in reads:
+                read.background = False  # a step waits for it now, queued or in flight
+            queued = [read for read in reads if read in self._queued]
+            for read in queued:
+                self._queued.remove(read)
+            self._queued.extendleft(reversed(queued))
+            wake = self._needs_wake()
+        if wake:
+            self._wake()
 
     def close(self) -> None:
-        while self._inflight:  # the slots must not be written once their owner frees them
-            self._pump(wait=True)
-        self._queued.clear()
-        self.ring.close()
-        self._checker.shutdown(wait=True)
+        """Wait for the reads in flight (their slots must not be written once their owner frees them); reads
+        still queued are withdrawn."""
+        with self._lock:
+            self._closing = True
+            withdrawn = list(self._queued)
+            self._queued.clear()
+            wake = self._needs_wake()
+        for read in withdrawn:
+            assert read.future is not None
+            read.future.cancel()
+        if wake:
+            self._wake()
+        self._thread.join()
+        os.close(self._wake_fd)
 
 
 def queue_depth_from_profile(model: ReadTimeModel | None, block_bytes: int, default: int) -> tuple[int, str]:
