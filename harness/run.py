@@ -481,7 +481,14 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
     spec, index = plan.spec, plan.index
     load_start = time.perf_counter()
     engine = OffloadEngine(
-        plan.model_dir, index, plan.experts_file, plan.packed["dense"], spec.io_engine, recorder, device=plan.device
+        plan.model_dir,
+        index,
+        plan.experts_file,
+        plan.packed["dense"],
+        spec.io_engine,
+        recorder,
+        device=plan.device,
+        io_depth=spec.io_depth,
     )
     stack.callback(engine.close)
     kv_bytes = planned_kv_bytes(spec, index, plan.config, plan.encoded)

@@ -18,6 +18,7 @@ from harness.models.packer import pack_paths
 from harness.runtime.engine import OffloadEngine
 from harness.runtime.expert_io import ThreadReads, UringReads, queue_depth_from_profile
 from harness.runtime.generation import generate
+from harness.spec import RunSpec
 from harness.ssd import uring
 from harness.ssd.readtime import ReadTimeModel
 from harness.store.layout import PackIndex
@@ -129,6 +130,22 @@ def test_greedy_tokens_match_resident_model(backend, tiny_model):
         engine.close()
     assert tokens == reference
     assert cache.book.total().misses > 0
+
+
+def test_a_given_queue_depth_overrides_the_profile(tiny_model, monkeypatch):
+    profile = ReadTimeModel(bw={"randread": {1 << 20: {1: 1e9, 8: 4e9}}}, lat={}, source="p", device=None)
+    monkeypatch.setattr("harness.runtime.engine.load_profile_for_path", lambda path: profile)
+    paths = pack_paths(tiny_model("olmoe"))
+    index = PackIndex.load(paths["index"])
+    engine = OffloadEngine(tiny_model("olmoe"), index, paths["experts"], paths["dense"], io_depth=3)
+    try:
+        engine.configure_cache(2, "per-layer", "lru", seed=0, io_threads=2)
+        assert engine.io is not None and engine.io.queue_depth == 3
+        assert (engine.io_info or {})["queue_depth_how"] == "given: io_depth 3"
+    finally:
+        engine.close()
+    assert "io_depth" not in RunSpec(model="m", prompt="p").canonical()  # unset: earlier specs keep their run ids
+    assert RunSpec(model="m", prompt="p", io_depth=3).canonical()["io_depth"] == 3
 
 
 def test_unknown_backend_is_refused(tiny_model):

@@ -17,3 +17,15 @@ def test_reads_only_compares_the_packs_reads_without_a_run(tiny_model, tmp_path)
 def test_reads_only_refuses_a_model_that_is_not_packed(tmp_path):
     out = CliRunner().invoke(main, ["--model", str(tmp_path / "no-model"), "--reads-only"])
     assert out.exit_code == 2 and "is not packed" in out.output
+
+
+def test_reads_only_at_the_depths_given(tiny_model, tmp_path):
+    args = ["--model", str(tiny_model("olmoe")), "--reads-only", "--read-seconds", "0.2", "--io-repeats", "1"]
+    out = CliRunner().invoke(main, [*args, "--io-depths", "1,3", "--results", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "at queue depth 1 (given)" in out.output and "at queue depth 3 (given)" in out.output
+
+
+def test_a_bad_depth_is_refused_in_one_line(tiny_model):
+    out = CliRunner().invoke(main, ["--model", str(tiny_model("olmoe")), "--reads-only", "--io-depths", "1,deep"])
+    assert out.exit_code == 2 and "'deep' is neither 'profile' nor a queue depth" in out.output

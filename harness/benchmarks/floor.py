@@ -3,13 +3,14 @@ the runtime's expert-read throughput against fio's on the same file, block size 
 
     python -m harness.benchmarks.floor --model models/olmoe-small --ssd /mnt/nvme/scratch \\
         [--shares 25%,50%] [--strategy cache --strategy lookahead+gate ...] [--decode-threads default,1] \\
-        [--rounds 3] [--max-new-tokens 48] [--io-repeats 5] [--results results/floor-bench] [--reads-only]
+        [--io-depths profile,1,4] [--rounds 3] [--max-new-tokens 48] [--io-repeats 5] \\
+        [--results results/floor-bench] [--reads-only]
 
-Each (round, cache share, decode threads, strategy) cell is one `harness run` in its own process (policy
+Each (round, cache share, decode threads, queue depth, strategy) cell is one `harness run` in its own process (policy
 LRU, the same prompts, teacher-forced where the model is random-init), cells interleaved so a drift of the
 machine spreads over all strategies; the table gives medians over rounds of decode tokens/s,
 decode_floor_ratio and prediction recall (a shadow predictor's beside OD-MoE's published recall). Then the
-expert file is read at random, expert-sized blocks at the runtime's queue depth, by the runtime's own read
+expert file is read at random, expert-sized blocks at each queue depth the runs used, by the runtime's own read
 backend (every read checked, as in a run) and by fio (io_uring, --direct=1, the same huge-page-aligned
 buffers), each with the same ramp and duration, in `--io-repeats` pairs whose order alternates; it prints
 each pair's ratio and the median and range of the ratios. `--reads-only` runs that comparison alone (no cell), on
@@ -20,6 +21,7 @@ The floor needs an SSD profile of the disk (`harness profile-ssd`) and, once, a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import statistics
@@ -142,6 +144,19 @@ def parse_threads(text: str) -> list[int | None]:
     return out
 
 
+def parse_depths(text: str) -> list[int | None]:
+    """'profile,1,4' -> [None, 1, 4] (None: the depth the disk's SSD profile gives)."""
+    out: list[int | None] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item == "profile":
+            out.append(None)
+        elif item.isdigit() and int(item) >= 1:
+            out.append(int(item))
+        else:
+            raise click.BadParameter(f"{item!r} is neither 'profile' nor a queue depth", param_hint="--io-depths")
+    return out
+
+
 def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: float, repeats: int) -> None:
     """The runtime's read throughput against fio's, in `repeats` pairs of the same job (order alternating)."""
     if fio_path() is None:
@@ -204,6 +219,13 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     help="torch threads during decode (RunSpec.decode_threads), comma-separated: each value is a cell dimension; "
     "'default' is torch's (all cores). The compute of the floor is measured at the same setting.",
 )
+@click.option(
+    "--io-depths",
+    default="profile",
+    show_default=True,
+    help="Expert reads in flight (RunSpec.io_depth), comma-separated: each value is a cell dimension; 'profile' is "
+    "the depth the disk's SSD profile gives.",
+)
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--workload", default="default", show_default=True, help="Prompt set (its first --prompts prompts).")
@@ -219,6 +241,7 @@ def main(
     strategies: tuple[str, ...],
     recall_strategies: tuple[str, ...],
     decode_threads: str,
+    io_depths: str,
     rounds: int,
     max_new_tokens: int,
     workload: str,
@@ -233,17 +256,19 @@ def main(
         if not packed["index"].is_file():
             raise click.UsageError(f"{model} is not packed ({packed['index']} is missing): run `harness run` once")
         index = PackIndex.load(packed["index"])
-        read_comparison(place_expert_file(index, packed, ssd, model_name(Path(model))), index, read_seconds, io_repeats)
+        experts = place_expert_file(index, packed, ssd, model_name(Path(model)))
+        for depth in parse_depths(io_depths):
+            read_comparison(experts, index, depth, read_seconds, io_repeats)
         return
     names = list(strategies)
-    threads = parse_threads(decode_threads)
+    settings = list(itertools.product(parse_threads(decode_threads), parse_depths(io_depths)))
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
     for round_ in range(rounds):
         for i, share in enumerate(s.strip() for s in shares.split(",")):
-            for j, n_threads in enumerate(threads):
-                label = "default" if n_threads is None else str(n_threads)
+            for j, (n_threads, depth) in enumerate(settings):
+                label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
                 once = list(recall_strategies) if round_ == i == j == 0 else []
                 for name in names + once:
                     if (share, name) in refused:
@@ -258,33 +283,36 @@ def main(
                         max_prompts=prompts,
                         max_new_tokens=max_new_tokens,
                         decode_threads=n_threads,
+                        io_depth=depth,
                         repeat=round_,
                     )
                     result = run_cell(spec, results)
                     if isinstance(result, str):
                         refused[share, name] = result
-                        click.echo(f"round {round_} {share:>4} threads {label:<7} {name:<26} refused: {result}")
+                        click.echo(f"round {round_} {share:>4} {label:<12} {name:<26} refused: {result}")
                         continue
                     experts_file = Path(result["resolved"]["expert_file"])
                     cells.setdefault((share, label, name), []).append(result)
                     m = result["metrics"]
                     verdict = "valid" if result["validity"]["valid"] else "INVALID"
                     click.echo(
-                        f"round {round_} {share:>4} threads {label:<7} {name:<26} "
+                        f"round {round_} {share:>4} {label:<12} {name:<26} "
                         f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
                         f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                     )
     click.echo(
-        "\ncache  threads  strategy                    tok/s  floor_ratio  run reads MB/s  backend        recall"
+        "\ncache  threads/depth  strategy                    tok/s  floor_ratio  run reads MB/s  backend        recall"
     )
+    used_depths: set[int] = set()
     for (share, label, name), runs in cells.items():
         tps = statistics.median(r["metrics"]["decode_tokens_per_s"] or 0 for r in runs)
         ratios = [r["metrics"].get("decode_floor_ratio") for r in runs]
         ratio = statistics.median(ratios) if None not in ratios else None  # type: ignore[type-var]
         io = runs[-1]["metrics"].get("expert_io") or {}
+        used_depths.add(int(io.get("queue_depth") or 0))
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
         click.echo(
-            f"{share:>5}  {label:<7}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
+            f"{share:>5}  {label:<13}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
             f"{read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
         floor = runs[-1]["metrics"].get("decode_floor") or {}
@@ -296,12 +324,19 @@ def main(
         click.echo(f"{share:>5}  {name}: refused ({why})")
 
     assert experts_file is not None
-    read_comparison(experts_file, PackIndex.load(packed["index"]), read_seconds, io_repeats)
+    index = PackIndex.load(packed["index"])
+    for depth in sorted(used_depths - {0}):
+        read_comparison(experts_file, index, depth, read_seconds, io_repeats)
 
 
-def read_comparison(experts_file: Path, index: PackIndex, read_seconds: float, io_repeats: int) -> None:
-    """`compare_reads` at the queue depth a run takes from the disk's SSD profile."""
-    depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
+def read_comparison(
+    experts_file: Path, index: PackIndex, depth: int | None, read_seconds: float, io_repeats: int
+) -> None:
+    """`compare_reads` at queue depth `depth`, or (None) the one a run takes from the disk's SSD profile."""
+    if depth is None:
+        depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
+    else:
+        how = "given"
     click.echo(f"\nexpert reads of {index.stride_bytes} B at queue depth {depth} ({how}) on {experts_file}")
     compare_reads(experts_file, index, depth, read_seconds, io_repeats)
 

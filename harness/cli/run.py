@@ -48,6 +48,7 @@ _FLAGS = (
     "min_steady_s",
     "io_engine",
     "io_threads",
+    "io_depth",
     "seed",
     "repeat",
 )
@@ -75,6 +76,7 @@ def _option(name: str, **kwargs: Any):  # returns a click decorator
 @_option("min_steady_s", type=float)
 @_option("io_engine", type=click.Choice(["auto", "direct", "buffered"]))
 @_option("io_threads", type=int)
+@_option("io_depth", type=int)
 @_option("decode_threads", type=int)
 @_option("device", type=click.Choice(["auto", "cpu", "cuda"]))
 @_option("tiers")

@@ -48,12 +48,15 @@ class OffloadEngine:
         sink: RoutingSink | None = None,
         io_backend: BackendName = "auto",
         device: str = "cpu",
+        io_depth: int | None = None,
     ) -> None:
         self.index = index
         self.device = torch.device(device)
         """Where the non-expert weights, the hidden states and so the experts' compute live."""
         self.reader = ExpertReader(experts_file, index, io_engine)  # type: ignore[arg-type]
         self.io_backend: BackendName = io_backend
+        self.io_depth = io_depth
+        """Expert reads in flight as given (RunSpec.io_depth), or None: from the disk's SSD profile."""
         self.io: ReadBackend | None = None
         self.io_info: dict[str, object] | None = None
         """How expert reads are issued (backend, queue depth and where it came from); None until used."""
@@ -115,11 +118,14 @@ class OffloadEngine:
 
     def read_backend(self, io_threads: int) -> ReadBackend:
         """The backend expert reads go through (made once): io_uring where usable, else threads, with the
-        queue depth from this disk's SSD profile, else `io_threads`."""
+        queue depth given (`io_depth`), else from this disk's SSD profile, else `io_threads`."""
         if self.io is None:
-            depth, how = queue_depth_from_profile(
-                load_profile_for_path(self.experts_file), self.index.stride_bytes, io_threads
-            )
+            if self.io_depth is not None:
+                depth, how = self.io_depth, f"given: io_depth {self.io_depth}"
+            else:
+                depth, how = queue_depth_from_profile(
+                    load_profile_for_path(self.experts_file), self.index.stride_bytes, io_threads
+                )
             self.io, fallback = make_backend(self.reader, self.io_backend, depth)
             self.io_info = {
                 "backend": self.io.name,
