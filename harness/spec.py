@@ -54,8 +54,8 @@ class RunSpec(BaseModel):
         None,
         ge=1,
         le=256,
-        description="Expert reads in flight (the io_uring queue depth, or read threads); default: the smallest depth "
-        "reaching 95% of the best bandwidth at the expert size in the disk's SSD profile, else io_threads.",
+        description="Expert reads in flight (the io_uring queue depth, or read threads); default: the knee of the "
+        "random-read bandwidth at the expert size in the disk's SSD profile, else io_threads.",
     )
     decode_threads: int | None = Field(
         None,

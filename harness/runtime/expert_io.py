@@ -20,6 +20,7 @@ idle time.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import threading
@@ -40,9 +41,13 @@ from harness.store.reader import ExpertReader, IoRecord
 log = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "io_uring", "threads"]
-SATURATION_SHARE = 0.95
-"""The queue depth taken from a profile: the smallest measured depth reaching this share of the best
-bandwidth at the expert size (deeper queues only add latency)."""
+KNEE_GAIN = 1.05
+"""A profile's deeper queue is taken only while it adds at least 5% bandwidth at the expert size over the measured
+depth before it: past that knee a deeper queue adds latency (a step's demand read waits behind every read in flight)
+and little bandwidth."""
+KNEE_FLOOR = 0.8
+"""The knee is looked for among the depths reaching 80% of the best bandwidth (a curve flat at low depths and rising
+later is not cut at its first plateau)."""
 
 
 @dataclass(eq=False)
@@ -377,18 +382,25 @@ class UringReads(FutureReads):
 
 
 def queue_depth_from_profile(model: ReadTimeModel | None, block_bytes: int, default: int) -> tuple[int, str]:
-    """The queue depth for expert reads, and how it was chosen: the profile's smallest measured depth that
-    reaches SATURATION_SHARE of its best bandwidth at the expert size, else `default`."""
+    """The queue depth for expert reads, and how it was chosen: the knee of the profile's random-read bandwidth at
+    the expert size (the first measured depth reaching KNEE_FLOOR of the best from which the next measured depth
+    adds less than KNEE_GAIN), else `default`. Taking the smallest depth within a few percent of the best instead
+    would, on a disk whose bandwidth is flat in depth, follow the profile's noise to the deepest queue."""
     if model is None:
         return default, f"default {default} (io_threads): no SSD profile for this disk"
     grid = model.bw.get("randread") or next(iter(model.bw.values()))
     depths = sorted({qd for by_qd in grid.values() for qd in by_qd})
     bandwidth = {qd: model.bandwidth_bytes_per_s(block_bytes, qd) for qd in depths}
     best = max(bandwidth.values())
-    depth = next(qd for qd in depths if bandwidth[qd] >= SATURATION_SHARE * best)
+    candidates = [qd for qd in depths if bandwidth[qd] >= KNEE_FLOOR * best]
+    depth = next(
+        (qd for qd, deeper in itertools.pairwise(candidates) if bandwidth[deeper] < KNEE_GAIN * bandwidth[qd]),
+        candidates[-1],
+    )
     return depth, (
-        f"profile {model.source}: smallest depth reaching {SATURATION_SHARE:.0%} of the best random-read "
-        f"bandwidth at {block_bytes} B ({bandwidth[depth] / 1e6:.0f} of {best / 1e6:.0f} MB/s)"
+        f"profile {model.source}: the knee of the random-read bandwidth at {block_bytes} B, "
+        f"{bandwidth[depth] / 1e6:.0f} MB/s at depth {depth} (the next measured depth adds less than "
+        f"{KNEE_GAIN - 1:.0%}; best {best / 1e6:.0f} MB/s)"
     )
 
 
