@@ -131,29 +131,17 @@ IO_RAMP_S = 1.0
 """Seconds of reads, at the start of each throughput measurement, not counted (runtime and fio alike)."""
 
 
-def parse_threads(text: str) -> list[int | None]:
-    """'default,1' -> [None, 1] (None: torch's default)."""
+def parse_counts(text: str, unset: str, what: str, option: str) -> list[int | None]:
+    """A comma-separated cell dimension: 'default,1' -> [None, 1], where `unset` ('default') stands for None (the
+    run's own choice) and every other item must be a positive count of `what`."""
     out: list[int | None] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        if item == "default":
+        if item == unset:
             out.append(None)
         elif item.isdigit() and int(item) >= 1:
             out.append(int(item))
         else:
-            raise click.BadParameter(f"{item!r} is neither 'default' nor a thread count", param_hint="--decode-threads")
-    return out
-
-
-def parse_depths(text: str) -> list[int | None]:
-    """'profile,1,4' -> [None, 1, 4] (None: the depth the disk's SSD profile gives)."""
-    out: list[int | None] = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        if item == "profile":
-            out.append(None)
-        elif item.isdigit() and int(item) >= 1:
-            out.append(int(item))
-        else:
-            raise click.BadParameter(f"{item!r} is neither 'profile' nor a queue depth", param_hint="--io-depths")
+            raise click.BadParameter(f"{item!r} is neither {unset!r} nor a {what}", param_hint=option)
     return out
 
 
@@ -257,11 +245,12 @@ def main(
             raise click.UsageError(f"{model} is not packed ({packed['index']} is missing): run `harness run` once")
         index = PackIndex.load(packed["index"])
         experts = place_expert_file(index, packed, ssd, model_name(Path(model)))
-        for depth in parse_depths(io_depths):
+        for depth in parse_counts(io_depths, "profile", "queue depth", "--io-depths"):
             read_comparison(experts, index, depth, read_seconds, io_repeats)
         return
     names = list(strategies)
-    settings = list(itertools.product(parse_threads(decode_threads), parse_depths(io_depths)))
+    threads = parse_counts(decode_threads, "default", "thread count", "--decode-threads")
+    settings = list(itertools.product(threads, parse_counts(io_depths, "profile", "queue depth", "--io-depths")))
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
