@@ -148,6 +148,20 @@ def test_a_given_queue_depth_overrides_the_profile(tiny_model, monkeypatch):
     assert RunSpec(model="m", prompt="p", io_depth=3).canonical()["io_depth"] == 3
 
 
+def test_a_ring_that_cannot_be_set_up_raises_in_the_constructor(tiny_model, monkeypatch):
+    def broken(entries: int) -> None:
+        raise ValueError("no ring here")
+
+    monkeypatch.setattr("harness.runtime.expert_io.uring.Ring", broken)
+    paths = pack_paths(tiny_model("olmoe"))
+    reader = ExpertReader(paths["experts"], PackIndex.load(paths["index"]))
+    try:
+        with pytest.raises(ValueError, match="no ring here"):  # raised, not a constructor waiting forever
+            UringReads(reader, queue_depth=2)
+    finally:
+        reader.close()
+
+
 def test_unknown_backend_is_refused(tiny_model):
     engine, _, _ = _engine(tiny_model("olmoe"), "nope")
     with pytest.raises(HarnessError, match="unknown expert read backend"):

@@ -229,7 +229,7 @@ class UringReads(FutureReads):
             # Made on this thread: a single-issuer ring belongs to the thread that sets it up. One more entry
             # than the depth, for the wake-up read.
             ring = uring.Ring(self.queue_depth + 1)
-        except OSError as exc:
+        except BaseException as exc:  # whatever it is, the constructor waiting on `ready` raises it
             self._failure = exc
             ready.set()
             return
