@@ -253,15 +253,18 @@ class UringReads(FutureReads):
     def _arm_wake(self, ring: uring.Ring) -> None:
         ring.prepare(uring.OP_READ, self._wake_fd, ctypes.addressof(self._wake_word), 8, 0, _WAKE)
 
+    def _startable(self) -> bool:
+        """Whether the read at the head of the queue may start now (under the lock): the ring has room, and it is a
+        demand read or no demand read is in flight (demand reads queue ahead of prefetches, so a prefetch at the
+        head means none is queued)."""
+        if not self._queued or len(self._inflight) >= self.queue_depth:
+            return False
+        return not self._queued[0].background or all(r.background for r in self._inflight.values())
+
     def _fill(self, ring: uring.Ring) -> None:
-        """Prepare queued reads while the ring has room, a prefetch only while no demand read is in flight (demand
-        reads queue ahead of prefetches, so a prefetch at the head means none is queued). Under the lock."""
-        demand_busy = any(not r.background for r in self._inflight.values())
-        while self._queued and len(self._inflight) < self.queue_depth:
-            if self._queued[0].background and demand_busy:
-                break
+        """Prepare the queued reads that may start (`_startable`). Under the lock."""
+        while self._startable():
             read = self._queued.popleft()
-            demand_busy = demand_busy or not read.background
             self._next_id += 1
             entry = self.reader.index.entry(*read.key)
             ring.prepare(
@@ -302,41 +305,33 @@ class UringReads(FutureReads):
             read.future.set_result(read.record)
 
     def _fail(self, exc: BaseException) -> None:
+        error = HarnessError(f"expert reads through io_uring failed: {exc}")
         with self._lock:
-            self._failure = exc
+            self._failure = error
             reads = [*self._inflight.values(), *self._queued]
             self._inflight.clear()
             self._queued.clear()
         for read in reads:
             assert read.future is not None
-            read.future.set_exception(HarnessError(f"expert reads through io_uring failed: {exc}"))
-
-    def _needs_wake(self) -> bool:
-        """Whether the ring thread must be woken (asked under the lock; `_wake` is called after it is released): a
-        read may start now, or the backend is closing. A full ring, or a prefetch behind a demand read, starts when
-        a read completes, which wakes the thread anyway."""
-        startable = bool(self._queued) and len(self._inflight) < self.queue_depth
-        if startable and self._queued[0].background:
-            startable = all(r.background for r in self._inflight.values())
-        if (startable or self._closing) and not self._wake_pending:
-            self._wake_pending = True
-            return True
-        return False
+            read.future.set_exception(error)
 
     def _wake(self) -> None:
-        os.eventfd_write(self._wake_fd, 1)  # completes the ring's wake-up read
+        """Wake the ring thread (under the lock) if a read may start now or the backend is closing, and no wake-up
+        is pending. A full ring, or a prefetch behind a demand read, starts when a read completes, which wakes the
+        thread anyway."""
+        if (self._startable() or self._closing) and not self._wake_pending:
+            self._wake_pending = True
+            os.eventfd_write(self._wake_fd, 1)  # completes the ring's wake-up read; a counter, it never blocks
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
         pending = [PendingRead(key, buf, background=background, future=Future()) for key, buf in reads]
         with self._lock:
             if self._failure is not None:
-                raise HarnessError(f"expert reads through io_uring failed: {self._failure}")
+                raise self._failure
             if background:
                 self._queued.extend(pending)
             else:
                 self._queued.extendleft(reversed(pending))
-            wake = self._needs_wake()
-        if wake:
             self._wake()
         return pending
 
@@ -360,8 +355,6 @@ class UringReads(FutureReads):
             for read in queued:
                 self._queued.remove(read)
             self._queued.extendleft(reversed(queued))
-            wake = self._needs_wake()
-        if wake:
             self._wake()
 
     def close(self) -> None:
@@ -371,12 +364,10 @@ class UringReads(FutureReads):
             self._closing = True
             withdrawn = list(self._queued)
             self._queued.clear()
-            wake = self._needs_wake()
+            self._wake()
         for read in withdrawn:
             assert read.future is not None
             read.future.cancel()
-        if wake:
-            self._wake()
         self._thread.join()
         os.close(self._wake_fd)
 
