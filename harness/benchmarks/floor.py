@@ -278,19 +278,19 @@ def main(
                     result = run_cell(spec, results)
                     if isinstance(result, str):
                         refused[share, name] = result
-                        click.echo(f"round {round_} {share:>4} {label:<12} {name:<26} refused: {result}")
+                        click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
                         continue
                     experts_file = Path(result["resolved"]["expert_file"])
                     cells.setdefault((share, label, name), []).append(result)
                     m = result["metrics"]
                     verdict = "valid" if result["validity"]["valid"] else "INVALID"
                     click.echo(
-                        f"round {round_} {share:>4} {label:<12} {name:<26} "
+                        f"round {round_} {share:>4} {label:<15} {name:<26} "
                         f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
                         f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                     )
     click.echo(
-        "\ncache  threads/depth  strategy                    tok/s  floor_ratio  run reads MB/s  backend        recall"
+        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  run reads MB/s  backend        recall"
     )
     used_depths: set[int] = set()
     for (share, label, name), runs in cells.items():
@@ -298,10 +298,11 @@ def main(
         ratios = [r["metrics"].get("decode_floor_ratio") for r in runs]
         ratio = statistics.median(ratios) if None not in ratios else None  # type: ignore[type-var]
         io = runs[-1]["metrics"].get("expert_io") or {}
-        used_depths.add(int(io.get("queue_depth") or 0))
+        if io.get("queue_depth"):
+            used_depths.add(int(io["queue_depth"]))
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
         click.echo(
-            f"{share:>5}  {label:<13}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
+            f"{share:>5}  {label:<15}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
             f"{read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
         floor = runs[-1]["metrics"].get("decode_floor") or {}
@@ -314,18 +315,17 @@ def main(
 
     assert experts_file is not None
     index = PackIndex.load(packed["index"])
-    for depth in sorted(used_depths - {0}):
-        read_comparison(experts_file, index, depth, read_seconds, io_repeats)
+    for depth in sorted(used_depths):
+        read_comparison(experts_file, index, depth, read_seconds, io_repeats, "a depth the runs used")
 
 
 def read_comparison(
-    experts_file: Path, index: PackIndex, depth: int | None, read_seconds: float, io_repeats: int
+    experts_file: Path, index: PackIndex, depth: int | None, read_seconds: float, io_repeats: int, how: str = "given"
 ) -> None:
-    """`compare_reads` at queue depth `depth`, or (None) the one a run takes from the disk's SSD profile."""
+    """`compare_reads` at queue depth `depth` (`how` says where it came from), or (None) the one a run takes from
+    the disk's SSD profile."""
     if depth is None:
         depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
-    else:
-        how = "given"
     click.echo(f"\nexpert reads of {index.stride_bytes} B at queue depth {depth} ({how}) on {experts_file}")
     compare_reads(experts_file, index, depth, read_seconds, io_repeats)
 
