@@ -46,7 +46,7 @@ from harness.runtime.recorder import RoutingRecorder, trace_meta
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.tiered_cache import TieredExperts
-from harness.runtime.timing import percentiles, timing_metrics
+from harness.runtime.timing import covered_s, percentiles, steady_windows, timing_metrics, union_spans
 from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, DeviceTier, device_tier_slots
 from harness.spec import RunSpec, cache_experts_slots, check_tiers
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
@@ -116,17 +116,16 @@ def resolve_slots(
     return min(slots, maximum), how
 
 
-def _busy_seconds(records: list[IoRecord]) -> float:
-    """Length of the union of the read intervals: the time the SSD had at least one expert read in flight."""
-    total, end = 0, -1
-    for rec in sorted(records, key=lambda r: r.start_ns):
-        if rec.start_ns > end:
-            total += rec.end_ns - rec.start_ns
-            end = rec.end_ns
-        elif rec.end_ns > end:
-            total += rec.end_ns - end
-            end = rec.end_ns
-    return total / 1e9
+def _read_spans(records: list[IoRecord]) -> list[tuple[float, float]]:
+    """(start, end) of every expert read, seconds on `time.perf_counter()` (the decode steps' clock)."""
+    return [(r.start_ns / 1e9, r.end_ns / 1e9) for r in records]
+
+
+def _device_busy_share(spans: list[tuple[float, float]], windows: list[tuple[float, float]]) -> float | None:
+    """Share of the steady decode steps' time (`windows`) during which at least one expert read was in flight:
+    near 1 the disk was the bottleneck and kept busy, well below 1 it waited for the model to ask."""
+    total = sum(end - start for start, end in windows)
+    return covered_s(spans, windows) / total if spans and total else None
 
 
 def _hits(counts: dict[str, dict[int, AccessCounts]]) -> dict[str, Any]:
@@ -607,7 +606,8 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
     decode_s = sum(s for seq in m.logs for s in seq.step_s)
     decode_steps = timing["decode_tokens"]
     bytes_by_phase = _bytes_by_phase(m, validity)
-    busy = _busy_seconds(stats.records)
+    spans = _read_spans(stats.records)
+    busy = sum(end - start for start, end in union_spans(spans))
     metrics = {
         **timing,
         "hits": hits,
@@ -619,6 +619,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "expert_reads": len(stats.records),
         "expert_read_latency_s": percentiles([(r.end_ns - r.start_ns) / 1e9 for r in stats.records]),
         "expert_read_throughput_bytes_per_s": sum(r.nbytes for r in stats.records) / busy if busy else None,
+        "decode_device_busy_share": _device_busy_share(spans, steady_windows(m.logs, plan.spec.warmup_steps)),
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
         "device_read_bytes": m.device_read_bytes,

@@ -9,7 +9,9 @@ the runtime's expert-read throughput against fio's on the same file, block size 
 Each (round, cache share, decode threads, queue depth, strategy) cell is one `harness run` in its own process (policy
 LRU, the same prompts, teacher-forced where the model is random-init), cells interleaved so a drift of the
 machine spreads over all strategies; the table gives medians over rounds of decode tokens/s,
-decode_floor_ratio and prediction recall (a shadow predictor's beside OD-MoE's published recall). Then the
+decode_floor_ratio, the share of decode time the disk had an expert read in flight (`decode_device_busy_share`:
+near 100% the run is held by its bytes, not by reads waiting for the model) and prediction recall (a shadow
+predictor's beside OD-MoE's published recall). Then the
 expert file is read at random, expert-sized blocks at each queue depth the runs used, by the runtime's own read
 backend (every read checked, as in a run) and by fio (io_uring, --direct=1, the same huge-page-aligned
 buffers), each with the same ramp and duration, in `--io-repeats` pairs whose order alternates; it prints
@@ -290,7 +292,8 @@ def main(
                         f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                     )
     click.echo(
-        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  run reads MB/s  backend        recall"
+        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  disk_busy  run reads MB/s  "
+        "backend        recall"
     )
     used_depths: set[int] = set()
     for (share, label, name), runs in cells.items():
@@ -301,9 +304,11 @@ def main(
         if io.get("queue_depth"):
             used_depths.add(int(io["queue_depth"]))
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
+        busy_shares = [r["metrics"].get("decode_device_busy_share") for r in runs]
+        busy = "n/a" if None in busy_shares else f"{statistics.median(busy_shares):.0%}"  # type: ignore[type-var]
         click.echo(
             f"{share:>5}  {label:<15}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
-            f"{read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
+            f"{busy:>9}  {read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
         floor = runs[-1]["metrics"].get("decode_floor") or {}
         if floor.get("floor_s_per_token") is None:

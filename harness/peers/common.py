@@ -58,6 +58,7 @@ def decode_loop(
         feed = token if mode == "greedy" else reference_ids[i]  # type: ignore[index]
         start = time.perf_counter()
         token = step([feed], False)
+        seq.step_start_s.append(start)
         seq.step_s.append(time.perf_counter() - start)
         seq.token_ids.append(token)
     phases.mark(None)

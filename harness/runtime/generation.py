@@ -26,6 +26,8 @@ class SequenceLog:
     prefill_s: float = 0.0
     step_s: list[float] = field(default_factory=list)
     """Wall time of each decode forward pass, seconds."""
+    step_start_s: list[float] = field(default_factory=list)
+    """When each decode forward pass began (`time.perf_counter()`, the clock of the expert reads' records)."""
     token_ids: list[int] = field(default_factory=list)
     """The model's argmax prediction after prefill and after each decode step."""
     fed_ids: list[int] = field(default_factory=list)
@@ -80,6 +82,7 @@ def generate(
                 input_ids=torch.tensor([[feed]], device=model.device), past_key_values=cache, use_cache=True
             ).logits
             _finish(model.device)
+            log.step_start_s.append(start)
             log.step_s.append(time.perf_counter() - start)
             ctx.now += 1
             position += 1
