@@ -3,6 +3,7 @@
 from click.testing import CliRunner
 
 from harness.benchmarks.floor import main
+from harness.ssd.engine import resolve_backend
 
 
 def test_reads_only_compares_the_packs_reads_without_a_run(tiny_model, tmp_path):
@@ -10,7 +11,10 @@ def test_reads_only_compares_the_packs_reads_without_a_run(tiny_model, tmp_path)
     args = ["--model", str(model), "--reads-only", "--read-seconds", "0.2", "--io-repeats", "1"]
     out = CliRunner().invoke(main, [*args, "--results", str(tmp_path)])
     assert out.exit_code == 0, out.output
-    assert "expert reads of" in out.output and "median of 1: runtime" in out.output
+    assert "expert reads of" in out.output and "medians of 1 rounds at queue depth 4:" in out.output
+    assert "  runtime " in out.output
+    if resolve_backend() == "io_uring":  # the profiler's ring over the runtime loop's buffers, beside the runtime
+        assert "  ring " in out.output and "  runtime/ring " in out.output
     assert not any(tmp_path.iterdir())  # no run
 
 

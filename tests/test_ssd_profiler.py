@@ -164,6 +164,38 @@ def test_engine_job_meets_minimums(tmp_path: Path, rw: str, direct: bool, backen
     assert percentiles_from(result.hist) == p
 
 
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason=str(uring.unavailable_reason()))
+def test_ring_requests_rotate_over_the_buffers_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.bin"
+    create_test_file(path, 2 * MIB)
+    spec = JobSpec("randread", 64 * 1024, 2, False, runtime_s=0.05, ramp_s=0.0, min_ios=20)
+    addresses: list[int] = []
+    prepare = uring.Ring.prepare
+
+    def record(ring: uring.Ring, opcode: int, fd: int, address: int, *rest: int) -> None:
+        addresses.append(address)
+        prepare(ring, opcode, fd, address, *rest)
+
+    monkeypatch.setattr(uring.Ring, "prepare", record)
+    result = engine.run_job(spec, str(path), 2 * MIB, backend="io_uring", buffers=5)
+    assert result.ios >= 20
+    base = min(addresses)
+    slots = [(a - base) // (64 * 1024) for a in addresses]
+    # Depth 2 over 5 buffers: a freed buffer joins the back of the queue behind at least 5 - 2 others, each request
+    # taking the one freed longest ago, so any 4 consecutive requests use 4 distinct buffers (with one buffer per
+    # request in flight, as fio, they would use 2).
+    assert set(slots) == set(range(5))
+    assert all(len(set(slots[i : i + 4])) == 4 for i in range(len(slots) - 3))
+    default: list[int] = []
+    monkeypatch.setattr(
+        uring.Ring, "prepare", lambda ring, op, fd, a, *rest: (default.append(a), prepare(ring, op, fd, a, *rest))
+    )
+    engine.run_job(spec, str(path), 2 * MIB, backend="io_uring")
+    assert len(set(default)) == 2
+    with pytest.raises(ValueError, match="1 rotating buffers need the io_uring backend and at least 2"):
+        engine.run_job(spec, str(path), 2 * MIB, backend="io_uring", buffers=1)
+
+
 def test_backend_choice_falls_back_to_threads_and_refuses_what_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HarnessError, match="unknown I/O backend 'aio'"):
         engine.resolve_backend("aio")

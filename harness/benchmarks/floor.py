@@ -14,9 +14,12 @@ near 100% the run is held by its bytes, not by reads waiting for the model) and 
 predictor's beside OD-MoE's published recall). Then the
 expert file is read at random, expert-sized blocks at each queue depth the runs used, by the runtime's own read
 backend (every read checked, as in a run) and by fio (io_uring, --direct=1, the same huge-page-aligned
-buffers), each with the same ramp and duration, in `--io-repeats` pairs whose order alternates; it prints
-each pair's ratio and the median and range of the ratios. `--reads-only` runs that comparison alone (no cell), on
-the model's pack, or its copy in `--ssd`.
+buffers), each with the same ramp and duration, in `--io-repeats` rounds whose order alternates, and, where
+io_uring works, by the profiler's ring (fio's loop) rotating over as many buffers as the runtime's loop (2 per read
+in flight: the reads in flight and those queued behind them): runtime/ring is the runtime's own cost, ring/fio what
+spreading reads over more buffers costs on this machine (a VM whose host copies each read into guest memory can pay
+for it; a cache reads into many different slots). It prints each round and the medians and ranges of the ratios.
+`--reads-only` runs that comparison alone (no cell), on the model's pack, or its copy in `--ssd`.
 The floor needs an SSD profile of the disk (`harness profile-ssd`) and, once, a run without a RAM budget
 (the compute time is measured with the whole model resident and cached). Run it on a quiet machine.
 """
@@ -41,6 +44,7 @@ from harness.models.locate import model_name
 from harness.models.packer import pack_paths
 from harness.runtime.expert_io import make_backend, queue_depth_from_profile
 from harness.spec import RunSpec
+from harness.ssd.engine import resolve_backend, run_job
 from harness.ssd.fio import fio_command, fio_path, run_fio
 from harness.ssd.jobs import JobSpec
 from harness.ssd.readtime import load_profile_for_path
@@ -90,6 +94,10 @@ def recall_of(runs: list[dict[str, Any]]) -> str:
     return ", ".join(parts) or "-"
 
 
+RUNTIME_LOOP_BUFFERS = 2
+"""Buffers per read in flight in `runtime_read_bytes_per_s`: the reads in flight and as many queued behind them."""
+
+
 def runtime_read_bytes_per_s(
     experts_file: Path, index: PackIndex, depth: int, seconds: float, seed: int, ramp_s: float = 0.0
 ) -> tuple[float, int, float]:
@@ -99,12 +107,12 @@ def runtime_read_bytes_per_s(
     has `depth` reads, as fio keeps it. Reads completed in the first `ramp_s` are not counted (fio's ramp_time)."""
     reader = ExpertReader(experts_file, index)
     backend, _ = make_backend(reader, "auto", depth)
-    pool = AlignedPool(2 * depth, index.stride_bytes)
+    pool = AlignedPool(RUNTIME_LOOP_BUFFERS * depth, index.stride_bytes)
     rng = random.Random(seed)
     keys = [(e.layer, e.expert) for e in index.entries]
     done_bytes = done_reads = 0
     try:
-        inflight = backend.submit([(rng.choice(keys), pool.slot(i)) for i in range(2 * depth)], background=False)
+        inflight = backend.submit([(rng.choice(keys), pool.slot(i)) for i in range(pool.slots)], background=False)
         slot_of = {id(read): i for i, read in enumerate(inflight)}
         ramp_end = time.perf_counter() + ramp_s
         start = None
@@ -129,6 +137,12 @@ def runtime_read_bytes_per_s(
     return done_bytes / elapsed, done_reads, pool.huge_page_share
 
 
+READERS = {
+    "runtime": "the runtime's read backend, every read checked, 2 x depth buffers",
+    "fio": "fio, io_uring, --direct=1, one buffer per read in flight",
+    "ring": "the profiler's ring (fio's loop, no check), rotating over the runtime's 2 x depth buffers",
+}
+"""What each reader of `compare_reads` is."""
 IO_RAMP_S = 1.0
 """Seconds of reads, at the start of each throughput measurement, not counted (runtime and fio alike)."""
 
@@ -148,39 +162,44 @@ def parse_counts(text: str, unset: str, what: str, option: str) -> list[int | No
 
 
 def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: float, repeats: int) -> None:
-    """The runtime's read throughput against fio's, in `repeats` pairs of the same job (order alternating)."""
+    """The runtime's read throughput against fio's, in `repeats` rounds of the same job (order alternating); where
+    io_uring works, also against the profiler's ring (fio's loop) reading into as many buffers as the runtime's
+    loop, which tells the runtime's own cost from what spreading reads over more buffers costs on this machine."""
     if fio_path() is None:
-        click.echo("fio is not installed (apt-get install -y fio): runtime throughput only")
+        click.echo("fio is not installed (apt-get install -y fio): no runtime/fio ratio")
     job = JobSpec("randread", index.stride_bytes, depth, True, seconds, IO_RAMP_S, 1)
     size = experts_file.stat().st_size
-    ours_all, fio_all, ratios = [], [], []
+    buffers = RUNTIME_LOOP_BUFFERS * depth
+    who_all = ("runtime", "fio", "ring") if resolve_backend() == "io_uring" else ("runtime", "fio")
+    got_all: dict[str, list[float]] = {}
     for pair in range(repeats):
-        order = ("runtime", "fio") if pair % 2 == 0 else ("fio", "runtime")
+        order = who_all if pair % 2 == 0 else who_all[::-1]
         got: dict[str, float] = {}
         reads, huge = 0, 0.0
         for who in order:
             if who == "runtime":
                 got[who], reads, huge = runtime_read_bytes_per_s(experts_file, index, depth, seconds, pair, IO_RAMP_S)
+            elif who == "ring":
+                got[who] = run_job(job, str(experts_file), size, seed=pair, buffers=buffers).bw_bytes_per_s
             elif fio_path() is not None:
                 cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=pair)
                 got[who] = run_fio(cmd, job)[1].bw_bytes_per_s
-        ours_all.append(got["runtime"])
+        for who, value in got.items():
+            got_all.setdefault(who, []).append(value)
         line = (
-            f"pair {pair} ({' then '.join(order)}): runtime {got['runtime'] / 1e6:8.0f} MB/s "
+            f"round {pair} ({', '.join(order)}): runtime {got['runtime'] / 1e6:6.0f} MB/s "
             f"({reads} reads, buffers {huge:.0%} on huge pages)"
         )
-        if "fio" in got:
-            fio_all.append(got["fio"])
-            ratios.append(got["runtime"] / got["fio"])
-            line += f"   fio {got['fio'] / 1e6:8.0f} MB/s   runtime/fio {ratios[-1]:.3f}"
+        line += "".join(f"   {who} {got[who] / 1e6:6.0f} MB/s" for who in ("fio", "ring") if who in got)
         click.echo(line)
-    line = f"median of {repeats}: runtime {statistics.median(ours_all) / 1e6:.0f} MB/s"
-    if ratios:
-        line += (
-            f", fio {statistics.median(fio_all) / 1e6:.0f} MB/s, runtime/fio {statistics.median(ratios):.3f} "
-            f"(range {min(ratios):.3f}-{max(ratios):.3f})"
-        )
-    click.echo(line)
+    click.echo(f"medians of {repeats} rounds at queue depth {depth}:")
+    for who in ("runtime", "fio", "ring"):
+        if who in got_all:
+            click.echo(f"  {who:<8} {statistics.median(got_all[who]) / 1e6:6.0f} MB/s  {READERS[who]}")
+    for top, bottom in (("runtime", "fio"), ("runtime", "ring"), ("ring", "fio")):
+        if top in got_all and bottom in got_all:
+            ratios = [a / b for a, b in zip(got_all[top], got_all[bottom], strict=True)]
+            click.echo(f"  {top}/{bottom} {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 @click.command()

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,9 +116,15 @@ def run_job(
     seed: int = 0,
     stop: threading.Event | None = None,
     backend: str = "auto",
+    buffers: int | None = None,
 ) -> JobResult:
-    """Run one job on `path` (first `region_bytes` bytes) and return what it measured after the ramp."""
+    """Run one job on `path` (first `region_bytes` bytes) and return what it measured after the ramp. `buffers`
+    (io_uring only): the requests rotate over this many block buffers (at least the depth), each request taking
+    the buffer freed longest ago, as a cache's reads land in many different slots; None: one buffer per request in
+    flight, as fio."""
     backend = resolve_backend(backend)
+    if buffers is not None and (backend != "io_uring" or buffers < spec.iodepth):
+        raise ValueError(f"{buffers} rotating buffers need the io_uring backend and at least {spec.iodepth}")
     nblocks = region_bytes // spec.bs_bytes
     if nblocks < 1:
         raise ValueError(f"region of {region_bytes} bytes holds no block of {spec.bs_bytes} bytes")
@@ -134,8 +141,10 @@ def run_job(
             deadline_ns=start_ns + int((spec.ramp_s + spec.runtime_s) * 1e9),
             min_ios=spec.min_ios,
         )
-        run = _run_ring if backend == "io_uring" else _run_threads
-        tallies = run(spec, fd, order, window, stop)
+        if backend == "io_uring":
+            tallies = _run_ring(spec, fd, order, window, stop, buffers or spec.iodepth)
+        else:
+            tallies = _run_threads(spec, fd, order, window, stop)
     finally:
         os.close(fd)
     hist = LatencyHistogram()
@@ -178,20 +187,26 @@ def _buffers(spec: JobSpec, count: int) -> IoBuffer:
     return region
 
 
-def _run_ring(spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop: threading.Event) -> list[_Tally]:
+def _run_ring(
+    spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop: threading.Event, count: int
+) -> list[_Tally]:
+    """Keep `spec.iodepth` requests in flight on one ring, over `count` block buffers taken in the order they free
+    up (`count` = the depth: each request slot keeps its buffer, as fio)."""
     bs, depth = spec.bs_bytes, spec.iodepth
     opcode = uring.OP_WRITE if spec.is_write else uring.OP_READ
     tally = _Tally()
     clock = time.perf_counter_ns
-    buffers = _buffers(spec, depth)
+    buffers = _buffers(spec, count)
     tally.huge_page_share = buffers.huge_page_share
     try:
         base = buffers.address
-        submitted_ns = [0] * depth  # per buffer slot (the request's user_data)
+        submitted_ns = [0] * count  # per buffer (the request's user_data)
+        free = deque(range(count))
         with uring.Ring(depth) as ring:
             in_flight = 0
-            fresh: list[int] = []  # slots prepared since the last submit
-            for slot in range(depth):
+            fresh: list[int] = []  # buffers prepared since the last submit
+            for _ in range(depth):
+                slot = free.popleft()
                 ring.prepare(opcode, fd, base + slot * bs, bs, order.next() * bs, slot)
                 fresh.append(slot)
             while True:
@@ -214,7 +229,9 @@ def _run_ring(spec: JobSpec, fd: int, order: _BlockOrder, window: _Window, stop:
                         raise OSError(f"short {what}: {result} of {bs} bytes")
                     if done_ns >= window.ramp_end_ns:
                         tally.add(done_ns - submitted_ns[slot], bs, done_ns)
+                    free.append(slot)
                     if not finishing:
+                        slot = free.popleft()
                         ring.prepare(opcode, fd, base + slot * bs, bs, order.next() * bs, slot)
                         fresh.append(slot)
     finally:
