@@ -103,8 +103,6 @@ def test_every_result_has_the_floor(tiny_model, tmp_path, monkeypatch):
     assert doc["decode_bytes_per_token"] == metrics["ssd_read_bytes_per_token"]
     # Half the experts cached: decode steps read, so the disk was busy for part of them, never more than all.
     assert metrics["ssd_read_bytes_per_token"] > 0 and 0 < metrics["decode_device_busy_share"] <= 1
-    # The read threads' scheduler slice is named, granted or not (tests/test_io_sched.py).
-    assert metrics["expert_io"]["io_thread_slice"].startswith(("0.1 ms (sched_setattr", "kernel default ("))
 
 
 def test_machine_load_by_hand(monkeypatch):

@@ -58,7 +58,7 @@ class OffloadEngine:
         self.io_depth = io_depth
         """Expert reads in flight as given (RunSpec.io_depth), or None: from the disk's SSD profile."""
         self.io: ReadBackend | None = None
-        self._io_info: dict[str, object] | None = None
+        self.io_info: dict[str, object] | None = None
         """How expert reads are issued (backend, queue depth and where it came from); None until used."""
         self.ctx = StepContext()
         self.modules: list[OffloadedExperts] = []
@@ -104,7 +104,7 @@ class OffloadEngine:
             self.reader.close()
             self.reader = PageCacheReader(self.experts_file, self.index)
             self.io = ThreadReads(self.reader, io_threads)
-            self._io_info = {
+            self.io_info = {
                 "backend": self.io.name,
                 "requested": self.io_backend,
                 "fallback_reason": "a page-cache tier: buffered reads classified with RWF_NOWAIT, by threads",
@@ -127,7 +127,7 @@ class OffloadEngine:
                     load_profile_for_path(self.experts_file), self.index.stride_bytes, io_threads
                 )
             self.io, fallback = make_backend(self.reader, self.io_backend, depth)
-            self._io_info = {
+            self.io_info = {
                 "backend": self.io.name,
                 "requested": self.io_backend,
                 "fallback_reason": fallback,
@@ -138,14 +138,6 @@ class OffloadEngine:
                 else "timed by the reading thread",
             }
         return self.io
-
-    @property
-    def io_info(self) -> dict[str, object] | None:
-        """The read backend, its queue depth and how it was chosen, and its threads' scheduler slice (None: no
-        backend, as with a strategy that maps the expert file)."""
-        if self._io_info is None or self.io is None:
-            return None
-        return self._io_info | {"io_thread_slice": self.io.io_thread_slice}
 
     def time_device(self, timeline: DeviceTimeline | None) -> None:
         """Time every expert's copy and compute on the device (CUDA runs) in `timeline`; None stops timing."""

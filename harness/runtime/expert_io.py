@@ -8,8 +8,7 @@ the checks after a read. With io_uring a thread of the backend owns the ring (si
 kernel until a read completes or a submission wakes it (an eventfd read in the ring), refills the freed places at
 once and then checks the finished reads' bytes, so reads proceed while the caller computes, at most `queue_depth`
 in flight (fio's `iodepth`), and a read's end time is when its completion woke that thread. Demand reads go ahead
-of queued prefetches (a queued read can also be withdrawn, or moved ahead once a step needs it). Every I/O thread
-asks for a short scheduler slice (harness.runtime.io_sched), so that its wake-ups are not queued behind the model.
+of queued prefetches (a queued read can also be withdrawn, or moved ahead once a step needs it).
 
 With either backend a prefetch starts only while no demand read is in flight (a prefetch a step needs counts as a
 demand read): once on the device a read shares its bandwidth with every other read in flight, so at a queue depth
@@ -35,7 +34,6 @@ from typing import Literal, Protocol
 
 from harness.errors import HarnessError
 from harness.keys import ExpertKey
-from harness.runtime.io_sched import request_short_slice
 from harness.ssd import uring
 from harness.ssd.readtime import ReadTimeModel
 from harness.store.reader import ExpertReader, IoRecord
@@ -73,8 +71,6 @@ class PendingRead:
 class ReadBackend(Protocol):
     name: str
     queue_depth: int
-    io_thread_slice: str
-    """The scheduler slice its threads run with (harness.runtime.io_sched), as the result records it."""
 
     def submit(self, reads: list[tuple[ExpertKey, memoryview]], background: bool) -> list[PendingRead]:
         """Start `reads` together; `background` reads (prefetches) yield to demand reads."""
@@ -131,16 +127,11 @@ class ThreadReads(FutureReads):
 
     def __init__(self, reader: ExpertReader, queue_depth: int) -> None:
         self.reader, self.queue_depth = reader, queue_depth
-        self.io_thread_slice = "no read thread started"
-        """The slice the read threads run with (harness.runtime.io_sched), once one has started."""
-        self._demand = ThreadPoolExecutor(queue_depth, "expert-io", self._schedule)
-        self._background = ThreadPoolExecutor(queue_depth, "expert-prefetch", self._schedule)
+        self._demand = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-io")
+        self._background = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="expert-prefetch")
         self._demand_reads = 0
         """Demand reads submitted and not yet finished (read and checked)."""
         self._changed = threading.Condition()
-
-    def _schedule(self) -> None:
-        self.io_thread_slice = request_short_slice()
 
     def _read_demand(self, key: ExpertKey, buffer: memoryview) -> IoRecord:
         try:
@@ -224,8 +215,6 @@ class UringReads(FutureReads):
         """A wake-up was written and the ring thread has not yet seen it (another write would add nothing)."""
         self._closing = False
         self._failure: BaseException | None = None
-        self.io_thread_slice = ""
-        """The slice the ring's thread runs with (harness.runtime.io_sched)."""
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="expert-io", daemon=True)
         self._thread.start()
@@ -240,7 +229,6 @@ class UringReads(FutureReads):
             # Made on this thread: a single-issuer ring belongs to the thread that sets it up. One more entry
             # than the depth, for the wake-up read.
             ring = uring.Ring(self.queue_depth + 1)
-            self.io_thread_slice = request_short_slice()
         except BaseException as exc:  # whatever it is, the constructor waiting on `ready` raises it
             self._failure = exc
             ready.set()
