@@ -85,18 +85,22 @@ def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
 
 def resolve_slots(
     spec: RunSpec, index: PackIndex, baseline_bytes: int, workspace_bytes: int, scope: str | None = None
-) -> tuple[int, str]:
-    """Cache capacity in slots per eviction group (of `scope`, default the spec's), and how it was derived."""
+) -> tuple[int, str, int]:
+    """Cache capacity in slots per eviction group (of `scope`, default the spec's), how it was derived, and the
+    expert slots the budget holds in all groups: with a RAM budget, every slot its free bytes hold, also past the
+    model's experts (a strategy that keeps memory beside its expert slots, a shadow model, takes it from there)."""
     scope = scope or spec.scope
     layers, experts, k = len(index.moe_layers), index.num_experts, index.top_k
     groups = layers if scope == "per-layer" else 1
     maximum = experts if scope == "per-layer" else experts * layers
+    total = None
     if spec.cache_experts is not None:
         slots = cache_experts_slots(spec.cache_experts, maximum)
         how = f"cache_experts={spec.cache_experts.strip()}"
     elif spec.ram_budget_bytes is not None:
         free = spec.ram_budget_bytes - baseline_bytes - workspace_bytes
         slots = max(free, 0) // (index.stride_bytes * groups)
+        total = max(free, 0) // index.stride_bytes
         how = (
             f"ram_budget {spec.ram_budget_bytes} B - measured baseline {baseline_bytes} B - workspace "
             f"{workspace_bytes} B"
@@ -113,7 +117,8 @@ def resolve_slots(
         slots, how = maximum, "all experts (no budget given)"
     if slots < k:
         raise HarnessError(f"the cache needs at least top_k={k} slots per eviction group (got {slots})")
-    return min(slots, maximum), how
+    slots = min(slots, maximum)
+    return slots, how, slots * groups if total is None else total
 
 
 def _read_spans(records: list[IoRecord]) -> list[tuple[float, float]]:
@@ -385,8 +390,8 @@ def plan_run(spec: RunSpec, results_dir: Path) -> RunPlan:
         # now, less than after the load on any device): what cannot fit the strategy is refused now.
         kv_bytes = planned_kv_bytes(spec, index, config, encoded)
         baseline = psutil.Process().memory_info().rss
-        slots = resolve_slots(spec, index, baseline, workspace_bytes(spec, index, kv_bytes), scope)[0]
-        strategy.check_budget(index, slots, kv_bytes)
+        budget_slots = resolve_slots(spec, index, baseline, workspace_bytes(spec, index, kv_bytes), scope)[2]
+        strategy.check_budget(index, budget_slots, kv_bytes)
     run_dir = check_output_dir(Path(results_dir) / identity.run_id)
     packed = pack_paths(model_dir)
     experts_file = place_expert_file(index, packed, spec.ssd, model_name(model_dir))
@@ -497,9 +502,9 @@ def _load(plan: RunPlan, recorder: RoutingRecorder, stack: contextlib.ExitStack)
         cache: Any = engine.configure_tiers(plan.tiers, plan.scope, spec.seed, spec.io_threads, plan.device)
         slots, slots_how = plan.tiers[0].capacity, f"tiers {','.join(t.label for t in plan.tiers)} (top tier)"
         return Loaded(engine, cache, baseline, workspace, slots, slots_how, time.perf_counter() - load_start)
-    slots, slots_how = resolve_slots(spec, index, baseline, workspace, plan.scope)
+    slots, slots_how, budget_slots = resolve_slots(spec, index, baseline, workspace, plan.scope)
     request = CacheRequest(
-        slots, plan.scope, spec.policy, spec.seed, spec.io_threads, spec.bounds_expert_slots, kv_bytes
+        slots, plan.scope, spec.policy, spec.seed, spec.io_threads, spec.bounds_expert_slots, kv_bytes, budget_slots
     )
     cache = plan.strategy.build(engine, request)
     engine.use_source(cache, plan.strategy if plan.strategy.has_hooks else None)

@@ -16,7 +16,7 @@ from harness.errors import HarnessError
 from harness.models.adapters import load_config
 from harness.models.loader import reference_model
 from harness.models.packer import pack_model, pack_paths
-from harness.run import execute
+from harness.run import execute, resolve_slots
 from harness.runtime.generation import generate
 from harness.runtime.strategies import CacheRequest, make_strategy
 from harness.runtime.strategies.shadow import dequantize, fit_budget, quantize, shadow_expert_bytes
@@ -103,7 +103,7 @@ def test_shadow_comes_out_of_the_budget(tiny_model):
     weights = _tiny_int8_shadow_weight_bytes(config)
     kv_bytes = (len(PROMPT) + NEW_TOKENS) * _kv_bytes_per_token(config)
     assert (weights, kv_bytes, stride) == (142336, 22528, 24576)  # 164864 bytes: 6.7 slots -> 7
-    budget = CacheRequest(6, "per-layer", "lru", 0, 2, budgeted=True, kv_cache_bytes=kv_bytes)
+    budget = CacheRequest(6, "per-layer", "lru", 0, 2, budgeted=True, kv_cache_bytes=kv_bytes, budget_slots=12)
     tokens, strategy, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", budget)
     assert tokens == reference
     stats = strategy.stats()
@@ -116,7 +116,9 @@ def test_shadow_comes_out_of_the_budget(tiny_model):
     for slots, says in [(5, "leaves 3 of the budget's 10 expert slots"), (3, "more than the budget's 6")]:
         with pytest.raises(HarnessError, match=says):
             strategy_tokens(
-                model_dir, "on-demand:shadow-int8:1", CacheRequest(slots, "per-layer", "lru", 0, 2, True, kv_bytes)
+                model_dir,
+                "on-demand:shadow-int8:1",
+                CacheRequest(slots, "per-layer", "lru", 0, 2, True, kv_bytes, slots * layers),
             )
     # Without a budget its memory is beside the slots, not judged against them.
     _, unbounded, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", index.num_experts)
@@ -168,6 +170,22 @@ def test_fit_budget_counts_and_advice():
         fit_budget(olmoe_small, "fp16", 770 * stride, "x", 384)
     with pytest.raises(HarnessError, match=r"more than the budget's 192 expert slots; use --cache-experts 41 "):
         fit_budget(olmoe_small, "int8", 387 * stride, "x", 192)
+
+
+def test_a_ram_budget_holds_slots_past_the_models_experts(tiny_model):
+    """The expert cache stops at the model's experts, but the budget does not: what a RAM budget holds beyond them
+    is there for a shadow (an fp16 shadow of every expert is more slots than the model's experts)."""
+    index = PackIndex.load(pack_paths(tiny_model("olmoe"))["index"])
+    layers, stride = len(index.moe_layers), index.stride_bytes
+    baseline, workspace = 8 << 20, 1 << 20
+    slots, _, budget = resolve_slots(RunSpec(model="m", prompt="p", ram_budget="64MiB"), index, baseline, workspace)
+    assert slots == index.num_experts  # per layer: every expert
+    assert budget == ((64 << 20) - baseline - workspace) // stride > index.num_experts * layers
+    half = RunSpec(model="m", prompt="p", cache_experts="50%")
+    assert resolve_slots(half, index, baseline, workspace)[::2] == (
+        index.num_experts // 2,
+        index.num_experts // 2 * layers,
+    )
 
 
 def test_shadow_refuses_a_quantized_pack_at_plan_time(tiny_model, tmp_path):

@@ -39,6 +39,9 @@ class CacheRequest:
     expert slots (the shadow model) then comes out of them; else it is reported beside them."""
     kv_cache_bytes: int = 0
     """The model's KV cache at the run's longest sequence (a strategy's copy of the model keeps one as large)."""
+    budget_slots: int = 0
+    """The expert slots the budget holds in all eviction groups; with --ram-budget also past the model's experts
+    (`slots` stops there): what a strategy's memory beside its expert slots comes out of."""
 
 
 class Strategy(ABC):
@@ -91,9 +94,10 @@ class Strategy(ABC):
     def check_pack(self, index: PackIndex) -> None:  # noqa: B027 - optional
         """Refuse, before any load, a pack the strategy cannot run on."""
 
-    def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:  # noqa: B027 - optional
-        """Refuse, before any load, a budget of `slots` expert slots per eviction group that cannot hold what
-        the strategy keeps beside its expert slots (`kv_cache_bytes`: the model's KV cache, longest sequence)."""
+    def check_budget(self, index: PackIndex, budget_slots: int, kv_cache_bytes: int) -> None:  # noqa: B027 - optional
+        """Refuse, before any load, a budget of `budget_slots` expert slots in all (`CacheRequest.budget_slots`) that
+        cannot hold what the strategy keeps beside its expert slots (`kv_cache_bytes`: the model's KV cache, longest
+        sequence)."""
 
     def before_experts(self, module: OffloadedExperts, hidden_states: torch.Tensor, routing: Routing) -> Routing:
         return routing

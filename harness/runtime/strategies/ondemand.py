@@ -83,7 +83,7 @@ class OnDemand(Strategy):
         self.recall = Recall()
         self._pending: dict[int, set[int]] = {}
         self.index = engine.index
-        self.budgeted, self.budget_slots = request.budgeted, request.slots * len(self.index.moe_layers)
+        self.budgeted, self.budget_slots = request.budgeted, request.budget_slots
         self.staging_slots = staging_slots(self.index)
         # Its KV cache is planned at the run's longest sequence (as large as the model's own).
         planned_bytes = self.shadow.nbytes + request.kv_cache_bytes
@@ -114,14 +114,14 @@ class OnDemand(Strategy):
         if parse_predictor(str(self.params["predictor"]))[0] == "shadow":
             check_unquantized(index)
 
-    def check_budget(self, index: PackIndex, slots: int, kv_cache_bytes: int) -> None:
+    def check_budget(self, index: PackIndex, budget_slots: int, kv_cache_bytes: int) -> None:
         """The shadow's experts and KV cache, known from the pack's index, must fit the budget with the staging
         slots (the rest of its layers is counted once it is built)."""
         _, precision = parse_predictor(str(self.params["predictor"]))
         if precision is None:
             return
         shadow_bytes = shadow_expert_bytes(index, precision) + kv_cache_bytes
-        fit_budget(index, precision, shadow_bytes, "its experts and KV cache alone", slots * len(index.moe_layers))
+        fit_budget(index, precision, shadow_bytes, "its experts and KV cache alone", budget_slots)
 
     def _before_attention(self, module: OffloadedExperts, hidden: torch.Tensor, kwargs: dict) -> None:
         ctx, shadow = module.ctx, self.shadow
