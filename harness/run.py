@@ -43,10 +43,11 @@ from harness.runtime.engine import OffloadEngine, check_live_policy
 from harness.runtime.floor import run_floor_metrics
 from harness.runtime.generation import DecodeMode, SequenceLog, generate
 from harness.runtime.recorder import RoutingRecorder, trace_meta
+from harness.runtime.spans import covered_s, union
 from harness.runtime.strategies import PEERS, CacheRequest, Strategy, check_strategy, make_strategy
 from harness.runtime.strategies.base import split_spec
 from harness.runtime.tiered_cache import TieredExperts
-from harness.runtime.timing import covered_s, percentiles, steady_windows, timing_metrics, union_spans
+from harness.runtime.timing import percentiles, steady_windows, timing_metrics
 from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, DeviceTier, device_tier_slots
 from harness.spec import RunSpec, cache_experts_slots, check_tiers
 from harness.ssd.devices import VOLATILE_FILESYSTEMS, block_device_for_path, describe_path
@@ -612,7 +613,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
     decode_steps = timing["decode_tokens"]
     bytes_by_phase = _bytes_by_phase(m, validity)
     spans = _read_spans(stats.records)
-    busy = sum(end - start for start, end in union_spans(spans))
+    busy = sum(end - start for start, end in union(spans))
     metrics = {
         **timing,
         "hits": hits,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from harness.runtime.generation import SequenceLog
-from harness.runtime.timing import covered_s, steady_windows, union_spans
+from harness.runtime.spans import covered_s, union
+from harness.runtime.timing import steady_windows
 
 
 def test_union_of_overlapping_and_touching_spans():
     spans = [(7.0, 9.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (5.0, 6.0)]
-    assert union_spans(spans) == [(0.0, 4.0), (5.0, 6.0), (7.0, 9.0)]
-    assert union_spans([]) == []
+    assert union(spans) == [(0.0, 4.0), (5.0, 6.0), (7.0, 9.0)]
+    assert union([]) == []
 
 
 def test_covered_time_is_clipped_to_the_windows():

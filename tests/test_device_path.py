@@ -13,7 +13,8 @@ from harness.errors import HarnessError
 from harness.models.adapters import load_config
 from harness.models.packer import pack_paths
 from harness.run import kv_cache_bytes, plan_device_tier, resolve_device
-from harness.runtime.device import DEVICE_SPANS_FILE, overlap_summary, to_device, union, write_spans
+from harness.runtime.device import DEVICE_SPANS_FILE, overlap_summary, to_device, write_spans
+from harness.runtime.spans import union
 from harness.runtime.vram import DEVICE_WORKSPACE_BYTES, device_tier_slots
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from harness.runtime.spans import covered_s, union
+
 if TYPE_CHECKING:
     from harness.runtime.offloaded import ExpertWeights
 
@@ -113,29 +115,12 @@ def write_spans(intervals: list[tuple[str, float, float]], path: Path) -> Path:
     return path
 
 
-def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The disjoint, sorted union of `intervals` (start, end)."""
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 def overlap_summary(intervals: list[tuple[str, float, float]]) -> dict[str, float | int | None]:
     """Seconds the device copied, computed, and did both at once (the union of each kind, then their
     intersection), from (kind, start, end) intervals with kind 'copy' or 'compute'."""
     copy = union([(a, b) for kind, a, b in intervals if kind == "copy"])
     compute = union([(a, b) for kind, a, b in intervals if kind == "compute"])
-    both, i, j = 0.0, 0, 0
-    while i < len(copy) and j < len(compute):
-        both += max(0.0, min(copy[i][1], compute[j][1]) - max(copy[i][0], compute[j][0]))
-        if copy[i][1] < compute[j][1]:
-            i += 1
-        else:
-            j += 1
+    both = covered_s(copy, compute)
     copy_s = sum(b - a for a, b in copy)
     return {
         "copies": sum(kind == "copy" for kind, _, _ in intervals),
