@@ -311,7 +311,7 @@ def main(
                         f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
                     )
     click.echo(
-        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  disk_busy  run reads MB/s  "
+        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  disk_busy  run/profile MB/s  "
         "backend        recall"
     )
     used_depths: set[int] = set()
@@ -325,11 +325,14 @@ def main(
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
         busy_shares = [r["metrics"].get("decode_device_busy_share") for r in runs]
         busy = "n/a" if None in busy_shares else f"{statistics.median(busy_shares):.0%}"  # type: ignore[type-var]
+        floor = runs[-1]["metrics"].get("decode_floor") or {}
+        # The reads' rate during the runs beside the profile's at the same block size and depth (the floor's I/O term).
+        profiled = floor.get("ssd_bandwidth_bytes_per_s")
+        rates = f"{read_bw / 1e6:.0f}/{'n/a' if profiled is None else f'{profiled / 1e6:.0f}'}"
         click.echo(
             f"{share:>5}  {label:<15}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
-            f"{busy:>9}  {read_bw / 1e6:14.0f}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
+            f"{busy:>9}  {rates:>16}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
-        floor = runs[-1]["metrics"].get("decode_floor") or {}
         if floor.get("floor_s_per_token") is None:
             click.echo(f"       floor unavailable: compute {floor.get('compute_source')}; io {floor.get('io_source')}")
         for loaded in [f for r in runs if (f := r["metrics"].get("decode_floor") or {}).get("compute_under_load")]:
