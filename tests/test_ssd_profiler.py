@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -383,6 +384,30 @@ def test_read_time_model_interpolates_in_log_space_and_clamps() -> None:
     assert model.latency_s(MIB, 1) == pytest.approx(MIB / 1000e6)
     with pytest.raises(HarnessError):
         ReadTimeModel.from_document({"schema": "other"})
+
+
+@pytest.mark.skipif(uring.unavailable_reason() is not None, reason=str(uring.unavailable_reason()))
+def test_a_profile_whose_reads_rotate_over_buffers_says_so(tmp_path: Path) -> None:
+    doc = run_profile(_request(tmp_path, buffers=6, buffered=False, io_backend="io_uring"))
+    stored = json.loads(Path(doc["profile_path"]).read_text())
+    assert stored["requested"]["buffers"] == 6
+    assert ReadTimeModel.from_profile(doc["profile_path"]).source.endswith(" (reads rotating over 6 buffers)")
+    assert _test_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"buffers": 1}, "--buffers 1 is fewer than --queue-depth 2: every request in flight needs its own buffer"),
+        ({"buffers": 4, "with_fio": True}, "--buffers with --fio: fio reads into one buffer per request in flight"),
+        ({"buffers": 4, "io_backend": "threads"}, "--buffers rotates the requests of an io_uring ring; this profile"),
+        ({"buffers": 2000}, "--buffers 2000 x the largest block size 1.00 MiB is more than 1.00 GiB of buffers"),
+    ],
+)
+def test_buffers_that_cannot_hold_are_refused_before_any_file(tmp_path: Path, overrides: dict, says: str) -> None:
+    with pytest.raises(HarnessError, match=re.escape(says)):
+        run_profile(_request(tmp_path, **overrides))
+    assert _test_files(tmp_path) == [] and not (tmp_path / "profiles").exists()
 
 
 def test_load_profile_for_path_finds_this_disk(tmp_path: Path) -> None:

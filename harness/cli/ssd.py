@@ -118,6 +118,14 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
     help="How the harness reaches queue depth: io_uring where the kernel allows it (auto), or Q threads.",
 )
 @click.option(
+    "--buffers",
+    type=click.IntRange(1),
+    default=None,
+    help="Rotate each job's requests over N block buffers (io_uring; not with --fio), as a cache's reads land in "
+    "many slots; default one per request in flight, as fio. Where a read's destination costs (a VM), a profile "
+    "with --buffers 192 gives the I/O floor the bandwidth a cache sees.",
+)
+@click.option(
     "--out", type=click.Path(path_type=Path), help="Profile file (default hardware_profiles/<host>/<dev>.json)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the whole profile as JSON instead of tables.")
@@ -138,6 +146,7 @@ def profile_ssd_command(
     no_buffered: bool,
     direct: str,
     io_backend: str,
+    buffers: int | None,
     out: Path | None,
     as_json: bool,
 ) -> None:
@@ -174,6 +183,7 @@ def profile_ssd_command(
         buffered=not no_buffered,
         direct=direct,
         io_backend=io_backend,
+        buffers=buffers,
         expert_bytes=expert_bytes,
         out=out,
         profiles_dir=DEFAULT_PROFILES_DIR,

@@ -77,6 +77,9 @@ class ProfileRequest:
     profiles_dir: Path = DEFAULT_PROFILES_DIR
     seed: int = 0
     rounds: int = 1  # each job runs this many times, harness and fio alternating; the slices are merged
+    buffers: int | None = None
+    """The harness's requests rotate over this many block buffers (`engine.run_job`), as a cache's reads land in
+    many slots; None: one buffer per request in flight, as fio."""
     labels: dict[int, str] = field(default_factory=dict)  # block size -> how it was asked for ("expert")
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +99,7 @@ class ProfileRequest:
             "io_backend": self.io_backend,
             "expert_bytes": self.expert_bytes,
             "rounds": self.rounds,
+            "buffers": self.buffers,
         }
 
 
@@ -224,6 +228,7 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
     """
     progress = on_progress or (lambda done, total, label: None)
     backend = engine.resolve_backend(req.io_backend)
+    check_buffers(req, backend)
     raw = req.device is not None
     if raw:
         assert req.device is not None
@@ -278,6 +283,30 @@ def run_profile(req: ProfileRequest, on_progress: ProgressFn | None = None) -> d
     return doc
 
 
+def check_buffers(req: ProfileRequest, backend: str) -> None:
+    """Refuse `--buffers` where it cannot hold: rotating buffers are an io_uring ring's, every depth needs one per
+    request in flight, and fio (one buffer per request in flight) could not check such a job."""
+    if req.buffers is None:
+        return
+    if backend != "io_uring":
+        raise HarnessError(f"--buffers rotates the requests of an io_uring ring; this profile reads with {backend}")
+    if req.buffers < max(req.queue_depths):
+        raise HarnessError(
+            f"--buffers {req.buffers} is fewer than --queue-depth {max(req.queue_depths)}: every request in flight "
+            "needs its own buffer"
+        )
+    if req.buffers * max(req.block_sizes) > MAX_INFLIGHT_BYTES:
+        raise HarnessError(
+            f"--buffers {req.buffers} x the largest block size {format_bytes(max(req.block_sizes))} is more than "
+            f"{format_bytes(MAX_INFLIGHT_BYTES)} of buffers; use fewer buffers or smaller blocks"
+        )
+    if req.with_fio:
+        raise HarnessError(
+            "--buffers with --fio: fio reads into one buffer per request in flight, so it cannot check a job whose "
+            "reads rotate over more; profile without one of them"
+        )
+
+
 Pairs = dict[str, list[dict[str, Any]]]
 """Per job name, one entry per round: who ran first and each engine's bandwidth in that round."""
 
@@ -308,7 +337,9 @@ def _run_jobs(
                 if step == "fio" and ioengine is None:
                     continue
                 if step == "harness":
-                    slices["harness"].append(engine.run_job(spec, target, req.size_bytes, seed=seed, backend=backend))
+                    slices["harness"].append(
+                        engine.run_job(spec, target, req.size_bytes, seed=seed, backend=backend, buffers=req.buffers)
+                    )
                 else:
                     assert ioengine is not None
                     # fio's synchronous engine matches a buffered depth-1 job; async engines need O_DIRECT.
