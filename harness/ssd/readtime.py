@@ -76,7 +76,7 @@ class ReadTimeModel:
                     lat.setdefault(job["rw"], {}).setdefault(p, {}).setdefault(bs, {})[qd] = value
         if not bw:
             raise HarnessError(f"{source or 'profile'} has no read jobs to build a read-time model from")
-        buffers = doc.get("requested", {}).get("buffers")
+        buffers = (doc.get("requested") or {}).get("buffers")  # published profiles record no request
         if buffers:  # the floor's I/O term says what kind of reads it assumes
             source += f" (reads rotating over {buffers} buffers)"
         return cls(bw=bw, lat=lat, source=source, device=doc.get("device", {}).get("disk"))
