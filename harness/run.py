@@ -127,11 +127,16 @@ def _read_spans(records: list[IoRecord]) -> list[tuple[float, float]]:
     return [(r.start_ns / 1e9, r.end_ns / 1e9) for r in records]
 
 
-def _device_busy_share(spans: list[tuple[float, float]], windows: list[tuple[float, float]]) -> float | None:
-    """Share of the steady decode steps' time (`windows`) during which at least one expert read was in flight:
-    near 1 the disk was the bottleneck and kept busy, well below 1 it waited for the model to ask."""
+def _device_busy_share(cache: Any, records: list[IoRecord], windows: list[tuple[float, float]]) -> float | None:
+    """Share of the steady decode steps' time (`windows`) during which at least one expert read was on the device:
+    near 1 the disk was the bottleneck and kept busy, well below 1 it waited for the model to ask. A read the page
+    cache served whole is not on the device; None where reads go through a mapped file (page faults leave no
+    spans) or none was recorded."""
     total = sum(end - start for start, end in windows)
-    return covered_s(spans, windows) / total if spans and total else None
+    spans = _read_spans([r for r in records if r.device_bytes])
+    if getattr(cache, "device_bytes_by_phase", None) is not None or not spans or not total:
+        return None
+    return covered_s(spans, windows) / total
 
 
 def _hits(counts: dict[str, dict[int, AccessCounts]]) -> dict[str, Any]:
@@ -612,8 +617,7 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
     decode_s = sum(s for seq in m.logs for s in seq.step_s)
     decode_steps = timing["decode_tokens"]
     bytes_by_phase = _bytes_by_phase(m, validity)
-    spans = _read_spans(stats.records)
-    busy = sum(end - start for start, end in union(spans))
+    busy = sum(end - start for start, end in union(_read_spans(stats.records)))
     metrics = {
         **timing,
         "hits": hits,
@@ -625,7 +629,9 @@ def compute_metrics(plan: RunPlan, m: Measurement, validity: Validity) -> dict[s
         "expert_reads": len(stats.records),
         "expert_read_latency_s": percentiles([(r.end_ns - r.start_ns) / 1e9 for r in stats.records]),
         "expert_read_throughput_bytes_per_s": sum(r.nbytes for r in stats.records) / busy if busy else None,
-        "decode_device_busy_share": _device_busy_share(spans, steady_windows(m.logs, plan.spec.warmup_steps)),
+        "decode_device_busy_share": _device_busy_share(
+            cache, stats.records, steady_windows(m.logs, plan.spec.warmup_steps)
+        ),
         "expert_wait_s_by_phase": {p: ns / 1e9 for p, ns in stats.wait_ns_by_phase.items()},
         "expert_wait_share_pct": 100 * stats.wait_ns_by_phase["decode"] / 1e9 / decode_s if decode_s else None,
         "device_read_bytes": m.device_read_bytes,

@@ -138,9 +138,9 @@ def runtime_read_bytes_per_s(
 
 
 READERS = {
-    "runtime": "the runtime's read backend, every read checked, 2 x depth buffers",
+    "runtime": f"the runtime's read backend, every read checked, {RUNTIME_LOOP_BUFFERS} x depth buffers",
     "fio": "fio, io_uring, --direct=1, one buffer per read in flight",
-    "ring": "the profiler's ring (fio's loop, no check), rotating over the runtime's 2 x depth buffers",
+    "ring": f"the profiler's ring (fio's loop, no check), rotating over {RUNTIME_LOOP_BUFFERS} x depth buffers",
 }
 """What each reader of `compare_reads` is."""
 IO_RAMP_S = 1.0
