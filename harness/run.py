@@ -134,7 +134,7 @@ def _device_busy_share(cache: Any, records: list[IoRecord], windows: list[tuple[
     spans) or none was recorded."""
     total = sum(end - start for start, end in windows)
     spans = _read_spans([r for r in records if r.device_bytes])
-    if getattr(cache, "device_bytes_by_phase", None) is not None or not spans or not total:
+    if _mapped_bytes(cache) is not None or not spans or not total:
         return None
     return covered_s(spans, windows) / total
 
@@ -593,10 +593,15 @@ def measure(plan: RunPlan, progress: Progress) -> Measurement:
     )
 
 
+def _mapped_bytes(cache: Any) -> dict[str, int] | None:
+    """A strategy that maps the expert file: its device reads per phase (from /proc/self/io); else None."""
+    return getattr(cache, "device_bytes_by_phase", None)
+
+
 def _bytes_by_phase(m: Measurement, validity: Validity) -> dict[str, int]:
     """SSD bytes per phase: the cache's reads, plus a memory-mapped strategy's device reads."""
     bytes_by_phase = dict(m.loaded.cache.stats.bytes_by_phase)
-    mapped_bytes = getattr(m.loaded.cache, "device_bytes_by_phase", None)
+    mapped_bytes = _mapped_bytes(m.loaded.cache)
     if mapped_bytes is not None:
         bytes_by_phase = {p: bytes_by_phase[p] + mapped_bytes[p] for p in PHASES}
         validity.note(

@@ -74,6 +74,11 @@ ODMOE_RECALL = {"shadow-int8": 0.9734, "shadow-fp16": 0.9994}
 """OD-MoE's published recall of its emulative predictor (int8 and fp16 shadow), beside which ours is printed."""
 
 
+def median_or_none(values: list[Any]) -> float | None:
+    """The median of a figure over a cell's runs, or None where a run lacks it (printed as n/a)."""
+    return None if None in values else statistics.median(values)
+
+
 def recall_of(runs: list[dict[str, Any]]) -> str:
     """Median recall over `runs` of each predictor of a strategy: its own ('own', or the shadow's name, with
     OD-MoE's published figure), the next-layer gate's, and both together."""
@@ -81,13 +86,13 @@ def recall_of(runs: list[dict[str, Any]]) -> str:
     predictor = str(stats[-1].get("predictor", "own"))
     parts = []
     for name in ("prediction", "gate_prediction", "combined_prediction"):
-        recalls = [(s.get(name) or {}).get("recall") for s in stats]
-        if None in recalls:
+        recall = median_or_none([(s.get(name) or {}).get("recall") for s in stats])
+        if recall is None:
             continue
         label = {"prediction": predictor, "gate_prediction": "gate", "combined_prediction": "combined"}[name]
         if name == "prediction" and predictor == "next-layer gate":
             label = "gate"
-        part = f"{label} {statistics.median(recalls):.3f}"  # type: ignore[type-var]
+        part = f"{label} {recall:.3f}"
         if label in ODMOE_RECALL:
             part += f" (OD-MoE {ODMOE_RECALL[label]:.4f})"
         parts.append(part)
@@ -170,7 +175,8 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     job = JobSpec("randread", index.stride_bytes, depth, True, seconds, IO_RAMP_S, 1)
     size = experts_file.stat().st_size
     buffers = RUNTIME_LOOP_BUFFERS * depth
-    who_all = ("runtime", "fio", "ring") if resolve_backend() == "io_uring" else ("runtime", "fio")
+    available = {"runtime": True, "fio": fio_path() is not None, "ring": resolve_backend() == "io_uring"}
+    who_all = tuple(who for who, here in available.items() if here)
     got_all: dict[str, list[float]] = {}
     for pair in range(repeats):
         order = who_all if pair % 2 == 0 else who_all[::-1]
@@ -181,7 +187,7 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
                 got[who], reads, huge = runtime_read_bytes_per_s(experts_file, index, depth, seconds, pair, IO_RAMP_S)
             elif who == "ring":
                 got[who] = run_job(job, str(experts_file), size, seed=pair, buffers=buffers).bw_bytes_per_s
-            elif fio_path() is not None:
+            else:
                 cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=pair)
                 got[who] = run_fio(cmd, job)[1].bw_bytes_per_s
         for who, value in got.items():
@@ -193,9 +199,8 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
         line += "".join(f"   {who} {got[who] / 1e6:6.0f} MB/s" for who in ("fio", "ring") if who in got)
         click.echo(line)
     click.echo(f"medians of {repeats} rounds at queue depth {depth}:")
-    for who in ("runtime", "fio", "ring"):
-        if who in got_all:
-            click.echo(f"  {who:<8} {statistics.median(got_all[who]) / 1e6:6.0f} MB/s  {READERS[who]}")
+    for who in who_all:
+        click.echo(f"  {who:<8} {statistics.median(got_all[who]) / 1e6:6.0f} MB/s  {READERS[who]}")
     for top, bottom in (("runtime", "fio"), ("runtime", "ring"), ("ring", "fio")):
         if top in got_all and bottom in got_all:
             ratios = [a / b for a, b in zip(got_all[top], got_all[bottom], strict=True)]
@@ -317,14 +322,13 @@ def main(
     used_depths: set[int] = set()
     for (share, label, name), runs in cells.items():
         tps = statistics.median(r["metrics"]["decode_tokens_per_s"] or 0 for r in runs)
-        ratios = [r["metrics"].get("decode_floor_ratio") for r in runs]
-        ratio = statistics.median(ratios) if None not in ratios else None  # type: ignore[type-var]
+        ratio = median_or_none([r["metrics"].get("decode_floor_ratio") for r in runs])
         io = runs[-1]["metrics"].get("expert_io") or {}
         if io.get("queue_depth"):
             used_depths.add(int(io["queue_depth"]))
         read_bw = statistics.median(r["metrics"].get("expert_read_throughput_bytes_per_s") or 0 for r in runs)
-        busy_shares = [r["metrics"].get("decode_device_busy_share") for r in runs]
-        busy = "n/a" if None in busy_shares else f"{statistics.median(busy_shares):.0%}"  # type: ignore[type-var]
+        busy_share = median_or_none([r["metrics"].get("decode_device_busy_share") for r in runs])
+        busy = "n/a" if busy_share is None else f"{busy_share:.0%}"
         floor = runs[-1]["metrics"].get("decode_floor") or {}
         # The reads' rate during the runs beside the profile's at the same block size and depth (the floor's I/O term).
         profiled = floor.get("ssd_bandwidth_bytes_per_s")
@@ -352,7 +356,9 @@ def read_comparison(
     """`compare_reads` at queue depth `depth` (`how` says where it came from), or (None) the one a run takes from
     the disk's SSD profile."""
     if depth is None:
-        depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, 4)
+        # Without a profile a run reads at its io_threads, by default the spec's.
+        io_threads = RunSpec.model_fields["io_threads"].default
+        depth, how = queue_depth_from_profile(load_profile_for_path(experts_file), index.stride_bytes, io_threads)
     click.echo(f"\nexpert reads of {index.stride_bytes} B at queue depth {depth} ({how}) on {experts_file}")
     compare_reads(experts_file, index, depth, read_seconds, io_repeats)
 
