@@ -4,6 +4,7 @@ measured once and then read from the cache, unless other processes loaded the ma
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,25 @@ def test_a_compute_time_measured_under_load_is_not_cached(tiny_model, tmp_path, 
     assert doc["load"]["others_cpu_share"] == pytest.approx(0.025) and doc["load"]["under_load"] is False
     cached = compute_time(Path("m"), pack, PROMPTS, SETTINGS, "no measuring")
     assert len(measured) == 2 and cached.s_per_token == 0.02 and cached.load == quiet.load
-    assert cached.source == f"cached from {path} (measured while other processes took 2% of the CPUs)"
+    assert doc["measured_at"] == quiet.measured_at == cached.measured_at
+    when = floor.measured_when(doc["measured_at"])
+    assert cached.source == f"cached from {path} ({when}, while other processes took 2% of the CPUs)"
+    assert decode_floor(0.05, None, cached, None, 4096, 1)["decode_floor"]["compute_measured_at"] == doc["measured_at"]
     assert decode_floor(0.05, None, cached, None, 4096, 1)["decode_floor"]["compute_under_load"] is False
     # A version-1 file says nothing of its load: not trusted.
     path.write_text(json.dumps({"schema": "harness.compute/1", "s_per_token": 0.5, "steady_steps": 5}))
     assert compute_time(Path("m"), pack, PROMPTS, SETTINGS, "no measuring").s_per_token is None
+
+
+def test_when_a_cached_compute_time_was_measured():
+    now = datetime(2026, 11, 30, 14, 0, tzinfo=UTC)
+    assert floor.measured_when("2026-11-29T12:30:00+00:00", now) == "measured 2026-11-29T12:30Z, 25.5 h ago"
+    assert floor.measured_when(None, now) == "measured at an unknown time"  # a file written before it was recorded
+    assert floor.measured_when("yesterday", now) == "measured at an unknown time"
+
+
+def test_the_compute_cache_folder_can_be_set_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    assert floor.compute_cache_dir() == tmp_path / "cache" / "compute"
+    monkeypatch.setenv(floor.COMPUTE_CACHE_ENV, str(tmp_path / "round-0"))
+    assert floor.compute_cache_dir() == tmp_path / "round-0"

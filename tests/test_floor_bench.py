@@ -1,8 +1,16 @@
-"""The floor benchmark's `--reads-only`: the runtime/fio read comparison alone, on a packed model."""
+"""The floor benchmark: `--reads-only` (the runtime/fio read comparison alone, on a packed model), and where its
+cells' floor takes its compute figure from."""
+
+import json
+import subprocess
+from pathlib import Path
 
 from click.testing import CliRunner
 
+from harness.benchmarks import floor as floor_bench
 from harness.benchmarks.floor import main
+from harness.runtime.floor import COMPUTE_CACHE_ENV
+from harness.spec import RunSpec
 from harness.ssd.engine import resolve_backend
 
 
@@ -33,3 +41,56 @@ def test_reads_only_at_the_depths_given(tiny_model, tmp_path):
 def test_a_bad_depth_is_refused_in_one_line(tiny_model):
     out = CliRunner().invoke(main, ["--model", str(tiny_model("olmoe")), "--reads-only", "--io-depths", "1,deep"])
     assert out.exit_code == 2 and "'deep' is neither 'profile' nor a queue depth" in out.output
+
+
+def fake_result(expert_file: str, compute_s: float) -> dict:
+    """The parts of a run's result the benchmark's table reads."""
+    metrics = {
+        "decode_tokens_per_s": 10.0,
+        "decode_floor_ratio": 1.5,
+        "decode_floor": {"compute_s_per_token": compute_s, "floor_s_per_token": 0.1},
+        "expert_io": {"backend": "threads", "queue_depth": 1},
+    }
+    return {"metrics": metrics, "validity": {"valid": True}, "resolved": {"expert_file": expert_file}}
+
+
+def test_the_floors_compute_is_measured_again_each_round(tiny_model, tmp_path, monkeypatch):
+    """Per round (default), every cell of a round shares one compute cache folder and each round has its own, so
+    each round measures the compute again; `--compute cached` leaves the harness's cache in place."""
+    seen: list[tuple[int, str | None]] = []
+
+    def fake_cell(spec, results, compute_cache=None):
+        seen.append((spec.repeat, None if compute_cache is None else str(compute_cache)))
+        return fake_result(str(tmp_path / "experts.bin"), 0.05 + spec.repeat / 100)
+
+    monkeypatch.setattr(floor_bench, "run_cell", fake_cell)
+    monkeypatch.setattr(floor_bench, "read_comparison", lambda *args, **kwargs: None)
+    args = ["--model", str(tiny_model("olmoe")), "--shares", "25%", "--strategy", "cache", "--strategy", "prefetch"]
+    out = CliRunner().invoke(main, [*args, "--rounds", "2", "--results", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    folders = {round_: {folder for r, folder in seen if r == round_} for round_ in (0, 1)}
+    assert len(seen) == 4 and all(len(f) == 1 for f in folders.values())
+    assert folders[0] != folders[1] and None not in folders[0] | folders[1]
+    assert "compute 50.0 ms/token" in out.output and "compute 60.0 ms/token" in out.output
+    assert not any(Path(f).exists() for f in folders[0] | folders[1])  # this invocation's figures only
+    seen.clear()
+    out = CliRunner().invoke(main, [*args, "--rounds", "2", "--compute", "cached", "--results", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    assert [folder for _, folder in seen] == [None] * 4
+
+
+def test_a_cell_caches_its_compute_where_it_is_told(tmp_path, monkeypatch):
+    envs: list[dict | None] = []
+    spec = RunSpec(model="m", prompt="p")
+
+    def fake_run(cmd, env=None, **kwargs):
+        envs.append(env)
+        (tmp_path / spec.run_id).mkdir(exist_ok=True)
+        (tmp_path / spec.run_id / "result.json").write_text(json.dumps({"run_id": spec.run_id}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(floor_bench.subprocess, "run", fake_run)
+    assert floor_bench.run_cell(spec, tmp_path, tmp_path / "round-3") == {"run_id": spec.run_id}
+    assert envs[-1][COMPUTE_CACHE_ENV] == str(tmp_path / "round-3")
+    floor_bench.run_cell(spec, tmp_path)
+    assert envs[-1] is None  # the harness's own cache

@@ -20,14 +20,18 @@ in flight: the reads in flight and those queued behind them): runtime/ring is th
 spreading reads over more buffers costs on this machine (a VM whose host copies each read into guest memory can pay
 for it; a cache reads into many different slots). It prints each round and the medians and ranges of the ratios.
 `--reads-only` runs that comparison alone (no cell), on the model's pack, or its copy in `--ssd`.
-The floor needs an SSD profile of the disk (`harness profile-ssd`) and, once, a run without a RAM budget
-(the compute time is measured with the whole model resident and cached). Run it on a quiet machine.
+The floor needs an SSD profile of the disk (`harness profile-ssd`). Its compute time (the whole model resident) is
+measured again in each round by default (`--compute per-round`: the round's first cell measures it after its run and
+the others read it), since a figure cached hours before can be a third off on a machine whose speed drifts (this
+VM's resident decode took 70.6 ms per token one day, 45-54 ms the next); `--compute cached` uses the harness's cache.
+Run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -43,6 +47,7 @@ from harness.errors import ExitCode
 from harness.models.locate import model_name
 from harness.models.packer import pack_paths
 from harness.runtime.expert_io import make_backend, queue_depth_from_profile
+from harness.runtime.floor import COMPUTE_CACHE_ENV
 from harness.spec import RunSpec
 from harness.ssd.engine import resolve_backend, run_job
 from harness.ssd.fio import fio_command, fio_path, run_fio
@@ -53,13 +58,14 @@ from harness.store.placement import place_expert_file
 from harness.store.reader import AlignedPool, ExpertReader
 
 
-def run_cell(spec: RunSpec, results: Path) -> dict[str, Any] | str:
-    """One `harness run` in a fresh process; its result document, or the one-line reason it was refused (e.g. a
-    shadow predictor that does not fit the share)."""
+def run_cell(spec: RunSpec, results: Path, compute_cache: Path | None = None) -> dict[str, Any] | str:
+    """One `harness run` in a fresh process (its floor's compute figure cached in `compute_cache`, if given); its
+    result document, or the one-line reason it was refused (e.g. a shadow predictor that does not fit the share)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec.canonical(), f)
     cmd = [sys.executable, "-m", "harness", "run", "--spec", f.name, "--results", str(results), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = None if compute_cache is None else os.environ | {COMPUTE_CACHE_ENV: str(compute_cache)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     Path(f.name).unlink()
     path = results / spec.run_id / "result.json"
     if not path.is_file():
@@ -241,6 +247,14 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     "the depth the disk's SSD profile gives.",
 )
 @click.option("--rounds", default=3, show_default=True)
+@click.option(
+    "--compute",
+    type=click.Choice(["per-round", "cached"]),
+    default="per-round",
+    show_default=True,
+    help="The floor's compute figure: measured again in each round (by its first cell's process, the rest of the "
+    "round reading it), so that a drift of the machine moves the floor with the runs; or the harness's cached one.",
+)
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--workload", default="default", show_default=True, help="Prompt set (its first --prompts prompts).")
 @click.option("--prompts", default=1, show_default=True)
@@ -257,6 +271,7 @@ def main(
     decode_threads: str,
     io_depths: str,
     rounds: int,
+    compute: str,
     max_new_tokens: int,
     workload: str,
     prompts: int,
@@ -280,41 +295,46 @@ def main(
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
-    for round_ in range(rounds):
-        for i, share in enumerate(s.strip() for s in shares.split(",")):
-            for j, (n_threads, depth) in enumerate(settings):
-                label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
-                once = list(recall_strategies) if round_ == i == j == 0 else []
-                for name in names + once:
-                    if (share, name) in refused:
-                        continue
-                    spec = RunSpec(
-                        model=model,
-                        cache_experts=share,
-                        policy="lru",
-                        strategy=name,
-                        ssd=ssd,
-                        workload=workload,
-                        max_prompts=prompts,
-                        max_new_tokens=max_new_tokens,
-                        decode_threads=n_threads,
-                        io_depth=depth,
-                        repeat=round_,
-                    )
-                    result = run_cell(spec, results)
-                    if isinstance(result, str):
-                        refused[share, name] = result
-                        click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
-                        continue
-                    experts_file = Path(result["resolved"]["expert_file"])
-                    cells.setdefault((share, label, name), []).append(result)
-                    m = result["metrics"]
-                    verdict = "valid" if result["validity"]["valid"] else "INVALID"
-                    click.echo(
-                        f"round {round_} {share:>4} {label:<15} {name:<26} "
-                        f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
-                        f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  {verdict}"
-                    )
+    # The floor's compute figures of this invocation: one folder per round (per-round), none (cached).
+    with tempfile.TemporaryDirectory(prefix="harness-floor-compute-") as compute_root:
+        for round_ in range(rounds):
+            for i, share in enumerate(s.strip() for s in shares.split(",")):
+                for j, (n_threads, depth) in enumerate(settings):
+                    label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
+                    once = list(recall_strategies) if round_ == i == j == 0 else []
+                    for name in names + once:
+                        if (share, name) in refused:
+                            continue
+                        spec = RunSpec(
+                            model=model,
+                            cache_experts=share,
+                            policy="lru",
+                            strategy=name,
+                            ssd=ssd,
+                            workload=workload,
+                            max_prompts=prompts,
+                            max_new_tokens=max_new_tokens,
+                            decode_threads=n_threads,
+                            io_depth=depth,
+                            repeat=round_,
+                        )
+                        per_round = Path(compute_root) / f"round-{round_}" if compute == "per-round" else None
+                        result = run_cell(spec, results, per_round)
+                        if isinstance(result, str):
+                            refused[share, name] = result
+                            click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
+                            continue
+                        experts_file = Path(result["resolved"]["expert_file"])
+                        cells.setdefault((share, label, name), []).append(result)
+                        m = result["metrics"]
+                        verdict = "valid" if result["validity"]["valid"] else "INVALID"
+                        compute_s = (m.get("decode_floor") or {}).get("compute_s_per_token")
+                        click.echo(
+                            f"round {round_} {share:>4} {label:<15} {name:<26} "
+                            f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
+                            f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  "
+                            f"compute {1e3 * (compute_s or float('nan')):.1f} ms/token  {verdict}"
+                        )
     click.echo(
         "\ncache  threads/depth    strategy                   tok/s  floor_ratio  disk_busy  run/profile MB/s  "
         "backend        recall"

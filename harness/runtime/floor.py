@@ -6,9 +6,11 @@ queue depth). `decode_floor_ratio` = measured steady decode seconds per token / 
 means the run hides all its reads behind compute (or all compute behind reads).
 
 The compute per token is measured once per (model pack, prompts, machine and device, decode settings)
-with the fully resident model, and cached as a small JSON file under `$HARNESS_CACHE/compute/` (default
-`$XDG_CACHE_HOME/harness/compute/`, else `~/.cache/harness/compute/`); the result says whether it was measured
-now, read from the cache, or is unavailable and why. A measurement records the machine's load while it ran
+with the fully resident model, and cached as a small JSON file under `$HARNESS_COMPUTE_CACHE`, else
+`$HARNESS_CACHE/compute/` (default `$XDG_CACHE_HOME/harness/compute/`, else `~/.cache/harness/compute/`); the result
+says whether it was measured now, read from the cache (and when it was measured: a machine whose speed drifts, as a
+VM's can by a third over hours, makes an old figure wrong; the floor benchmark measures it again each round), or is
+unavailable and why. A measurement records the machine's load while it ran
 (this process's CPU time against wall time, the share of all CPUs' time other processes took, the 1-minute
 load average); one taken while others took more than OTHERS_CPU_SHARE_MAX is used for its own run, said to be
 under load, and never cached (the next run measures again): a slow figure would lower every later decode_floor_ratio.
@@ -23,6 +25,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +46,27 @@ RESIDENT_MARGIN = 1.5
 (weights, plus activations, KV cache and loading overhead)."""
 
 
+COMPUTE_CACHE_ENV = "HARNESS_COMPUTE_CACHE"
+"""A folder for the cached compute figures alone (the floor benchmark gives each round its own, so that every round
+measures the compute again), instead of the harness cache's `compute/`."""
+
+
 def compute_cache_dir() -> Path:
-    return harness_cache_dir() / "compute"
+    explicit = os.environ.get(COMPUTE_CACHE_ENV)
+    return Path(explicit).expanduser() if explicit else harness_cache_dir() / "compute"
+
+
+def measured_when(stamp: object, now: datetime | None = None) -> str:
+    """When a cached figure was measured and how long ago, for its source line: 'measured 2026-11-29T14:02Z,
+    23.7 h ago'; 'measured at an unknown time' for a file written before the time was recorded."""
+    if not isinstance(stamp, str):
+        return "measured at an unknown time"
+    try:
+        then = datetime.fromisoformat(stamp)
+    except ValueError:
+        return "measured at an unknown time"
+    hours = ((now or datetime.now(UTC)) - then).total_seconds() / 3600
+    return f"measured {then:%Y-%m-%dT%H:%MZ}, {hours:.1f} h ago"
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,8 @@ class ComputeTime:
     'unavailable: WHY'."""
     load: MachineLoad | None = None
     """The machine's load while the figure was measured (None: unavailable)."""
+    measured_at: str | None = None
+    """When it was measured (ISO 8601, UTC); None: unavailable, or a cache file that did not record it."""
 
 
 def compute_key(
@@ -151,18 +175,21 @@ def cached_compute(key: str) -> ComputeTime | None:
         return None
     return ComputeTime(
         float(doc["s_per_token"]),
-        f"cached from {path} (measured while other processes took {load.others_cpu_share:.0%} of the CPUs)",
+        f"cached from {path} ({measured_when(doc.get('measured_at'))}, while other processes took "
+        f"{load.others_cpu_share:.0%} of the CPUs)",
         load,
+        doc["measured_at"] if isinstance(doc.get("measured_at"), str) else None,
     )
 
 
-def store_compute(key: str, s_per_token: float, steps: int, load: MachineLoad) -> Path:
+def store_compute(key: str, s_per_token: float, steps: int, load: MachineLoad, measured_at: str) -> Path:
     path = compute_cache_dir() / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "schema": COMPUTE_CACHE_SCHEMA,
         "s_per_token": s_per_token,
         "steady_steps": steps,
+        "measured_at": measured_at,
         "host": platform.node(),
         "load": load.to_dict(),
     }
@@ -217,6 +244,7 @@ def compute_time(
         settings.get("decode_threads"),
     )
     load = machine_load(before, cpu_sample())
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     if measured is None:
         return ComputeTime(None, "unavailable: no steady decode steps to time")
     if load.loaded:
@@ -228,13 +256,14 @@ def compute_time(
             f"measured now under load (other processes took {load.others_cpu_share:.0%} of the CPUs, over the "
             f"{OTHERS_CPU_SHARE_MAX:.0%} a cached figure allows): not cached, measured again by the next run",
             load,
+            now,
         )
     try:
-        path = store_compute(key, *measured, load)
+        path = store_compute(key, *measured, load, now)
     except OSError as exc:
         log.warning("cannot cache the compute time: %s", exc)
-        return ComputeTime(measured[0], "measured now (not cached: the cache folder is not writable)", load)
-    return ComputeTime(measured[0], f"measured now (cached in {path})", load)
+        return ComputeTime(measured[0], "measured now (not cached: the cache folder is not writable)", load, now)
+    return ComputeTime(measured[0], f"measured now (cached in {path})", load, now)
 
 
 def decode_floor(
@@ -258,6 +287,7 @@ def decode_floor(
             "decode_s_per_token": decode_s_per_token,
             "compute_s_per_token": compute.s_per_token,
             "compute_source": compute.source,
+            "compute_measured_at": compute.measured_at,
             "compute_under_load": None if compute.load is None else compute.load.loaded,
             "compute_load": None if compute.load is None else compute.load.to_dict(),
             "io_s_per_token": io_s,
