@@ -336,12 +336,14 @@ def main(
                             f"compute {1e3 * (compute_s or float('nan')):.1f} ms/token  {verdict}"
                         )
     click.echo(
-        "\ncache  threads/depth    strategy                   tok/s  floor_ratio  disk_busy  run/profile MB/s  "
-        "backend        recall"
+        "\ncache  threads/depth    strategy                   tok/s  (range)        floor_ratio  disk_busy  "
+        "run/profile MB/s  backend        recall"
     )
     used_depths: set[int] = set()
     for (share, label, name), runs in cells.items():
-        tps = statistics.median(r["metrics"]["decode_tokens_per_s"] or 0 for r in runs)
+        all_tps = [r["metrics"]["decode_tokens_per_s"] or 0 for r in runs]
+        tps = statistics.median(all_tps)
+        spread = f"({min(all_tps):.2f}-{max(all_tps):.2f})"
         ratio = median_or_none([r["metrics"].get("decode_floor_ratio") for r in runs])
         io = runs[-1]["metrics"].get("expert_io") or {}
         if io.get("queue_depth"):
@@ -354,7 +356,8 @@ def main(
         profiled = floor.get("ssd_bandwidth_bytes_per_s")
         rates = f"{read_bw / 1e6:.0f}/{'n/a' if profiled is None else f'{profiled / 1e6:.0f}'}"
         click.echo(
-            f"{share:>5}  {label:<15}  {name:<26} {tps:7.2f}  {'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
+            f"{share:>5}  {label:<15}  {name:<26} {tps:7.2f}  {spread:<13}  "
+            f"{'n/a' if ratio is None else f'{ratio:11.2f}':>11}  "
             f"{busy:>9}  {rates:>16}  {io.get('backend')} qd {io.get('queue_depth')}  {recall_of(runs)}"
         )
         if floor.get("floor_s_per_token") is None:
