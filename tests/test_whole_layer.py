@@ -1,5 +1,6 @@
 """A layer whose experts are all in memory runs as one call of the model's own experts forward (ExpertMath.layer);
-tokens stay those of the resident model, on that path, on the per-expert path and at one decode thread."""
+tokens stay those of the resident model, on that path, on the per-expert path (where a gated expert is computed
+directly once a probe found the eager forward's bits) and at one decode thread."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
+from harness.runtime import offloaded
 from harness.runtime.engine import OffloadEngine
 from harness.runtime.generation import generate
 from harness.runtime.offloaded import ExpertMath
@@ -89,3 +91,82 @@ def test_probe_accepts_only_indexing_forwards(cls, expected):
     index = torch.tensor([[0, 2], [1, 2], [3, 0]])
     weights = torch.rand(3, 2)
     assert math.layer_matches(hidden, index, weights) is expected
+
+
+class _Gated(_Indexed):
+    """The common gated expert, its activation an attribute: one expert may be computed directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
+            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
+            gate, up = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
+        return final
+
+
+class _UpFirst(_Gated):
+    """Up before gate in the fused product (as some checkpoints lay it out): the direct expert's bits differ."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
+            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
+            up, gate = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
+        return final
+
+
+class _Clamped(_Gated):
+    """Gate and up clamped to a limit in the forward (as gpt-oss's are): rows near 1 never reach it, the probe's
+    large rows do."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
+            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
+            gate, up = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = nn.functional.linear(self.act_fn(gate.clamp(max=7.0)) * up.clamp(-7.0, 7.0), self.down_proj[expert])
+            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
+        return final
+
+
+@pytest.mark.parametrize(("cls", "expected"), [(_Gated, True), (_UpFirst, False), (_Indexed, False), (_Clamped, False)])
+def test_direct_expert_only_where_it_gives_the_eager_bits(cls, expected):
+    """The direct expert serves a class only where a probe found its bits; `_Indexed` has no `act_fn` to take."""
+    math = ExpertMath(cls(), ["gate_up_proj", "down_proj"], None, torch.float32)
+    rows = torch.randn(2, 8)
+    assert math.direct_matches(rows) is expected
+    weights = {"gate_up_proj": torch.randn(8, 8), "down_proj": torch.randn(8, 4)}
+    routing = torch.rand(2, 1)
+    rows = 30 * rows  # past the clamp
+    # Either way an expert's output is the eager forward's, bit for bit.
+    assert torch.equal(math(weights, rows, routing), math.eager_expert(weights, rows, routing))
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+def test_the_per_expert_path_computes_experts_directly_and_keeps_tokens(arch, tiny_model, monkeypatch):
+    model_dir = tiny_model(arch)
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    reference = generate(reference_model(model_dir, index), PROMPT, NEW_TOKENS, "greedy").token_ids
+    calls = {"direct": 0}
+    direct = offloaded.direct_expert
+
+    def counted(*args, **kwargs):
+        calls["direct"] += 1
+        return direct(*args, **kwargs)
+
+    monkeypatch.setattr(offloaded, "direct_expert", counted)
+    engine, _ = _engine(model_dir, index.top_k)  # misses every step: the per-expert path
+    try:
+        tokens = generate(engine.model, PROMPT, NEW_TOKENS, "greedy", ctx=engine.ctx)
+    finally:
+        engine.close()
+    assert tokens.token_ids == reference
+    assert calls["direct"] > 0
