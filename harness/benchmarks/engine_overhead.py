@@ -14,7 +14,7 @@ prompts are the workload's first one, teacher-forced where the model is random-i
 process and their sequences alternate (the order reversed every other round; round 0 warms up and is left out), and
 it prints each strategy's median decode step and its paired difference to the first strategy's in the same round.
 Runs in separate processes are a poor A/B of a few percent on a machine whose speed changes from one process to the
-next (on this VM, 2 prompts x 40 tokens at 100% cached gave 10.7-18.2 tokens/s over 16 processes); within one
+next (on this VM, 2 prompts x 40 tokens at 100% cached gave 10.7-18.2 tokens/s over 12 processes); within one
 process, the same engine's round medians stayed within +-6%. Each engine holds its own slots (at 100% cached, the
 whole model's experts): memory grows with the strategies given.
 
@@ -169,7 +169,7 @@ def main(
     ]
     if rounds:
         if rounds < 2 or tokens < 2:
-            raise click.UsageError("--interleaved needs 2 rounds (round 0 warms up) of 2 tokens (1 decode step) or more")
+            raise click.UsageError("--interleaved needs 2 rounds (round 0 warms up) of 2 tokens or more")
         with tempfile.TemporaryDirectory() as results:
             steps = interleaved_steps(specs, tokens, rounds, Path(results))
         report_interleaved(strategies, steps, cache_experts, tokens)
