@@ -171,8 +171,8 @@ def main(
         if rounds < 2 or tokens < 2:
             raise click.UsageError("--interleaved needs 2 rounds (round 0 warms up) of 2 tokens or more")
         with tempfile.TemporaryDirectory() as results:
-            steps = interleaved_steps(specs, tokens, rounds, Path(results))
-        report_interleaved(strategies, steps, cache_experts, tokens)
+            step_s = interleaved_steps(specs, tokens, rounds, Path(results))
+        report_interleaved(strategies, step_s, cache_experts, tokens)
         return
     for name, spec in zip(strategies, specs, strict=True):
         with tempfile.TemporaryDirectory() as results:
