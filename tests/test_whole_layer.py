@@ -70,10 +70,12 @@ class _Indexed(nn.Module):
         final = torch.zeros_like(hidden_states)
         for expert in sorted(set(top_k_index.reshape(-1).tolist())):
             pos, rows = torch.where(torch.eq(top_k_index.T, expert))
-            gate, up = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out = nn.functional.linear(nn.functional.silu(gate) * up, self.down_proj[expert])
-            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
+            final.index_add_(0, rows, self.expert(hidden_states[rows], expert) * top_k_weights[rows, pos, None])
         return final
+
+    def expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(nn.functional.silu(gate) * up, self.down_proj[expert])
 
 
 class _Whole(_Indexed):
@@ -100,41 +102,26 @@ class _Gated(_Indexed):
         super().__init__()
         self.act_fn = nn.SiLU()
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        final = torch.zeros_like(hidden_states)
-        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
-            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
-            gate, up = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
-        return final
+    def expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
 
 
 class _UpFirst(_Gated):
     """Up before gate in the fused product (as some checkpoints lay it out): the direct expert's bits differ."""
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        final = torch.zeros_like(hidden_states)
-        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
-            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
-            up, gate = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
-        return final
+    def expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        up, gate = nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
 
 
 class _Clamped(_Gated):
     """Gate and up clamped to a limit in the forward (as gpt-oss's are): rows near 1 never reach it, the probe's
     large rows do."""
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        final = torch.zeros_like(hidden_states)
-        for expert in sorted(set(top_k_index.reshape(-1).tolist())):
-            pos, rows = torch.where(torch.eq(top_k_index.T, expert))
-            gate, up = nn.functional.linear(hidden_states[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out = nn.functional.linear(self.act_fn(gate.clamp(max=7.0)) * up.clamp(-7.0, 7.0), self.down_proj[expert])
-            final.index_add_(0, rows, out * top_k_weights[rows, pos, None])
-        return final
+    def expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        gate, up = nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate.clamp(max=7.0)) * up.clamp(-7.0, 7.0), self.down_proj[expert])
 
 
 @pytest.mark.parametrize(("cls", "expected"), [(_Gated, True), (_UpFirst, False), (_Indexed, False), (_Clamped, False)])
