@@ -221,7 +221,15 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     "--strategy",
     "strategies",
     multiple=True,
-    default=("cache", "prefetch", "lookahead", "lookahead+gate", "lookahead+gate:top=4", "on-demand:shadow-int8:2"),
+    default=(
+        "cache",
+        "prefetch",
+        "prefetch:top=4",
+        "lookahead",
+        "lookahead+gate",
+        "lookahead+gate:top=4",
+        "on-demand:shadow-int8:2",
+    ),
     show_default=True,
     help="A strategy (repeatable); `cache` and every strategy with a policy run with LRU.",
 )
