@@ -23,7 +23,7 @@ for it; a cache reads into many different slots). It prints each round and the m
 The floor needs an SSD profile of the disk (`harness profile-ssd`). Its compute time (the whole model resident) is
 measured again in each round by default (`--compute per-round`: the round's first cell measures it after its run and
 the others read it), since a figure cached hours before can be a third off on a machine whose speed drifts (this
-VM's resident decode took 70.6 ms per token one day, 45-54 ms the next); `--compute cached` uses the harness's cache.
+VM's resident decode took 70.6 ms per token one day, 46-61 ms the next); `--compute cached` uses the harness's cache.
 Run it on a quiet machine.
 """
 
