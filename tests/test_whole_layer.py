@@ -124,6 +124,24 @@ class _Clamped(_Gated):
         return nn.functional.linear(self.act_fn(gate.clamp(max=7.0)) * up.clamp(-7.0, 7.0), self.down_proj[expert])
 
 
+class _Flagged(_Gated):
+    """Clamped or not by a flag its forward reads: two instances of one class, each its own probe."""
+
+    def __init__(self, limit: bool) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        return _Clamped.expert(self, rows, expert) if self.limit else super().expert(rows, expert)
+
+
+def test_each_setting_of_a_class_has_its_own_probe():
+    rows = torch.randn(2, 8)
+    free = ExpertMath(_Flagged(limit=False), ["gate_up_proj", "down_proj"], None, torch.float32)
+    limited = ExpertMath(_Flagged(limit=True), ["gate_up_proj", "down_proj"], None, torch.float32)
+    assert free.direct_matches(rows) and not limited.direct_matches(rows)
+
+
 @pytest.mark.parametrize(("cls", "expected"), [(_Gated, True), (_UpFirst, False), (_Indexed, False), (_Clamped, False)])
 def test_direct_expert_only_where_it_gives_the_eager_bits(cls, expected):
     """The direct expert serves a class only where a probe found its bits; `_Indexed` has no `act_fn` to take."""

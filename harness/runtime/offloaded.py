@@ -166,10 +166,18 @@ class ExpertMath:
         index = torch.zeros(current_state.shape[0], 1, dtype=torch.long, device=current_state.device)
         return self._forward(proxy, current_state, index, routing_weights)
 
+    def _probe_key(self) -> tuple:
+        """What a probe's verdict holds for: the class, its expert shapes, its activation and its plain settings (two
+        instances of one class may differ in a flag their forward reads, and a probe saw only one of them)."""
+        settings = tuple(
+            sorted((k, v) for k, v in self._state.items() if isinstance(v, (bool, int, float, str, type(None))))
+        )
+        return (self._cls, tuple(self._shapes.items()), repr(self._act_fn), settings)
+
     def direct_matches(self, current_state: torch.Tensor) -> bool:
         """Whether `direct_expert` gives this class's eager forward its bits (on rows of `current_state`'s dtype and
-        device): checked once per class, expert shapes, dtype and device, on random weights and rows."""
-        key = (self._cls, tuple(self._shapes.items()), current_state.dtype, current_state.device.type)
+        device): checked once per `_probe_key`, dtype and device, on random weights and rows."""
+        key = (*self._probe_key(), current_state.dtype, current_state.device.type)
         if key not in _DIRECT_MATCHES:
             _DIRECT_MATCHES[key] = self._probe_direct(current_state)
         return _DIRECT_MATCHES[key]
@@ -217,7 +225,7 @@ class ExpertMath:
         """Whether `layer` gives this class's forward the bits of the per-expert path, checked once per class and
         expert shapes on one row of a real call with random weights: False where the forward uses its stacked
         parameters other than by indexing them with one expert."""
-        key = (self._cls, tuple(self._shapes.items()))
+        key = self._probe_key()
         if key not in _LAYER_MATCHES:
             _LAYER_MATCHES[key] = self._probe(hidden_states[:1], top_k_index[:1], top_k_weights[:1])
         return _LAYER_MATCHES[key]
@@ -243,7 +251,7 @@ class ExpertMath:
 DIRECT_PARAMS = ("gate_up_proj", "down_proj")
 """The parameters of the gated expert `direct_expert` computes (a class with others, biases included, never uses it)."""
 _DIRECT_MATCHES: dict[tuple, bool] = {}
-"""Experts classes (with their expert shapes, dtype and device) whose one expert `direct_expert` computes."""
+"""`ExpertMath._probe_key`s (with dtype and device) whose one expert `direct_expert` computes."""
 
 
 def direct_expert(
@@ -260,7 +268,7 @@ def direct_expert(
 
 
 _LAYER_MATCHES: dict[tuple, bool] = {}
-"""Experts classes (with their expert shapes) whose forward `ExpertMath.layer` may run, decided once per process."""
+"""`ExpertMath._probe_key`s whose forward `ExpertMath.layer` may run, decided once per process."""
 
 
 class _Pulled:
