@@ -132,11 +132,11 @@ def _device_busy_share(cache: Any, records: list[IoRecord], windows: list[tuple[
     near 1 the disk was the bottleneck and kept busy, well below 1 it waited for the model to ask. A read the page
     cache served whole is not on the device; None where reads go through a mapped file (page faults leave no
     spans) or none was recorded."""
+    if _mapped_bytes(cache) is not None:
+        return None
     total = sum(end - start for start, end in windows)
     spans = _read_spans([r for r in records if r.device_bytes])
-    if _mapped_bytes(cache) is not None or not spans or not total:
-        return None
-    return covered_s(spans, windows) / total
+    return covered_s(spans, windows) / total if spans and total else None
 
 
 def _hits(counts: dict[str, dict[int, AccessCounts]]) -> dict[str, Any]:

@@ -103,9 +103,8 @@ def interleaved_steps(specs: list[RunSpec], tokens: int, rounds: int, results: P
                 plan, engine = runs[i]
                 ids, ref = plan.encoded[0]
                 threads = specs[i].decode_threads
-                ctx = engine.ctx
                 log = generate(
-                    engine.model, ids, tokens, plan.decode_mode, ref, ctx, seq_id=round_, decode_threads=threads
+                    engine.model, ids, tokens, plan.decode_mode, ref, engine.ctx, round_, decode_threads=threads
                 )
                 if round_ > 0 and log.step_s:
                     steps[i].append(statistics.median(log.step_s))

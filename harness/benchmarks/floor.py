@@ -176,12 +176,12 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
     """The runtime's read throughput against fio's, in `repeats` rounds of the same job (order alternating); where
     io_uring works, also against the profiler's ring (fio's loop) reading into as many buffers as the runtime's
     loop, which tells the runtime's own cost from what spreading reads over more buffers costs on this machine."""
-    if fio_path() is None:
+    available = {"runtime": True, "fio": fio_path() is not None, "ring": resolve_backend() == "io_uring"}
+    if not available["fio"]:
         click.echo("fio is not installed (apt-get install -y fio): no runtime/fio ratio")
     job = JobSpec("randread", index.stride_bytes, depth, True, seconds, IO_RAMP_S, 1)
     size = experts_file.stat().st_size
     buffers = RUNTIME_LOOP_BUFFERS * depth
-    available = {"runtime": True, "fio": fio_path() is not None, "ring": resolve_backend() == "io_uring"}
     who_all = tuple(who for who, here in available.items() if here)
     got_all: dict[str, list[float]] = {}
     for pair in range(repeats):
@@ -303,46 +303,45 @@ def main(
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
+    share_list = [s.strip() for s in shares.split(",")]
     # The floor's compute figures of this invocation: one folder per round (per-round), none (cached).
     with tempfile.TemporaryDirectory(prefix="harness-floor-compute-") as compute_root:
-        for round_ in range(rounds):
-            for i, share in enumerate(s.strip() for s in shares.split(",")):
-                for j, (n_threads, depth) in enumerate(settings):
-                    label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
-                    once = list(recall_strategies) if round_ == i == j == 0 else []
-                    for name in names + once:
-                        if (share, name) in refused:
-                            continue
-                        spec = RunSpec(
-                            model=model,
-                            cache_experts=share,
-                            policy="lru",
-                            strategy=name,
-                            ssd=ssd,
-                            workload=workload,
-                            max_prompts=prompts,
-                            max_new_tokens=max_new_tokens,
-                            decode_threads=n_threads,
-                            io_depth=depth,
-                            repeat=round_,
-                        )
-                        per_round = Path(compute_root) / f"round-{round_}" if compute == "per-round" else None
-                        result = run_cell(spec, results, per_round)
-                        if isinstance(result, str):
-                            refused[share, name] = result
-                            click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
-                            continue
-                        experts_file = Path(result["resolved"]["expert_file"])
-                        cells.setdefault((share, label, name), []).append(result)
-                        m = result["metrics"]
-                        verdict = "valid" if result["validity"]["valid"] else "INVALID"
-                        compute_s = (m.get("decode_floor") or {}).get("compute_s_per_token")
-                        click.echo(
-                            f"round {round_} {share:>4} {label:<15} {name:<26} "
-                            f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
-                            f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  "
-                            f"compute {1e3 * (compute_s or float('nan')):.1f} ms/token  {verdict}"
-                        )
+        for round_, (i, share), (j, (n_threads, depth)) in itertools.product(
+            range(rounds), enumerate(share_list), enumerate(settings)
+        ):
+            label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
+            per_round = Path(compute_root) / f"round-{round_}" if compute == "per-round" else None
+            once = list(recall_strategies) if round_ == i == j == 0 else []
+            for name in [n for n in names + once if (share, n) not in refused]:
+                spec = RunSpec(
+                    model=model,
+                    cache_experts=share,
+                    policy="lru",
+                    strategy=name,
+                    ssd=ssd,
+                    workload=workload,
+                    max_prompts=prompts,
+                    max_new_tokens=max_new_tokens,
+                    decode_threads=n_threads,
+                    io_depth=depth,
+                    repeat=round_,
+                )
+                result = run_cell(spec, results, per_round)
+                if isinstance(result, str):
+                    refused[share, name] = result
+                    click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
+                    continue
+                experts_file = Path(result["resolved"]["expert_file"])
+                cells.setdefault((share, label, name), []).append(result)
+                m = result["metrics"]
+                verdict = "valid" if result["validity"]["valid"] else "INVALID"
+                compute_s = (m.get("decode_floor") or {}).get("compute_s_per_token")
+                click.echo(
+                    f"round {round_} {share:>4} {label:<15} {name:<26} "
+                    f"{m['decode_tokens_per_s'] or 0:7.2f} tok/s  "
+                    f"floor ratio {m.get('decode_floor_ratio') or float('nan'):.2f}  "
+                    f"compute {1e3 * (compute_s or float('nan')):.1f} ms/token  {verdict}"
+                )
     click.echo(
         "\ncache  threads/depth    strategy                   tok/s  (range)        floor_ratio  disk_busy  "
         "run/profile MB/s  backend        recall"

@@ -56,10 +56,10 @@ def compute_cache_dir() -> Path:
     return Path(explicit).expanduser() if explicit else harness_cache_dir() / "compute"
 
 
-def measured_when(stamp: object, now: datetime | None = None) -> str:
+def measured_when(stamp: str | None, now: datetime | None = None) -> str:
     """When a cached figure was measured and how long ago, for its source line: 'measured 2026-11-29T14:02Z,
     23.7 h ago'; 'measured at an unknown time' for a file written before the time was recorded."""
-    if not isinstance(stamp, str):
+    if stamp is None:
         return "measured at an unknown time"
     try:
         then = datetime.fromisoformat(stamp)
@@ -173,12 +173,13 @@ def cached_compute(key: str) -> ComputeTime | None:
     load = MachineLoad(**fields)
     if load.loaded:  # stored under a looser limit: measured again
         return None
+    measured_at = doc.get("measured_at") if isinstance(doc.get("measured_at"), str) else None
     return ComputeTime(
         float(doc["s_per_token"]),
-        f"cached from {path} ({measured_when(doc.get('measured_at'))}, while other processes took "
+        f"cached from {path} ({measured_when(measured_at)}, while other processes took "
         f"{load.others_cpu_share:.0%} of the CPUs)",
         load,
-        doc["measured_at"] if isinstance(doc.get("measured_at"), str) else None,
+        measured_at,
     )
 
 
@@ -244,9 +245,9 @@ def compute_time(
         settings.get("decode_threads"),
     )
     load = machine_load(before, cpu_sample())
-    now = datetime.now(UTC).isoformat(timespec="seconds")
     if measured is None:
         return ComputeTime(None, "unavailable: no steady decode steps to time")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     if load.loaded:
         log.warning(
             "compute time measured under load (others: %.0f%% of the CPUs): not cached", 100 * load.others_cpu_share

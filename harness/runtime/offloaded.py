@@ -120,6 +120,16 @@ class ExpertMath:
         """The gated expert's activation (a submodule or a function), for `direct_expert`; None: no such attribute."""
         self._shapes = {name: tuple(getattr(original, name).shape[1:]) for name in params}
         """One expert's shape of each parameter."""
+        settings = tuple(
+            sorted((k, v) for k, v in self._state.items() if isinstance(v, (bool, int, float, str, type(None))))
+        )
+        self._probe_key = (self._cls, tuple(self._shapes.items()), repr(self._act_fn), settings)
+        """What a probe's verdict holds for: the class, its expert shapes, its activation and its plain settings (two
+        instances of one class may differ in a flag their forward reads, and a probe saw only one of them)."""
+        self._direct: dict[tuple[torch.dtype, str], bool] = {}
+        """`direct_matches` by (dtype, device type) of the rows: looked up per expert, so kept on the instance."""
+        self._whole: bool | None = None
+        """`layer_matches` once known."""
         self.timeline: DeviceTimeline | None = None
         """CUDA runs: where copies and computes are timed (harness.runtime.device); None on the CPU."""
 
@@ -145,17 +155,26 @@ class ExpertMath:
         # The expert computes where its rows are; weights on another device are copied there (harness.runtime.device).
         weights, copied = to_device(weights, current_state.device, self.timeline)
         converted = self.weights(weights)
-        if self._act_fn is not None and self.direct_matches(current_state):
-            compute = partial(direct_expert, self._act_fn, converted, current_state, routing_weights)
-        else:
-            compute = partial(self.eager_expert, converted, current_state, routing_weights)
+        act = self._act_fn if self.direct_matches(current_state) else None
         if self.timeline is None or current_state.device.type != "cuda":  # CPU computes are not device spans
-            out = compute()
+            out = self._expert(act, converted, current_state, routing_weights)
         else:
-            out = self.timeline.compute(compute)
+            out = self.timeline.compute(partial(self._expert, act, converted, current_state, routing_weights))
         if copied is not None:
             copied.synchronize()  # the source slot may be rewritten once the caller moves on: its copy must be done
         return out
+
+    def _expert(
+        self,
+        act: Callable[[torch.Tensor], torch.Tensor] | None,
+        weights: ExpertWeights,
+        current_state: torch.Tensor,
+        routing_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """One expert's rows: `direct_expert` with activation `act`, or (None) the eager forward."""
+        if act is None:
+            return self.eager_expert(weights, current_state, routing_weights)
+        return direct_expert(act, weights, current_state, routing_weights)
 
     def eager_expert(
         self, weights: ExpertWeights, current_state: torch.Tensor, routing_weights: torch.Tensor
@@ -166,30 +185,22 @@ class ExpertMath:
         index = torch.zeros(current_state.shape[0], 1, dtype=torch.long, device=current_state.device)
         return self._forward(proxy, current_state, index, routing_weights)
 
-    def _probe_key(self) -> tuple:
-        """What a probe's verdict holds for: the class, its expert shapes, its activation and its plain settings (two
-        instances of one class may differ in a flag their forward reads, and a probe saw only one of them)."""
-        settings = tuple(
-            sorted((k, v) for k, v in self._state.items() if isinstance(v, (bool, int, float, str, type(None))))
-        )
-        return (self._cls, tuple(self._shapes.items()), repr(self._act_fn), settings)
-
     def direct_matches(self, current_state: torch.Tensor) -> bool:
         """Whether `direct_expert` gives this class's eager forward its bits (on rows of `current_state`'s dtype and
         device): checked once per `_probe_key`, dtype and device, on random weights and rows."""
-        key = (*self._probe_key(), current_state.dtype, current_state.device.type)
-        if key not in _DIRECT_MATCHES:
-            _DIRECT_MATCHES[key] = self._probe_direct(current_state)
-        return _DIRECT_MATCHES[key]
+        where = (current_state.dtype, current_state.device.type)
+        if where not in self._direct:
+            key = (*self._probe_key, *where)
+            if key not in _DIRECT_MATCHES:
+                _DIRECT_MATCHES[key] = self._probe_direct(current_state)
+            self._direct[where] = _DIRECT_MATCHES[key]
+        return self._direct[where]
 
     def _probe_direct(self, like: torch.Tensor) -> bool:
         if sorted(self.params) != sorted(DIRECT_PARAMS) or self._act_fn is None:
             return False
         generator = torch.Generator().manual_seed(0)
-        weights = {
-            n: (0.05 * torch.randn(shape, generator=generator)).to(self.dtype).to(like.device)
-            for n, shape in self._shapes.items()
-        }
+        weights = self._random_weights(generator, like.device)
         hidden = self._shapes["gate_up_proj"][-1]
         # A decode row and a prefill's few; then rows 30x larger, whose activations (about 50) pass the limits a
         # forward may clamp them to (gpt-oss: 7), which values near 1 would never reach.
@@ -222,21 +233,26 @@ class ExpertMath:
     def layer_matches(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> bool:
-        """Whether `layer` gives this class's forward the bits of the per-expert path, checked once per class and
-        expert shapes on one row of a real call with random weights: False where the forward uses its stacked
-        parameters other than by indexing them with one expert."""
-        key = self._probe_key()
-        if key not in _LAYER_MATCHES:
-            _LAYER_MATCHES[key] = self._probe(hidden_states[:1], top_k_index[:1], top_k_weights[:1])
-        return _LAYER_MATCHES[key]
+        """Whether `layer` gives this class's forward the bits of the per-expert path, checked once per `_probe_key`
+        on one row of a real call with random weights: False where the forward uses its stacked parameters other than
+        by indexing them with one expert."""
+        if self._whole is None:
+            if self._probe_key not in _LAYER_MATCHES:
+                _LAYER_MATCHES[self._probe_key] = self._probe(hidden_states[:1], top_k_index[:1], top_k_weights[:1])
+            self._whole = _LAYER_MATCHES[self._probe_key]
+        return self._whole
+
+    def _random_weights(self, generator: torch.Generator, device: torch.device) -> ExpertWeights:
+        """One expert's weights for a probe: small random values, in the compute dtype, on `device`."""
+        return {
+            n: (0.05 * torch.randn(shape, generator=generator)).to(self.dtype).to(device)
+            for n, shape in self._shapes.items()
+        }
 
     def _probe(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
         generator = torch.Generator().manual_seed(0)
         experts = sorted(set(top_k_index.reshape(-1).tolist()) - {self.num_experts})
-        weights = {
-            e: {n: (0.05 * torch.randn(shape, generator=generator)).to(self.dtype) for n, shape in self._shapes.items()}
-            for e in experts
-        }
+        weights = {e: self._random_weights(generator, hidden_states.device) for e in experts}
         expected = sum_experts(
             self, hidden_states, top_k_index, top_k_weights, ((e, weights[e]) for e in experts), {}, experts
         )
