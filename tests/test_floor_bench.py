@@ -54,9 +54,10 @@ def fake_result(expert_file: str, compute_s: float) -> dict:
     return {"metrics": metrics, "validity": {"valid": True}, "resolved": {"expert_file": expert_file}}
 
 
-def test_the_floors_compute_is_measured_again_each_round(tiny_model, tmp_path, monkeypatch):
-    """Per round (default), every cell of a round shares one compute cache folder and each round has its own, so
-    each round measures the compute again; `--compute cached` leaves the harness's cache in place."""
+def test_the_floors_compute_is_measured_again_each_cell_or_round(tiny_model, tmp_path, monkeypatch):
+    """Per round, every cell of a round shares one compute cache folder and each round has its own, so each round
+    measures the compute again; per cell (default), every cell has its own; `--compute cached` leaves the harness's
+    cache in place."""
     seen: list[tuple[int, str | None]] = []
 
     def fake_cell(spec, results, compute_cache=None):
@@ -66,13 +67,19 @@ def test_the_floors_compute_is_measured_again_each_round(tiny_model, tmp_path, m
     monkeypatch.setattr(floor_bench, "run_cell", fake_cell)
     monkeypatch.setattr(floor_bench, "read_comparison", lambda *args, **kwargs: None)
     args = ["--model", str(tiny_model("olmoe")), "--shares", "25%", "--strategy", "cache", "--strategy", "prefetch"]
-    out = CliRunner().invoke(main, [*args, "--rounds", "2", "--results", str(tmp_path / "r")])
+    out = CliRunner().invoke(main, [*args, "--rounds", "2", "--compute", "per-round", "--results", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
     folders = {round_: {folder for r, folder in seen if r == round_} for round_ in (0, 1)}
     assert len(seen) == 4 and all(len(f) == 1 for f in folders.values())
     assert folders[0] != folders[1] and None not in folders[0] | folders[1]
     assert "compute 50.0 ms/token" in out.output and "compute 60.0 ms/token" in out.output
     assert not any(Path(f).exists() for f in folders[0] | folders[1])  # this invocation's figures only
+    seen.clear()
+    out = CliRunner().invoke(main, [*args, "--rounds", "2", "--results", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    cell_folders = [folder for _, folder in seen]
+    assert len(set(cell_folders)) == 4 and None not in cell_folders
+    assert not set(cell_folders) & (folders[0] | folders[1])  # a fresh temporary folder per invocation
     seen.clear()
     out = CliRunner().invoke(main, [*args, "--rounds", "2", "--compute", "cached", "--results", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output

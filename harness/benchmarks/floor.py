@@ -21,10 +21,11 @@ spreading reads over more buffers costs on this machine (a VM whose host copies 
 for it; a cache reads into many different slots). It prints each round and the medians and ranges of the ratios.
 `--reads-only` runs that comparison alone (no cell), on the model's pack, or its copy in `--ssd`.
 The floor needs an SSD profile of the disk (`harness profile-ssd`). Its compute time (the whole model resident) is
-measured again in each round by default (`--compute per-round`: the round's first cell measures it after its run and
-the others read it), since a figure cached hours before can be a third off on a machine whose speed drifts (this
-VM's resident decode took 70.6 ms per token one day, 46-61 ms the next); `--compute cached` uses the harness's cache.
-Run it on a quiet machine.
+measured by each cell's own process right after its run by default (`--compute per-cell`), since the figure a ratio
+divides by should be the machine's speed when the run ran: on this VM a figure cached hours before was a third off
+(70.6 ms per token one day, 46-61 ms the next), and figures measured by adjacent cells a minute apart ranged 48-72 ms.
+`--compute per-round` measures it once per round (by the round's first cell, the others reading it; a resident decode
+less per cell), `--compute cached` uses the harness's cache. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def run_cell(spec: RunSpec, results: Path, compute_cache: Path | None = None) ->
             return lines[-1].removeprefix("error: ")
         raise click.ClickException(f"cell {spec.strategy} failed (exit {proc.returncode}): {proc.stderr[-400:]}")
     return json.loads(path.read_text())
+
+
+COMPUTE_MODES = ("per-cell", "per-round", "cached")
+"""Where a cell's floor takes its compute figure from (`--compute`)."""
+
+
+def compute_folder(root: Path, mode: str, round_: int, cell: int) -> Path | None:
+    """The folder, under this invocation's `root`, where cell number `cell` of round `round_` caches its floor's
+    compute figure: its round's (per-round: measured by the round's first cell), its own (per-cell: measured by
+    each cell after its run), or none (cached: the harness's own cache)."""
+    return {"per-round": root / f"round-{round_}", "per-cell": root / f"cell-{cell}"}.get(mode)
 
 
 ODMOE_RECALL = {"shadow-int8": 0.9734, "shadow-fp16": 0.9994}
@@ -257,11 +269,13 @@ def compare_reads(experts_file: Path, index: PackIndex, depth: int, seconds: flo
 @click.option("--rounds", default=3, show_default=True)
 @click.option(
     "--compute",
-    type=click.Choice(["per-round", "cached"]),
-    default="per-round",
+    type=click.Choice(COMPUTE_MODES),
+    default="per-cell",
     show_default=True,
-    help="The floor's compute figure: measured again in each round (by its first cell's process, the rest of the "
-    "round reading it), so that a drift of the machine moves the floor with the runs; or the harness's cached one.",
+    help="The floor's compute figure: measured by each cell's process right after its run (the figure closest in "
+    "time to the run it divides, so that a drift of the machine moves the floor with the run); once per round (by "
+    "its first cell's process, the rest of the round reading it: a resident decode less per cell); or the "
+    "harness's cached one.",
 )
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--workload", default="default", show_default=True, help="Prompt set (its first --prompts prompts).")
@@ -304,13 +318,12 @@ def main(
     refused: dict[tuple[str, str], str] = {}
     experts_file: Path | None = None
     share_list = [s.strip() for s in shares.split(",")]
-    # The floor's compute figures of this invocation: one folder per round (per-round), none (cached).
+    cell_number = itertools.count()
     with tempfile.TemporaryDirectory(prefix="harness-floor-compute-") as compute_root:
         for round_, (i, share), (j, (n_threads, depth)) in itertools.product(
             range(rounds), enumerate(share_list), enumerate(settings)
         ):
             label = f"{'default' if n_threads is None else n_threads}/{'profile' if depth is None else depth}"
-            per_round = Path(compute_root) / f"round-{round_}" if compute == "per-round" else None
             once = list(recall_strategies) if round_ == i == j == 0 else []
             for name in [n for n in names + once if (share, n) not in refused]:
                 spec = RunSpec(
@@ -326,7 +339,8 @@ def main(
                     io_depth=depth,
                     repeat=round_,
                 )
-                result = run_cell(spec, results, per_round)
+                folder = compute_folder(Path(compute_root), compute, round_, next(cell_number))
+                result = run_cell(spec, results, folder)
                 if isinstance(result, str):
                     refused[share, name] = result
                     click.echo(f"round {round_} {share:>4} {label:<15} {name:<26} refused: {result}")
