@@ -4,6 +4,7 @@ supported architecture, for checkpoints not made by the factory, and for int8 / 
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from harness.models.factory import ARCHITECTURES
 from harness.models.loader import reference_model
 from harness.models.packer import pack_model, pack_paths
 from harness.runtime.engine import OffloadEngine
-from harness.runtime.generation import generate
+from harness.runtime.generation import generate, kv_cache_keyword
 from harness.store.layout import PackIndex
 from tests.conftest import ARCHS
 
@@ -119,11 +120,21 @@ def test_unsupported_architecture_is_refused_with_a_reason():
 
 def test_reference_loop_matches_transformers_generate(tiny_model):
     model = reference_model(tiny_model("olmoe"))
-    ours = generate(model, PROMPT, NEW_TOKENS, "greedy").token_ids
+    with warnings.catch_warnings():  # the loop passes the KV cache by the name this transformers takes
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        ours = generate(model, PROMPT, NEW_TOKENS, "greedy").token_ids
     theirs = model.generate(
         torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.config.pad_token_id
     )[0, len(PROMPT) :].tolist()
     assert ours == theirs
+
+
+def test_the_kv_cache_keyword_follows_the_forwards_signature():
+    def renamed(input_ids=None, cache=None, use_cache=None): ...
+
+    def older(input_ids=None, past_key_values=None, use_cache=None): ...
+
+    assert kv_cache_keyword(renamed) == "cache" and kv_cache_keyword(older) == "past_key_values"
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])

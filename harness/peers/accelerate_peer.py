@@ -29,6 +29,8 @@ default; what is left of the RAM budget is accelerate's `max_memory["cpu"]`."""
 def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, phases: PhaseReadBytes) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from harness.runtime.generation import kv_cache_keyword  # imports transformers
+
     if argument:
         raise HarnessError("strategy 'accelerate' takes no argument")
     budget = spec.ram_budget_bytes
@@ -61,7 +63,7 @@ def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, pha
 
             if first:
                 cache["kv"] = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([ids]), past_key_values=cache["kv"], use_cache=True)
+            out = model(input_ids=torch.tensor([ids]), **{kv_cache_keyword(model.forward): cache["kv"]}, use_cache=True)
             return int(out.logits[0, -1].argmax())
 
         seqs = []

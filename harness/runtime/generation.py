@@ -6,6 +6,7 @@ tokens tests the offloading and nothing else.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,13 @@ class SequenceLog:
     """The model's argmax prediction after prefill and after each decode step."""
     fed_ids: list[int] = field(default_factory=list)
     """Tokens fed to the decode steps (equal to token_ids[:-1] when greedy)."""
+
+
+def kv_cache_keyword(forward: Callable[..., object]) -> str:
+    """The keyword `forward` (a transformers model's or decoder layer's) takes its KV cache by: `cache` in the
+    transformers releases that renamed it (they warn on the old name, which a later release removes), else
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _finish(device: torch.device) -> None:
@@ -73,14 +81,13 @@ def generate(
     if on_token:
         on_token(token)
     position = len(prompt_ids)
+    kv = kv_cache_keyword(model.forward)
     with torch_threads(decode_threads):
         for step in range(max_new_tokens - 1):
             feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
             ctx.phase, ctx.first_pos = "decode", position
             start = time.perf_counter()
-            logits = model(
-                input_ids=torch.tensor([[feed]], device=model.device), past_key_values=cache, use_cache=True
-            ).logits
+            logits = model(input_ids=torch.tensor([[feed]], device=model.device), **{kv: cache}, use_cache=True).logits
             _finish(model.device)
             log.step_start_s.append(start)
             log.step_s.append(time.perf_counter() - start)

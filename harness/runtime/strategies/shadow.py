@@ -27,6 +27,7 @@ from harness.errors import HarnessError
 from harness.iomem import IoBuffer
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import slot_views
+from harness.runtime.generation import kv_cache_keyword
 from harness.runtime.offloaded import ExpertMath, expert_forward
 from harness.units import format_bytes
 
@@ -166,6 +167,8 @@ class ShadowModel:
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, QuantLinear(child, precision))
         self.layers = nn.ModuleList(list(layers)).eval().to(engine.device)  # beside the real model's hidden states
+        self._kv_keyword = kv_cache_keyword(self.layers[0].forward)
+        """The keyword the layers take the KV cache by: the shadow's replaces the real model's there."""
         del skeleton  # the embeddings and the head are the real model's concern
         self.config = config
         self.first = min(engine.index.moe_layers)
@@ -182,8 +185,7 @@ class ShadowModel:
     def _run(self, layer: int, kwargs: dict) -> None:
         assert self._hidden is not None
         call = copy.copy(kwargs)
-        call["cache"] = self.kv
-        call.pop("past_key_values", None)
+        call[self._kv_keyword] = self.kv
         out = self.layers[layer](self._hidden, **call)
         self._hidden = out[0] if isinstance(out, tuple) else out
 
