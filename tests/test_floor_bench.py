@@ -101,3 +101,20 @@ def test_a_cell_caches_its_compute_where_it_is_told(tmp_path, monkeypatch):
     assert envs[-1][COMPUTE_CACHE_ENV] == str(tmp_path / "round-3")
     floor_bench.run_cell(spec, tmp_path)
     assert envs[-1] is None  # the harness's own cache
+
+
+def test_recall_names_the_shadows_precision_beside_od_moes():
+    def run(**stats):
+        return {"strategy": {"stats": stats}}
+
+    same = run(predictor="shadow-int8", shadow_dense_precision="int8", prediction={"recall": 0.692})
+    assert floor_bench.recall_of([same]) == "shadow-int8 0.692 (OD-MoE 0.9734)"
+    mixed = run(
+        predictor="shadow-int8",
+        shadow_dense_precision="fp16",
+        prediction={"recall": 0.9},
+        gate_prediction={"recall": 0.7},
+    )
+    assert floor_bench.recall_of([mixed]) == "shadow-int8 (dense fp16) 0.900 (OD-MoE 0.9734), gate 0.700"
+    gate = run(predictor="next-layer gate", prediction={"recall": 0.697})
+    assert floor_bench.recall_of([gate, gate]) == "gate 0.697"

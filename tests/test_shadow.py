@@ -19,7 +19,7 @@ from harness.models.packer import pack_model, pack_paths
 from harness.run import execute, resolve_slots
 from harness.runtime.generation import generate
 from harness.runtime.strategies import CacheRequest, make_strategy
-from harness.runtime.strategies.shadow import dequantize, fit_budget, quantize, shadow_expert_bytes
+from harness.runtime.strategies.shadow import QuantLinear, dequantize, fit_budget, quantize, shadow_expert_bytes
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
@@ -62,12 +62,44 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
 
 
 def test_on_demand_arguments():
-    assert make_strategy("on-demand:shadow-int8:2").params == {"predictor": "shadow-int8", "distance": 2}
-    assert make_strategy("on-demand:shadow-fp16").params == {"predictor": "shadow-fp16", "distance": 1}
-    assert make_strategy("on-demand:3").params == {"predictor": "gate", "distance": 3}
+    assert make_strategy("on-demand:shadow-int8:2").params == {
+        "predictor": "shadow-int8",
+        "distance": 2,
+        "dense": "same",
+    }
+    assert make_strategy("on-demand:shadow-fp16").params == {"predictor": "shadow-fp16", "distance": 1, "dense": "same"}
+    assert make_strategy("on-demand:3").params == {"predictor": "gate", "distance": 3, "dense": "same"}
     assert make_strategy("on-demand:predictor=shadow-int8,distance=2").params["distance"] == 2
+    assert make_strategy("on-demand:predictor=shadow-int8,dense=fp16").params["dense"] == "fp16"
     with pytest.raises(HarnessError, match="unknown predictor"):
         make_strategy("on-demand:shadow-int4")
+    with pytest.raises(HarnessError, match="unknown dense precision 'bf16'"):
+        make_strategy("on-demand:predictor=shadow-int8,dense=bf16")
+    with pytest.raises(HarnessError, match="the gate predictor has none"):
+        make_strategy("on-demand:predictor=gate,dense=fp16")
+
+
+def test_a_shadow_with_int8_experts_and_fp16_elsewhere(tiny_model):
+    """`dense=fp16`: the shadow's experts int8 (a scale per row), every other linear layer fp16 (no scale); exact
+    tokens; its weights between the all-int8 and the all-fp16 shadow's; the result names the deviation."""
+    model_dir = tiny_model("olmoe")
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    nbytes = {}
+    for spec in ("on-demand:shadow-int8:1", "on-demand:shadow-fp16:1", "on-demand:predictor=shadow-int8,dense=fp16"):
+        tokens, strategy, _ = strategy_tokens(model_dir, spec, index.num_experts)
+        assert tokens == reference, spec
+        nbytes[spec] = strategy.stats()["shadow_weight_bytes"]
+    shadow = strategy.shadow
+    linears = [m for m in shadow.layers.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.stored.dtype == torch.float16 and m.scale is None for m in linears)
+    experts = list(shadow.experts.values())
+    assert all(getattr(e, f"{n}_stored").dtype == torch.int8 for e in experts for n in e.names)
+    assert nbytes["on-demand:shadow-int8:1"] < nbytes[spec] < nbytes["on-demand:shadow-fp16:1"]
+    stats = strategy.stats()
+    assert stats["predictor"] == "shadow-int8" and stats["shadow_dense_precision"] == "fp16"
+    assert any("experts int8, other matrices fp16" in d for d in strategy.deviations)
+    assert any("OD-MoE quantises the whole shadow alike" in d for d in strategy.deviations)
 
 
 def test_int8_quantisation_within_half_a_step_and_the_scale_rounding():

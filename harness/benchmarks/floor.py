@@ -102,6 +102,7 @@ def recall_of(runs: list[dict[str, Any]]) -> str:
     OD-MoE's published figure), the next-layer gate's, and both together."""
     stats = [r.get("strategy", {}).get("stats", {}) for r in runs]
     predictor = str(stats[-1].get("predictor", "own"))
+    dense = stats[-1].get("shadow_dense_precision")
     parts = []
     for name in ("prediction", "gate_prediction", "combined_prediction"):
         recall = median_or_none([(s.get(name) or {}).get("recall") for s in stats])
@@ -111,6 +112,8 @@ def recall_of(runs: list[dict[str, Any]]) -> str:
         if name == "prediction" and predictor == "next-layer gate":
             label = "gate"
         part = f"{label} {recall:.3f}"
+        if name == "prediction" and dense and not label.endswith(f"-{dense}"):
+            part = f"{label} (dense {dense}) {recall:.3f}"
         if label in ODMOE_RECALL:
             part += f" (OD-MoE {ODMOE_RECALL[label]:.4f})"
         parts.append(part)

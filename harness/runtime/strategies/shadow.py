@@ -1,14 +1,15 @@
-"""OD-MoE's emulative predictor: a quantised shadow copy of the model that runs each token ahead of the
-real model and tells which experts the real model's later layers will route to.
+"""OD-MoE's emulative predictor: a quantised shadow copy of the model that runs each token ahead of the real model and
+tells which experts the real model's later layers will route to.
 
-The shadow holds every decoder layer of the model (attention, norms, router and all experts) with its
-matrices stored as int8 (symmetric, one scale per output row) or fp16, dequantised to the model's dtype
-for each use; it keeps its own KV cache. Each token it is re-aligned with the real model: when the real
-model starts its first MoE layer, the shadow takes the real hidden state there and runs its own layers
-from it, `distance` layers ahead of the real model (at real layer l's start it runs layer l+distance).
-Its routing of layer j is the prediction for the real layer j. During prefill it runs over the prompt
-once, to fill its KV cache. It runs on the caller's thread, so its compute is on the run's timeline.
-Under a memory budget its bytes (weights and KV cache) come out of the budget's expert slots (`fit_budget`).
+The shadow holds every decoder layer of the model (attention, norms, router and all experts) with its matrices stored
+as int8 (symmetric, one scale per output row) or fp16, dequantised to the model's dtype for each use; its matrices
+outside the experts (attention, shared experts: `dense`) may keep another precision than its experts (OD-MoE
+quantises the whole shadow alike). It keeps its own KV cache. Each token it is re-aligned with the real model: when
+the real model starts its first MoE layer, the shadow takes the real hidden state there and runs its own layers from
+it, `distance` layers ahead of the real model (at real layer l's start it runs layer l+distance). Its routing of
+layer j is the prediction for the real layer j. During prefill it runs over the prompt once, to fill its KV cache. It
+runs on the caller's thread, so its compute is on the run's timeline. Under a memory budget its bytes (weights and KV
+cache) come out of the budget's expert slots (`fit_budget`).
 """
 
 from __future__ import annotations
@@ -145,9 +146,13 @@ def shadow_expert_bytes(index: PackIndex, precision: ShadowPrecision) -> int:
 class ShadowModel:
     """The shadow's decoder layers, its KV cache, and where it stands in the current token."""
 
-    def __init__(self, engine: OffloadEngine, precision: ShadowPrecision, distance: int) -> None:
+    def __init__(
+        self, engine: OffloadEngine, precision: ShadowPrecision, distance: int, dense: ShadowPrecision | None = None
+    ) -> None:
         check_unquantized(engine.index)
         self.precision, self.distance = precision, distance
+        self.dense: ShadowPrecision = dense or precision
+        """The precision of the shadow's linear layers outside its experts."""
         self.experts: dict[int, ShadowExperts] = {}
 
         def replace(layer: int, original: nn.Module) -> nn.Module:
@@ -165,7 +170,7 @@ class ShadowModel:
             for parent in list(layer.modules()):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
-                        setattr(parent, name, QuantLinear(child, precision))
+                        setattr(parent, name, QuantLinear(child, self.dense))
         self.layers = nn.ModuleList(list(layers)).eval().to(engine.device)  # beside the real model's hidden states
         self._kv_keyword = kv_cache_keyword(self.layers[0].forward)
         """The keyword the layers take the KV cache by: the shadow's replaces the real model's there."""
@@ -269,6 +274,18 @@ def fit_budget(index: PackIndex, precision: str, shadow_bytes: int, counted: str
             f"the {own_slots} staging slots on-demand needs; {advice}"
         )
     return budget_slots - taken
+
+
+def parse_dense(value: str, precision: ShadowPrecision | None) -> ShadowPrecision | None:
+    """The `dense` argument of a predictor of `precision` (None: the gate) -> the precision of the shadow's matrices
+    outside its experts: 'same' -> `precision`; 'int8' or 'fp16' for a shadow only."""
+    if value == "same":
+        return precision
+    if value not in ("int8", "fp16"):
+        raise HarnessError(f"unknown dense precision {value!r}: use same, int8 or fp16")
+    if precision is None:
+        raise HarnessError("dense= sets the shadow's precision outside its experts: the gate predictor has none")
+    return value  # type: ignore[return-value]
 
 
 def parse_predictor(value: str) -> tuple[str, ShadowPrecision | None]:
