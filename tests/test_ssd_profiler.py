@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from harness.ssd.jobs import (
     merge_results,
     percentiles_from,
 )
+from harness.ssd.plots import write_plots
 from harness.ssd.profiler import (
     PROFILE_SCHEMA,
     ProfileRequest,
@@ -465,3 +467,15 @@ def test_fio_runs_interleaved_on_the_same_file(tmp_path: Path) -> None:
     assert doc["fio_rounds"][randread][0]["first"] == "fio"
     ratios = [r["harness_bw_bytes_per_s"] / r["fio_bw_bytes_per_s"] for r in rounds]
     assert row["round_ratios"] == ratios and row["round_ratio_median"] == pytest.approx(sum(ratios) / 2)
+
+
+def test_plots_of_a_profile_without_some_jobs_say_so_without_warnings(tmp_path: Path) -> None:
+    """A profile with random reads only, without latency percentiles: each empty panel gets a note, not an empty
+    legend (matplotlib warned: 'No artists with labels found')."""
+    job = {"engine": "harness", "direct": True, "rw": "randread", "bs_bytes": MIB, "iodepth": 1, "bw_bytes_per_s": 2e9}
+    doc = {"jobs": [job, {**job, "iodepth": 4, "bw_bytes_per_s": 3e9}], "host": "h", "device": {"disk": "d"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_plots(doc, tmp_path / "p.json")
+    assert [p.name for p in paths] == ["p-bandwidth.png", "p-latency.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

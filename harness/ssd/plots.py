@@ -26,6 +26,14 @@ def _label(doc: dict[str, Any], bs: int) -> str:
     return f"{format_bytes(bs)} ({named})" if named else format_bytes(bs)
 
 
+def _legend_or_note(ax: Any, note: str) -> None:
+    """A legend for what the axes show, or `note` where they show nothing (a profile without those jobs)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+
+
 def write_plots(doc: dict[str, Any], profile_path: Path) -> list[Path]:
     """Write <stem>-bandwidth.png and <stem>-latency.png beside the profile; return their paths."""
     paths = [_bandwidth_plot(doc, profile_path.with_name(f"{profile_path.stem}-bandwidth.png"))]
@@ -48,7 +56,7 @@ def _bandwidth_plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("queue depth")
         ax.set_title(f"{title}, O_DIRECT")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_or_note(ax, f"no {title} jobs in this profile")
     axes[0].set_ylabel("bandwidth (MB/s)")
     fig.suptitle(f"{doc['host']}: {doc['device'].get('disk') or doc['device'].get('filesystem')}")
     fig.tight_layout()
@@ -76,7 +84,7 @@ def _latency_plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("queue depth")
         ax.set_ylabel("completion latency (ms)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_or_note(ax, "no latency percentiles in this profile")
     for ax in list(axes.flat)[len(sizes) :]:
         ax.set_visible(False)
     fig.tight_layout()
