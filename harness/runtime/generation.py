@@ -36,9 +36,9 @@ class SequenceLog:
 
 
 def kv_cache_keyword(forward: Callable[..., object]) -> str:
-    """The keyword `forward` (a transformers model's or decoder layer's) takes its KV cache by: `cache` in the
-    transformers releases that renamed it (they warn on the old name, which a later release removes), else
-    `past_key_values`."""
+    """The keyword `forward` (a transformers model's or decoder layer's) takes its KV cache by, and the name of the
+    cache on its output: `cache` in the transformers releases that renamed it (they warn on the old name, which a
+    later release removes), else `past_key_values`."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -69,10 +69,11 @@ def generate(
         max_new_tokens = min(max_new_tokens, len(reference_ids) + 1)
     log = SequenceLog(prompt_tokens=len(prompt_ids))
     ctx.seq_id, ctx.phase, ctx.first_pos = seq_id, "prefill", 0
+    kv = kv_cache_keyword(model.forward)
     start = time.perf_counter()
     # The model makes its own cache: hybrid architectures (linear attention, MiniMax) need their own type.
     output = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True)
-    logits, cache = output.logits, output.past_key_values
+    logits, cache = output.logits, getattr(output, kv)
     _finish(model.device)
     log.prefill_s = time.perf_counter() - start
     ctx.now += 1
@@ -81,7 +82,6 @@ def generate(
     if on_token:
         on_token(token)
     position = len(prompt_ids)
-    kv = kv_cache_keyword(model.forward)
     with torch_threads(decode_threads):
         for step in range(max_new_tokens - 1):
             feed = token if mode == "greedy" else reference_ids[step]  # type: ignore[index]
