@@ -10,7 +10,7 @@ from harness.errors import HarnessError
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
 from harness.runtime.generation import generate
-from harness.runtime.strategies.base import likely_experts
+from harness.runtime.strategies.base import likely_experts, prediction_reads, widened
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
 
@@ -59,6 +59,38 @@ def test_likely_experts_keeps_each_tokens_heaviest():
     assert likely_experts(weights, indices, 2) == {3, 9, 1}
     assert likely_experts(weights, indices, 1) == {3, 1}
     assert likely_experts(weights, indices, 0) == likely_experts(weights, indices, 3) == {7, 3, 9, 1, 8}
+
+
+def test_a_widened_prediction_adds_each_tokens_next_highest_logits():
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.8, 0.0], [0.7, 0.0, 0.2, 0.6, 0.1, 0.4]])
+    # Routed experts need not be the highest logits (a router with a bias): the widening adds among the others.
+    indices = torch.tensor([[1, 3], [0, 5]])
+    assert widened(logits, indices, 4).tolist() == [[1, 3, 4, 2], [0, 5, 3, 2]]
+    assert widened(logits, indices, 2) is indices and widened(logits, indices, 0) is indices
+    assert sorted(widened(logits, indices, 99)[0].tolist()) == list(range(6))  # at most every expert
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5]])
+    predicted, staged, kept = prediction_reads(7, logits, weights, indices, 3)
+    assert predicted == {1, 3, 4, 0, 5} and staged == [0, 1, 3, 4, 5]
+    assert kept == tuple((7, e) for e in staged)
+    predicted, staged, kept = prediction_reads(7, logits, weights, indices, 1)  # below k: the heaviest, all kept
+    assert predicted == {0, 1, 3, 5} and staged == [0, 1] and kept == tuple((7, e) for e in (0, 1, 3, 5))
+
+
+@pytest.mark.parametrize("spec", ["prefetch", "lookahead+gate:prefill=0"])
+def test_a_wider_top_reads_more_and_recalls_at_least_as_much(spec, tiny_model):
+    model_dir = tiny_model("olmoe")
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    slots, wide = index.num_experts // 2, index.top_k + 2
+    _, plain, _ = strategy_tokens(model_dir, spec, slots)
+    tokens, wider, _ = strategy_tokens(model_dir, f"{spec}{',' if ':' in spec else ':'}top={wide}", slots)
+    assert tokens == reference
+    # The same routing (exact tokens), scored on a superset of each prediction.
+    got, base = wider.stats()["prediction"], plain.stats()["prediction"]
+    assert got["predictions"] == base["predictions"] and got["used_keys"] == base["used_keys"]
+    assert got["recall"] >= base["recall"] and got["predicted_keys"] > base["predicted_keys"]
+    assert wider.stats()["prefetch"]["requested"] > plain.stats()["prefetch"]["requested"]
+    assert any("and its 2 next highest router logits" in d for d in wider.deviations)
 
 
 def test_lookahead_top_reads_fewer_and_scores_the_whole_prediction(tiny_model):

@@ -224,11 +224,16 @@ def layer_experts(top_k_index: torch.Tensor) -> set[int]:
 
 
 def top_deviations(top: int, top_k: int) -> list[str]:
-    """The result's deviation line for a prediction read only in part (`top=N`), or none."""
+    """The result's deviation line for a prediction read only in part or widened (`top=N`), or none."""
     if 0 < top < top_k:
         return [
             f"reads only each token's {top} heaviest predicted experts of its {top_k} (the whole prediction keeps "
             "its slots and is scored for recall), where the published predictor reads them all"
+        ]
+    if top > top_k:
+        return [
+            f"widened prediction: each token's {top_k} predicted experts and its {top - top_k} next highest router "
+            f"logits are read, kept and scored, where the published predictor reads its {top_k}"
         ]
     return []
 
@@ -243,12 +248,28 @@ def likely_experts(weights: torch.Tensor, indices: torch.Tensor, top: int) -> se
     return layer_experts(indices)
 
 
+def widened(logits: torch.Tensor, indices: torch.Tensor, top: int) -> torch.Tensor:
+    """Each token's routed experts (ids [T, k]) and its `top - k` highest router logits (logits [T, E]) among the
+    others, as ids [T, top] (at most E): the router's next likeliest choices, for a prediction read wider than k."""
+    k, experts = indices.shape[-1], logits.shape[-1]
+    extra = min(top, experts) - k
+    if extra <= 0:
+        return indices
+    others = logits.scatter(-1, indices, float("-inf")).topk(extra, dim=-1).indices
+    return torch.cat([indices, others], dim=-1)
+
+
 def prediction_reads(
-    layer: int, weights: torch.Tensor, indices: torch.Tensor, top: int
+    layer: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, top: int
 ) -> tuple[set[int], list[int], tuple[ExpertKey, ...]]:
-    """A prediction of `layer`'s routing (weights and ids [T, k]) as a prefetch takes it: the predicted experts
-    (scored for recall), those to read (`likely_experts`, in order), and the keys whose slots the prefetch must
-    keep (the whole prediction: a resident expert predicted below `top` is not evicted for a likelier one)."""
+    """A prediction of `layer`'s routing (router logits [T, E], weights and ids [T, k]) as a prefetch takes it: the
+    predicted experts (scored for recall), those to read (in order), and the keys whose slots the prefetch must keep.
+    `top` below k reads each token's `top` heaviest (`likely_experts`) and keeps the whole prediction (a resident
+    expert predicted below `top` is not evicted for a likelier one); above k the prediction is `widened` to `top`
+    experts per token, all read, kept and scored."""
+    if top > indices.shape[-1]:
+        predicted = layer_experts(widened(logits, indices, top))
+        return predicted, sorted(predicted), tuple((layer, e) for e in sorted(predicted))
     predicted = layer_experts(indices)
     return predicted, sorted(likely_experts(weights, indices, top)), tuple((layer, e) for e in sorted(predicted))
 

@@ -10,9 +10,11 @@ expert is a demand read.
 
 With `prefill=1` (default) both predictions also run during prefill, over all the prompt's tokens, so a
 long prompt's experts are read in the order the layers need them, layer l+1's reads overlapping layer
-l's compute. Recall is scored on decode steps, on the whole prediction. With `top=N` only each token's N
+l's compute. Recall is scored on decode steps, on the whole prediction. With `top=N` below k only each token's N
 heaviest predicted experts are read (`likely_experts`): where the disk is the limit, a prefetch that is not
-used costs its read, and the lighter predictions are the ones most often wrong.
+used costs its read, and the lighter predictions are the ones most often wrong. With N above k the prediction is
+widened to each token's N likeliest experts (its k and the next highest router logits), all read and scored: a
+higher recall for more bytes, for a disk with time to spare.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ class LookAhead(Strategy):
         if ctx.phase not in self.phases:
             return
         normed = self._norms[module.layer](hidden).reshape(-1, hidden.shape[-1])
-        _, weights, indices = self.predictor.predict(module.layer, normed)
-        predicted, staged, protect = prediction_reads(module.layer, weights, indices, self.top)
+        logits, weights, indices = self.predictor.predict(module.layer, normed)
+        predicted, staged, protect = prediction_reads(module.layer, logits, weights, indices, self.top)
         if ctx.phase == "decode":
             self._pending[module.layer] = predicted
         self.cache.prefetch(module.layer, staged, ctx.now, ctx.phase, protect)

@@ -3,7 +3,8 @@
 During decode, when MoE layer l starts, layer l+d's router (d = `distance`, 1 by default: the next-layer
 gate of mixtral-offloading and AdapMoE) is applied to layer l's MoE input; the predicted experts are
 staged in the cache and read in the background, after layer l's own demand loads, while layer l computes
-(`top=N`: only each token's N heaviest predicted experts, fewer wasted reads for a lower recall).
+(`top=N`: only each token's N heaviest predicted experts, fewer wasted reads for a lower recall; N above k: its N
+likeliest, the k predicted and the next highest router logits, a higher recall for more reads).
 A demand step that finds a prefetched expert counts a hit. Exact: the model computes with its own routing.
 """
 
@@ -49,8 +50,9 @@ class GatePrefetcher:
             raise HarnessError(f"the prediction distance must be at least 1 MoE layer (got {distance})")
         self.gates = GatePredictor(engine)
         self.cache, self.distance, self.phases, self.stage, self.top = cache, distance, phases, stage, top
-        """`stage` False: predictions are scored, not read. `top` > 0: only each token's `top` heaviest
-        predicted experts are read (`likely_experts`); the recall still scores the whole prediction."""
+        """`stage` False: predictions are scored, not read. `top` between 1 and k - 1: only each token's `top`
+        heaviest predicted experts are read (`likely_experts`), the recall still scoring the whole prediction; above k:
+        the prediction is widened to `top` experts per token (`widened`), all read and scored."""
         self.recall = Recall()
         """Scored on decode steps."""
         self._pending: dict[int, set[int]] = {}
@@ -69,8 +71,8 @@ class GatePrefetcher:
         target = self.gates.target(layer, self.distance)
         if target is None:
             return
-        _, weights, indices = self.gates.predict(target, hidden_states)
-        predicted, staged, kept = prediction_reads(target, weights, indices, self.top)
+        logits, weights, indices = self.gates.predict(target, hidden_states)
+        predicted, staged, kept = prediction_reads(target, logits, weights, indices, self.top)
         if ctx.phase == "decode":
             self._pending[target] = predicted
         if not self.stage:
