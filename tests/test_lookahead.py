@@ -91,6 +91,10 @@ def test_a_wider_top_reads_more_and_recalls_at_least_as_much(spec, tiny_model):
     assert got["recall"] >= base["recall"] and got["predicted_keys"] > base["predicted_keys"]
     assert wider.stats()["prefetch"]["requested"] > plain.stats()["prefetch"]["requested"]
     assert any("and its 2 next highest router logits" in d for d in wider.deviations)
+    # Wider than the model's experts: every expert, and the deviation counts the ones there are.
+    everything = index.num_experts + 5
+    _, widest, _ = strategy_tokens(model_dir, f"{spec}{',' if ':' in spec else ':'}top={everything}", slots)
+    assert any(f"and its {index.num_experts - index.top_k} next highest" in d for d in widest.deviations)
 
 
 def test_lookahead_top_reads_fewer_and_scores_the_whole_prediction(tiny_model):

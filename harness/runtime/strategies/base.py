@@ -223,8 +223,9 @@ def layer_experts(top_k_index: torch.Tensor) -> set[int]:
     return set(top_k_index.reshape(-1).tolist())
 
 
-def top_deviations(top: int, top_k: int) -> list[str]:
-    """The result's deviation line for a prediction read only in part or widened (`top=N`), or none."""
+def top_deviations(top: int, top_k: int, num_experts: int) -> list[str]:
+    """The result's deviation line for a prediction read only in part or widened (`top=N`, at most to every expert),
+    or none."""
     if 0 < top < top_k:
         return [
             f"reads only each token's {top} heaviest predicted experts of its {top_k} (the whole prediction keeps "
@@ -232,8 +233,8 @@ def top_deviations(top: int, top_k: int) -> list[str]:
         ]
     if top > top_k:
         return [
-            f"widened prediction: each token's {top_k} predicted experts and its {top - top_k} next highest router "
-            f"logits are read, kept and scored, where the published predictor reads its {top_k}"
+            f"widened prediction: each token's {top_k} predicted experts and its {min(top, num_experts) - top_k} next "
+            f"highest router logits are read, kept and scored, where the published predictor reads its {top_k}"
         ]
     return []
 

@@ -70,7 +70,7 @@ class LookAhead(Strategy):
             "router's own input normalisation), before the attention block runs",
             "a prefetched expert is staged outside the policy until used; one its layer's step does not use is "
             "dropped (counted as wasted)",
-            *top_deviations(self.top, engine.index.top_k),
+            *top_deviations(self.top, engine.index.top_k, engine.index.num_experts),
         ]
         return cache
 

@@ -103,7 +103,7 @@ class NextLayerPrefetch(Strategy):
             "prefetches during decode only (prefill routes many tokens per layer; no prediction is made there)",
             "a prefetched expert is staged outside the policy until used; one its layer's next step does not "
             "use is dropped (counted as wasted)",
-            *top_deviations(self.prefetcher.top, engine.index.top_k),
+            *top_deviations(self.prefetcher.top, engine.index.top_k, engine.index.num_experts),
         ]
         return cache
 
