@@ -3,13 +3,17 @@ measured once and then read from the cache, unless other processes loaded the ma
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from harness.models.loader import into_process_memory, reference_model
 from harness.models.packer import pack_paths
 from harness.run import execute
 from harness.runtime import floor
@@ -178,3 +182,48 @@ def test_the_compute_cache_folder_can_be_set_alone(tmp_path, monkeypatch):
     assert floor.compute_cache_dir() == tmp_path / "cache" / "compute"
     monkeypatch.setenv(floor.COMPUTE_CACHE_ENV, str(tmp_path / "round-0"))
     assert floor.compute_cache_dir() == tmp_path / "round-0"
+
+
+def _mapped_kib(folder: Path) -> int:
+    """Resident KiB of this process mapped from files under `folder` (/proc/self/smaps)."""
+    total, current = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = fields[5] if len(fields) > 5 else ""
+        elif fields and fields[0] == "Rss:" and current.startswith(str(folder)):
+            total += int(fields[1])
+    return total
+
+
+def _private_copy(tiny_model, tmp_path: Path) -> Path:
+    """The tiny model in a folder of this test's own: no other test's objects map its files."""
+    return Path(shutil.copytree(tiny_model("olmoe"), tmp_path / "model"))
+
+
+def test_weights_copied_into_process_memory_compute_the_same(tiny_model, tmp_path):
+    model_dir = _private_copy(tiny_model, tmp_path)
+    model = reference_model(model_dir)
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+    assert _mapped_kib(model_dir) > 0  # transformers maps the checkpoint: else this test shows nothing
+    into_process_memory(model)
+    gc.collect()
+    assert _mapped_kib(model_dir) == 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_the_compute_is_measured_with_no_weight_mapped_from_the_checkpoint(tiny_model, tmp_path, monkeypatch):
+    model_dir = _private_copy(tiny_model, tmp_path)
+    mapped_while_decoding: list[int] = []
+
+    def fake_generate(model, ids, max_new_tokens, mode, ref, decode_threads=None):
+        gc.collect()
+        mapped_while_decoding.append(_mapped_kib(model_dir))
+        return SimpleNamespace(step_s=[0.01] * max_new_tokens)
+
+    monkeypatch.setattr("harness.runtime.generation.generate", fake_generate)
+    assert floor.measure_compute(model_dir, [([5, 17], None)], 4, "greedy", 1) == (0.01, 3)
+    assert mapped_while_decoding == [0]

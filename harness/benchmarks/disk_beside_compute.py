@@ -46,10 +46,10 @@ STEPS_PER_LINE = 16
 
 def decode_forever(model_dir: Path, decode_threads: int | None) -> None:
     """The decoding process: the resident model decoding greedy sequences until killed, one line per sequence."""
-    from harness.models.loader import reference_model
+    from harness.models.loader import into_process_memory, reference_model
     from harness.runtime.generation import generate
 
-    model = reference_model(model_dir)
+    model = into_process_memory(reference_model(model_dir))  # not mapped from the checkpoint: it must read nothing
     prompt = [(5 + i) % model.config.vocab_size for i in range(PROMPT_TOKENS)]
     generate(model, prompt, 2, "greedy", decode_threads=decode_threads)  # first-call costs
     print(READY, flush=True)

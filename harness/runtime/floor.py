@@ -207,10 +207,13 @@ def measure_compute(
     decode_threads: int | None = None,
 ) -> tuple[float, int] | None:
     """Steady decode seconds per token of the fully resident model on `prompts` on `device`, and the steps timed."""
-    from harness.models.loader import reference_model
+    from harness.models.loader import into_process_memory, reference_model
     from harness.runtime.generation import generate
 
-    model = reference_model(model_dir).to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
+    model = reference_model(model_dir)
+    # On the CPU the weights must be the process's own (not mapped from the checkpoint), or the figure could include
+    # reading them; `to` another device copies them there.
+    model = into_process_memory(model) if device == "cpu" else model.to(device)  # type: ignore[arg-type]
     steady: list[float] = []
     for ids, ref in prompts:
         log = generate(model, ids, max_new_tokens, decode_mode, ref, decode_threads=decode_threads)  # type: ignore[arg-type]
