@@ -65,7 +65,7 @@ def test_mxfp4_checkpoint_packs_in_its_own_format_and_matches_resident_model(tin
     assert index.bits_per_weight == round(8 * index.expert_bytes / (weights + biases), 4)
     # The pack's weights dequantize to exactly the weights transformers' loader makes of the checkpoint.
     resident = reference_model(model_dir, index)
-    blob = slot_views(memoryview(pack_paths(model_dir)["experts"].read_bytes()), index, 1)[0]
+    blob = slot_views(memoryview(bytearray(pack_paths(model_dir)["experts"].read_bytes())), index, 1)[0]
     experts = resident.model.layers[0].mlp.experts
     for name in ("gate_up_proj", "down_proj"):
         ours = dequantize(blob[name], blob[name + SCALE_SUFFIX], MXFP4, torch.bfloat16)
