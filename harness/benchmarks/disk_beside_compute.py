@@ -116,17 +116,22 @@ class DecodeBeside:
         self.close()
 
 
+def fio_reads() -> bool:
+    """Whether fio reads here (installed, and io_uring works), else the profiler's own loop."""
+    return fio_path() is not None and resolve_backend() == "io_uring"
+
+
 def read_rate(experts_file: Path, job: JobSpec, seed: int) -> float:
-    """Bytes/s of one random-read job on the expert file: fio where it and io_uring work, else the profiler's loop."""
+    """Bytes/s of one random-read job on the expert file, by fio or the profiler's loop (`fio_reads`)."""
     size = experts_file.stat().st_size
-    if fio_path() is not None and resolve_backend() == "io_uring":
+    if fio_reads():
         cmd = fio_command(job, str(experts_file), size, ioengine="io_uring", readonly=True, seed=seed)
         return run_fio(cmd, job)[1].bw_bytes_per_s
     return run_job(job, str(experts_file), size, seed=seed).bw_bytes_per_s
 
 
 def reader_name() -> str:
-    if fio_path() is not None and resolve_backend() == "io_uring":
+    if fio_reads():
         return "fio (io_uring, --direct=1)"
     return f"the profiler's loop ({resolve_backend()}, O_DIRECT; fio with io_uring is not available)"
 

@@ -56,6 +56,7 @@ def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, pha
         placement = getattr(model, "hf_device_map", {})
         on_disk = sorted({name for name, where in placement.items() if where == "disk"})
         cache: dict[str, Any] = {}
+        kv = kv_cache_keyword(model.forward)
 
         @torch.inference_mode()
         def step(ids: list[int], first: bool) -> int:
@@ -63,7 +64,7 @@ def run(spec: RunSpec, model_dir: Path, run_dir: Path, argument: str | None, pha
 
             if first:
                 cache["kv"] = DynamicCache(config=model.config)
-            out = model(input_ids=torch.tensor([ids]), **{kv_cache_keyword(model.forward): cache["kv"]}, use_cache=True)
+            out = model(input_ids=torch.tensor([ids]), **{kv: cache["kv"]}, use_cache=True)
             return int(out.logits[0, -1].argmax())
 
         seqs = []

@@ -9,7 +9,7 @@ The compute per token is measured once per (model pack, prompts, machine and dev
 with the fully resident model, and cached as a small JSON file under `$HARNESS_COMPUTE_CACHE`, else
 `$HARNESS_CACHE/compute/` (default `$XDG_CACHE_HOME/harness/compute/`, else `~/.cache/harness/compute/`); the result
 says whether it was measured now, read from the cache (and when it was measured: a machine whose speed drifts, as a
-VM's can by a third over hours, makes an old figure wrong; the floor benchmark measures it again each round), or is
+VM's can by a third over hours, makes an old figure wrong; the floor benchmark measures it again in each cell), or is
 unavailable and why. A measurement records the machine's load while it ran
 (this process's CPU time against wall time, the share of all CPUs' time other processes took, the 1-minute
 load average); one taken while others took more than OTHERS_CPU_SHARE_MAX is used for its own run, said to be
@@ -47,8 +47,8 @@ RESIDENT_MARGIN = 1.5
 
 
 COMPUTE_CACHE_ENV = "HARNESS_COMPUTE_CACHE"
-"""A folder for the cached compute figures alone (the floor benchmark gives each round its own, so that every round
-measures the compute again), instead of the harness cache's `compute/`."""
+"""A folder for the cached compute figures alone (the floor benchmark gives each cell, or each round, its own, so that
+each measures the compute again), instead of the harness cache's `compute/`."""
 
 
 def compute_cache_dir() -> Path:

@@ -270,7 +270,8 @@ def prediction_reads(
     experts per token, all read, kept and scored."""
     if top > indices.shape[-1]:
         predicted = layer_experts(widened(logits, indices, top))
-        return predicted, sorted(predicted), tuple((layer, e) for e in sorted(predicted))
+        read = sorted(predicted)
+        return predicted, read, tuple((layer, e) for e in read)
     predicted = layer_experts(indices)
     return predicted, sorted(likely_experts(weights, indices, top)), tuple((layer, e) for e in sorted(predicted))
 

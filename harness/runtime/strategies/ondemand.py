@@ -61,10 +61,9 @@ class OnDemand(Strategy):
         """Also 'PREDICTOR' and 'PREDICTOR:DISTANCE' (e.g. 'shadow-int8:2')."""
         head, sep, tail = (argument or "").partition(":")
         if head and "=" not in head and not head.strip().isdigit():
-            parse_predictor(head.strip())
             argument = f"predictor={head.strip()}" + (f",distance={tail}" if sep else "")
         params = super().parse(argument)
-        parse_dense(str(params["dense"]), parse_predictor(str(params["predictor"]))[1])
+        parse_dense(str(params["dense"]), parse_predictor(str(params["predictor"]))[1])  # both refused here if unknown
         return params
 
     def build(self, engine: OffloadEngine, request: CacheRequest) -> ExpertCache:
