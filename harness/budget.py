@@ -17,11 +17,13 @@ Two ways into a cgroup:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,10 @@ _PROC_CGROUP = Path("/proc/self/cgroup")
 _MOUNTINFO = Path("/proc/self/mountinfo")
 _DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CHILD_PREFIX = "harness-"
+# How long removing a cell's cgroup waits for its killed processes to exit (seconds), and how often it
+# tries again meanwhile.
+_REMOVE_TIMEOUT_S = 10.0
+_REMOVE_POLL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -206,11 +212,34 @@ def _try_write(path: Path, value: str) -> None:
         log.debug("cannot write %s to %s: %s", value, path, exc)
 
 
-def remove_child(child: Path) -> None:
-    try:
-        child.rmdir()
-    except OSError as exc:
-        log.debug("cannot remove cgroup %s: %s", child, exc)
+def _member_pids(child: Path) -> list[int]:
+    """The processes in `child` now (v1 and v2 both list them in `cgroup.procs`)."""
+    return [int(pid) for pid in (_read(child / "cgroup.procs") or "").split()]
+
+
+def remove_child(child: Path, timeout_s: float = _REMOVE_TIMEOUT_S) -> None:
+    """Kill whatever still runs in `child`, wait until the kernel lets it go, and remove it.
+
+    A cell's cgroup is removed once the cell is over, so anything left in it is a straggler: a
+    grandchild that outlived the cell, or a child forked while a signal interrupted `Popen` (which then
+    never returned it to be stopped). rmdir fails with EBUSY while a killed process is still exiting,
+    so it is retried until `timeout_s`; a cgroup still busy after that is logged, not left silently.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid in _member_pids(child):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            child.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                log.warning("cannot remove cgroup %s: %s", child, exc)
+                return
+        time.sleep(_REMOVE_POLL_S)
 
 
 def enforce_budget(limit_bytes: int | None) -> BudgetEnforcement:

@@ -5,9 +5,13 @@ Tests that move a process into a cgroup do it in a child process, never in pytes
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +153,49 @@ def test_page_cache_is_charged_and_reclaimed_under_the_limit(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert counters["oom_kills"] == 0
     assert counters["peak_bytes"] <= 48 * MiB
+
+
+@needs_cgroup
+def test_closing_a_cell_cgroup_kills_what_still_runs_in_it_and_removes_it():
+    # A process left in the cgroup, as a child forked while a signal interrupted Popen is.
+    cell = budget.CellCgroup(64 * MiB, "test-straggler")
+    proc = subprocess.Popen([*cell.prefix, sys.executable, "-c", "import time; time.sleep(60)"])
+    path = cell.path
+    deadline = time.monotonic() + 10
+    while str(proc.pid) not in (path / "cgroup.procs").read_text().split():
+        assert time.monotonic() < deadline, "the process never entered its cgroup"
+        time.sleep(0.01)
+    cell.close()
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert not path.exists()
+
+
+def _busy_rmdir(monkeypatch, fails: int) -> list[Path]:
+    """Make rmdir fail with EBUSY `fails` times (as it does while a killed process is exiting), then succeed."""
+    calls: list[Path] = []
+
+    def rmdir(self: Path) -> None:
+        calls.append(self)
+        if len(calls) <= fails:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+
+    monkeypatch.setattr(budget, "_member_pids", lambda child: [])
+    monkeypatch.setattr(Path, "rmdir", rmdir)
+    return calls
+
+
+def test_removing_a_cgroup_retries_while_it_is_busy(monkeypatch, tmp_path):
+    calls = _busy_rmdir(monkeypatch, fails=3)
+    budget.remove_child(tmp_path / "cell")
+    assert calls == [tmp_path / "cell"] * 4
+
+
+def test_a_cgroup_busy_past_the_timeout_is_logged(monkeypatch, tmp_path, caplog):
+    calls = _busy_rmdir(monkeypatch, fails=10**9)
+    with caplog.at_level(logging.WARNING, logger=budget.__name__):
+        budget.remove_child(tmp_path / "cell", timeout_s=0.05)
+    assert len(calls) >= 2
+    assert f"cannot remove cgroup {tmp_path / 'cell'}" in caplog.text
 
 
 def test_drop_page_cache_falls_back_to_fadvise(monkeypatch, tmp_path):
