@@ -203,6 +203,17 @@ def test_cli_dry_run_lists_cells_and_what_is_done(tmp_path):
     assert not (results / cells[1].run_id).exists()
 
 
+def test_piped_cli_output_keeps_a_long_cell_label_on_one_line(tmp_path):
+    # rich squeezes tables to 80 columns off a terminal; a piped sweep must still name its cells whole.
+    model = "models/" + "a-long-model-folder-name" * 3
+    path = write_sweep(tmp_path, {"matrix": {"model": [model], "cache_experts": ["25%"], "policy": ["lru"]}})
+    cell = expand(load_sweep(path))[0]
+    assert len(cell.label()) > 80
+    out = CliRunner().invoke(cli_main, ["sweep", str(path), "--results", str(tmp_path / "r"), "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert any(cell.run_id in line and cell.label() in line for line in out.output.splitlines()), out.output
+
+
 def test_cli_refuses_a_bad_sweep_file_in_one_line(tmp_path):
     path = write_sweep(tmp_path, {"base": {"model": "m"}, "extra": 1})
     out = CliRunner().invoke(cli_main, ["sweep", str(path), "--dry-run"])

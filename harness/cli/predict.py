@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from harness.cli.console import make_console
 from harness.errors import HarnessError
 from harness.units import format_bytes, parse_size
 
-_console = Console()
+_console = make_console()
 
 
 @click.command("predict")

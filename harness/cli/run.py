@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from harness.budget import CellCgroup, current_enforcement, enforceable, kill_reason
+from harness.cli.console import make_console
 from harness.errors import ExitCode, HarnessError
 from harness.process import (
     BUDGET_CHILD_ENV,
@@ -180,7 +180,7 @@ def _run(spec: RunSpec, results: Path, quiet: bool, as_json: bool, *, replace: b
         code = _run_in_cgroup(spec, results, quiet, as_json, replace)
         if code is not None:
             return code
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     progress = Progress(
         on_prompt=lambda i, n, item: console.print(f"\n[bold]prompt {i + 1}/{n}[/] ({item.id}):", end=" "),
         on_token=lambda token: console.print(".", end="", highlight=False),

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
 from rich.table import Table
 
+from harness.cli.console import make_console
 from harness.cli.output import echo_json
 from harness.paths import check_output_dir, check_output_file
 from harness.units import format_bytes, parse_size
@@ -18,7 +18,7 @@ from harness.units import format_bytes, parse_size
 if TYPE_CHECKING:
     from harness.trace.simulate import SimulationRun
 
-_console = Console()
+_console = make_console()
 
 
 @click.command("simulate")

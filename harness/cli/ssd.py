@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.cli.console import make_console
 from harness.cli.output import echo_json
 from harness.ssd.devices import describe_path, list_devices
 from harness.units import format_bytes, parse_duration, parse_size
 
 DEFAULT_BLOCK_SIZES = "4KiB,128KiB,1MiB,expert"
-
-
-def _console(stderr: bool = False) -> Console:
-    # Piped output is read by people too: do not squeeze tables to rich's 80-column default.
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
 def _yes_no(value: bool | None) -> str:
@@ -46,7 +39,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
         table = Table(title=f"{info['path']}", show_header=False)
         for key, value in info.items():
             table.add_row(key, str(value))
-        _console().print(table)
+        make_console().print(table)
         return
     devices = list_devices(include_empty=include_empty)
     if as_json:
@@ -71,7 +64,7 @@ def devices_command(path: Path | None, as_json: bool, include_empty: bool) -> No
             d["scheduler"] or "?",
             "\n".join(mounts) or "-",
         )
-    console = _console()
+    console = make_console()
     console.print(table)
     if any(d["source"] == "sysfs" for d in devices):
         console.print("note: udev has no properties here (no udevd?); fields come from sysfs", style="yellow")
@@ -189,7 +182,7 @@ def profile_ssd_command(
         profiles_dir=DEFAULT_PROFILES_DIR,
         labels=labels,
     )
-    console = _console(stderr=True)
+    console = make_console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("profile", total=None)
@@ -205,7 +198,7 @@ def profile_ssd_command(
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
-    console = _console()
+    console = make_console()
     device = doc["device"]
     table = Table(title=f"{device.get('disk')} ({device.get('filesystem')}), backend {doc['effective']['backend']}")
     for column in ("job", "engine", "MB/s", "IOPS", "p50 ms", "p99 ms", "p99.9 ms"):

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from harness.cli.console import make_console
 from harness.errors import HarnessError
 from harness.process import sigterm_as_interrupt
 from harness.sweep import (
@@ -117,7 +118,7 @@ def sweep(
     results = results or Path("results") / (spec.name or spec_file.stem)
     cells = select(expand(spec), parse_only(only))
     command = shlex.split(cell_command) if cell_command else DEFAULT_CELL_COMMAND
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     if dry_run:
         runner = SweepRunner(spec, results, command=command, force=force, retry_failed=retry_failed)
         table = Table("#", "run_id", "status", "cell", title=f"sweep {spec.name}: {len(cells)} cell(s) -> {results}")
