@@ -16,6 +16,7 @@ from harness.models.factory import (
     INIT_STD,
     LINEAR_KEEP,
     _config,
+    _init_hash_routes,
     _init_zero_routers,
     _model_class,
     _sharpen_attention,
@@ -69,6 +70,36 @@ def test_fused_query_gate_projection_scales_query_rows_only():
     old = before[name].view_as(after)
     assert torch.equal(after[:, :query], old[:, :query] * scale)
     assert torch.equal(after[:, query:], old[:, query:])
+
+
+def test_shared_key_value_attention_scales_its_key_value_norms_and_undoes_it_on_the_output():
+    # DeepSeek-V4: the query's norm has no weight, the one key-value head is both key and value.
+    model, before = _tiny("deepseek_v4")
+    _sharpen_attention(model)
+    square = ATTENTION_GAIN**2
+    changed = {n.split(".", 3)[3] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"self_attn.kv_norm.weight", "self_attn.compressor.kv_norm.weight", "self_attn.o_b_proj.weight"}
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if name.endswith("self_attn.kv_norm.weight") or name.endswith("self_attn.compressor.kv_norm.weight"):
+            assert torch.equal(param, before[name] * square)
+        if name.endswith("o_b_proj.weight"):
+            assert torch.equal(param, before[name] / square)
+
+
+def test_hash_routed_layers_get_k_distinct_random_experts_per_token_id():
+    model, _ = _tiny("deepseek_v4")
+    tables = [m.tid2eid for m in model.modules() if hasattr(m, "tid2eid")]
+    assert len(tables) == 1 and not tables[0].any()  # transformers leaves it zero: every token to expert 0
+    torch.manual_seed(0)
+    assert _init_hash_routes(model) == 1
+    table = tables[0]
+    experts = model.config.n_routed_experts
+    assert table.shape == (model.config.vocab_size, model.config.num_experts_per_tok)
+    assert all(len(set(row.tolist())) == table.shape[1] for row in table)
+    assert int(table.min()) >= 0 and int(table.max()) < experts
+    counts = torch.bincount(table.flatten(), minlength=experts)
+    assert counts.min() > 0  # every expert serves some token ids
 
 
 def test_zero_initialised_router_gets_a_random_init():

@@ -17,9 +17,9 @@ from harness.errors import HarnessError
 from harness.models.adapters import decoder_layers, eager_forward, experts_sites
 from harness.models.loader import reference_model
 from harness.models.packer import pack_paths
-from harness.models.routers import router_of
+from harness.models.routers import TOKEN_IDS, StepTokens, layer_routers, router_of
 from harness.runtime.generation import generate
-from harness.runtime.strategies.base import moe_input_norm
+from harness.runtime.strategies.base import CollapsedThenNormed, moe_input_norm
 from harness.store.layout import PackIndex
 from tests.conftest import ARCHS
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
@@ -27,8 +27,11 @@ from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
 TOKENS = 7
 
 
-def block_routing(block: nn.Module, experts: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k ids, top-k weights) the block passes to its experts for `hidden` [1, T, H] (hooked, not recomputed)."""
+def block_routing(
+    block: nn.Module, experts: nn.Module, hidden: torch.Tensor, **kwargs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k ids, top-k weights) the block passes to its experts for `hidden` [1, T, H] and `kwargs` (the token
+    ids of a block that routes by them), hooked, not recomputed."""
     seen = {}
     names = list(inspect.signature(eager_forward(experts)).parameters)[1:4]
 
@@ -39,7 +42,7 @@ def block_routing(block: nn.Module, experts: nn.Module, hidden: torch.Tensor) ->
     handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            block(hidden)
+            block(hidden, **kwargs)
     finally:
         handle.remove()
     return seen["ids"], seen["weights"]
@@ -57,14 +60,37 @@ def assert_same_selection(ours: tuple, theirs: tuple) -> None:
 def test_router_selects_what_the_block_selects(arch, tiny_model):
     model = reference_model(tiny_model(arch))
     torch.manual_seed(0)
+    tokens = StepTokens(model)
+    tokens.ids = torch.randint(model.config.get_text_config().vocab_size, (1, TOKENS))
     for site in experts_sites(model).values():
-        router = router_of(site.parent, site.module, site.num_experts)
+        router = router_of(site.parent, site.module, site.num_experts, tokens)
         hidden_size = router.hidden
         hidden = torch.randn(1, TOKENS, hidden_size, dtype=next(site.module.parameters()).dtype)
         with torch.no_grad():
             logits, weights, ids = router(hidden[0])
         assert logits.shape == (TOKENS, site.num_experts)
-        assert_same_selection((ids, weights), block_routing(site.parent, site.module, hidden))
+        by_id = {TOKEN_IDS: tokens.ids} if router.by_token_id else {}
+        assert_same_selection((ids, weights), block_routing(site.parent, site.module, hidden, **by_id))
+
+
+def test_hash_routed_layers_are_predicted_from_the_token_ids(tiny_model):
+    """DeepSeek-V4's first MoE layer routes by a frozen token id -> experts table (filled at random by the factory:
+    k distinct experts per id): the router picks exactly the table's row of each token of the current pass."""
+    model = reference_model(tiny_model("deepseek_v4"))
+    routers = layer_routers(model, {layer: site.module for layer, site in experts_sites(model).items()}, 8)
+    hashed = [layer for layer, router in routers.items() if router.by_token_id]
+    assert len(hashed) == 1 and len(routers) == 2  # the tiny preset: one hash-routed layer, one learned
+    table = routers[hashed[0]].module.tid2eid
+    assert all(len(set(row.tolist())) == table.shape[1] for row in table)  # distinct experts per token id
+    prompt = torch.tensor([PROMPT])
+    seen = {}
+    routers[hashed[0]].block.register_forward_pre_hook(lambda _, args: seen.__setitem__("hidden", args[0]))
+    with torch.no_grad():
+        model(prompt)
+        _, _, ids = routers[hashed[0]](seen["hidden"])
+    assert torch.equal(ids, table[prompt[0]])
+    with pytest.raises(HarnessError, match="applied to 3 token"):
+        routers[hashed[0]](seen["hidden"][:, :3])
 
 
 def test_logits_only_router_is_completed_by_the_block():
@@ -102,7 +128,7 @@ def test_router_that_needs_what_the_block_lacks_is_refused():
         router_of(block, block.experts, 4)
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "lfm2_moe", "afmoe"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "lfm2_moe", "afmoe", "deepseek_v4", "hy_v4"])
 def test_prediction_strategies_match_resident_model(arch, tiny_model):
     model_dir = tiny_model(arch)
     reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
@@ -133,4 +159,22 @@ def test_moe_input_norm_is_the_norm_before_the_moe_block(arch, tiny_model):
     for handle in handles:
         handle.remove()
     matches = [norms[int(k[4:])] for k, v in seen.items() if k != "moe" and torch.equal(v, seen["moe"])]
-    assert matches == ([] if isinstance(norm, nn.Identity) else [norm])
+    expected = norm.norm if isinstance(norm, CollapsedThenNormed) else norm
+    assert matches == ([] if isinstance(expected, nn.Identity) else [expected])
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v4", "hy_v4"])
+def test_moe_input_of_a_layer_with_hyper_connections_is_its_collapsed_residual_normed(arch, tiny_model):
+    """With hyper-connections the residual stream is hc_mult streams; the look-ahead's input map collapses them
+    as the layer's ffn_hc does and applies the pre-MoE norm: exactly the MoE block's input."""
+    model = reference_model(tiny_model(arch))
+    layer, site = next(iter(experts_sites(model).items()))
+    decoder = decoder_layers(model)[layer]
+    seen: dict[str, torch.Tensor] = {}
+    decoder.ffn_hc.register_forward_pre_hook(lambda _, args: seen.__setitem__("streams", args[0]))
+    site.parent.register_forward_pre_hook(lambda _, args: seen.__setitem__("moe", args[0]))
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]))
+        mapped = moe_input_norm(SimpleNamespace(model=model), layer)(seen["streams"])  # type: ignore[arg-type]
+    assert seen["streams"].shape[-2] == model.config.hc_mult
+    assert torch.equal(mapped, seen["moe"])

@@ -43,6 +43,12 @@ SUPPORTED: tuple[str, ...] = (
     "laguna",
     "granitemoehybrid",
     "kimi_linear",
+    "deepseek_v4",
+    "hy_v4",
+    "sarvam_mla",
+    "granitemoe_swa",
+    "kolibri1",
+    "lara_mini",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 

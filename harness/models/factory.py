@@ -186,6 +186,24 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     #   0.806).
     # - laguna (512 tokens): 5 of 7 (top-10% 0.179, overlap 0.144, LRU 0.280 / 0.542, LFU 0.319); Belady 0.512 /
     #   0.779 just below (q/k norms with the gain, a gated attention output); cause not found, not tuned.
+    # - deepseek_v4 (512 tokens): 5 of 7 with _sharpen_shared_key_value (top-10% 0.161, overlap 0.136, LRU 0.268 /
+    #   0.532, LFU 0.299); Belady 0.502 / 0.773 just below, as the other DeepSeek presets. Before that rule, 0 of 7,
+    #   too sticky (top-10% 0.332, overlap 0.387, LRU@25% 0.625): the gain on q_b_proj was undone by the query's
+    #   weightless norm, and the prefix mean dominated. Its three hash-routed layers route by token id alone
+    #   (top-10% 0.16-0.17, overlap 0.12-0.13, near uniform routing's 0.125 for distinct consecutive tokens).
+    # - sarvam_mla (512 tokens): 5 of 7 (top-10% 0.185, overlap 0.145, LRU 0.282 / 0.548, LFU 0.328); Belady 0.514 /
+    #   0.783 just below, as the other presets on the _MLA settings.
+    # - hy_v4 (512 tokens): 2 of 7 (top-10% 0.149, overlap 0.131); LRU 0.255 / 0.512, LFU 0.278, Belady 0.491 / 0.763
+    #   near uniform, with the MLA rule on q_b_proj and kv_b_proj's key rows. Not tuned: its hyper-connections,
+    #   attention sinks and output gate are what it adds to deepseek_v3's layout (5 of 7); which of them flattens
+    #   routing was not measured.
+    # - granitemoe_swa (512 tokens): 7 of 7 (top-10% 0.199, overlap 0.161, LRU 0.308 / 0.584, LFU 0.357, Belady
+    #   0.538 / 0.801), with the usual attention scale as granitemoe.
+    # - kolibri1 (512 tokens): 4 of 7 (top-10% 0.159, overlap 0.132, LRU@25% 0.261, LFU 0.290); LRU@50% 0.521, Belady
+    #   0.497 / 0.768 below, closer to uniform: sandwich norms (each attention and expert output normed before the
+    #   residual add), as afmoe and flex_olmo; the same likely cause, not verified; not tuned.
+    # - lara_mini (512 tokens): 7 of 7 with _sharpen_linear_attention on its gated DeltaNet layers (top-10% 0.182,
+    #   overlap 0.191, LRU 0.339 / 0.592, LFU 0.360, Belady 0.556 / 0.802).
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
     "qwen3_moe": {"experts": 128, "top_k": 8, "expert_intermediate": 256},
     "gpt_oss": {"experts": 32, "top_k": 4, "expert_intermediate": 1024},
@@ -341,6 +359,55 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
         "expert_layer_offset": 1,
         "intermediate_size": lambda p: p.expert_intermediate,
     },
+    # DeepSeek-V4: compressed sparse and heavily compressed attention (the tiny preset has one layer of each),
+    # hyper-connections (mHC), and hash-routed first MoE layers (a frozen token-id -> experts table) before
+    # learned routing (one of each in the tiny preset, three hash layers in `small`, as V4's own default).
+    # Its config maps intermediate_size to the experts' size.
+    "deepseek_v4": {
+        "intermediate_size": lambda p: p.expert_intermediate,
+        "q_lora_rank": lambda p: p.hidden // 2,
+        "o_lora_rank": lambda p: p.hidden // 2,
+        "layer_types": lambda p: [
+            "heavily_compressed_attention" if (i < 2 and p.layers >= 4) or i % 2 == 1 else "compressed_sparse_attention"
+            for i in range(p.layers)
+        ],
+        "mlp_layer_types": lambda p: ["hash_moe" if i < (1 if p.layers < 4 else 3) else "moe" for i in range(p.layers)],
+        **_INDEXER,
+    },
+    # Hunyuan V4: multi-head latent attention with a DSA indexer (full or shared per layer), hyper-connections, a
+    # dense first layer, clamped SwiGLU experts.
+    "hy_v4": {
+        "q_lora_rank": lambda p: p.hidden // 2,
+        "kv_lora_rank": lambda p: p.hidden // 4,
+        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
+        "v_head_dim": lambda p: p.hidden // p.heads,
+        **_INDEXER,
+    },
+    # Sarvam's MLA model: the DeepSeek-V3 layout with a dense first layer.
+    "sarvam_mla": _MLA,
+    # Granite MoE with sliding-window attention (three layers in four; the tiny preset has one of each).
+    "granitemoe_swa": {
+        "intermediate_size": lambda p: p.expert_intermediate,
+        "attention_multiplier": _usual_attention_scale,
+    },
+    # Sliding-window attention with one full-attention layer in five (in two for the tiny preset), a shared expert.
+    "kolibri1": {
+        "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
+        "layer_types": lambda p: [
+            "full_attention" if i % every == every - 1 else "sliding_attention"
+            for every in [2 if p.layers < 4 else 5]
+            for i in range(p.layers)
+        ],
+    },
+    # Gated DeltaNet, sliding-window and full-attention layers, a shared expert.
+    "lara_mini": {
+        "linear_key_head_dim": lambda p: p.hidden // p.heads,
+        "linear_value_head_dim": lambda p: p.hidden // p.heads,
+        "linear_num_key_heads": lambda p: p.heads // 2,
+        "linear_num_value_heads": lambda p: p.heads,
+        "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
+    },
     # Short convolutions in every other layer, a dense first layer.
     "lfm2_moe": {
         "num_dense_layers": 1,
@@ -420,7 +487,11 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Kimi) the query comes from q_b_proj (or q_proj)
     and the key from the key rows of kv_b_proj, whose other rows are the values: those stay, since larger
     values would let the prefix mean dominate the residual stream, the very stickiness the fix removes. A.X K2
-    fuses its query with an output gate (q_gate_proj): only the query rows are scaled."""
+    fuses its query with an output gate (q_gate_proj): only the query rows are scaled. Shared-key-value attention
+    (DeepSeek-V4) has its own rule, `_sharpen_shared_key_value`."""
+    shared = _sharpen_shared_key_value(model)
+    if shared:
+        return shared
     attention = [(name, param) for name, param in model.named_parameters() if _INDEXER_PART not in name]
     has_qk_norm = any(n.endswith(_QK_NORMS) for n, _ in attention)
     text = model.config.get_text_config()  # type: ignore[union-attr,operator]
@@ -440,6 +511,28 @@ def _sharpen_attention(model: torch.nn.Module) -> int:
     return changed
 
 
+@torch.no_grad()
+def _sharpen_shared_key_value(model: torch.nn.Module) -> int:
+    """The q/k-norm rule for attention whose one key-value head is both key and value (DeepSeek-V4): the query is
+    normalised after q_b_proj by a norm without a weight, and the key by `kv_norm`, so no query scale survives and
+    the key's gain is also the value's. The logits get the rule's factor, gain^2, on the key side: every key-value
+    norm of the attention (its own and its compressor's; not the indexer's, which only ranks tokens) is multiplied
+    by gain^2, and the output projection is divided by gain^2, so the values enter the residual stream at the scale
+    they had. Returns how many tensors were changed (0: no such attention)."""
+    square = ATTENTION_GAIN**2
+    changed = 0
+    for module in model.modules():
+        if not all(hasattr(module, name) for name in ("q_b_norm", "kv_norm", "o_b_proj")):
+            continue
+        for name, param in module.named_parameters():
+            if name.endswith("kv_norm.weight") and _INDEXER_PART.strip(".") not in name.split("."):
+                param.mul_(square)
+                changed += 1
+        module.o_b_proj.weight.div_(square)  # type: ignore[union-attr,operator]
+        changed += 1
+    return changed
+
+
 _ZERO_INIT_ROUTERS: tuple[str, ...] = ("mlp.router.gate.weight",)
 """Router weights that transformers initialises to zero (AFMoE): every token then scores every expert alike and the
 ties pick the same top-k for every token (afmoe small: consecutive overlap 1.000, 0 of 7 statistics in range)."""
@@ -451,6 +544,22 @@ def _init_zero_routers(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         if name.endswith(_ZERO_INIT_ROUTERS) and not param.any():
             param.normal_(0.0, INIT_STD)
+
+
+@torch.no_grad()
+def _init_hash_routes(model: torch.nn.Module) -> int:
+    """Give hash-routed MoE layers (DeepSeek-V4's `tid2eid`, a frozen token id -> experts table) a random hash:
+    per token id, top-k distinct experts drawn uniformly, a table per layer, as hash layers are built. transformers
+    leaves the table zero, which sends every token to expert 0 k times. Returns how many tables were filled."""
+    filled = 0
+    module: Any  # the hash router's own attributes (tid2eid, num_experts)
+    for module in model.modules():
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor):
+            experts = int(module.num_experts)
+            table.copy_(torch.rand(table.shape[0], experts).argsort(dim=1)[:, : table.shape[1]])
+            filled += 1
+    return filled
 
 
 LINEAR_KEEP: dict[str, float] = {"gated_deltanet": 0.7, "kimi_delta": 0.5}
@@ -525,6 +634,7 @@ def create_model(arch: str, preset_name: str, out: Path, seed: int = 0, force: b
     torch.manual_seed(seed)
     model = _model_class(config).from_config(config, dtype=torch.float32)
     _init_zero_routers(model)
+    _init_hash_routes(model)
     changed = _sharpen_attention(model)
     if changed == 0:
         raise AssertionError(f"routing-realism fix found no attention tensors in {arch}")

@@ -8,7 +8,10 @@ the block itself would make, so the router is the block's own module, called as 
 - the block's own tensors it passes beside the hidden states (LFM2's and AFMoE's `expert_bias`,
   MiniMax-M2's and Hunyuan-V3's `e_score_correction_bias`) are taken from the block by the router's
   parameter names, at call time;
-- a router that returns logits only (DBRX) is completed by the block's `route_tokens_to_experts`.
+- a router that returns logits only (DBRX) is completed by the block's `route_tokens_to_experts`;
+- a router that routes by token id (DeepSeek-V4's hash layers: a frozen `tid2eid[input_ids]` table picks the
+  experts, the gate only weights them) gets the ids of the model's current forward pass (`StepTokens`), so its
+  prediction is exact from the first layer on.
 Everything else (biases, sigmoid or softmax scores, group-limited routing, routed scaling, top-k before
 or after the softmax) is the router's own code, so it is exact by construction. Anything else is refused
 with one line naming what is missing.
@@ -28,12 +31,39 @@ _PREFERRED = ("gate", "router")
 _PROBE_TOKENS = 2
 
 
+TOKEN_IDS = "input_ids"
+"""The argument of a router that routes by token id."""
+
+
+class StepTokens:
+    """The token ids of the model's current forward pass, recorded by a forward pre-hook on the model before any
+    layer runs, for routers that route by token id."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ids: torch.Tensor | None = None
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.ids = kwargs.get(TOKEN_IDS, args[0] if args else None)
+
+    def of(self, tokens: int) -> torch.Tensor:
+        """The current pass's ids, flat; they must be the `tokens` tokens whose hidden states are being routed."""
+        if self.ids is None or self.ids.numel() != tokens:
+            shape = None if self.ids is None else tuple(self.ids.shape)
+            raise HarnessError(f"a token-id router was applied to {tokens} token(s) in a forward pass of ids {shape}")
+        return self.ids.reshape(-1)
+
+
 class Router:
     """One MoE layer's router: `router(hidden[T, H]) -> (logits [T, E], top-k weights [T, k], top-k ids [T, k])`,
-    as the layer's MoE block computes them for the same hidden states."""
+    as the layer's MoE block computes them for the same hidden states (and, for a token-id router, the ids of the
+    model's current forward pass, from `tokens`)."""
 
-    def __init__(self, block: nn.Module, module: nn.Module, hidden: int, num_experts: int) -> None:
+    def __init__(
+        self, block: nn.Module, module: nn.Module, hidden: int, num_experts: int, tokens: StepTokens | None = None
+    ) -> None:
         self.block, self.module, self.hidden, self.num_experts = block, module, hidden, num_experts
+        self.tokens = tokens
         self.extras = self._extras()
         self.batched = False
         """The router reads [batch, tokens, hidden] (AFMoE) rather than [tokens, hidden]."""
@@ -46,6 +76,9 @@ class Router:
         for p in params:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
+            if p.name == TOKEN_IDS and self.tokens is not None:
+                extras.append((p.name, p.default))
+                continue
             if not hasattr(self.block, p.name) and p.default is p.empty:
                 raise HarnessError(
                     f"{type(self.module).__name__}.forward needs {p.name!r}, which its MoE block "
@@ -54,8 +87,14 @@ class Router:
             extras.append((p.name, p.default))
         return extras
 
-    def _call(self, x: torch.Tensor, batched: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        args = [getattr(self.block, name, default) for name, default in self.extras]
+    def _call(
+        self, x: torch.Tensor, batched: bool, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`token_ids` [T]: the ids of the tokens whose hidden states `x` [T, H] are, for a token-id router."""
+        args = [
+            token_ids if name == TOKEN_IDS and self.tokens is not None else getattr(self.block, name, default)
+            for name, default in self.extras
+        ]
         out = self.module(x[None] if batched else x, *args)
         if isinstance(out, torch.Tensor):
             # Logits only: the block turns them into its top-k (DBRX's route_tokens_to_experts).
@@ -70,11 +109,12 @@ class Router:
         """Whether the router takes [1, T, H] rather than [T, H] (tried once, on zeros)."""
         weight = next(self.module.parameters())
         x = torch.zeros(_PROBE_TOKENS, self.hidden, dtype=weight.dtype, device=weight.device)
+        ids = torch.zeros(_PROBE_TOKENS, dtype=torch.long, device=weight.device)
         errors = []
         for batched in (False, True):
             try:
                 with torch.no_grad():
-                    logits, _, indices = self._call(x, batched)
+                    logits, _, indices = self._call(x, batched, ids)
             except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
                 errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
@@ -86,12 +126,20 @@ class Router:
             f"state ({errors[-1]})"
         )
 
+    @property
+    def by_token_id(self) -> bool:
+        """Whether the router routes by token id (the ids of the model's current forward pass)."""
+        return any(name == TOKEN_IDS for name, _ in self.extras) and self.tokens is not None
+
     def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._call(hidden_states.reshape(-1, self.hidden), self.batched)
+        x = hidden_states.reshape(-1, self.hidden)
+        ids = self.tokens.of(x.shape[0]) if self.by_token_id and self.tokens is not None else None
+        return self._call(x, self.batched, ids)
 
 
-def router_of(block: nn.Module, experts: nn.Module, num_experts: int) -> Router:
-    """The router of the MoE block `block` whose routed experts module is `experts` (E = `num_experts`)."""
+def router_of(block: nn.Module, experts: nn.Module, num_experts: int, tokens: StepTokens | None = None) -> Router:
+    """The router of the MoE block `block` whose routed experts module is `experts` (E = `num_experts`); `tokens`
+    gives a token-id router the ids it routes by (without it, such a router is refused)."""
     candidates: dict[str, tuple[nn.Module, int]] = {}
     for name, child in block.named_children():
         if child is experts or name.startswith("shared"):
@@ -108,15 +156,22 @@ def router_of(block: nn.Module, experts: nn.Module, num_experts: int) -> Router:
             f"(a child with a [{num_experts}, hidden] weight): no gate prediction for this architecture"
         )
     module, hidden = next(iter(candidates.values()))
-    return Router(block, module, hidden, num_experts)
+    return Router(block, module, hidden, num_experts, tokens)
 
 
 def layer_routers(model: nn.Module, experts: dict[int, nn.Module], num_experts: int) -> dict[int, Router]:
     """Layer -> the router of the MoE block holding `experts[layer]` (the model's routed experts modules)."""
     layer_of = {id(module): layer for layer, module in experts.items()}
+    tokens = StepTokens(model)
     routers = {}
-    for block in model.modules():
-        child = getattr(block, "experts", None)
-        if isinstance(child, nn.Module) and id(child) in layer_of:
-            routers[layer_of[id(child)]] = router_of(block, child, num_experts)
+    try:
+        for block in model.modules():
+            child = getattr(block, "experts", None)
+            if isinstance(child, nn.Module) and id(child) in layer_of:
+                routers[layer_of[id(child)]] = router_of(block, child, num_experts, tokens)
+    except HarnessError:
+        tokens.handle.remove()
+        raise
+    if not any(router.by_token_id for router in routers.values()):
+        tokens.handle.remove()  # no router routes by token id: nothing to record
     return routers

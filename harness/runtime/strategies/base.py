@@ -306,14 +306,39 @@ _PRE_MOE_NORMS = (
 norm's `pre_*` one first (AFMoE also has a post_attention_layernorm, applied to the attention output), LFM2's
 `ffn_norm`, Jamba's `pre_ff_layernorm`, else the usual `post_attention_layernorm`."""
 _POST_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+_ATTENTION_OUTPUT_NORMS = ("post_self_attn_layernorm",)
+"""A sandwich norm's attention-output norm under a name of its own (Kolibri): post_attention_layernorm is then the
+norm before the MoE block, even beside a post-MoE norm."""
+
+
+class CollapsedThenNormed(nn.Module):
+    """The MoE input of a layer with hyper-connections (DeepSeek-V4's mHC, Hunyuan-V4's): the residual stream is
+    `hc_mult` streams [..., hc_mult, H], which the layer's `ffn_hc` collapses into one (its last output) before
+    the pre-MoE norm."""
+
+    def __init__(self, hyper_connection: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.hyper_connection, self.norm = hyper_connection, norm
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hyper_connection(residual)[-1])
 
 
 def moe_input_norm(engine: OffloadEngine, layer: int) -> nn.Module:
     """What a MoE decoder layer applies to its residual stream before its router, to apply the router to other
     hidden states: the pre-MoE norm; none (identity) in a post-norm layer (FlexOlmo: the MoE block reads the
-    residual stream); the input norm in a parallel layer (Cohere: attention and MoE read the same normed input)."""
+    residual stream); the input norm in a parallel layer (Cohere: attention and MoE read the same normed input);
+    the hyper-connection's collapse, then the norm, where the residual stream is several (`CollapsedThenNormed`)."""
     decoder = engine.model.get_decoder().layers[layer]
-    post_norm = any(hasattr(decoder, name) for name in _POST_NORMS)
+    norm = _pre_moe_norm(decoder)
+    hyper_connection = getattr(decoder, "ffn_hc", None)
+    return norm if hyper_connection is None else CollapsedThenNormed(hyper_connection, norm)
+
+
+def _pre_moe_norm(decoder: nn.Module) -> nn.Module:
+    post_norm = any(hasattr(decoder, name) for name in _POST_NORMS) and not any(
+        hasattr(decoder, name) for name in _ATTENTION_OUTPUT_NORMS
+    )
     # In a post-norm layer, post_attention_layernorm normalises the attention output, not the MoE input.
     for name in _PRE_MOE_NORMS[:-1] if post_norm else _PRE_MOE_NORMS:
         if isinstance(getattr(decoder, name, None), nn.Module):
