@@ -49,6 +49,8 @@ SUPPORTED: tuple[str, ...] = (
     "granitemoe_swa",
     "kolibri1",
     "lara_mini",
+    "axk1",
+    "mimo_v2_flash",
 )
 """model_type values with a factory configuration and a greedy-token equivalence test."""
 
@@ -65,6 +67,8 @@ REFUSED: dict[str, str] = {
     "jetmoe": "its experts (JetMoeParallelExperts, also in attention) are not one stacked `experts` module "
     "with a top-k forward",
     "longcat_flash": "zero-computation (identity) experts: its stacked expert tensors hold different expert counts",
+    "dbrx": "its experts are not stacked per expert: each weight is one [experts x ffn_hidden_size, hidden] matrix "
+    "in an `mlp` child (DbrxExpertGLU), which the packer does not split",
     "switch_transformers": "an encoder-decoder model, not a causal LM",
     "nllb-moe": "an encoder-decoder model, not a causal LM",
     "qwen3_vl_moe": _MULTIMODAL,

@@ -202,6 +202,11 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - kolibri1 (512 tokens): 4 of 7 (top-10% 0.159, overlap 0.132, LRU@25% 0.261, LFU 0.290); LRU@50% 0.521, Belady
     #   0.497 / 0.768 below, closer to uniform: sandwich norms (each attention and expert output normed before the
     #   residual add), as afmoe and flex_olmo; the same likely cause, not verified; not tuned.
+    # - mimo_v2_flash (512 tokens): 7 of 7 (top-10% 0.190, overlap 0.155, LRU 0.301 / 0.574, LFU 0.341, Belady
+    #   0.531 / 0.795).
+    # - axk1 (512 tokens): 2 of 7 (top-10% 0.142, overlap 0.129); LRU 0.255 / 0.507, LFU 0.267, Belady 0.486 / 0.760
+    #   near uniform, with the MLA rule as deepseek_v3 (5 of 7), whose layout it shares as far as the factory sees it;
+    #   cause not found, not tuned.
     # - lara_mini (512 tokens): 7 of 7 with _sharpen_linear_attention on its gated DeltaNet layers (top-10% 0.182,
     #   overlap 0.191, LRU 0.339 / 0.592, LFU 0.360, Belady 0.556 / 0.802).
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
@@ -383,6 +388,16 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
         "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
         "v_head_dim": lambda p: p.hidden // p.heads,
         **_INDEXER,
+    },
+    # A.X K1: multi-head latent attention, group-limited routing (4 groups of experts, the best 2 kept), a dense
+    # first layer.
+    "axk1": {**_MLA, "n_group": 4, "topk_group": 2},
+    # MiMo-V2-Flash: sliding-window layers (with attention sinks and twice the key-value heads) and full-attention
+    # layers; as in its default config, a key-value head serves 16 query heads in the full layers (4 in the tiny
+    # preset), 8 in the sliding ones.
+    "mimo_v2_flash": {
+        "num_key_value_heads": lambda p: max(1, p.heads // 16),
+        "v_head_dim": lambda p: p.hidden // p.heads,
     },
     # Sarvam's MLA model: the DeepSeek-V3 layout with a dense first layer.
     "sarvam_mla": _MLA,

@@ -18,6 +18,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.keys import ExpertKey, Scope
+from harness.models.adapters import decoder_layers
 from harness.runtime.offloaded import ExpertSource, OffloadedExperts, Routing
 
 if TYPE_CHECKING:
@@ -285,14 +286,14 @@ def before_attention(engine: OffloadEngine, callback: Callable[[OffloadedExperts
     """Call `callback(module, hidden_states, kwargs)` when each MoE decoder layer starts, before its attention
     block: its input (the residual stream) and the keyword arguments of the layer's call (positions, masks,
     KV cache). The hooks stay for the engine's life (a strategy is built once per engine)."""
-    decoder_layers = engine.model.get_decoder().layers
+    layers = decoder_layers(engine.model)
     for module in engine.modules:
 
         def hook(_: nn.Module, args: tuple, kwargs: dict, module: OffloadedExperts = module) -> None:
             with torch.no_grad():
                 callback(module, args[0] if args else kwargs["hidden_states"], kwargs)
 
-        decoder_layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        layers[module.layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
 _PRE_MOE_NORMS = (
@@ -329,7 +330,7 @@ def moe_input_norm(engine: OffloadEngine, layer: int) -> nn.Module:
     hidden states: the pre-MoE norm; none (identity) in a post-norm layer (FlexOlmo: the MoE block reads the
     residual stream); the input norm in a parallel layer (Cohere: attention and MoE read the same normed input);
     the hyper-connection's collapse, then the norm, where the residual stream is several (`CollapsedThenNormed`)."""
-    decoder = engine.model.get_decoder().layers[layer]
+    decoder = decoder_layers(engine.model)[layer]
     norm = _pre_moe_norm(decoder)
     hyper_connection = getattr(decoder, "ffn_hc", None)
     return norm if hyper_connection is None else CollapsedThenNormed(hyper_connection, norm)

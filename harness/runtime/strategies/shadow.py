@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from harness.errors import HarnessError
 from harness.iomem import IoBuffer
+from harness.models.adapters import decoder_layers
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import slot_views
 from harness.runtime.generation import kv_cache_keyword
@@ -165,7 +166,7 @@ class ShadowModel:
         skeleton, config = load_skeleton_with_experts_replaced(
             engine.model_dir, engine.dense_file, engine.index, replace
         )
-        layers = skeleton.get_decoder().layers
+        layers = decoder_layers(skeleton)
         for layer in layers:
             for parent in list(layer.modules()):
                 for name, child in list(parent.named_children()):
