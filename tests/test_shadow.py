@@ -19,7 +19,14 @@ from harness.models.packer import pack_model, pack_paths
 from harness.run import execute, resolve_slots
 from harness.runtime.generation import generate
 from harness.runtime.strategies import CacheRequest, make_strategy
-from harness.runtime.strategies.shadow import QuantLinear, dequantize, fit_budget, quantize, shadow_expert_bytes
+from harness.runtime.strategies.shadow import (
+    QuantLinear,
+    cache_tensors,
+    dequantize,
+    fit_budget,
+    quantize,
+    shadow_expert_bytes,
+)
 from harness.spec import RunSpec
 from harness.store.layout import PackIndex
 from tests.test_strategies import NEW_TOKENS, PROMPT, strategy_tokens
@@ -59,6 +66,50 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
         if arch == "olmoe":  # on this model the shadow runs ahead of the gate
             assert stats["prediction"]["recall"] > stats["gate_prediction"]["recall"]
     assert recalls["on-demand:shadow-fp16:1"] >= recalls["on-demand:shadow-int8:1"] > 0.8
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "hunyuan_v1_moe", "minimax", "deepseek_v32", "hy_v4"])
+def test_shadow_runs_linear_subclasses_weight_readers_and_own_caches(arch, tiny_model):
+    """Phi-3.5-MoE's router is a linear layer with a forward of its own (kept at the model's precision); Hunyuan's
+    code and the DSA indexers read a projection's `weight`; MiniMax keeps its linear-attention state in a cache
+    class of its own. Each failed before: the shadow's tokens are the resident model's."""
+    model_dir = tiny_model(arch)
+    reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    tokens, strategy, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", index.num_experts)
+    assert tokens == reference
+    assert strategy.stats()["prediction"]["predictions"] == (NEW_TOKENS - 1) * len(index.moe_layers)
+    shadow = strategy.shadow
+    held = {id(t) for t in cache_tensors(shadow.kv)}
+    for layer in shadow.kv.layers:  # keys and values are counted, and for MiniMax its linear-attention state too
+        assert all(id(t) in held for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+    if arch == "minimax":
+        assert type(shadow.kv).__name__ == "MiniMaxCache"
+        linear = [t for t in shadow.kv.linear_cache if isinstance(t, torch.Tensor)]
+        assert linear and all(id(t) in held for t in linear)
+    if arch == "phimoe":
+        routers = [m for layer in shadow.layers for m in layer.modules() if type(m).__name__ == "PhimoeTopKRouter"]
+        assert routers and not any(isinstance(m, QuantLinear) for m in routers)
+        kept = f"{len(routers)} linear layer(s) of the shadow with a forward of their own (PhimoeTopKRouter)"
+        assert any(line.startswith(kept) for line in strategy.deviations), strategy.deviations
+
+
+def test_shadow_kv_bytes_count_linear_attention_states(tiny_model):
+    # Qwen3-Next's gated DeltaNet layers keep a convolution and a recurrent state per layer, no keys or values.
+    model_dir = tiny_model("qwen3_next")
+    index = PackIndex.load(pack_paths(model_dir)["index"])
+    _, strategy, _ = strategy_tokens(model_dir, "on-demand:shadow-int8:1", index.num_experts)
+    layers = strategy.shadow.kv.layers
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    keys_values = nbytes(t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)))
+    states = nbytes(
+        t for layer in layers for name in ("conv_states", "recurrent_states") for t in getattr(layer, name, {}).values()
+    )
+    assert keys_values > 0 and states > 0
+    assert strategy.shadow.kv_bytes() == keys_values + states
 
 
 def test_on_demand_arguments():

@@ -120,6 +120,14 @@ class OnDemand(Strategy):
             self.deviations.insert(
                 1, f"the shadow's matrices outside its experts are {dense}; OD-MoE quantises the whole shadow alike"
             )
+        kept = self.shadow.kept_linear
+        if kept:
+            classes = ", ".join(sorted(set(kept)))
+            self.deviations.insert(
+                1,
+                f"{len(kept)} linear layer(s) of the shadow with a forward of their own ({classes}) keep the model's "
+                "precision; OD-MoE quantises the whole shadow alike",
+            )
         return cache
 
     def check_pack(self, index: PackIndex) -> None:

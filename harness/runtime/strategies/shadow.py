@@ -15,6 +15,7 @@ cache) come out of the budget's expert slots (`fit_budget`).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from typing import TYPE_CHECKING, Literal
@@ -54,7 +55,9 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear with its weight stored quantised; dequantised for each call."""
+    """nn.Linear with its weight stored quantised; dequantised for each call. Model code that reads a linear layer's
+    `weight` (its dtype, or the matrix itself: Hunyuan's and the DSA indexers' projections) gets the dequantised
+    matrix in the original dtype."""
 
     def __init__(self, linear: nn.Linear, precision: ShadowPrecision) -> None:
         super().__init__()
@@ -62,9 +65,38 @@ class QuantLinear(nn.Module):
         self.register_buffer("stored", stored)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.dtype = linear.weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.stored, self.scale, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.stored, self.scale, x.dtype), self.bias)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """A linear layer whose arithmetic is nn.Linear's own, which QuantLinear reproduces. A subclass with its own
+    forward (Phi-3.5-MoE's router, DeepSeek-V4's grouped output projection) keeps the model's precision."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _members(value: object) -> list[object]:
+    """The items of a list, tuple or dict (its values), else the value alone."""
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def cache_tensors(cache: object) -> list[torch.Tensor]:
+    """Every tensor a KV cache holds: its layers' keys and values and any other state (linear-attention and
+    convolution states, compressed keys), in its layers' and its own attributes, up to two containers deep."""
+    found: list[torch.Tensor] = []
+    for holder in [cache, *getattr(cache, "layers", [])]:
+        for value in vars(holder).values():
+            for item in _members(value):
+                found += [t for t in _members(item) if isinstance(t, torch.Tensor)]
+    return found
 
 
 class ShadowExperts(nn.Module):
@@ -167,11 +199,15 @@ class ShadowModel:
             engine.model_dir, engine.dense_file, engine.index, replace
         )
         layers = decoder_layers(skeleton)
+        self.kept_linear: list[str] = []
+        """Classes of the linear layers with a forward of their own, kept at the model's precision (one per layer)."""
         for layer in layers:
             for parent in list(layer.modules()):
                 for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear):
+                    if plain_linear(child):
                         setattr(parent, name, QuantLinear(child, self.dense))
+                    elif isinstance(child, nn.Linear):
+                        self.kept_linear.append(type(child).__name__)
         self.layers = nn.ModuleList(list(layers)).eval().to(engine.device)  # beside the real model's hidden states
         self._kv_keyword = kv_cache_keyword(self.layers[0].forward)
         """The keyword the layers take the KV cache by: the shadow's replaces the real model's there."""
@@ -188,6 +224,12 @@ class ShadowModel:
         self._next = 0
         self._token = -1
 
+    def _fresh_cache(self, real: object) -> DynamicCache:
+        """An empty cache of the real model's cache class: MiniMax keeps its linear-attention state in its own."""
+        cls = type(real) if isinstance(real, DynamicCache) else DynamicCache
+        takes_config = "config" in inspect.signature(cls.__init__).parameters
+        return cls(config=self.config) if takes_config else cls()
+
     def _run(self, layer: int, kwargs: dict) -> None:
         assert self._hidden is not None
         call = copy.copy(kwargs)
@@ -196,13 +238,8 @@ class ShadowModel:
         self._hidden = out[0] if isinstance(out, tuple) else out
 
     def kv_bytes(self) -> int:
-        """Bytes the shadow's KV cache holds now."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.kv.layers
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)
-        )
+        """Bytes the shadow's KV cache holds now (keys, values and any other state it keeps)."""
+        return sum(t.numel() * t.element_size() for t in cache_tensors(self.kv))
 
     def note_kv(self) -> None:
         """Fold the KV cache's present size into `kv_peak_bytes` (it only grows within a sequence)."""
@@ -213,7 +250,7 @@ class ShadowModel:
         """A new sequence: a fresh KV cache, filled by running every shadow layer over the prompt."""
         start = time.perf_counter()
         self.note_kv()  # the previous sequence's cache, at its longest
-        self.kv = DynamicCache(config=self.config)
+        self.kv = self._fresh_cache(kwargs.get(self._kv_keyword))
         self._hidden = hidden
         for layer in range(self.first, len(self.layers)):
             self._run(layer, kwargs)
