@@ -79,6 +79,8 @@ class Progress:
 
 
 def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
+    """Keys and values of every decoder layer for `tokens` tokens (a multimodal wrapper's: its text model's)."""
+    config = config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes

@@ -106,6 +106,17 @@ def test_vram_budget_too_small_is_refused_before_any_load(tiny_model, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_kv_cache_of_a_multimodal_wrapper_is_its_text_models(tiny_model):
+    # Qwen3.5-MoE's checkpoint is a wrapper whose config holds the text model's sizes in text_config (a budgeted
+    # run planned its KV cache from the wrapper and crashed).
+    config = load_config(tiny_model("qwen3_5_moe"))
+    text = config.get_text_config()
+    assert text is not config and not hasattr(config, "num_hidden_layers")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    by_hand = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 16 * 4
+    assert kv_cache_bytes(config, 16, 4) == kv_cache_bytes(text, 16, 4) == by_hand
+
+
 def test_device_tier_of_a_run_reserves_the_kv_cache(tiny_model):
     model = tiny_model("olmoe")
     index = PackIndex.load(pack_paths(model)["index"])

@@ -128,7 +128,7 @@ def test_router_that_needs_what_the_block_lacks_is_refused():
         router_of(block, block.experts, 4)
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "lfm2_moe", "afmoe", "deepseek_v4", "hy_v4"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "lfm2_moe", "afmoe", "deepseek_v4", "hy_v4", "qwen3_5_moe"])
 def test_prediction_strategies_match_resident_model(arch, tiny_model):
     model_dir = tiny_model(arch)
     reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids

@@ -50,7 +50,7 @@ def decode_forever(model_dir: Path, decode_threads: int | None) -> None:
     from harness.runtime.generation import generate
 
     model = into_process_memory(reference_model(model_dir))  # not mapped from the checkpoint: it must read nothing
-    prompt = [(5 + i) % model.config.vocab_size for i in range(PROMPT_TOKENS)]
+    prompt = [(5 + i) % model.config.get_text_config().vocab_size for i in range(PROMPT_TOKENS)]
     generate(model, prompt, 2, "greedy", decode_threads=decode_threads)  # first-call costs
     print(READY, flush=True)
     while True:

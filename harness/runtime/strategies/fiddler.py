@@ -128,7 +128,7 @@ class FiddlerStyle(TwoTierStrategy):
             )
         first = engine.modules[0]
         self.cost_model = measure_cost_model(
-            first.math, self.source.mapped((first.layer, 0)), engine.config.hidden_size, self.device
+            first.math, self.source.mapped((first.layer, 0)), engine.config.get_text_config().hidden_size, self.device
         )
         return self.source
 
