@@ -205,8 +205,9 @@ SMALL_SHAPES: dict[str, dict[str, Any]] = {
     # - mimo_v2_flash (512 tokens): 7 of 7 (top-10% 0.190, overlap 0.155, LRU 0.301 / 0.574, LFU 0.341, Belady
     #   0.531 / 0.795).
     # - axk1 (512 tokens): 2 of 7 (top-10% 0.142, overlap 0.129); LRU 0.255 / 0.507, LFU 0.267, Belady 0.486 / 0.760
-    #   near uniform, with the MLA rule as deepseek_v3 (5 of 7), whose layout it shares as far as the factory sees it;
-    #   cause not found, not tuned.
+    #   near uniform, with the MLA rule as deepseek_v3 (5 of 7). Unlike it, its MoE block normalises its own output
+    #   (mlp.post_mlp_layernorm) before the residual add, as the sandwich norms of afmoe, flex_olmo and kolibri1, which
+    #   also route closer to uniform: the same likely cause, not verified; not tuned.
     # - lara_mini (512 tokens): 7 of 7 with _sharpen_linear_attention on its gated DeltaNet layers (top-10% 0.182,
     #   overlap 0.191, LRU 0.339 / 0.592, LFU 0.360, Belady 0.556 / 0.802).
     "mixtral": {"experts": 8, "top_k": 2, "expert_intermediate": 4096},
