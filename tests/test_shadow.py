@@ -68,11 +68,12 @@ def test_shadow_on_demand_matches_resident_model(arch, tiny_model):
     assert recalls["on-demand:shadow-fp16:1"] >= recalls["on-demand:shadow-int8:1"] > 0.8
 
 
-@pytest.mark.parametrize("arch", ["phimoe", "hunyuan_v1_moe", "minimax", "deepseek_v32", "hy_v4"])
+@pytest.mark.parametrize("arch", ["phimoe", "hunyuan_v1_moe", "minimax", "deepseek_v32", "hy_v4", "deepseek_v4"])
 def test_shadow_runs_linear_subclasses_weight_readers_and_own_caches(arch, tiny_model):
     """Phi-3.5-MoE's router is a linear layer with a forward of its own (kept at the model's precision); Hunyuan's
     code and the DSA indexers read a projection's `weight`; MiniMax keeps its linear-attention state in a cache
-    class of its own. Each failed before: the shadow's tokens are the resident model's."""
+    class of its own; DeepSeek-V4's layers get the real model's cache as past_key_values beside the shadow's. Each
+    failed before: the shadow's tokens are the resident model's."""
     model_dir = tiny_model(arch)
     reference = generate(reference_model(model_dir), PROMPT, NEW_TOKENS, "greedy").token_ids
     index = PackIndex.load(pack_paths(model_dir)["index"])

@@ -35,11 +35,16 @@ class SequenceLog:
     """Tokens fed to the decode steps (equal to token_ids[:-1] when greedy)."""
 
 
+KV_CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The names a KV cache goes by in transformers: the current one and the one it replaced."""
+
+
 def kv_cache_keyword(forward: Callable[..., object]) -> str:
     """The keyword `forward` (a transformers model's or decoder layer's) takes its KV cache by, and the name of the
     cache on its output: `cache` in the transformers releases that renamed it (they warn on the old name, which a
     later release removes), else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    current, former = KV_CACHE_KEYWORDS
+    return current if current in inspect.signature(forward).parameters else former
 
 
 def _finish(device: torch.device) -> None:

@@ -14,7 +14,6 @@ cache) come out of the budget's expert slots (`fit_budget`).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import time
@@ -30,7 +29,7 @@ from harness.iomem import IoBuffer
 from harness.models.adapters import decoder_layers
 from harness.models.loader import load_skeleton_with_experts_replaced
 from harness.runtime.expert_cache import slot_views
-from harness.runtime.generation import kv_cache_keyword
+from harness.runtime.generation import KV_CACHE_KEYWORDS, kv_cache_keyword
 from harness.runtime.offloaded import ExpertMath, expert_forward
 from harness.units import format_bytes
 
@@ -210,7 +209,7 @@ class ShadowModel:
                         self.kept_linear.append(type(child).__name__)
         self.layers = nn.ModuleList(list(layers)).eval().to(engine.device)  # beside the real model's hidden states
         self._kv_keyword = kv_cache_keyword(self.layers[0].forward)
-        """The keyword the layers take the KV cache by: the shadow's replaces the real model's there."""
+        """The keyword the layers take the KV cache by, by their signature (where the real call passed none)."""
         del skeleton  # the embeddings and the head are the real model's concern
         self.config = config
         self.first = min(engine.index.moe_layers)
@@ -224,6 +223,13 @@ class ShadowModel:
         self._next = 0
         self._token = -1
 
+    def _cache_key(self, kwargs: dict) -> str:
+        """The keyword the real model passed its cache to the layer by: the shadow's cache takes its place there (the
+        layer's signature decides only where neither is passed). DeepSeek-V4's layers take **kwargs, so their
+        signature names neither; the shadow's cache, passed by the other name, sat beside the real one, which the
+        layer then used."""
+        return next((key for key in KV_CACHE_KEYWORDS if key in kwargs), self._kv_keyword)
+
     def _fresh_cache(self, real: object) -> DynamicCache:
         """An empty cache of the real model's cache class: MiniMax keeps its linear-attention state in its own."""
         cls = type(real) if isinstance(real, DynamicCache) else DynamicCache
@@ -232,8 +238,8 @@ class ShadowModel:
 
     def _run(self, layer: int, kwargs: dict) -> None:
         assert self._hidden is not None
-        call = copy.copy(kwargs)
-        call[self._kv_keyword] = self.kv
+        call = {k: v for k, v in kwargs.items() if k not in KV_CACHE_KEYWORDS}
+        call[self._cache_key(kwargs)] = self.kv
         out = self.layers[layer](self._hidden, **call)
         self._hidden = out[0] if isinstance(out, tuple) else out
 
@@ -250,7 +256,7 @@ class ShadowModel:
         """A new sequence: a fresh KV cache, filled by running every shadow layer over the prompt."""
         start = time.perf_counter()
         self.note_kv()  # the previous sequence's cache, at its longest
-        self.kv = self._fresh_cache(kwargs.get(self._kv_keyword))
+        self.kv = self._fresh_cache(kwargs.get(self._cache_key(kwargs)))
         self._hidden = hidden
         for layer in range(self.first, len(self.layers)):
             self._run(layer, kwargs)
