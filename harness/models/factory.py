@@ -240,25 +240,33 @@ _SIZES: dict[str, tuple[str, ...]] = {
 Setting = object | Callable[["Preset"], object]
 
 
-def _hybrid_layer_types(p: Preset) -> list[str]:
-    """One full-attention layer in four (in two below four layers, so the tiny preset has one), the rest linear."""
-    every = 2 if p.layers < 4 else 4
-    return ["full_attention" if i % every == every - 1 else "linear_attention" for i in range(p.layers)]
+def _one_in(every: int, one: str, rest: str) -> Callable[[Preset], list[str]]:
+    """Layer types: `one` for the last layer of each group of `every` (of two below four layers, so the tiny preset
+    has one), `rest` for the others."""
+
+    def layer_types(p: Preset) -> list[str]:
+        group = 2 if p.layers < 4 else every
+        return [one if i % group == group - 1 else rest for i in range(p.layers)]
+
+    return layer_types
 
 
-_GATED_DELTANET: dict[str, Setting] = {
-    # Qwen3-Next / Qwen3.5: gated DeltaNet linear attention with one full-attention layer in four.
-    "layer_types": _hybrid_layer_types,
+_DELTANET_SIZES: dict[str, Setting] = {
+    # Gated DeltaNet heads at the preset's width, and a shared expert.
     "linear_key_head_dim": lambda p: p.hidden // p.heads,
     "linear_value_head_dim": lambda p: p.hidden // p.heads,
     "linear_num_key_heads": lambda p: p.heads // 2,
     "linear_num_value_heads": lambda p: p.heads,
     "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
 }
+_GATED_DELTANET: dict[str, Setting] = {
+    # Qwen3-Next / Qwen3.5: gated DeltaNet linear attention with one full-attention layer in four.
+    "layer_types": _one_in(4, "full_attention", "linear_attention"),
+    **_DELTANET_SIZES,
+}
 
-_MLA: dict[str, Setting] = {
-    # Multi-head latent attention at the preset's width, and a dense first layer (DeepSeek-V3 family).
-    "first_k_dense_replace": 1,
+_MLA_ATTENTION: dict[str, Setting] = {
+    # Multi-head latent attention at the preset's width.
     "kv_lora_rank": lambda p: p.hidden // 4,
     "q_lora_rank": lambda p: p.hidden // 2,
     "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
@@ -266,6 +274,8 @@ _MLA: dict[str, Setting] = {
     "head_dim": lambda p: p.hidden // p.heads // 2,  # the rotary part, as DeepseekV3Config derives it
     "v_head_dim": lambda p: p.hidden // p.heads,
 }
+_MLA: dict[str, Setting] = {**_MLA_ATTENTION, "first_k_dense_replace": 1}
+"""The DeepSeek-V3 family: latent attention and a dense first layer."""
 _INDEXER: dict[str, Setting] = {
     # The sparse-attention indexer (DeepSeek-V3.2, GLM-5) at the preset's width.
     "index_n_heads": lambda p: p.heads // 2,
@@ -346,7 +356,7 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     },
     # Kimi Delta Attention (linear) with one full-attention layer in four (in two for the tiny preset).
     "kimi_linear": {
-        "layer_types": _hybrid_layer_types,
+        "layer_types": _one_in(4, "full_attention", "linear_attention"),
         "linear_num_heads": lambda p: p.heads,
         "linear_head_dim": lambda p: p.hidden // p.heads,
         "num_experts_per_tok": lambda p: p.top_k,
@@ -382,17 +392,10 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     },
     # Hunyuan V4: multi-head latent attention with a DSA indexer (full or shared per layer), hyper-connections, a
     # dense first layer, clamped SwiGLU experts.
-    "hy_v4": {
-        "q_lora_rank": lambda p: p.hidden // 2,
-        "kv_lora_rank": lambda p: p.hidden // 4,
-        "qk_rope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "qk_nope_head_dim": lambda p: p.hidden // p.heads // 2,
-        "v_head_dim": lambda p: p.hidden // p.heads,
-        **_INDEXER,
-    },
+    "hy_v4": {**_MLA_ATTENTION, **_INDEXER},
     # A.X K1: multi-head latent attention, group-limited routing (4 groups of experts, the best 2 kept), a dense
     # first layer.
-    "axk1": {**_MLA, "n_group": 4, "topk_group": 2},
+    "axk1": {**_MLA_ATTENTION, "n_group": 4, "topk_group": 2},
     # MiMo-V2-Flash: sliding-window layers (with attention sinks and twice the key-value heads) and full-attention
     # layers; as in its default config, a key-value head serves 16 query heads in the full layers (4 in the tiny
     # preset), 8 in the sliding ones.
@@ -410,20 +413,10 @@ ARCHITECTURES: dict[str, dict[str, Setting]] = {
     # Sliding-window attention with one full-attention layer in five (in two for the tiny preset), a shared expert.
     "kolibri1": {
         "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
-        "layer_types": lambda p: [
-            "full_attention" if i % every == every - 1 else "sliding_attention"
-            for every in [2 if p.layers < 4 else 5]
-            for i in range(p.layers)
-        ],
+        "layer_types": _one_in(5, "full_attention", "sliding_attention"),
     },
     # Gated DeltaNet, sliding-window and full-attention layers, a shared expert.
-    "lara_mini": {
-        "linear_key_head_dim": lambda p: p.hidden // p.heads,
-        "linear_value_head_dim": lambda p: p.hidden // p.heads,
-        "linear_num_key_heads": lambda p: p.heads // 2,
-        "linear_num_value_heads": lambda p: p.heads,
-        "shared_expert_intermediate_size": lambda p: 2 * p.expert_intermediate,
-    },
+    "lara_mini": _DELTANET_SIZES,
     # Short convolutions in every other layer, a dense first layer.
     "lfm2_moe": {
         "num_dense_layers": 1,

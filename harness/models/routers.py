@@ -65,6 +65,8 @@ class Router:
         self.block, self.module, self.hidden, self.num_experts = block, module, hidden, num_experts
         self.tokens = tokens
         self.extras = self._extras()
+        self.by_token_id = tokens is not None and any(name == TOKEN_IDS for name, _ in self.extras)
+        """Whether the router routes by token id (the ids of the model's current forward pass, from `tokens`)."""
         self.batched = False
         """The router reads [batch, tokens, hidden] (AFMoE) rather than [tokens, hidden]."""
         self.batched = self._probe()
@@ -92,7 +94,7 @@ class Router:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`token_ids` [T]: the ids of the tokens whose hidden states `x` [T, H] are, for a token-id router."""
         args = [
-            token_ids if name == TOKEN_IDS and self.tokens is not None else getattr(self.block, name, default)
+            token_ids if name == TOKEN_IDS and self.by_token_id else getattr(self.block, name, default)
             for name, default in self.extras
         ]
         out = self.module(x[None] if batched else x, *args)
@@ -125,11 +127,6 @@ class Router:
             f"the router {type(self.module).__name__} of {type(self.block).__name__} cannot be applied to a hidden "
             f"state ({errors[-1]})"
         )
-
-    @property
-    def by_token_id(self) -> bool:
-        """Whether the router routes by token id (the ids of the model's current forward pass)."""
-        return any(name == TOKEN_IDS for name, _ in self.extras) and self.tokens is not None
 
     def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, self.hidden)

@@ -107,27 +107,28 @@ class OnDemand(Strategy):
         self.deviations.append(budget_line)
         before_attention(engine, self._before_attention)
         weights = f"weights {precision}" if dense == precision else f"experts {precision}, other matrices {dense}"
-        self.deviations[:0] = [
+        lines = [
             f"predictor: a shadow of every decoder layer ({weights}"
             + (", one scale per output row" if "int8" in (precision, dense) else "")
             + f", dequantised per use), distance {distance} decoder layer(s) ahead, re-aligned at each token's "
             "first MoE layer with the real hidden state there; its own KV cache, filled by one shadow pass over the "
-            "prompt",
-            "the shadow runs on the model's thread (CPU), its compute adds to the token's time; in OD-MoE it runs "
-            "on its own device beside the real model",
+            "prompt"
         ]
-        if dense != precision:
-            self.deviations.insert(
-                1, f"the shadow's matrices outside its experts are {dense}; OD-MoE quantises the whole shadow alike"
-            )
         kept = self.shadow.kept_linear
         if kept:
-            classes = ", ".join(sorted(set(kept)))
-            self.deviations.insert(
-                1,
-                f"{len(kept)} linear layer(s) of the shadow with a forward of their own ({classes}) keep the model's "
-                "precision; OD-MoE quantises the whole shadow alike",
+            lines.append(
+                f"{len(kept)} linear layer(s) of the shadow with a forward of their own "
+                f"({', '.join(sorted(set(kept)))}) keep the model's precision; OD-MoE quantises the whole shadow alike"
             )
+        if dense != precision:
+            lines.append(
+                f"the shadow's matrices outside its experts are {dense}; OD-MoE quantises the whole shadow alike"
+            )
+        lines.append(
+            "the shadow runs on the model's thread (CPU), its compute adds to the token's time; in OD-MoE it runs "
+            "on its own device beside the real model"
+        )
+        self.deviations[:0] = lines
         return cache
 
     def check_pack(self, index: PackIndex) -> None:
